@@ -1,0 +1,30 @@
+"""pipesched: pipeline-parallel training for PyTorch with pluggable schedules.
+
+::
+
+    from pipesched import Pipeline
+    pipe = Pipeline(model, schedule="1f1b", chunks=8, loss_fn=nn.CrossEntropyLoss())
+    loss = pipe.step(inputs, targets)
+"""
+
+from pipesched.action import Action
+from pipesched.pipeline import Pipeline
+from pipesched.registry import get_schedule, list_schedules, register_schedule
+from pipesched.replay import Deadlock
+from pipesched.report import StepReport, TaskRecord
+from pipesched.schedule import Schedule, validate_plan
+
+__all__ = [
+    "Action",
+    "Deadlock",
+    "Pipeline",
+    "Schedule",
+    "StepReport",
+    "TaskRecord",
+    "get_schedule",
+    "list_schedules",
+    "register_schedule",
+    "validate_plan",
+]
+
+__version__ = "0.1.0"

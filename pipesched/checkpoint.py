@@ -1,0 +1,183 @@
+"""One checkpoint manager for every schedule: keep or drop activations, recompute, account bytes.
+
+For each forward the manager decides, by policy, whether to keep what autograd
+saves (fast backward, more memory) or only the stage input (the backward first
+recomputes the forward under the same random draws, see :mod:`pipesched.rng`).
+
+It also measures what it holds. The *activation bytes* of one (stage,
+micro-batch) are the bytes of the distinct tensors kept for its backward:
+tensors autograd saves (seen through ``saved_tensors_hooks``) except the
+stage's parameters and buffers, plus the stage input it keeps. A recompute's
+rebuilt tensors count while they live, i.e. during that backward. Per rank the
+manager tracks the running total and its peak, and the number of micro-batches
+forwarded and not yet backwarded (in flight), so a schedule's memory bound is
+a measured fact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from pipesched.rng import RandomReplay, RngSnapshot
+
+CheckpointPolicy = Union[str, Callable[[int, int], bool]]
+POLICIES = ("always", "except_last", "never")
+
+
+def make_policy(checkpoint: object) -> Callable[[int, int, int], bool]:
+    """``checkpoint`` as ``(stage, microbatch, num_microbatches) -> bool``."""
+    if isinstance(checkpoint, str):
+        if checkpoint == "always":
+            return lambda stage, mb, count: True
+        if checkpoint == "except_last":
+            return lambda stage, mb, count: mb < count - 1
+        if checkpoint == "never":
+            return lambda stage, mb, count: False
+    elif callable(checkpoint):
+        return lambda stage, mb, count: bool(checkpoint(stage, mb))
+    raise ValueError(
+        f"checkpoint must be one of {', '.join(map(repr, POLICIES))} or a callable "
+        f"(stage, microbatch) -> bool, got {checkpoint!r}"
+    )
+
+
+def _key(tensor: Tensor) -> tuple[int, int, int, Any]:
+    return (tensor.data_ptr(), tensor.storage_offset(), tensor.numel(), tensor.dtype)
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class _SavedTensorMeter:
+    """Collects the distinct non-parameter tensors autograd saves inside the block."""
+
+    def __init__(self, exclude: frozenset[int]):
+        self.exclude = exclude
+        self.seen: dict[tuple[int, int, int, Any], int] = {}
+
+    def pack(self, tensor: Tensor) -> Tensor:
+        if tensor.layout == torch.strided and tensor.data_ptr() not in self.exclude:
+            self.seen.setdefault(_key(tensor), _nbytes(tensor))
+        return tensor
+
+    def add(self, tensors: Iterable[Tensor | None]) -> None:
+        for tensor in tensors:
+            if tensor is not None:
+                self.seen.setdefault(_key(tensor), _nbytes(tensor))
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+
+@dataclass
+class Held:
+    """What one (stage, micro-batch) keeps between its forward and its backward."""
+
+    inputs: tuple[Tensor, ...]
+    result: Any  # the forward's result with its graph, or None when checkpointed
+    snapshot: RngSnapshot | None
+    nbytes: int
+
+
+@dataclass
+class RankMemory:
+    """Running and peak activation bytes and in-flight micro-batches of one rank."""
+
+    held_bytes: int = 0
+    peak_bytes: int = 0
+    inflight: int = 0
+    peak_inflight: int = 0
+
+    def grow(self, nbytes: int, microbatches: int = 0) -> None:
+        self.held_bytes += nbytes
+        self.inflight += microbatches
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+
+
+@dataclass
+class CheckpointManager:
+    """Runs forwards and backward-time recomputes for one step and accounts their memory.
+
+    ``exclude[stage]`` holds the data pointers of the stage's parameters and
+    buffers (not activations). Each rank's worker only touches its own
+    stages' entries and its own :class:`RankMemory`, so no lock is needed.
+    """
+
+    policy: Callable[[int, int, int], bool]
+    num_microbatches: int
+    random: RandomReplay
+    exclude: list[frozenset[int]]
+    memory: list[RankMemory]
+    held: dict[tuple[int, int], Held] = field(default_factory=dict)
+
+    def forward(
+        self,
+        stage: int,
+        microbatch: int,
+        rank: int,
+        device: torch.device,
+        training: bool,
+        inputs: tuple[Tensor, ...],
+        run: Callable[[], Any],
+        keep: bool,
+    ) -> Any:
+        """Run ``run()`` (the stage forward on ``inputs``) for the first time.
+
+        With ``keep`` false (no backward will follow) nothing is held. Else the
+        policy decides: checkpointed runs under ``no_grad`` and keeps only
+        ``inputs``; otherwise the graph is kept and its saved tensors metered.
+        """
+        if not keep:
+            return self.random.first_run(stage, training, device, False, run)[0]
+        checkpointed = self.policy(stage, microbatch, self.num_microbatches)
+        meter = _SavedTensorMeter(self.exclude[stage])
+        meter.add(inputs)
+        if checkpointed:
+            with torch.no_grad():
+                result, snapshot = self.random.first_run(stage, training, device, True, run)
+            kept = None
+        else:
+            with meter.hooks():
+                result, snapshot = self.random.first_run(stage, training, device, False, run)
+            kept = result
+        self.held[(stage, microbatch)] = Held(inputs, kept, snapshot, meter.total)
+        self.memory[rank].grow(meter.total, microbatches=1)
+        return result
+
+    def for_backward(self, stage: int, microbatch: int, rank: int, run: Callable[[tuple[Tensor, ...]], Any]) -> tuple[tuple[Tensor, ...], Any]:
+        """The inputs and graph-carrying result of a forward, recomputing it if checkpointed.
+
+        ``run(inputs)`` repeats the forward; it is called under the first run's
+        random state. Call :meth:`release` once the backward is done.
+        """
+        held = self.held[(stage, microbatch)]
+        if held.result is not None:
+            return held.inputs, held.result
+        inputs = tuple(_fresh_leaf(x) for x in held.inputs)
+        meter = _SavedTensorMeter(self.exclude[stage] | {x.data_ptr() for x in held.inputs})
+        with torch.enable_grad(), meter.hooks():
+            result = self.random.replay(held.snapshot, lambda: run(inputs))
+        held.nbytes += meter.total
+        self.memory[rank].grow(meter.total)
+        return inputs, result
+
+    def release(self, stage: int, microbatch: int, rank: int) -> None:
+        """Forget everything (stage, micro-batch) held; its backward is done."""
+        held = self.held.pop((stage, microbatch))
+        self.memory[rank].grow(-held.nbytes, microbatches=-1)
+
+
+def _fresh_leaf(tensor: Tensor) -> Tensor:
+    """A new leaf on the same data, requiring grad like the original input did."""
+    return tensor.detach().requires_grad_(tensor.requires_grad)

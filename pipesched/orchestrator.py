@@ -1,0 +1,174 @@
+"""One anyio event loop that runs steps: dispatch, collect, record, cancel on the first error.
+
+The loop lives in its own daemon thread behind a ``BlockingPortal``, so
+``step()`` works from plain training code and from code whose thread already
+runs an event loop (Jupyter, async trainers): the caller only blocks on a
+future.
+
+Per step the loop hands each rank's whole action list to that rank's worker
+in one go (dispatch ahead) and then only waits: data passes rank to rank
+through the mailbox without waking the loop, which keeps the loop off the
+critical path (a worker → loop → worker hand-off costs a thread wake-up per
+task). Each worker signals the loop once, when its list is done or failed.
+
+Failure: the failing worker aborts the step's mailbox itself (no round trip),
+so every other rank stops at its next action boundary; the loop waits for all
+of them inside one task group — nothing is left running — and the caller gets
+the original exception, type and traceback intact, with a note naming the
+action, stage and micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+
+import anyio
+import structlog
+import torch
+from anyio.from_thread import BlockingPortal
+
+from pipesched.action import Action
+from pipesched.execute import StepContext, run_rank
+from pipesched.mailbox import StepAborted
+from pipesched.report import TaskRecord
+from pipesched.worker import Worker
+
+logger = structlog.get_logger("pipesched")
+
+
+class _RankOutcome:
+    """What a worker reports for its rank: records, and the error that stopped it, if any."""
+
+    def __init__(self) -> None:
+        self.records: list[TaskRecord] = []
+        self.error: BaseException | None = None
+        self.failed_at: Action | None = None
+        self.failed_time = 0.0
+        self.done = anyio.Event()
+
+
+class Orchestrator:
+    """Owns the event-loop thread and one :class:`Worker` per rank."""
+
+    def __init__(self, devices: Sequence[torch.device]):
+        self.devices = list(devices)
+        self.workers = [Worker(rank, device) for rank, device in enumerate(self.devices)]
+        self._portal_ready: Future[BlockingPortal] = Future()
+        self._stopped = threading.Event()
+        self._loop_thread = threading.Thread(target=self._serve, name="pipesched-loop", daemon=True)
+        self._loop_thread.start()
+        self._portal = self._portal_ready.result()
+        self._closed = False
+        self.steps = 0
+
+    @property
+    def compute_streams(self) -> list[torch.cuda.Stream | None]:
+        return [worker.stream for worker in self.workers]
+
+    def _serve(self) -> None:
+        async def main() -> None:
+            async with BlockingPortal() as portal:
+                self._portal_ready.set_result(portal)
+                await portal.sleep_until_stopped()
+
+        try:
+            anyio.run(main)
+        finally:
+            self._stopped.set()
+
+    def run(self, plan: Sequence[Sequence[Action]], ctx: StepContext) -> list[TaskRecord]:
+        """Run ``plan`` to completion; return its records ordered by start time.
+
+        Blocks the calling thread. On ``KeyboardInterrupt`` (or any other
+        interruption of the wait) the step is aborted and the workers are
+        waited for before the interruption propagates, so no thread keeps
+        computing on a step nobody waits for.
+        """
+        if self._closed:
+            raise RuntimeError("this pipeline is closed; build a new Pipeline")
+        future = self._portal.start_task_soon(self._run, plan, ctx)
+        try:
+            records = future.result()
+        except BaseException:
+            if not future.done():
+                ctx.mailbox.abort()
+                with contextlib.suppress(BaseException):
+                    future.result()
+            raise
+        self.steps += 1
+        return records
+
+    async def _run(self, plan: Sequence[Sequence[Action]], ctx: StepContext) -> list[TaskRecord]:
+        outcomes = [_RankOutcome() for _ in plan]
+        for rank, actions in enumerate(plan):
+            self.workers[rank].submit(self._job(ctx, rank, actions, outcomes[rank]))
+        async with anyio.create_task_group() as group:
+            for outcome in outcomes:
+                group.start_soon(outcome.done.wait)
+        errors = [o for o in outcomes if o.error is not None and not isinstance(o.error, StepAborted)]
+        if errors:
+            first = min(errors, key=lambda o: o.failed_time)
+            raise first.error  # type: ignore[misc]
+        records = sorted((r for o in outcomes for r in o.records), key=lambda r: (r.start, r.rank))
+        if structlog.is_configured():
+            for record in records:
+                logger.info("task", step=self.steps, **record.as_dict())
+        return records
+
+    def _job(self, ctx: StepContext, rank: int, actions: Sequence[Action], outcome: _RankOutcome):  # type: ignore[no-untyped-def]
+        portal = self._portal
+
+        def job() -> None:
+            try:
+                with _caller_state(ctx):
+                    run_rank(ctx, rank, actions, outcome.records)
+            except BaseException as error:  # noqa: BLE001 - delivered to the caller below
+                outcome.failed_time = time.perf_counter()
+                ctx.mailbox.abort()
+                outcome.error = error
+                if not isinstance(error, StepAborted):
+                    done = len(outcome.records)
+                    action = actions[done] if done < len(actions) else None
+                    _annotate(error, action, rank)
+            finally:
+                with contextlib.suppress(RuntimeError):  # loop already stopped by close()
+                    portal.start_task_soon(outcome.done.set)
+
+        return job
+
+    def close(self) -> None:
+        """Stop the workers and the loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self.workers:
+            worker.close(timeout=10)
+        with contextlib.suppress(RuntimeError):
+            self._portal.call(self._portal.stop)
+        self._loop_thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def _caller_state(ctx: StepContext) -> Iterator[None]:
+    """Apply the caller's grad mode inside the worker (autocast is applied per stage call)."""
+    with torch.set_grad_enabled(ctx.grad_enabled):
+        yield
+
+
+def _annotate(error: BaseException, action: Action | None, rank: int) -> None:
+    if action is None:
+        note = f"pipesched: raised on rank {rank}"
+    else:
+        kind = "forward" if action.kind == "F" else "backward"
+        note = (
+            f"pipesched: raised in {kind} {action} (stage {action.stage}, "
+            f"micro-batch {action.microbatch}) on rank {rank}"
+        )
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python 3.10: keep the note where 3.11's traceback would look for it
+        error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]

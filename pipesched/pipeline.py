@@ -1,0 +1,432 @@
+"""``Pipeline``: what training code touches. Validates, splits, and owns the rest.
+
+::
+
+    pipe = Pipeline(model, schedule="1f1b", balance=[4, 4], devices=["cuda:0", "cuda:1"],
+                    chunks=8, loss_fn=nn.CrossEntropyLoss())
+    loss = pipe.step(inputs, targets)   # forward + backward, gradients accumulated in .grad
+    optimizer.step()
+
+Gradients equal those of ``loss_fn(model(inputs), targets).backward()`` on the
+un-pipelined model: each micro-batch's loss is weighted by its share of the
+batch (``loss_fn.reduction == "mean"``, the default of every ``torch.nn`` loss)
+or by 1 (``reduction == "sum"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipesched.checkpoint import CheckpointManager, CheckpointPolicy, RankMemory, make_policy
+from pipesched.execute import StepContext
+from pipesched.mailbox import Mailbox
+from pipesched.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
+from pipesched.orchestrator import Orchestrator
+from pipesched.partition import (
+    check_balance,
+    default_devices,
+    even_balance,
+    resolve_device,
+    split_module,
+)
+from pipesched.registry import get_schedule
+from pipesched.report import StepReport, TaskRecord
+from pipesched.rng import RandomReplay
+from pipesched.schedule import Action, Plan, Schedule, validate_placement, validate_plan
+from pipesched.transport import Transport
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+class Pipeline(nn.Module):
+    """Run an ``nn.Sequential`` as a pipeline of stages on ranks under a pluggable schedule.
+
+    Args:
+        module: the model, an ``nn.Sequential``; its layers are cut into stages.
+        schedule: a registered name (``"gpipe"``, ``"1f1b"``,
+            ``"interleaved-1f1b"``/``"interleaved"``, or one you registered) or
+            a :class:`~pipesched.Schedule` instance.
+        balance: layers per stage; sums to ``len(module)``. Default: the
+            schedule's stage count for the ranks (one per rank; two per rank
+            for interleaved), layers split as evenly as possible.
+        devices: one device per rank (several ranks may share ``"cpu"``).
+            Default: the ranks the balance and schedule need (or, without a
+            balance, one per CUDA device) on round-robin CUDA devices, or on
+            ``"cpu"`` when CUDA is absent, with two ranks when nothing else
+            fixes the count (fewer if the module has too few layers).
+        chunks: micro-batches per batch (>= 1). A batch with fewer rows runs
+            one row per micro-batch.
+        checkpoint: ``"always"``, ``"except_last"`` (every micro-batch but the
+            last), ``"never"``, or a callable ``(stage, microbatch) -> bool``.
+        loss_fn: ``loss_fn(output, target) -> scalar`` applied per micro-batch
+            on the last stage; needed by :meth:`step`.
+    """
+
+    def __init__(
+        self,
+        module: nn.Sequential,
+        *,
+        schedule: str | Schedule = "gpipe",
+        balance: Sequence[int] | None = None,
+        devices: Sequence[str | int | torch.device] | None = None,
+        chunks: int = 1,
+        checkpoint: CheckpointPolicy = "except_last",
+        loss_fn: LossFn | None = None,
+    ):
+        super().__init__()
+        if not isinstance(module, nn.Sequential):
+            raise TypeError(
+                f"module must be an nn.Sequential, got {type(module).__name__}; "
+                f"wrap your layers in nn.Sequential(...)"
+            )
+        if len(module) == 0:
+            raise ValueError("module is an empty nn.Sequential; give it at least one layer")
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (output, target) -> scalar, got {loss_fn!r}")
+        self._policy = make_policy(checkpoint)
+        if isinstance(schedule, str):
+            schedule = get_schedule(schedule)
+        elif not isinstance(schedule, Schedule):
+            raise TypeError(
+                f"schedule must be a registered name or a pipesched.Schedule, got {type(schedule).__name__}"
+            )
+
+        self.module = module
+        self.schedule = schedule
+        self.chunks = chunks
+        self.checkpoint = checkpoint
+        self.loss_fn = loss_fn
+        self.devices, self.balance = self._resolve_shape(module, schedule, balance, devices)
+        self.num_ranks = len(self.devices)
+        self.num_stages = len(self.balance)
+        self.placement = validate_placement(
+            schedule.placement(self.num_stages, self.num_ranks), self.num_stages, self.num_ranks
+        )
+        self._plans: dict[int, Plan] = {}
+        self._plan(chunks)  # refuse a shape the schedule cannot run before building anything
+
+        self._stages = split_module(module, self.balance)
+        for stage, rank in zip(self._stages, self.placement):
+            stage.to(self.devices[rank])
+        self._random = RandomReplay()
+        self._orchestrator = Orchestrator(self.devices)
+        self._transport = Transport(self.devices, self._orchestrator.compute_streams)
+        self._finalizer = weakref.finalize(self, self._orchestrator.close)
+        self.last_report: StepReport | None = None
+
+    # ------------------------------------------------------------------ shape
+
+    @staticmethod
+    def _resolve_shape(
+        module: nn.Sequential, schedule: Schedule, balance: Any, devices: Any
+    ) -> tuple[list[torch.device], list[int]]:
+        if devices is not None:
+            if isinstance(devices, (str, bytes, torch.device)) or not isinstance(devices, Sequence) or not devices:
+                raise ValueError(f"devices must be a non-empty list (one entry per rank), got {devices!r}")
+            devices = [resolve_device(d, i) for i, d in enumerate(devices)]
+        if balance is not None:
+            balance = check_balance(balance, len(module))
+            if devices is None:
+                ranks = next(
+                    (r for r in range(1, len(balance) + 1) if schedule.default_num_stages(r) == len(balance)),
+                    None,
+                )
+                if ranks is None:
+                    raise ValueError(
+                        f"schedule {schedule.name!r} cannot place {len(balance)} stages on any number "
+                        f"of ranks by default; pass devices explicitly"
+                    )
+                devices = default_devices(ranks)
+            return devices, balance
+        if devices is None:
+            devices = default_devices(None)
+            while len(devices) > 1 and schedule.default_num_stages(len(devices)) > len(module):
+                devices = devices[:-1]
+        return devices, even_balance(len(module), schedule.default_num_stages(len(devices)))
+
+    def _plan(self, num_microbatches: int) -> Plan:
+        plan = self._plans.get(num_microbatches)
+        if plan is None:
+            raw = self.schedule.plan(self.num_stages, num_microbatches, self.num_ranks)
+            plan = validate_plan(raw, self.num_stages, num_microbatches, self.num_ranks, self.placement)
+            self._plans[num_microbatches] = plan
+        return plan
+
+    def _is_fill_drain(self, plan: Plan) -> bool:
+        """True when every rank runs all its forwards before any backward."""
+        return all(
+            all(a.kind == "F" for a in row[: len(row) // 2]) and all(a.kind == "B" for a in row[len(row) // 2 :])
+            for row in plan
+        )
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        """The stage modules (sharing layers with ``module``), in stage order."""
+        return list(self._stages)
+
+    # -------------------------------------------------------------- execution
+
+    def _context(self, mode: str, num_microbatches: int, keep: bool) -> StepContext:
+        exclude = [
+            frozenset(t.data_ptr() for t in itertools.chain(stage.parameters(), stage.buffers()))
+            for stage in self._stages
+        ]
+        memory = [RankMemory() for _ in range(self.num_ranks)]
+        manager = CheckpointManager(self._policy, num_microbatches, self._random, exclude, memory)
+        return StepContext(
+            mode=mode,
+            stages=self._stages,
+            placement=self.placement,
+            devices=self.devices,
+            transport=self._transport,
+            mailbox=Mailbox(self.num_stages, num_microbatches),
+            checkpoint=manager,
+            keep=keep,
+            grad_enabled=torch.is_grad_enabled(),
+            autocast=_caller_autocast(),
+        )
+
+    def _split(self, inputs: Any) -> tuple[tuple[Tensor, ...], list[int], list[tuple[tuple[Tensor, ...], bool]]]:
+        tensors = as_tensors(inputs, "inputs")
+        sizes = split_sizes(batch_size(tensors, "inputs"), self.chunks)
+        single = isinstance(inputs, Tensor)
+        return tensors, sizes, [(mb, single) for mb in scatter(tensors, sizes)]
+
+    def _report(self, ctx: StepContext, records: list[TaskRecord], num_microbatches: int) -> StepReport:
+        memory = ctx.checkpoint.memory
+        self.last_report = StepReport(
+            schedule=self.schedule.name,
+            num_stages=self.num_stages,
+            num_ranks=self.num_ranks,
+            num_microbatches=num_microbatches,
+            placement=list(self.placement),
+            tasks=records,
+            peak_inflight=[m.peak_inflight for m in memory],
+            peak_activation_bytes=[m.peak_bytes for m in memory],
+        )
+        return self.last_report
+
+    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor | tuple[Tensor, ...]) -> Tensor:
+        """Forward and backward of the whole batch under the schedule; returns the detached loss.
+
+        Gradients are *accumulated* into ``.grad`` (call ``optimizer.zero_grad()``
+        between steps as usual). If a tensor of ``inputs`` requires grad, its
+        ``.grad`` receives the input gradient too.
+        """
+        if self.loss_fn is None:
+            raise ValueError(
+                "step() needs a loss: build the pipeline with loss_fn=..., "
+                "e.g. Pipeline(model, loss_fn=nn.CrossEntropyLoss())"
+            )
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "step() computes gradients but was called with grad disabled (torch.no_grad()); "
+                "call it outside no_grad, or use pipe(inputs) for inference"
+            )
+        tensors, sizes, microbatches = self._split(inputs)
+        target_tensors = as_tensors(targets, "targets")
+        rows = batch_size(target_tensors, "targets")
+        if rows != sum(sizes):
+            raise ValueError(
+                f"targets hold {rows} rows but inputs hold {sum(sizes)}; they must match row for row"
+            )
+        plan = self._plan(len(sizes))
+        ctx = self._context("train", len(sizes), keep=True)
+        ctx.inputs = microbatches
+        target_single = isinstance(targets, Tensor)
+        ctx.targets = [mb[0] if target_single else mb for mb in scatter(target_tensors, sizes)]
+        ctx.loss_fn = self.loss_fn
+        ctx.loss_weights = _loss_weights(self.loss_fn, sizes)
+        records = self._orchestrator.run(plan, ctx)
+        self._report(ctx, records, len(sizes))
+        _backward_into_inputs(tensors, ctx, sizes)
+        return torch.stack([ctx.losses[m] for m in range(len(sizes))]).sum()
+
+    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+        """Forward half only; the output is gathered on the last rank's device.
+
+        With grad enabled, ``output.backward(...)`` (e.g. through
+        ``loss_fn(pipe(x), y).backward()``) runs the backward half through the
+        pipeline for fill-drain schedules; schedules that interleave forwards
+        and backwards raise ``RuntimeError`` there and point to :meth:`step`.
+        """
+        tensors, sizes, microbatches = self._split(inputs)
+        keep = torch.is_grad_enabled()
+        full_plan = self._plan(len(sizes))
+        plan = [[a for a in row if a.kind == "F"] for row in full_plan]
+        ctx = self._context("forward", len(sizes), keep=keep)
+        ctx.inputs = microbatches
+        records = self._orchestrator.run(plan, ctx)
+        self._report(ctx, records, len(sizes))
+        parts = [ctx.outputs[m][0] for m in range(len(sizes))]
+        single = ctx.outputs[0][1]
+        if not keep:
+            outputs = gather(parts)
+            return outputs[0] if single else outputs
+        session = _BackwardSession(self, ctx, full_plan, tensors, sizes, records)
+        anchor = torch.empty(0, requires_grad=True)
+        outputs = _BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
+        return outputs[0] if single else tuple(outputs)
+
+    # -------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Stop this pipeline's worker and event-loop threads. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def to(self, *args: Any, **kwargs: Any) -> Pipeline:
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None:
+            raise TypeError(
+                "a Pipeline places its stages on its devices itself; moving it with .to(device) "
+                "would undo that. Pass devices=[...] when building it instead"
+            )
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: Any = None) -> Pipeline:
+        raise TypeError("a Pipeline places its stages itself; pass devices=[...] instead of .cuda()")
+
+    def cpu(self) -> Pipeline:
+        raise TypeError("a Pipeline places its stages itself; pass devices=[...] instead of .cpu()")
+
+
+def _loss_weights(loss_fn: Any, sizes: list[int]) -> list[float]:
+    """Per micro-batch loss weights that make the summed loss equal the full-batch loss."""
+    if getattr(loss_fn, "reduction", "mean") == "sum":
+        return [1.0] * len(sizes)
+    total = sum(sizes)
+    return [size / total for size in sizes]
+
+
+def _input_gradients(
+    ctx: StepContext, tensors: Sequence[Tensor], positions: Sequence[int], sizes: list[int]
+) -> list[Tensor | None]:
+    """Whole-batch gradients of the inputs at ``positions``, from stage 0's per-micro-batch ones.
+
+    ``None`` for an input no micro-batch used; zeros for micro-batches that did not use it.
+    """
+    grads: list[Tensor | None] = []
+    for position in positions:
+        tensor = tensors[position]
+        parts = [ctx.input_grads[m][position] for m in range(len(sizes))]
+        if all(p is None for p in parts):
+            grads.append(None)
+            continue
+        grads.append(
+            torch.cat([
+                torch.zeros_like(mb) if p is None else p.to(tensor.device)
+                for p, mb in zip(parts, torch.split(tensor, sizes))
+            ])
+        )
+    return grads
+
+
+def _backward_into_inputs(tensors: tuple[Tensor, ...], ctx: StepContext, sizes: list[int]) -> None:
+    """Continue the backward past stage 0 into inputs that require grad (once, whole batch)."""
+    positions = [i for i, t in enumerate(tensors) if t.requires_grad]
+    pairs = [
+        (tensors[i], g) for i, g in zip(positions, _input_gradients(ctx, tensors, positions, sizes))
+        if g is not None
+    ]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def _caller_autocast() -> Callable[[], Any] | None:
+    """A factory re-entering the caller's autocast state inside a worker thread."""
+    active = [
+        (device, torch.get_autocast_dtype(device))
+        for device in ("cpu", "cuda")
+        if torch.is_autocast_enabled(device)
+    ]
+    if not active:
+        return None
+
+    def enter() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for device, dtype in active:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        return stack
+
+    return enter
+
+
+class _BackwardSession:
+    """State kept between ``pipe(x)`` and ``output.backward()``."""
+
+    def __init__(
+        self,
+        pipe: Pipeline,
+        ctx: StepContext,
+        plan: Plan,
+        inputs: tuple[Tensor, ...],
+        sizes: list[int],
+        records: list[TaskRecord],
+    ):
+        self.pipe = pipe
+        self.ctx = ctx
+        self.plan = plan
+        self.sizes = sizes
+        self.records = records
+        self.inputs = inputs
+        self.input_positions = [i for i, t in enumerate(inputs) if t.requires_grad]
+        self.inputs_requiring_grad = [inputs[i] for i in self.input_positions]
+        self.outputs = gather([ctx.outputs[m][0] for m in range(len(sizes))])
+        self.used = False
+
+    def backward(self, grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
+        pipe = self.pipe
+        if not pipe._is_fill_drain(self.plan):
+            raise RuntimeError(
+                f"schedule {pipe.schedule.name!r} interleaves forwards and backwards, so the "
+                f"backward cannot start from pipe(inputs)'s output; use "
+                f"pipe.step(inputs, targets) with loss_fn=... instead"
+            )
+        if self.used:
+            raise RuntimeError("the pipeline output's backward can only run once per forward")
+        self.used = True
+        count = len(self.sizes)
+        per_output = [
+            [None] * count if g is None else list(torch.split(g, self.sizes)) for g in grad_outputs
+        ]
+        self.ctx.grad_outputs = [tuple(column[m] for column in per_output) for m in range(count)]
+        self.ctx.mode = "backward"
+        self.ctx.mailbox = Mailbox(pipe.num_stages, count)
+        plan = [[a for a in row if a.kind == "B"] for row in self.plan]
+        records = pipe._orchestrator.run(plan, self.ctx)
+        pipe._report(self.ctx, sorted(self.records + records, key=lambda r: (r.start, r.rank)), count)
+        grads = _input_gradients(self.ctx, self.inputs, self.input_positions, self.sizes)
+        return tuple(grads)
+
+
+class _BackwardHalf(torch.autograd.Function):
+    """Hooks ``pipe(x)``'s gathered output to the pipeline's backward half."""
+
+    @staticmethod
+    def forward(ctx: Any, session: _BackwardSession, anchor: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.session = session
+        return session.outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        session: _BackwardSession = ctx.session
+        ctx.session = None  # free the held activations once done
+        return (None, None, *session.backward(grad_outputs))
+
+
+__all__ = ["Action", "Pipeline"]

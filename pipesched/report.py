@@ -1,0 +1,67 @@
+"""What one step or forward reports: its tasks on one clock, and measured memory per rank."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One executed action. ``start``/``end`` are ``time.perf_counter()`` seconds.
+
+    ``start`` is taken once the action's inputs are available, so the gap
+    before it is the rank's idle (bubble) time.
+    """
+
+    rank: int
+    stage: int
+    microbatch: int
+    kind: str
+    start: float
+    end: float
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "rank": self.rank,
+            "stage": self.stage,
+            "microbatch": self.microbatch,
+            "kind": self.kind,
+            "start": self.start,
+            "end": self.end,
+        }
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """``pipe.last_report`` after every ``step()`` and ``pipe(inputs)``.
+
+    * ``tasks``: every executed action, ordered by start time.
+    * ``peak_inflight[r]``: most micro-batches rank ``r`` had forwarded and not
+      yet backwarded at once (summed over the rank's stages).
+    * ``peak_activation_bytes[r]``: most bytes rank ``r`` held at once for
+      backward (see :mod:`pipesched.checkpoint` for what counts).
+    """
+
+    schedule: str
+    num_stages: int
+    num_ranks: int
+    num_microbatches: int
+    placement: list[int]
+    tasks: list[TaskRecord] = field(default_factory=list)
+    peak_inflight: list[int] = field(default_factory=list)
+    peak_activation_bytes: list[int] = field(default_factory=list)
+
+    @property
+    def makespan(self) -> float:
+        """Seconds from the first task's start to the last task's end."""
+        if not self.tasks:
+            return 0.0
+        return max(t.end for t in self.tasks) - min(t.start for t in self.tasks)
+
+    def busy(self, rank: int) -> float:
+        """Seconds rank ``rank`` spent computing."""
+        return sum(t.duration for t in self.tasks if t.rank == rank)
