@@ -123,6 +123,15 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, single: bool)
     return run
 
 
+def _training(stage: nn.Module) -> bool:
+    """Whether any layer of the stage is in training mode.
+
+    The stage wrapper itself is not a submodule of the user's model, so
+    ``model.eval()`` reaches its layers but not its own ``training`` flag.
+    """
+    return any(layer.training for layer in stage.children())
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
         return value.to(device, non_blocking=True)
@@ -152,7 +161,7 @@ def _forward(ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Ca
     run = _stage_function(ctx, stage, microbatch, single)
     module = ctx.stages[stage]
     (outputs, out_single), loss = ctx.checkpoint.forward(
-        stage, microbatch, rank, device, module.training, leaves, lambda: run(leaves), ctx.keep
+        stage, microbatch, rank, device, _training(module), leaves, lambda: run(leaves), ctx.keep
     )
     if stage == ctx.num_stages - 1:
         if loss is not None:

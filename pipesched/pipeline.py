@@ -212,6 +212,7 @@ class Pipeline(nn.Module):
             tasks=records,
             peak_inflight=[m.peak_inflight for m in memory],
             peak_activation_bytes=[m.peak_bytes for m in memory],
+            held_activation_bytes=[m.held_bytes for m in memory],
         )
         return self.last_report
 

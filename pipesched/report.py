@@ -44,6 +44,9 @@ class StepReport:
       yet backwarded at once (summed over the rank's stages).
     * ``peak_activation_bytes[r]``: most bytes rank ``r`` held at once for
       backward (see :mod:`pipesched.checkpoint` for what counts).
+    * ``held_activation_bytes[r]``: bytes rank ``r`` still held when the call
+      returned: 0 after ``step()``; after ``pipe(x)`` with grad enabled, what
+      waits for ``output.backward()``.
     """
 
     schedule: str
@@ -54,6 +57,7 @@ class StepReport:
     tasks: list[TaskRecord] = field(default_factory=list)
     peak_inflight: list[int] = field(default_factory=list)
     peak_activation_bytes: list[int] = field(default_factory=list)
+    held_activation_bytes: list[int] = field(default_factory=list)
 
     @property
     def makespan(self) -> float:

@@ -1,0 +1,180 @@
+"""Checkpointing: recompute replays random draws exactly, and memory is measured, not claimed."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_grads_equal, mlp
+from pipesched import Pipeline
+
+
+def dropout_model(seed: int = 0) -> nn.Sequential:
+    """Six layers; only layer 1 (stage 0 under balance [3, 3]) draws random numbers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)
+    ).double()
+
+
+def data(rows: int = 12):
+    generator = torch.Generator().manual_seed(5)
+    return (torch.randn(rows, 8, dtype=torch.float64, generator=generator),
+            torch.randint(0, 4, (rows,), generator=generator))
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_one_drawing_rank_gives_identical_results_under_every_policy(schedule):
+    """Recompute replays the first run's masks and leaves the global stream where it was."""
+    x, y = data()
+    results = {}
+    for policy in ["never", "always", "except_last", lambda s, m: m % 2 == 1]:
+        model = dropout_model()
+        torch.manual_seed(1234)
+        with Pipeline(model, schedule=schedule, balance=[3, 3], chunks=4, checkpoint=policy,
+                      loss_fn=nn.CrossEntropyLoss()) as pipe:
+            loss = pipe.step(x, y)
+        after = torch.get_rng_state()
+        results[str(policy)] = (loss, [p.grad for p in model.parameters()], after)
+    (loss0, grads0, state0), *others = results.values()
+    for loss, grads, state in others:
+        assert torch.equal(loss, loss0)
+        for g, g0 in zip(grads, grads0):
+            assert torch.equal(g, g0)
+        assert torch.equal(state, state0), "the global random stream was disturbed"
+
+
+def test_recompute_with_one_microbatch_equals_unpipelined_dropout():
+    """One micro-batch, one drawing stage: the draws happen exactly as in the plain model."""
+    x, y = data()
+    model = dropout_model()
+    ref = copy.deepcopy(model)
+    torch.manual_seed(99)
+    nn.CrossEntropyLoss()(ref(x), y).backward()
+    torch.manual_seed(99)
+    with Pipeline(model, schedule="gpipe", balance=[3, 3], chunks=1, checkpoint="always",
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.step(x, y)
+    assert_grads_equal(model, [p.grad for p in ref.parameters()])
+
+
+class RecordingNoise(nn.Module):
+    """Multiplies by a random mask and records the mask of every first run and recompute."""
+
+    def __init__(self, log: dict, name: str):
+        super().__init__()
+        self.log, self.name = log, name
+
+    def forward(self, x):
+        noise = torch.rand_like(x)
+        key = (self.name, round(float(x.detach()[0, 0]), 9))
+        phase = "recompute" if torch.is_grad_enabled() else "first"
+        with self.log["lock"]:
+            self.log.setdefault(key, {})[phase] = noise.clone()
+        return x * noise
+
+
+@pytest.mark.parametrize("schedule,balance", [("1f1b", [2, 2, 2, 2]),
+                                              ("interleaved", [1, 1, 1, 1, 1, 1, 1, 1])])
+def test_replay_exact_while_every_rank_draws_concurrently(schedule, balance):
+    """Four ranks draw from the one CPU generator at once; every recompute sees its own draws."""
+    log: dict = {"lock": threading.Lock()}
+    layers = []
+    for i in range(8):
+        layers.append(nn.Linear(16, 16) if i % 2 == 0 else RecordingNoise(log, f"noise{i}"))
+    model = nn.Sequential(*layers).double()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    with Pipeline(model, schedule=schedule, balance=balance, devices=["cpu"] * 4, chunks=16,
+                  checkpoint="always", loss_fn=lambda out, t: out.pow(2).mean()) as pipe:
+        pipe.step(x, torch.zeros(64))
+    pairs = [v for k, v in log.items() if k != "lock"]
+    assert len(pairs) == 4 * 16  # four noise layers, sixteen micro-batches
+    for phases in pairs:
+        assert set(phases) == {"first", "recompute"}
+        assert torch.equal(phases["first"], phases["recompute"])
+
+
+def test_stages_that_draw_nothing_are_probed_once_and_skip_the_lock():
+    x, y = data()
+    model = dropout_model()
+    with Pipeline(model, schedule="1f1b", balance=[3, 3], chunks=4, checkpoint="always",
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.step(x, y)
+        assert pipe._random.draws(0, True) is True
+        assert pipe._random.draws(1, True) is False
+        model.eval()  # dropout off: stage 0 is probed again for eval mode
+        with torch.no_grad():
+            pipe(x)
+        assert pipe._random.draws(0, False) is False
+
+
+class TestMeasuredMemory:
+    """Activation bytes from first principles: Linear(16, 16) saves its 4-row float32 input."""
+
+    ROWS, WIDTH = 4, 16
+    PER_MICROBATCH = ROWS * WIDTH * 4  # bytes of one micro-batch's stage-0 input
+
+    def run(self, schedule: str, policy: str, chunks: int = 3, stages: int = 2):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(self.WIDTH, self.WIDTH) for _ in range(stages)])
+        x = torch.randn(self.ROWS * chunks, self.WIDTH)
+        with Pipeline(model, schedule=schedule, chunks=chunks, checkpoint=policy,
+                      devices=["cpu"] * stages, loss_fn=nn.MSELoss()) as pipe:
+            pipe.step(x, torch.zeros_like(x))
+            return pipe.last_report
+
+    @pytest.mark.parametrize("policy", ["never", "always"])
+    def test_gpipe_rank0_holds_every_microbatch_input(self, policy):
+        report = self.run("gpipe", policy)
+        assert report.peak_activation_bytes[0] == 3 * self.PER_MICROBATCH
+        assert report.peak_inflight == [3, 3]
+
+    def test_one_f_one_b_rank0_holds_ranks_many(self):
+        report = self.run("1f1b", "never", chunks=6)
+        assert report.peak_inflight == [2, 1]
+        assert report.peak_activation_bytes[0] == 2 * self.PER_MICROBATCH
+
+    def test_one_f_one_b_holds_less_than_gpipe(self):
+        gpipe = self.run("gpipe", "never", chunks=8, stages=4)
+        one_f = self.run("1f1b", "never", chunks=8, stages=4)
+        assert one_f.peak_activation_bytes[0] < gpipe.peak_activation_bytes[0]
+        assert one_f.peak_inflight == [4, 3, 2, 1] and gpipe.peak_inflight == [8] * 4
+
+    def test_gpipe_memory_grows_linearly_with_microbatches(self):
+        small = self.run("gpipe", "never", chunks=4, stages=4).peak_activation_bytes
+        large = self.run("gpipe", "never", chunks=8, stages=4).peak_activation_bytes
+        assert large == [2 * b for b in small]
+
+    def test_checkpointing_keeps_only_stage_inputs(self):
+        """Tanh saves its output: without checkpointing that is held too."""
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+        x = torch.randn(12, 16)
+        peaks = {}
+        for policy in ["never", "always"]:
+            with Pipeline(model, schedule="gpipe", balance=[2, 1], chunks=3, checkpoint=policy,
+                          loss_fn=nn.MSELoss()) as pipe:
+                pipe.step(x, torch.zeros_like(x))
+                peaks[policy] = pipe.last_report.peak_activation_bytes[0]
+        # never: input + tanh output per micro-batch; always: inputs, plus one recompute's tanh output
+        assert peaks["never"] == 3 * 2 * self.PER_MICROBATCH
+        assert peaks["always"] == 3 * self.PER_MICROBATCH + self.PER_MICROBATCH
+
+
+def test_nothing_is_held_after_a_step():
+    """Every held (stage, micro-batch) is released by its backward: the running total is 0."""
+    model = mlp(layers=6)
+    x = torch.randn(12, 8, dtype=torch.float64)
+    with Pipeline(model, schedule="1f1b", balance=[3, 3], chunks=4, loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.step(x, torch.zeros(12, dtype=torch.long))
+        assert all(b > 0 for b in pipe.last_report.peak_activation_bytes)
+        assert pipe.last_report.held_activation_bytes == [0, 0]
+    with Pipeline(model, schedule="gpipe", balance=[3, 3], chunks=4) as pipe:
+        out = pipe(x)  # forward half: everything stays held for the backward
+        assert all(b > 0 for b in pipe.last_report.held_activation_bytes)
+        out.sum().backward()
+        assert pipe.last_report.held_activation_bytes == [0, 0]
