@@ -66,11 +66,9 @@ def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: li
     """Run ``actions`` in order on the calling (worker) thread, appending a record per task."""
     clock = time.perf_counter
     for action in actions:
-        if action.kind == "F":
-            start = _forward(ctx, rank, action.stage, action.microbatch, clock)
-        else:
-            start = _backward(ctx, rank, action.stage, action.microbatch, clock)
-        records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, clock()))
+        task = _forward if action.kind == "F" else _backward
+        start, end = task(ctx, rank, action.stage, action.microbatch, clock)
+        records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))
 
 
 def _as_boundary(value: object, stage: int) -> Boundary:
@@ -146,7 +144,14 @@ class _nothing:
         return None
 
 
-def _forward(ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Callable[[], float]) -> float:
+def _forward(
+    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Callable[[], float]
+) -> tuple[float, float]:
+    """Run F(stage, micro-batch); return its start and end times.
+
+    The end is taken *before* the output is posted: once posted, the consumer
+    may start, and a task must not appear to end after its successor began.
+    """
     device = ctx.devices[rank]
     if stage == 0:
         tensors, single = ctx.inputs[microbatch]
@@ -168,14 +173,17 @@ def _forward(ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Ca
             ctx.losses[microbatch] = loss.detach()
         else:
             ctx.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_single)
-    else:
-        to = ctx.placement[stage + 1]
-        packet = ctx.transport.send(outputs, rank, to)
-        ctx.mailbox.activations[(stage, microbatch)].put((packet, out_single))
-    return start
+        return start, clock()
+    packet = ctx.transport.send(outputs, rank, ctx.placement[stage + 1])
+    end = clock()
+    ctx.mailbox.activations[(stage, microbatch)].put((packet, out_single))
+    return start, end
 
 
-def _backward(ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Callable[[], float]) -> float:
+def _backward(
+    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Callable[[], float]
+) -> tuple[float, float]:
+    """Run B(stage, micro-batch); return its start and end times (end before posting)."""
     last = stage == ctx.num_stages - 1
     if last:
         start = clock()
@@ -202,7 +210,8 @@ def _backward(ctx: StepContext, rank: int, stage: int, microbatch: int, clock: C
     ctx.checkpoint.release(stage, microbatch, rank)
     if stage == 0:
         ctx.input_grads[microbatch] = input_grads
-    else:
-        to = ctx.placement[stage - 1]
-        ctx.mailbox.gradients[(stage, microbatch)].put(ctx.transport.send(input_grads, rank, to))
-    return start
+        return start, clock()
+    packet = ctx.transport.send(input_grads, rank, ctx.placement[stage - 1])
+    end = clock()
+    ctx.mailbox.gradients[(stage, microbatch)].put(packet)
+    return start, end
