@@ -13,17 +13,26 @@ from pipesched.registry import get_schedule, list_schedules, register_schedule
 from pipesched.replay import Deadlock
 from pipesched.report import StepReport, TaskRecord
 from pipesched.schedule import Schedule, validate_plan
+from pipesched.simulate import LowerBound, SimResult, lower_bound, simulate
+from pipesched.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
 
 __all__ = [
     "Action",
     "Deadlock",
+    "LowerBound",
     "Pipeline",
     "Schedule",
+    "SimResult",
     "StepReport",
     "TaskRecord",
+    "Timeline",
+    "TimelineAnalysis",
+    "configure_jsonl_logging",
     "get_schedule",
     "list_schedules",
+    "lower_bound",
     "register_schedule",
+    "simulate",
     "validate_plan",
 ]
 

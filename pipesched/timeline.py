@@ -1,0 +1,497 @@
+"""Read a step's task timeline and say where the time went.
+
+Every task the engine runs becomes one record (rank, stage, micro-batch, kind,
+start, end on one monotonic clock): in ``pipe.last_report``, and, when structlog
+is configured, as one ``"task"`` log event. A :class:`Timeline` holds one
+step's records, from any of those sources::
+
+    Timeline.from_report(pipe.last_report)
+    Timeline.from_events(captured_event_dicts)          # structlog.testing.capture_logs()
+    Timeline.from_jsonl("run.jsonl", step=None)         # structlog JSONRenderer output
+
+and answers three questions (:meth:`Timeline.analyze`):
+
+* **How busy was each rank?** busy and idle share of the measured makespan.
+* **What did the runtime add?** The same plan replayed by the simulator on the
+  measured task durations is what a zero-overhead runtime would take, so
+  ``runtime_efficiency = replay / measured`` isolates orchestration overhead
+  (thread wake-ups, transfers, Python) from the schedule itself.
+* **What did the schedule leave on the table?**
+  ``schedule_efficiency = lower_bound / replay``, where the lower bound is the
+  larger of the busiest rank's work and the longest micro-batch chain: the
+  bubble the schedule's order causes, with runtime noise taken out.
+
+It also exports a Chrome/Perfetto trace (open it at ui.perfetto.dev) and a
+Gantt chart PNG (needs matplotlib: ``pip install pipesched[plot]``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pipesched.action import Action, Plan
+from pipesched.report import StepReport, TaskRecord
+from pipesched.schedule import Schedule
+from pipesched.simulate import IncompletePlan, lower_bound, peak_inflight, simulate
+
+__all__ = ["Timeline", "TimelineAnalysis", "configure_jsonl_logging"]
+
+_MISSING_MATPLOTLIB = (
+    "Timeline.to_gantt_png needs matplotlib: install pipesched[plot] or pip install matplotlib"
+)
+
+
+def configure_jsonl_logging(path_or_file: str | os.PathLike[str] | IO[str], mode: str = "a") -> IO[str]:
+    """Configure structlog so every pipesched task event is one JSON line in ``path_or_file``.
+
+    Call it before ``pipe.step()``; the engine logs only when structlog is
+    configured. A path is opened with ``mode`` (``"a"`` appends, so several
+    runs can share a file; :meth:`Timeline.from_jsonl` picks a step). Returns
+    the open file, which the caller may close when done. This is the same as::
+
+        import structlog
+        structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+                            logger_factory=structlog.WriteLoggerFactory(file=open("run.jsonl", "a")))
+
+    Note that this replaces the process's structlog configuration (processors
+    and logger factory); ``structlog.reset_defaults()`` undoes it.
+    """
+    import structlog
+
+    if isinstance(path_or_file, (str, os.PathLike)):
+        file: IO[str] = open(path_or_file, mode, encoding="utf-8")  # noqa: SIM115 - returned to the caller
+    elif callable(getattr(path_or_file, "write", None)):
+        file = path_or_file
+    else:
+        raise TypeError(
+            f"path_or_file must be a path or a text file open for writing, got {type(path_or_file).__name__}"
+        )
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
+        logger_factory=structlog.WriteLoggerFactory(file=file),
+    )
+    return file
+
+
+@dataclass(frozen=True)
+class TimelineAnalysis:
+    """Where one step's time went. Seconds, and fractions in 0..1 (the table prints %).
+
+    * ``measured_makespan``: first task start to last task end.
+    * ``busy_seconds``, ``busy_fraction``, ``idle_fraction``: per rank, against the
+      measured makespan. ``bubble_over_total`` (idle / (ranks × makespan)) and
+      ``bubble_over_ideal`` (idle / busy) are the measured bubble overall, in the
+      two conventions of :class:`pipesched.simulate.SimResult`.
+    * ``replay_makespan``: the plan replayed on the measured durations with no
+      overhead; ``runtime_efficiency = replay_makespan / measured_makespan``. It is
+      at most 1.0 when every task's recorded start follows its inputs' recorded
+      ends; it can exceed 1.0 by as much as a recorded end trails the moment
+      the output was handed over (the replay waits for the recorded end).
+    * ``lower_bound``: max(busiest rank's work, longest micro-batch chain);
+      ``schedule_efficiency = lower_bound / replay_makespan``.
+      These four are ``None`` when the tasks are not a self-contained plan (e.g.
+      the backward-only half of ``pipe(x)`` then ``output.backward()``).
+    * ``replayed``: ``"recorded order"``, or the schedule passed to ``analyze``.
+    * ``stage_work``: seconds of F + B per stage; ``stage_balance = mean / max`` of
+      it (1.0: perfectly balanced; 0.5: the slowest stage does twice the average).
+    * ``peak_inflight``: per rank, most micro-batches forwarded and not yet
+      backwarded at once, counted from the records.
+    * ``peak_activation_bytes``: per rank, from the step report; ``None`` when the
+      timeline was read from log events, which do not carry it.
+    """
+
+    schedule: str | None
+    num_ranks: int
+    num_stages: int
+    num_microbatches: int
+    num_tasks: int
+    measured_makespan: float
+    busy_seconds: list[float]
+    busy_fraction: list[float]
+    idle_fraction: list[float]
+    bubble_over_total: float
+    bubble_over_ideal: float
+    replayed: str
+    replay_makespan: float | None
+    lower_bound: float | None
+    runtime_efficiency: float | None
+    schedule_efficiency: float | None
+    stage_work: list[float]
+    stage_balance: float
+    peak_inflight: list[int]
+    peak_activation_bytes: list[int] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (lists, numbers, strings, ``None``)."""
+        return asdict(self)
+
+    def format_table(self) -> str:
+        """A readable summary: one header block, then one row per rank."""
+        header = [
+            f"schedule {self.schedule or '?'}: {self.num_stages} stages on {self.num_ranks} ranks, "
+            f"{self.num_microbatches} micro-batches, {self.num_tasks} tasks",
+            f"measured makespan     {_seconds(self.measured_makespan)}",
+            f"replay makespan       {_seconds(self.replay_makespan)}  ({self.replayed}, measured task times, "
+            f"no overhead)",
+            f"runtime efficiency    {_percent(self.runtime_efficiency)}  (replay / measured)",
+            f"lower bound           {_seconds(self.lower_bound)}  (max of busiest rank, longest chain)",
+            f"schedule efficiency   {_percent(self.schedule_efficiency)}  (lower bound / replay)",
+            f"bubble                {_percent(self.bubble_over_total)} of total, "
+            f"{_percent(self.bubble_over_ideal)} of ideal  (idle / (ranks x makespan), idle / busy)",
+            f"stage balance         {_percent(self.stage_balance)}  (mean / max stage work)",
+        ]
+        columns = ["rank", "busy", "busy %", "idle %", "peak in-flight", "peak activations"]
+        rows = [
+            [
+                str(rank),
+                _seconds(self.busy_seconds[rank]),
+                _percent(self.busy_fraction[rank]),
+                _percent(self.idle_fraction[rank]),
+                str(self.peak_inflight[rank]),
+                _bytes(self.peak_activation_bytes[rank] if self.peak_activation_bytes else None),
+            ]
+            for rank in range(self.num_ranks)
+        ]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+        return "\n".join(header + [""] + lines)
+
+
+class Timeline:
+    """One step's task records, with analysis and exports.
+
+    Build it with :meth:`from_report`, :meth:`from_events` or :meth:`from_jsonl`,
+    or directly from task records (``Timeline(sim.records())`` shows a simulated
+    run). The shape (``num_ranks``, ``num_stages``, ``num_microbatches``) defaults
+    to what the records show.
+    """
+
+    def __init__(
+        self,
+        tasks: Iterable[TaskRecord],
+        *,
+        num_ranks: int | None = None,
+        num_stages: int | None = None,
+        num_microbatches: int | None = None,
+        schedule: str | None = None,
+        peak_activation_bytes: Sequence[int] | None = None,
+        step: int | None = None,
+    ):
+        records = list(tasks)
+        if not records:
+            raise ValueError(
+                "a Timeline needs at least one task record; run a step first (and configure "
+                "structlog before it when reading logs)"
+            )
+        for record in records:
+            if not isinstance(record, TaskRecord):
+                raise ValueError(f"tasks must be pipesched.TaskRecord values, got {type(record).__name__}")
+        records.sort(key=lambda t: (t.start, t.rank, t.end))
+        seen: dict[Action, TaskRecord] = {}
+        for record in records:
+            if record.end < record.start:
+                raise ValueError(f"task {record} ends before it starts")
+            action = Action(record.kind, record.stage, record.microbatch)  # type: ignore[arg-type]
+            if action in seen:
+                raise ValueError(
+                    f"{action} appears twice in the tasks (ranks {seen[action].rank} and {record.rank}); "
+                    f"a Timeline holds one step: select one with step=..."
+                )
+            seen[action] = record
+        self.tasks: list[TaskRecord] = records
+        self.num_ranks = _at_least("num_ranks", num_ranks, 1 + max(t.rank for t in records))
+        self.num_stages = _at_least("num_stages", num_stages, 1 + max(t.stage for t in records))
+        self.num_microbatches = _at_least(
+            "num_microbatches", num_microbatches, 1 + max(t.microbatch for t in records)
+        )
+        if peak_activation_bytes is not None and len(peak_activation_bytes) != self.num_ranks:
+            raise ValueError(
+                f"peak_activation_bytes must give one value per rank ({self.num_ranks}), "
+                f"got {len(peak_activation_bytes)}"
+            )
+        self.schedule = schedule
+        self.peak_activation_bytes = None if peak_activation_bytes is None else list(peak_activation_bytes)
+        self.step = step
+
+    # ----------------------------------------------------------------- sources
+
+    @classmethod
+    def from_report(cls, report: StepReport | None) -> Timeline:
+        """The timeline of ``pipe.last_report`` (carries peak activation bytes too)."""
+        if report is None:
+            raise ValueError("report is None: run pipe.step(...) or pipe(inputs) before reading pipe.last_report")
+        if not isinstance(report, StepReport):
+            raise ValueError(f"report must be a pipesched.StepReport, got {type(report).__name__}")
+        return cls(
+            report.tasks,
+            num_ranks=report.num_ranks,
+            num_stages=report.num_stages,
+            num_microbatches=report.num_microbatches,
+            schedule=report.schedule,
+            peak_activation_bytes=report.peak_activation_bytes or None,
+        )
+
+    @classmethod
+    def from_events(cls, events: Iterable[Mapping[str, Any]], step: int | None = None) -> Timeline:
+        """The timeline of one step from structlog event dicts.
+
+        Events whose ``"event"`` is not ``"task"`` are ignored. The engine logs
+        a step's tasks together, tagged with ``"step"``; ``step=None`` takes the
+        last step logged, ``step=k`` the last run of events tagged ``k``.
+        """
+        runs: list[tuple[Any, list[Mapping[str, Any]]]] = []
+        for event in events:
+            if not isinstance(event, Mapping) or event.get("event") != "task":
+                continue
+            tag = event.get("step")
+            if not runs or runs[-1][0] != tag:
+                runs.append((tag, []))
+            runs[-1][1].append(event)
+        if not runs:
+            raise ValueError(
+                "no task events found: configure structlog before pipe.step() "
+                "(pipesched.timeline.configure_jsonl_logging does it in one call)"
+            )
+        if step is None:
+            tag, chosen = runs[-1]
+        else:
+            matching = [run for run in runs if run[0] == step]
+            if not matching:
+                present = ", ".join(str(t) for t in dict.fromkeys(t for t, _ in runs))
+                raise ValueError(f"step={step!r} is not among the logged steps ({present}); pick one of those")
+            tag, chosen = matching[-1]
+        return cls([_record(e) for e in chosen], step=tag if isinstance(tag, int) else None)
+
+    @classmethod
+    def from_jsonl(cls, path: str | os.PathLike[str], step: int | None = None) -> Timeline:
+        """The timeline of one step from a JSON-lines log (see :func:`configure_jsonl_logging`).
+
+        Blank lines and lines whose event is not ``"task"`` are skipped; a line
+        that is not JSON is an error naming it. ``step`` as in :meth:`from_events`.
+        """
+        events = []
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"{path}:{number} is not JSON ({error.msg}); the log must be written by "
+                        f"structlog's JSONRenderer (see configure_jsonl_logging)"
+                    ) from None
+        return cls.from_events(events, step=step)
+
+    # ---------------------------------------------------------------- analysis
+
+    @property
+    def makespan(self) -> float:
+        """Measured seconds from the first task's start to the last task's end."""
+        return max(t.end for t in self.tasks) - self.tasks[0].start
+
+    def busy(self) -> list[float]:
+        """Seconds each rank spent in tasks."""
+        totals: list[list[float]] = [[] for _ in range(self.num_ranks)]
+        for t in self.tasks:
+            totals[t.rank].append(t.end - t.start)
+        return [math.fsum(v) for v in totals]
+
+    def plan(self) -> Plan:
+        """Each rank's actions in the order it ran them (a rank runs one at a time)."""
+        plan: Plan = [[] for _ in range(self.num_ranks)]
+        for t in self.tasks:  # sorted by start
+            plan[t.rank].append(Action(t.kind, t.stage, t.microbatch))  # type: ignore[arg-type]
+        return plan
+
+    def analyze(self, schedule: str | Schedule | None = None) -> TimelineAnalysis:
+        """Where the time went; see :class:`TimelineAnalysis` for every figure.
+
+        ``schedule`` (a name or a :class:`~pipesched.Schedule`) replays that
+        schedule's plan for the same shape instead of the recorded order: a
+        what-if ("how long would 1F1B take with these task times?"), in which
+        ``runtime_efficiency`` compares that plan's ideal with this measured run.
+        """
+        measured = self.makespan
+        busy = self.busy()
+        idle = [max(0.0, measured - b) for b in busy]
+        plan, replayed = self._plan_for(schedule)
+        try:
+            sim = simulate(plan, self.tasks, num_stages=self.num_stages)
+            bound = lower_bound(plan, self.tasks, num_stages=self.num_stages).value
+            replay_makespan: float | None = sim.makespan
+        except IncompletePlan:
+            replay_makespan = bound = None  # type: ignore[assignment]
+
+        stage_work = [0.0] * self.num_stages
+        for t in self.tasks:
+            stage_work[t.stage] += t.end - t.start
+        heaviest = max(stage_work)
+        return TimelineAnalysis(
+            schedule=self.schedule,
+            num_ranks=self.num_ranks,
+            num_stages=self.num_stages,
+            num_microbatches=self.num_microbatches,
+            num_tasks=len(self.tasks),
+            measured_makespan=measured,
+            busy_seconds=busy,
+            busy_fraction=[_share(b, measured) for b in busy],
+            idle_fraction=[_share(i, measured) for i in idle],
+            bubble_over_total=_share(math.fsum(idle), measured * self.num_ranks),
+            bubble_over_ideal=_share(math.fsum(idle), math.fsum(busy)),
+            replayed=replayed,
+            replay_makespan=replay_makespan,
+            lower_bound=bound,
+            runtime_efficiency=None if replay_makespan is None else _share(replay_makespan, measured, 1.0),
+            schedule_efficiency=None if bound is None else _share(bound, replay_makespan or 0.0, 1.0),
+            stage_work=stage_work,
+            stage_balance=_share(math.fsum(stage_work) / self.num_stages, heaviest, 1.0),
+            peak_inflight=[peak_inflight(row) for row in self.plan()],
+            peak_activation_bytes=self.peak_activation_bytes,
+        )
+
+    def _plan_for(self, schedule: str | Schedule | None) -> tuple[Plan, str]:
+        recorded = self.plan()
+        if schedule is None:
+            return recorded, "recorded order"
+        if isinstance(schedule, str):
+            from pipesched.registry import get_schedule
+
+            schedule = get_schedule(schedule)
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a name or a pipesched.Schedule, got {type(schedule).__name__}")
+        plan = [list(row) for row in schedule.plan(self.num_stages, self.num_microbatches, self.num_ranks)]
+        wanted = {a for row in plan for a in row}
+        have = {a for row in recorded for a in row}
+        if wanted != have:
+            differ = sorted(map(str, wanted ^ have))
+            raise ValueError(
+                f"schedule {schedule.name!r} and this timeline hold different actions "
+                f"({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} in only one of them); "
+                f"a what-if replay needs the same stages, micro-batches and kinds"
+            )
+        return plan, f"{schedule.name} plan"
+
+    # ----------------------------------------------------------------- exports
+
+    def to_chrome_trace(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Chrome/Perfetto trace: one complete (``"X"``) event per task, one track per rank.
+
+        Times are microseconds from the first task's start. Written to ``path``
+        as JSON when given (open it at ui.perfetto.dev or chrome://tracing);
+        returned either way.
+        """
+        origin = self.tasks[0].start
+        events: list[dict[str, Any]] = [
+            {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"pipesched {self.schedule or ''}".strip()}}
+        ]
+        for rank in range(self.num_ranks):
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": f"rank {rank}"}})
+            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": rank, "args": {"sort_index": rank}})
+        for t in self.tasks:
+            events.append({
+                "name": f"{t.kind}{t.stage}.{t.microbatch}",
+                "cat": "forward" if t.kind == "F" else "backward",
+                "ph": "X",
+                "ts": (t.start - origin) * 1e6,
+                "dur": (t.end - t.start) * 1e6,
+                "pid": 0,
+                "tid": t.rank,
+                "args": {"stage": t.stage, "microbatch": t.microbatch, "kind": t.kind},
+            })
+        trace = {"traceEvents": events, "displayTimeUnit": "ms"}
+        if path is not None:
+            Path(path).write_text(json.dumps(trace), encoding="utf-8")
+        return trace
+
+    def to_gantt_png(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+        """Draw one row per rank, one bar per task (F blue, B orange), and save a PNG.
+
+        Needs matplotlib (``pip install pipesched[plot]``); imported here so the
+        library does not depend on it. Uses the object API, not pyplot, so it
+        neither opens windows nor changes the caller's matplotlib backend.
+        """
+        try:
+            from matplotlib.figure import Figure
+            from matplotlib.patches import Patch
+        except ImportError as error:
+            raise ImportError(_MISSING_MATPLOTLIB) from error
+
+        origin, span = self.tasks[0].start, self.makespan
+        scale, unit = (1e3, "ms") if span < 1.0 else (1.0, "s")
+        colors = {"F": "#4C72B0", "B": "#DD8452"}
+        inches, dpi = max(6.0, min(16.0, 4.0 + 0.45 * len(self.tasks) / self.num_ranks)), 120
+        figure = Figure(figsize=(inches, 1.0 + 0.5 * self.num_ranks), dpi=dpi)
+        axes = figure.add_subplot()
+        plot_px = 0.75 * inches * dpi  # roughly the axes' width; labels only where they fit
+        for t in self.tasks:
+            left, width = (t.start - origin) * scale, (t.end - t.start) * scale
+            axes.barh(t.rank, width, left=left, height=0.8, color=colors[t.kind], edgecolor="white", linewidth=0.5)
+            label = f"{t.kind}{t.stage}.{t.microbatch}"
+            if span > 0 and (t.end - t.start) / span * plot_px > 6.0 * len(label):
+                axes.text(left + width / 2, t.rank, label, ha="center", va="center", fontsize=7, color="white")
+        axes.set_yticks(range(self.num_ranks), [f"rank {r}" for r in range(self.num_ranks)])
+        axes.set_ylim(self.num_ranks - 0.5, -0.5)  # rank 0 on top
+        axes.set_xlabel(unit)
+        axes.legend(handles=[Patch(color=colors["F"], label="forward"), Patch(color=colors["B"], label="backward")],
+                    loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+        axes.set_title(title or f"{self.schedule or 'pipeline'}: makespan {_seconds(span)}")
+        figure.tight_layout()
+        path = Path(path)
+        figure.savefig(path, format="png", dpi=dpi)
+        return path
+
+
+def _record(event: Mapping[str, Any]) -> TaskRecord:
+    missing = [k for k in ("rank", "stage", "microbatch", "kind", "start", "end") if k not in event]
+    if missing:
+        raise ValueError(f"task event {dict(event)!r} lacks {', '.join(missing)}; was it written by pipesched?")
+    return TaskRecord(
+        int(event["rank"]), int(event["stage"]), int(event["microbatch"]), str(event["kind"]),
+        float(event["start"]), float(event["end"]),
+    )
+
+
+def _at_least(name: str, given: int | None, needed: int) -> int:
+    if given is None:
+        return needed
+    if isinstance(given, bool) or not isinstance(given, int) or given < needed:
+        raise ValueError(f"{name} must be an int >= {needed} (what the tasks use), got {given!r}; or leave it out")
+    return given
+
+
+def _share(part: float, whole: float, empty: float = 0.0) -> float:
+    return part / whole if whole > 0.0 else empty
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value >= 1.0:
+        return f"{value:.3f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3f} ms"
+    return f"{value * 1e6:.1f} us"
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.1f} %"
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "n/a"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{value} B"

@@ -1,0 +1,310 @@
+"""Timeline: from a real step, its log and synthetic records, to the numbers and the exports."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from collections import defaultdict
+
+import pytest
+import structlog
+import structlog.testing
+import torch
+from torch import nn
+
+from pipesched import Action, Pipeline, TaskRecord
+from pipesched.action import dependencies
+from pipesched.simulate import simulate
+from pipesched.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
+
+CHUNKS = 4
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults():
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    pipeline = Pipeline(model, schedule="1f1b", devices=["cpu", "cpu"], chunks=CHUNKS, loss_fn=nn.MSELoss())
+    yield pipeline
+    pipeline.close()
+
+
+def batch():
+    return torch.randn(8, 16), torch.randn(8, 16)
+
+
+def busy_by_rank(tasks, num_ranks):
+    totals = [0.0] * num_ranks
+    for t in tasks:
+        totals[t.rank] += t.end - t.start
+    return totals
+
+
+def rows(tasks):
+    return sorted((t.rank, t.stage, t.microbatch, t.kind, t.start, t.end) for t in tasks)
+
+
+def input_overlap(tasks, num_stages):
+    """Sum of the seconds by which tasks started before an input's producer's recorded end.
+
+    Zero when every task's end is recorded before its output is posted; a
+    replay on measured durations waits for every recorded end.
+    """
+    by_action = {Action(t.kind, t.stage, t.microbatch): t for t in tasks}
+    slack = 0.0
+    for action, task in by_action.items():
+        for dep in dependencies(action, num_stages):
+            slack += max(0.0, by_action[dep].end - task.start)
+    return slack
+
+
+# ----------------------------------------------------------------- real steps
+
+
+def test_jsonl_round_trip_matches_the_reports(pipe, tmp_path):
+    log = tmp_path / "run.jsonl"
+    file = configure_jsonl_logging(log)
+    try:
+        pipe.step(*batch())
+        first = pipe.last_report
+        pipe.step(*batch())
+        second = pipe.last_report
+    finally:
+        structlog.reset_defaults()
+        file.close()
+
+    first_step = json.loads(log.read_text().splitlines()[0])["step"]
+    for step, report in ((None, second), (first_step, first)):
+        timeline = Timeline.from_jsonl(log, step=step)
+        assert len(timeline.tasks) == 2 * 2 * CHUNKS  # F and B of 2 stages x 4 micro-batches
+        assert rows(timeline.tasks) == rows(report.tasks)
+        expected_busy = busy_by_rank(report.tasks, 2)
+        analysis = timeline.analyze()
+        assert analysis.busy_seconds == pytest.approx(expected_busy, rel=1e-12)
+        measured = max(t.end for t in report.tasks) - min(t.start for t in report.tasks)
+        assert analysis.measured_makespan == pytest.approx(measured, rel=1e-12)
+        assert analysis.busy_fraction == pytest.approx([b / measured for b in expected_busy])
+        assert analysis.peak_inflight == [2, 1]  # 1F1B: min(m, p - r)
+        assert analysis.peak_activation_bytes is None  # logs do not carry it
+    # Other lines in the file (none here) and the level field do not disturb parsing.
+    assert all(json.loads(line)["event"] == "task" for line in log.read_text().splitlines())
+
+
+def test_from_events_of_captured_logs(pipe):
+    with structlog.testing.capture_logs() as events:
+        pipe.step(*batch())
+    report = pipe.last_report
+    timeline = Timeline.from_events(events)
+    assert rows(timeline.tasks) == rows(report.tasks)
+    assert isinstance(timeline.step, int)
+
+
+def test_from_report_analysis_of_a_real_step(pipe):
+    pipe.step(*batch())
+    report = pipe.last_report
+    analysis = Timeline.from_report(report).analyze()
+    assert analysis.schedule == "1f1b"
+    assert analysis.num_tasks == len(report.tasks) == 16
+    assert analysis.peak_activation_bytes == report.peak_activation_bytes
+    assert analysis.peak_inflight == report.peak_inflight == [2, 1]
+    measured = max(t.end for t in report.tasks) - min(t.start for t in report.tasks)
+    # regression: a task's end is recorded before its output is posted, so no task
+    # starts before its input's producer ended, and the replay is never slower
+    assert input_overlap(report.tasks, report.num_stages) == 0.0
+    assert 0.0 < analysis.replay_makespan <= measured + 1e-9
+    assert 0.0 < analysis.runtime_efficiency <= 1.0 + 1e-9
+    assert 0.0 < analysis.lower_bound <= analysis.replay_makespan + 1e-12
+    assert 0.0 < analysis.schedule_efficiency <= 1.0 + 1e-12
+    stage_work = [sum(t.end - t.start for t in report.tasks if t.stage == s) for s in range(2)]
+    assert analysis.stage_balance == pytest.approx(sum(stage_work) / 2 / max(stage_work))
+    json.dumps(analysis.as_dict())
+    assert "rank" in analysis.format_table()
+
+
+def test_chrome_trace_of_a_real_step(pipe, tmp_path):
+    pipe.step(*batch())
+    report = pipe.last_report
+    path = tmp_path / "trace.json"
+    returned = Timeline.from_report(report).to_chrome_trace(path)
+    trace = json.loads(path.read_text())
+    assert trace == json.loads(json.dumps(returned))
+    complete = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(complete) == len(report.tasks)
+    assert sorted(e["name"] for e in complete) == sorted(
+        f"{t.kind}{t.stage}.{t.microbatch}" for t in report.tasks
+    )
+    origin = min(t.start for t in report.tasks)
+    by_name = {f"{t.kind}{t.stage}.{t.microbatch}": t for t in report.tasks}
+    for event in complete:
+        task = by_name[event["name"]]
+        assert event["pid"] == 0 and event["tid"] == task.rank
+        assert event["ts"] == pytest.approx((task.start - origin) * 1e6)
+        assert event["dur"] == pytest.approx((task.end - task.start) * 1e6)
+        assert event["args"] == {"stage": task.stage, "microbatch": task.microbatch, "kind": task.kind}
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
+    assert names == {0: "rank 0", 1: "rank 1"}
+
+
+# ------------------------------------------------------------ synthetic, by hand
+
+
+def synthetic() -> list[TaskRecord]:
+    """GPipe, p = 2, m = 2, with overhead between tasks. Durations: F0 1, B0 2, F1 3, B1 1.
+
+    rank 0: F0.0 [0,1]  F0.1 [1,2]                                    B0.1 [10,12]  B0.0 [12,14]
+    rank 1:         F1.0 [1.5,4.5]  F1.1 [4.5,7.5]  B1.1 [7.5,8.5]  B1.0 [8.5,9.5]
+    """
+    t0 = 500.0  # absolute clock values are arbitrary
+    spans = [
+        (0, 0, 0, "F", 0, 1), (0, 0, 1, "F", 1, 2), (0, 0, 1, "B", 10, 12), (0, 0, 0, "B", 12, 14),
+        (1, 1, 0, "F", 1.5, 4.5), (1, 1, 1, "F", 4.5, 7.5), (1, 1, 1, "B", 7.5, 8.5), (1, 1, 0, "B", 8.5, 9.5),
+    ]
+    return [TaskRecord(r, s, m, k, t0 + a, t0 + b) for r, s, m, k, a, b in spans]
+
+
+def test_synthetic_analysis_by_hand():
+    analysis = Timeline(synthetic(), schedule="gpipe").analyze()
+    assert isinstance(analysis, TimelineAnalysis)
+    assert analysis.measured_makespan == 14.0
+    assert analysis.busy_seconds == [6.0, 8.0]
+    assert analysis.busy_fraction == pytest.approx([6 / 14, 8 / 14])
+    assert analysis.idle_fraction == pytest.approx([8 / 14, 6 / 14])
+    assert analysis.bubble_over_total == pytest.approx((8 + 6) / (2 * 14))
+    assert analysis.bubble_over_ideal == pytest.approx((8 + 6) / (6 + 8))
+    # Replay with no overhead: F1.0 [1,4], F1.1 [4,7], B1.1 [7,8], B1.0 [8,9], B0.1 [8,10], B0.0 [10,12].
+    assert analysis.replay_makespan == pytest.approx(12.0)
+    assert analysis.runtime_efficiency == pytest.approx(12 / 14)
+    # Work bound: rank 1 does 8; chain bound: 1 + 3 + 1 + 2 = 7.
+    assert analysis.lower_bound == pytest.approx(8.0)
+    assert analysis.schedule_efficiency == pytest.approx(8 / 12)
+    # Stage work 6 and 8: mean 7 / max 8.
+    assert analysis.stage_work == [6.0, 8.0]
+    assert analysis.stage_balance == pytest.approx(7 / 8)
+    assert analysis.peak_inflight == [2, 2]
+    assert analysis.peak_activation_bytes is None
+    table = analysis.format_table()
+    assert "85.7 %" in table  # runtime efficiency
+    assert "n/a" in table  # no activation bytes
+    assert json.loads(json.dumps(analysis.as_dict()))["busy_seconds"] == [6.0, 8.0]
+
+
+def test_what_if_replay_of_another_schedule():
+    # The same task times under 1F1B: rank 0 F0.0 [0,1] F0.1 [1,2] B0.0 [5,7] B0.1 [9,11];
+    # rank 1 F1.0 [1,4] B1.0 [4,5] F1.1 [5,8] B1.1 [8,9].
+    analysis = Timeline(synthetic()).analyze(schedule="1f1b")
+    assert analysis.replayed == "1f1b plan"
+    assert analysis.replay_makespan == pytest.approx(11.0)
+    assert analysis.peak_inflight == [2, 2]  # still what the records show
+    with pytest.raises(ValueError, match="different actions"):
+        Timeline(synthetic()[:4] + synthetic()[4:7]).analyze(schedule="1f1b")
+
+
+def test_simulated_records_have_perfect_runtime_efficiency():
+    from pipesched import get_schedule
+
+    plan = get_schedule("1f1b").plan(3, 6, 3)
+    sim = simulate(plan, lambda kind, stage: 1.0 if kind == "F" else 2.0)
+    analysis = Timeline(sim.records()).analyze()
+    assert analysis.measured_makespan == pytest.approx((6 + 3 - 1) * 3.0)
+    assert analysis.runtime_efficiency == pytest.approx(1.0)
+    assert analysis.peak_inflight == [3, 2, 1]
+
+
+def test_half_a_step_has_no_replay():
+    backward_only = [t for t in synthetic() if t.kind == "B"]
+    analysis = Timeline(backward_only).analyze()
+    assert analysis.replay_makespan is None and analysis.runtime_efficiency is None
+    assert analysis.busy_seconds == [4.0, 2.0]
+    assert "n/a" in analysis.format_table()
+
+
+# -------------------------------------------------------------- logs and errors
+
+
+def event(step, rank, stage, mb, kind, start, end, name="task"):
+    return {"event": name, "step": step, "rank": rank, "stage": stage, "microbatch": mb, "kind": kind,
+            "start": start, "end": end, "level": "info"}
+
+
+def test_from_jsonl_picks_steps_and_skips_other_events(tmp_path):
+    lines = [
+        {"event": "starting", "level": "info"},
+        event(0, 0, 0, 0, "F", 0.0, 1.0), event(0, 0, 0, 0, "B", 1.0, 3.0),
+        {"event": "epoch done", "level": "info"},
+        event(1, 0, 0, 0, "F", 10.0, 10.5), event(1, 0, 0, 0, "B", 10.5, 11.0),
+    ]
+    log = tmp_path / "mixed.jsonl"
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    assert Timeline.from_jsonl(log).busy() == [1.0]  # last step by default
+    assert Timeline.from_jsonl(log, step=0).busy() == [3.0]
+    with pytest.raises(ValueError, match=r"step=7 is not among the logged steps \(0, 1\)"):
+        Timeline.from_jsonl(log, step=7)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[1]) + "\nrank=0 stage=0\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2 is not JSON"):
+        Timeline.from_jsonl(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(ValueError, match="no task events"):
+        Timeline.from_jsonl(empty)
+
+
+def test_configure_jsonl_logging_to_an_open_file():
+    sink = io.StringIO()
+    assert configure_jsonl_logging(sink) is sink
+    assert structlog.is_configured()
+    structlog.get_logger("pipesched").info("task", step=3, **TaskRecord(1, 1, 0, "F", 2.0, 2.5).as_dict())
+    structlog.reset_defaults()
+    timeline = Timeline.from_events(json.loads(line) for line in sink.getvalue().splitlines())
+    assert timeline.step == 3
+    assert rows(timeline.tasks) == [(1, 1, 0, "F", 2.0, 2.5)]
+    with pytest.raises(TypeError, match="path or a text file"):
+        configure_jsonl_logging(42)  # type: ignore[arg-type]
+
+
+def test_construction_errors():
+    with pytest.raises(ValueError, match="run pipe.step"):
+        Timeline.from_report(None)
+    with pytest.raises(ValueError, match="at least one task"):
+        Timeline([])
+    with pytest.raises(ValueError, match="appears twice.*step="):
+        Timeline(synthetic() + synthetic()[:1])
+    with pytest.raises(ValueError, match="lacks end"):
+        Timeline.from_events([{"event": "task", "rank": 0, "stage": 0, "microbatch": 0, "kind": "F", "start": 0}])
+    with pytest.raises(ValueError, match="num_ranks must be an int >= 2"):
+        Timeline(synthetic(), num_ranks=1)
+
+
+# -------------------------------------------------------------------- Gantt PNG
+
+
+def test_gantt_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = Timeline(synthetic(), schedule="gpipe").to_gantt_png(tmp_path / "gantt.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gantt_png_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.patches"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"install pipesched\[plot\] or pip install matplotlib"):
+        Timeline(synthetic()).to_gantt_png(tmp_path / "gantt.png")
+    assert not (tmp_path / "gantt.png").exists()
+
+
+def test_busy_helper_matches_independent_sum():
+    tasks = synthetic()
+    expected = defaultdict(float)
+    for t in tasks:
+        expected[t.rank] += t.end - t.start
+    assert Timeline(tasks).busy() == [expected[0], expected[1]]
+    assert math.isclose(Timeline(tasks).makespan, 14.0)
