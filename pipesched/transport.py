@@ -57,8 +57,15 @@ class Transport:
         return Packet(moved, record_event(copy))
 
     def receive(self, packet: Packet, dst: int) -> Values:
-        """Called on ``dst``'s worker: order its compute stream after the copy."""
+        """Called on ``dst``'s worker: order its compute stream after the copy.
+
+        A CPU rank has no stream to order, so it waits for a device-to-host
+        copy on the host: ``non_blocking`` copies to the CPU return before the
+        bytes have landed.
+        """
         stream = self.compute_streams[dst]
+        if stream is None and packet.ready is not None:
+            packet.ready.synchronize()
         wait_event(stream, packet.ready)
         keep_alive(packet.values, stream)
         return packet.values
