@@ -8,6 +8,9 @@
 """
 
 from pipesched.action import Action
+from pipesched.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
+from pipesched.checkpoint import is_recomputing
+from pipesched.orchestrator import StepStalled
 from pipesched.pipeline import Pipeline
 from pipesched.registry import get_schedule, list_schedules, register_schedule
 from pipesched.replay import Deadlock
@@ -19,16 +22,20 @@ from pipesched.timeline import Timeline, TimelineAnalysis, configure_jsonl_loggi
 __all__ = [
     "Action",
     "Deadlock",
+    "DeferredBatchNorm",
     "LowerBound",
     "Pipeline",
     "Schedule",
     "SimResult",
     "StepReport",
+    "StepStalled",
     "TaskRecord",
     "Timeline",
     "TimelineAnalysis",
     "configure_jsonl_logging",
+    "convert_deferred_batch_norm",
     "get_schedule",
+    "is_recomputing",
     "list_schedules",
     "lower_bound",
     "register_schedule",

@@ -16,13 +16,16 @@ a measured fact.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
 from torch import Tensor
 
+from pipesched.caller_state import SavedTensorHooks
 from pipesched.rng import RandomReplay, RngSnapshot
 
 CheckpointPolicy = Union[str, Callable[[int, int], bool]]
@@ -55,10 +58,15 @@ def _nbytes(tensor: Tensor) -> int:
 
 
 class _SavedTensorMeter:
-    """Collects the distinct non-parameter tensors autograd saves inside the block."""
+    """Collects the distinct non-parameter tensors autograd saves inside the block.
 
-    def __init__(self, exclude: frozenset[int]):
+    The caller's own saved-tensor hooks, if any, still apply: the meter looks
+    at each tensor, then hands it to the caller's pack hook.
+    """
+
+    def __init__(self, exclude: frozenset[int], user_hooks: SavedTensorHooks | None = None):
         self.exclude = exclude
+        self.user_hooks = user_hooks
         self.seen: dict[tuple[int, int, int, Any], int] = {}
 
     def pack(self, tensor: Tensor) -> Tensor:
@@ -76,7 +84,35 @@ class _SavedTensorMeter:
         return sum(self.seen.values())
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+        if self.user_hooks is None:
+            return torch.autograd.graph.saved_tensors_hooks(self.pack, _identity)
+        user_pack, user_unpack = self.user_hooks
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: user_pack(self.pack(t)), user_unpack)
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+_recomputing = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True while the calling thread re-runs a checkpointed forward before its backward.
+
+    Modules with side effects in ``forward`` (counters, running statistics,
+    caches) check it so that the recompute does not apply them twice.
+    """
+    return getattr(_recomputing, "active", False)
+
+
+@contextlib.contextmanager
+def _recomputing_scope() -> Iterator[None]:
+    _recomputing.active = True
+    try:
+        yield
+    finally:
+        _recomputing.active = False
 
 
 @dataclass
@@ -119,6 +155,7 @@ class CheckpointManager:
     random: RandomReplay
     exclude: list[frozenset[int]]
     memory: list[RankMemory]
+    user_hooks: SavedTensorHooks | None = None
     held: dict[tuple[int, int], Held] = field(default_factory=dict)
 
     def forward(
@@ -141,7 +178,7 @@ class CheckpointManager:
         if not keep:
             return self.random.first_run(stage, training, device, False, run)[0]
         checkpointed = self.policy(stage, microbatch, self.num_microbatches)
-        meter = _SavedTensorMeter(self.exclude[stage])
+        meter = _SavedTensorMeter(self.exclude[stage], self.user_hooks)
         meter.add(inputs)
         if checkpointed:
             with torch.no_grad():
@@ -165,8 +202,8 @@ class CheckpointManager:
         if held.result is not None:
             return held.inputs, held.result
         inputs = tuple(_fresh_leaf(x) for x in held.inputs)
-        meter = _SavedTensorMeter(self.exclude[stage] | {x.data_ptr() for x in held.inputs})
-        with torch.enable_grad(), meter.hooks():
+        meter = _SavedTensorMeter(self.exclude[stage] | {x.data_ptr() for x in held.inputs}, self.user_hooks)
+        with torch.enable_grad(), meter.hooks(), _recomputing_scope():
             result = self.random.replay(held.snapshot, lambda: run(inputs))
         held.nbytes += meter.total
         self.memory[rank].grow(meter.total)

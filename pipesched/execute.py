@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from pipesched.action import Action
+from pipesched.caller_state import CallerState
 from pipesched.checkpoint import CheckpointManager
 from pipesched.mailbox import Mailbox
 from pipesched.report import TaskRecord
@@ -44,13 +45,12 @@ class StepContext:
     mailbox: Mailbox
     checkpoint: CheckpointManager
     keep: bool  # hold activations for a backward (grad enabled)
-    grad_enabled: bool = True  # the caller's grad mode, applied in every worker
+    caller: CallerState = field(default_factory=CallerState)
     inputs: list[Boundary] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
     loss_fn: Callable[..., Tensor] | None = None
     loss_weights: list[float] = field(default_factory=list)
     grad_outputs: list[tuple[Tensor | None, ...]] = field(default_factory=list)
-    autocast: Callable[[], Any] | None = None
     # results
     losses: dict[int, Tensor] = field(default_factory=dict)
     outputs: dict[int, Boundary] = field(default_factory=dict)
@@ -102,10 +102,10 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, single: bool)
     """
     module = ctx.stages[stage]
     last = stage == ctx.num_stages - 1
-    autocast = ctx.autocast
+    call_scope = ctx.caller.call_scope
 
     def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None]:
-        with autocast() if autocast is not None else _nothing():
+        with call_scope():
             out = _as_boundary(module(_unwrap(inputs, single)), stage)
             if not (last and ctx.mode == "train"):
                 return out, None
@@ -134,14 +134,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, Tensor):
         return value.to(device, non_blocking=True)
     return tuple(v.to(device, non_blocking=True) for v in value)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _forward(

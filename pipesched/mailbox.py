@@ -24,6 +24,10 @@ class Slot:
         self._value: Any = None
         self._mailbox = mailbox
 
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._mailbox.aborted
+
     def put(self, value: Any) -> None:
         self._value = value
         self._ready.set()

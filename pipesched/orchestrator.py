@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 
 import anyio
@@ -31,13 +31,26 @@ import structlog
 import torch
 from anyio.from_thread import BlockingPortal
 
-from pipesched.action import Action
+from pipesched.action import Action, dependencies
 from pipesched.execute import StepContext, run_rank
 from pipesched.mailbox import StepAborted
 from pipesched.report import TaskRecord
 from pipesched.worker import Worker
 
 logger = structlog.get_logger("pipesched")
+
+
+class StepStalled(TimeoutError):
+    """A step in which no task finished for ``stall_timeout`` seconds.
+
+    The message says, per rank, which action it is at and whether that action
+    waits for an input (and which) or has been running; ``waiting`` holds the
+    same as ``(rank, action, blockers)`` tuples.
+    """
+
+    def __init__(self, message: str, waiting: list[tuple[int, Action, tuple[Action, ...]]]):
+        super().__init__(message)
+        self.waiting = waiting
 
 
 class _RankOutcome:
@@ -49,13 +62,16 @@ class _RankOutcome:
         self.failed_at: Action | None = None
         self.failed_time = 0.0
         self.done = anyio.Event()
+        self.returned = threading.Event()  # the worker left the job (set from its thread)
 
 
 class Orchestrator:
     """Owns the event-loop thread and one :class:`Worker` per rank."""
 
-    def __init__(self, devices: Sequence[torch.device]):
+    def __init__(self, devices: Sequence[torch.device], stall_timeout: float | None = None):
         self.devices = list(devices)
+        self.stall_timeout = stall_timeout
+        self._stuck: tuple[str, threading.Event] | None = None
         self.workers = [Worker(rank, device) for rank, device in enumerate(self.devices)]
         self._portal_ready: Future[BlockingPortal] = Future()
         self._stopped = threading.Event()
@@ -90,6 +106,14 @@ class Orchestrator:
         """
         if self._closed:
             raise RuntimeError("this pipeline is closed; build a new Pipeline")
+        if self._stuck is not None:
+            task, returned = self._stuck
+            if not returned.is_set():
+                raise RuntimeError(
+                    f"this pipeline cannot run: {task} is still running from a stalled step; "
+                    f"wait for it to return, or build a new Pipeline"
+                )
+            self._stuck = None
         future = self._portal.start_task_soon(self._run, plan, ctx)
         try:
             records = future.result()
@@ -106,9 +130,19 @@ class Orchestrator:
         outcomes = [_RankOutcome() for _ in plan]
         for rank, actions in enumerate(plan):
             self.workers[rank].submit(self._job(ctx, rank, actions, outcomes[rank]))
+        stalled: list[StepStalled] = []
         async with anyio.create_task_group() as group:
-            for outcome in outcomes:
-                group.start_soon(outcome.done.wait)
+
+            async def wait_for_ranks() -> None:
+                for outcome in outcomes:
+                    await outcome.done.wait()
+                group.cancel_scope.cancel()  # stops the watchdog
+
+            group.start_soon(wait_for_ranks)
+            if self.stall_timeout is not None:
+                group.start_soon(self._watchdog, plan, ctx, outcomes, stalled, group.cancel_scope)
+        if stalled:
+            raise stalled[0]
         errors = [o for o in outcomes if o.error is not None and not isinstance(o.error, StepAborted)]
         if errors:
             first = min(errors, key=lambda o: o.failed_time)
@@ -119,12 +153,53 @@ class Orchestrator:
                 logger.info("task", step=self.steps, **record.as_dict())
         return records
 
+    async def _watchdog(
+        self,
+        plan: Sequence[Sequence[Action]],
+        ctx: StepContext,
+        outcomes: list[_RankOutcome],
+        stalled: list[StepStalled],
+        scope: anyio.CancelScope,
+    ) -> None:
+        """Abort the step once no task has finished for ``stall_timeout`` seconds.
+
+        Checking a counter a few times per timeout costs nothing per task. On a
+        stall the mailbox is aborted, which frees every rank that waits for an
+        input; a rank stuck inside a task (user code that never returns) cannot
+        be interrupted, so after a grace period the pipeline is marked unusable
+        rather than hanging the caller.
+        """
+        timeout = float(self.stall_timeout)  # type: ignore[arg-type]
+        interval = min(1.0, timeout / 4)
+        done, since = -1, time.perf_counter()
+        while True:
+            await anyio.sleep(interval)
+            now = time.perf_counter()
+            finished = sum(len(o.records) for o in outcomes)
+            if finished != done:
+                done, since = finished, now
+                continue
+            if now - since >= timeout:
+                break
+        error = _diagnose(plan, ctx, outcomes, now - since)
+        ctx.mailbox.abort()
+        with anyio.move_on_after(min(timeout, 10.0)):
+            for outcome in outcomes:
+                await outcome.done.wait()
+        busy = [r for r, o in enumerate(outcomes) if not o.done.is_set()]
+        if busy:
+            rank = busy[0]
+            task = f"rank {rank}'s {plan[rank][len(outcomes[rank].records)]}"
+            self._stuck = (task, outcomes[rank].returned)
+        stalled.append(error)
+        scope.cancel()
+
     def _job(self, ctx: StepContext, rank: int, actions: Sequence[Action], outcome: _RankOutcome):  # type: ignore[no-untyped-def]
         portal = self._portal
 
         def job() -> None:
             try:
-                with _caller_state(ctx):
+                with ctx.caller.job_scope():
                     run_rank(ctx, rank, actions, outcome.records)
             except BaseException as error:  # noqa: BLE001 - delivered to the caller below
                 outcome.failed_time = time.perf_counter()
@@ -135,6 +210,7 @@ class Orchestrator:
                     action = actions[done] if done < len(actions) else None
                     _annotate(error, action, rank)
             finally:
+                outcome.returned.set()
                 with contextlib.suppress(RuntimeError):  # loop already stopped by close()
                     portal.start_task_soon(outcome.done.set)
 
@@ -152,11 +228,36 @@ class Orchestrator:
         self._loop_thread.join(timeout=10)
 
 
-@contextlib.contextmanager
-def _caller_state(ctx: StepContext) -> Iterator[None]:
-    """Apply the caller's grad mode inside the worker (autocast is applied per stage call)."""
-    with torch.set_grad_enabled(ctx.grad_enabled):
-        yield
+def _diagnose(
+    plan: Sequence[Sequence[Action]], ctx: StepContext, outcomes: list[_RankOutcome], quiet: float
+) -> StepStalled:
+    """Say, per unfinished rank, what its current action waits for, or that it is running."""
+    num_stages = len(ctx.stages)
+    at = {rank: plan[rank][len(o.records)] for rank, o in enumerate(outcomes)
+          if not o.done.is_set() and len(o.records) < len(plan[rank])}
+    waiting, parts = [], []
+    for rank, action in sorted(at.items()):
+        blockers = tuple(
+            dep for dep in dependencies(action, num_stages)
+            if dep.stage != action.stage and not _delivered(ctx, dep)
+        )
+        waiting.append((rank, action, blockers))
+        if blockers:
+            parts.append(f"rank {rank} at {action} waits for {', '.join(map(str, blockers))}")
+        else:
+            parts.append(f"rank {rank} is running {action}")
+    message = (
+        f"step made no progress for {quiet:.1f} s (stall_timeout): " + "; ".join(parts)
+        + ". A task that legitimately takes longer needs a larger stall_timeout."
+    )
+    return StepStalled(message, waiting)
+
+
+def _delivered(ctx: StepContext, action: Action) -> bool:
+    """Whether ``action``'s output reached the mailbox (cross-stage inputs only)."""
+    slots = ctx.mailbox.activations if action.kind == "F" else ctx.mailbox.gradients
+    slot = slots.get((action.stage, action.microbatch))
+    return slot is not None and slot.ready
 
 
 def _annotate(error: BaseException, action: Action | None, rank: int) -> None:

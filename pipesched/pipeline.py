@@ -15,7 +15,6 @@ or by 1 (``reduction == "sum"``).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
@@ -24,8 +23,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipesched.checkpoint import CheckpointManager, CheckpointPolicy, RankMemory, make_policy
+from pipesched.backward_half import BackwardHalf, BackwardSession, backward_into_inputs
+from pipesched.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
+from pipesched.caller_state import CallerState
+from pipesched.checkpoint import (
+    CheckpointManager,
+    CheckpointPolicy,
+    RankMemory,
+    make_policy,
+)
 from pipesched.execute import StepContext
+from pipesched.grad_stash import GradientStash
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
 from pipesched.orchestrator import Orchestrator
@@ -39,7 +47,7 @@ from pipesched.partition import (
 from pipesched.registry import get_schedule
 from pipesched.report import StepReport, TaskRecord
 from pipesched.rng import RandomReplay
-from pipesched.schedule import Action, Plan, Schedule, validate_placement, validate_plan
+from pipesched.schedule import Plan, Schedule, validate_placement, validate_plan
 from pipesched.transport import Transport
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -67,6 +75,12 @@ class Pipeline(nn.Module):
             last), ``"never"``, or a callable ``(stage, microbatch) -> bool``.
         loss_fn: ``loss_fn(output, target) -> scalar`` applied per micro-batch
             on the last stage; needed by :meth:`step`.
+        deferred_batch_norm: replace the module's batch norms (in place) by
+            :class:`~pipesched.batchnorm.DeferredBatchNorm`, whose running
+            statistics are updated once per step from the whole batch.
+        stall_timeout: seconds a step may go without any task finishing before
+            it is aborted with :class:`~pipesched.StepStalled`, which says what
+            every rank waits on. ``None`` waits forever.
     """
 
     def __init__(
@@ -79,6 +93,8 @@ class Pipeline(nn.Module):
         chunks: int = 1,
         checkpoint: CheckpointPolicy = "except_last",
         loss_fn: LossFn | None = None,
+        deferred_batch_norm: bool = False,
+        stall_timeout: float | None = 600.0,
     ):
         super().__init__()
         if not isinstance(module, nn.Sequential):
@@ -90,6 +106,12 @@ class Pipeline(nn.Module):
             raise ValueError("module is an empty nn.Sequential; give it at least one layer")
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
+        if stall_timeout is not None and (
+            isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0
+        ):
+            raise ValueError(f"stall_timeout must be a number of seconds > 0 or None, got {stall_timeout!r}")
+        if not isinstance(deferred_batch_norm, bool):
+            raise TypeError(f"deferred_batch_norm must be True or False, got {deferred_batch_norm!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (output, target) -> scalar, got {loss_fn!r}")
         self._policy = make_policy(checkpoint)
@@ -114,11 +136,14 @@ class Pipeline(nn.Module):
         self._plans: dict[int, Plan] = {}
         self._plan(chunks)  # refuse a shape the schedule cannot run before building anything
 
+        if deferred_batch_norm:
+            convert_deferred_batch_norm(module)
+        self._batch_norms = [m for m in module.modules() if isinstance(m, DeferredBatchNorm)]
         self._stages = split_module(module, self.balance)
         for stage, rank in zip(self._stages, self.placement):
             stage.to(self.devices[rank])
         self._random = RandomReplay()
-        self._orchestrator = Orchestrator(self.devices)
+        self._orchestrator = Orchestrator(self.devices, stall_timeout)
         self._transport = Transport(self.devices, self._orchestrator.compute_streams)
         self._finalizer = weakref.finalize(self, self._orchestrator.close)
         self.last_report: StepReport | None = None
@@ -161,13 +186,6 @@ class Pipeline(nn.Module):
             self._plans[num_microbatches] = plan
         return plan
 
-    def _is_fill_drain(self, plan: Plan) -> bool:
-        """True when every rank runs all its forwards before any backward."""
-        return all(
-            all(a.kind == "F" for a in row[: len(row) // 2]) and all(a.kind == "B" for a in row[len(row) // 2 :])
-            for row in plan
-        )
-
     @property
     def stages(self) -> list[nn.Sequential]:
         """The stage modules (sharing layers with ``module``), in stage order."""
@@ -181,7 +199,10 @@ class Pipeline(nn.Module):
             for stage in self._stages
         ]
         memory = [RankMemory() for _ in range(self.num_ranks)]
-        manager = CheckpointManager(self._policy, num_microbatches, self._random, exclude, memory)
+        caller = CallerState.capture()
+        manager = CheckpointManager(
+            self._policy, num_microbatches, self._random, exclude, memory, caller.saved_tensor_hooks
+        )
         return StepContext(
             mode=mode,
             stages=self._stages,
@@ -191,9 +212,31 @@ class Pipeline(nn.Module):
             mailbox=Mailbox(self.num_stages, num_microbatches),
             checkpoint=manager,
             keep=keep,
-            grad_enabled=torch.is_grad_enabled(),
-            autocast=_caller_autocast(),
+            caller=caller,
         )
+
+    def _run(self, plan: Plan, ctx: StepContext, *, gradients: bool, statistics: bool) -> list[TaskRecord]:
+        """Run ``plan``; on any failure leave ``.grad`` and batch-norm statistics as they were.
+
+        ``gradients``: the plan accumulates into ``.grad`` (see :mod:`pipesched.grad_stash`).
+        ``statistics``: the plan runs every forward of the batch, so deferred
+        batch norms commit their statistics once it succeeds.
+        """
+        stash = GradientStash(self.module.parameters()) if gradients else None
+        try:
+            records = self._orchestrator.run(plan, ctx)
+        except BaseException:
+            if stash is not None:
+                stash.rollback()
+            for norm in self._batch_norms:
+                norm.discard()
+            raise
+        if stash is not None:
+            stash.commit()
+        if statistics:
+            for norm in self._batch_norms:
+                norm.commit()
+        return records
 
     def _split(self, inputs: Any) -> tuple[tuple[Tensor, ...], list[int], list[tuple[tuple[Tensor, ...], bool]]]:
         tensors = as_tensors(inputs, "inputs")
@@ -247,9 +290,9 @@ class Pipeline(nn.Module):
         ctx.targets = [mb[0] if target_single else mb for mb in scatter(target_tensors, sizes)]
         ctx.loss_fn = self.loss_fn
         ctx.loss_weights = _loss_weights(self.loss_fn, sizes)
-        records = self._orchestrator.run(plan, ctx)
+        records = self._run(plan, ctx, gradients=True, statistics=True)
         self._report(ctx, records, len(sizes))
-        _backward_into_inputs(tensors, ctx, sizes)
+        backward_into_inputs(tensors, ctx, sizes)
         return torch.stack([ctx.losses[m] for m in range(len(sizes))]).sum()
 
     def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
@@ -266,16 +309,16 @@ class Pipeline(nn.Module):
         plan = [[a for a in row if a.kind == "F"] for row in full_plan]
         ctx = self._context("forward", len(sizes), keep=keep)
         ctx.inputs = microbatches
-        records = self._orchestrator.run(plan, ctx)
+        records = self._run(plan, ctx, gradients=False, statistics=True)
         self._report(ctx, records, len(sizes))
         parts = [ctx.outputs[m][0] for m in range(len(sizes))]
         single = ctx.outputs[0][1]
         if not keep:
             outputs = gather(parts)
             return outputs[0] if single else outputs
-        session = _BackwardSession(self, ctx, full_plan, tensors, sizes, records)
+        session = BackwardSession(self, ctx, full_plan, tensors, sizes, records)
         anchor = torch.empty(0, requires_grad=True)
-        outputs = _BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
+        outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
         return outputs[0] if single else tuple(outputs)
 
     # -------------------------------------------------------------- lifecycle
@@ -312,122 +355,3 @@ def _loss_weights(loss_fn: Any, sizes: list[int]) -> list[float]:
         return [1.0] * len(sizes)
     total = sum(sizes)
     return [size / total for size in sizes]
-
-
-def _input_gradients(
-    ctx: StepContext, tensors: Sequence[Tensor], positions: Sequence[int], sizes: list[int]
-) -> list[Tensor | None]:
-    """Whole-batch gradients of the inputs at ``positions``, from stage 0's per-micro-batch ones.
-
-    ``None`` for an input no micro-batch used; zeros for micro-batches that did not use it.
-    """
-    grads: list[Tensor | None] = []
-    for position in positions:
-        tensor = tensors[position]
-        parts = [ctx.input_grads[m][position] for m in range(len(sizes))]
-        if all(p is None for p in parts):
-            grads.append(None)
-            continue
-        grads.append(
-            torch.cat([
-                torch.zeros_like(mb) if p is None else p.to(tensor.device)
-                for p, mb in zip(parts, torch.split(tensor, sizes))
-            ])
-        )
-    return grads
-
-
-def _backward_into_inputs(tensors: tuple[Tensor, ...], ctx: StepContext, sizes: list[int]) -> None:
-    """Continue the backward past stage 0 into inputs that require grad (once, whole batch)."""
-    positions = [i for i, t in enumerate(tensors) if t.requires_grad]
-    pairs = [
-        (tensors[i], g) for i, g in zip(positions, _input_gradients(ctx, tensors, positions, sizes))
-        if g is not None
-    ]
-    if pairs:
-        torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
-
-
-def _caller_autocast() -> Callable[[], Any] | None:
-    """A factory re-entering the caller's autocast state inside a worker thread."""
-    active = [
-        (device, torch.get_autocast_dtype(device))
-        for device in ("cpu", "cuda")
-        if torch.is_autocast_enabled(device)
-    ]
-    if not active:
-        return None
-
-    def enter() -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        for device, dtype in active:
-            stack.enter_context(torch.autocast(device, dtype=dtype))
-        return stack
-
-    return enter
-
-
-class _BackwardSession:
-    """State kept between ``pipe(x)`` and ``output.backward()``."""
-
-    def __init__(
-        self,
-        pipe: Pipeline,
-        ctx: StepContext,
-        plan: Plan,
-        inputs: tuple[Tensor, ...],
-        sizes: list[int],
-        records: list[TaskRecord],
-    ):
-        self.pipe = pipe
-        self.ctx = ctx
-        self.plan = plan
-        self.sizes = sizes
-        self.records = records
-        self.inputs = inputs
-        self.input_positions = [i for i, t in enumerate(inputs) if t.requires_grad]
-        self.inputs_requiring_grad = [inputs[i] for i in self.input_positions]
-        self.outputs = gather([ctx.outputs[m][0] for m in range(len(sizes))])
-        self.used = False
-
-    def backward(self, grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
-        pipe = self.pipe
-        if not pipe._is_fill_drain(self.plan):
-            raise RuntimeError(
-                f"schedule {pipe.schedule.name!r} interleaves forwards and backwards, so the "
-                f"backward cannot start from pipe(inputs)'s output; use "
-                f"pipe.step(inputs, targets) with loss_fn=... instead"
-            )
-        if self.used:
-            raise RuntimeError("the pipeline output's backward can only run once per forward")
-        self.used = True
-        count = len(self.sizes)
-        per_output = [
-            [None] * count if g is None else list(torch.split(g, self.sizes)) for g in grad_outputs
-        ]
-        self.ctx.grad_outputs = [tuple(column[m] for column in per_output) for m in range(count)]
-        self.ctx.mode = "backward"
-        self.ctx.mailbox = Mailbox(pipe.num_stages, count)
-        plan = [[a for a in row if a.kind == "B"] for row in self.plan]
-        records = pipe._orchestrator.run(plan, self.ctx)
-        pipe._report(self.ctx, sorted(self.records + records, key=lambda r: (r.start, r.rank)), count)
-        grads = _input_gradients(self.ctx, self.inputs, self.input_positions, self.sizes)
-        return tuple(grads)
-
-
-class _BackwardHalf(torch.autograd.Function):
-    """Hooks ``pipe(x)``'s gathered output to the pipeline's backward half."""
-
-    @staticmethod
-    def forward(ctx: Any, session: _BackwardSession, anchor: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        ctx.session = session
-        return session.outputs
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        session: _BackwardSession = ctx.session
-        ctx.session = None  # free the held activations once done
-        return (None, None, *session.backward(grad_outputs))
-
-
-__all__ = ["Action", "Pipeline"]

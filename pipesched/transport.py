@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipesched.stream import keep_alive, new_stream, record_event, use_device, wait_event
+from pipesched.stream import (
+    keep_alive,
+    new_stream,
+    record_event,
+    use_device,
+    wait_event,
+)
 
 Values = tuple[Tensor | None, ...]
 

@@ -14,7 +14,7 @@ import structlog
 import torch
 from torch import nn
 
-from conftest import assert_grads_equal, mlp, pipeline_threads, reference_grads
+from conftest import assert_grads_equal, mlp, reference_grads
 from pipesched import Pipeline
 
 

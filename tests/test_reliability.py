@@ -1,0 +1,201 @@
+"""Faults: a failed or interrupted step changes nothing, stalls are diagnosed, state carries over."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_grads_equal, mlp, pipeline_threads, reference_grads
+from pipesched import Pipeline, StepStalled
+from pipesched import rng as pipesched_rng
+
+X = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(1))
+
+
+class Raise(nn.Module):
+    def __init__(self, when: str):
+        super().__init__()
+        self.when, self.armed = when, True
+
+    def forward(self, x):
+        if self.armed and self.when == "forward":
+            raise RuntimeError("forward failure")
+        if self.armed and self.when == "backward":
+            return _BackwardFailure.apply(x)
+        return x
+
+
+class _BackwardFailure(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("backward failure")
+
+
+def with_layer(layer: nn.Module, position: int) -> nn.Sequential:
+    layers = list(mlp(layers=6))
+    layers.insert(position, layer)
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("schedule,balance", [("gpipe", [4, 3]), ("1f1b", [4, 3]),
+                                              ("interleaved", [2, 2, 2, 1])])
+@pytest.mark.parametrize("when,position", [("forward", 5), ("backward", 1), ("backward", 6)])
+def test_failed_step_leaves_gradients_untouched(schedule, balance, when, position):
+    """Documented behaviour: after a failed step every .grad is exactly what it was."""
+    fail = Raise(when)
+    model = with_layer(fail, position)
+    before = []
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+        before.append(p.grad.clone())
+    with Pipeline(model, schedule=schedule, balance=balance, chunks=4, checkpoint="never",
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        with pytest.raises(RuntimeError, match="failure"):
+            pipe.step(X, Y)
+        for p, old in zip(model.parameters(), before):
+            assert torch.equal(p.grad, old)
+        # a successful step then accumulates onto the untouched gradients
+        fail.armed = False
+        _, ref = reference_grads(model, nn.CrossEntropyLoss(), X, Y)
+        pipe.step(X, Y)
+    assert_grads_equal(model, [old + g for old, g in zip(before, ref)])
+
+
+def test_failed_loss_leaves_gradients_none():
+    model = mlp(layers=6)
+
+    def flaky(out, target):
+        raise ArithmeticError("loss failure")
+
+    with Pipeline(model, schedule="1f1b", balance=[3, 3], chunks=4, loss_fn=flaky) as pipe:
+        with pytest.raises(ArithmeticError):
+            pipe.step(X, Y)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class TestWatchdog:
+    def test_stall_names_what_every_rank_waits_on(self):
+        release = threading.Event()
+
+        class Blocks(nn.Module):
+            def forward(self, x):
+                release.wait(10)
+                return x
+
+        model = nn.Sequential(nn.Linear(4, 4), Blocks(), nn.Linear(4, 4), nn.Linear(4, 4))
+        with Pipeline(model, schedule="1f1b", balance=[2, 1, 1], chunks=4, loss_fn=nn.MSELoss(),
+                      stall_timeout=0.3) as pipe:
+            began = time.perf_counter()
+            with pytest.raises(StepStalled) as info:
+                pipe.step(torch.randn(8, 4), torch.randn(8, 4))
+            assert time.perf_counter() - began < 9  # diagnosed, not waited out
+            message = str(info.value)
+            assert "rank 0 is running F0.0" in message
+            assert "rank 1 at F1.0 waits for F0.0" in message
+            assert "rank 2 at F2.0 waits for F1.0" in message
+            assert [(r, str(a)) for r, a, _ in info.value.waiting] == [(0, "F0.0"), (1, "F1.0"), (2, "F2.0")]
+            assert isinstance(info.value, TimeoutError)
+            # the stuck task has not returned: the pipeline refuses work instead of queueing behind it
+            with pytest.raises(RuntimeError, match="still running from a stalled step"):
+                pipe.step(torch.randn(8, 4), torch.randn(8, 4))
+            release.set()
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                try:
+                    pipe.step(torch.randn(8, 4), torch.randn(8, 4))
+                    break
+                except RuntimeError:
+                    time.sleep(0.05)
+            else:
+                pytest.fail("pipeline did not recover once the stuck task returned")
+
+    def test_slow_but_progressing_steps_are_not_stalls(self):
+        class Slow(nn.Module):
+            def forward(self, x):
+                time.sleep(0.05)
+                return x
+
+        model = nn.Sequential(nn.Linear(4, 4), Slow(), nn.Linear(4, 4))
+        with Pipeline(model, balance=[2, 1], chunks=8, loss_fn=nn.MSELoss(), stall_timeout=0.2) as pipe:
+            pipe.step(torch.randn(16, 4), torch.randn(16, 4))  # 0.4 s in all, 0.05 s per task
+
+
+def test_keyboard_interrupt_stops_every_rank_and_holds_no_lock():
+    """A real SIGINT to the main thread mid-step: the step stops, nothing keeps running."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    calls = {"n": 0}
+    main = threading.main_thread().ident
+
+    class Interrupt(nn.Module):
+        def forward(self, x):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                signal.pthread_kill(main, signal.SIGINT)
+                time.sleep(0.2)  # keep the step in flight while the signal lands
+            return x
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), Interrupt(), nn.Dropout(0.1),
+                          nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with Pipeline(model, schedule="1f1b", balance=[4, 4], chunks=6, loss_fn=nn.MSELoss()) as pipe:
+        threads_before = {t.name for t in pipeline_threads()}
+        with pytest.raises(KeyboardInterrupt):
+            pipe.step(torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64))
+        # every worker left the step: a new job on each runs immediately
+        for worker in pipe._orchestrator.workers:
+            ran = threading.Event()
+            worker.submit(ran.set)
+            assert ran.wait(5), f"rank {worker.rank} is still busy"
+        assert not pipesched_rng._CPU_LOCK.locked()
+        assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+        assert {t.name for t in pipeline_threads()} == threads_before
+        pipe.step(torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 4, dtype=torch.float64))
+
+
+class TestCallerState:
+    def test_saved_tensor_hooks_of_the_caller_apply_in_workers(self):
+        """E.g. an offloading hook: every saved tensor goes through it, gradients stay exact."""
+        packed_on = set()
+
+        def pack(tensor):
+            packed_on.add(threading.current_thread().name)
+            return ("boxed", tensor.clone())
+
+        def unpack(box):
+            return box[1]
+
+        model = mlp(layers=6)
+        _, ref = reference_grads(model, nn.CrossEntropyLoss(), X, Y)
+        with Pipeline(model, schedule="1f1b", balance=[3, 3], chunks=4, checkpoint="except_last",
+                      loss_fn=nn.CrossEntropyLoss()) as pipe:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                pipe.step(X, Y)
+        assert {"pipesched-rank0", "pipesched-rank1"} <= packed_on
+        assert_grads_equal(model, ref)
+
+    def test_inference_mode_carries_into_workers(self):
+        model = mlp(layers=6)
+        with Pipeline(model, balance=[3, 3], chunks=2) as pipe, torch.inference_mode():
+            out = pipe(X)
+            expected = model(X)
+        assert out.is_inference()
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+    def test_enable_grad_inside_no_grad_is_respected(self):
+        model = mlp(layers=6)
+        with Pipeline(model, schedule="gpipe", balance=[3, 3], chunks=2) as pipe:
+            with torch.no_grad(), torch.enable_grad():
+                out = pipe(X)
+            assert out.requires_grad
