@@ -46,6 +46,7 @@ class StepContext:
     checkpoint: CheckpointManager
     keep: bool  # hold activations for a backward (grad enabled)
     caller: CallerState = field(default_factory=CallerState)
+    schedule: str = ""  # the schedule's name, for the timeline events
     inputs: list[Boundary] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
     loss_fn: Callable[..., Tensor] | None = None

@@ -150,7 +150,7 @@ class Orchestrator:
         records = sorted((r for o in outcomes for r in o.records), key=lambda r: (r.start, r.rank))
         if structlog.is_configured():
             for record in records:
-                logger.info("task", step=self.steps, **record.as_dict())
+                logger.info("task", step=self.steps, schedule=ctx.schedule, **record.as_dict())
         return records
 
     async def _watchdog(

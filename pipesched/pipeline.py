@@ -213,6 +213,7 @@ class Pipeline(nn.Module):
             checkpoint=manager,
             keep=keep,
             caller=caller,
+            schedule=self.schedule.name,
         )
 
     def _run(self, plan: Plan, ctx: StepContext, *, gradients: bool, statistics: bool) -> list[TaskRecord]:

@@ -267,7 +267,8 @@ class Timeline:
                 present = ", ".join(str(t) for t in dict.fromkeys(t for t, _ in runs))
                 raise ValueError(f"step={step!r} is not among the logged steps ({present}); pick one of those")
             tag, chosen = matching[-1]
-        return cls([_record(e) for e in chosen], step=tag if isinstance(tag, int) else None)
+        schedule = next((e["schedule"] for e in chosen if e.get("schedule")), None)
+        return cls([_record(e) for e in chosen], step=tag if isinstance(tag, int) else None, schedule=schedule)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike[str], step: int | None = None) -> Timeline:

@@ -104,6 +104,7 @@ def test_from_events_of_captured_logs(pipe):
     report = pipe.last_report
     timeline = Timeline.from_events(events)
     assert rows(timeline.tasks) == rows(report.tasks)
+    assert timeline.analyze().schedule == "1f1b"  # the events name their schedule
     assert isinstance(timeline.step, int)
 
 

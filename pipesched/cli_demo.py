@@ -1,0 +1,164 @@
+"""``pipesched demo``'s body: train the built-in model, then leave a log, a trace and a Gantt chart.
+
+Kept apart from :mod:`pipesched.cli` (which parses and dispatches) so each
+file reads in one sitting. It is part of the command line: user mistakes raise
+:class:`pipesched.cli.CliError`, which ``main`` prints as one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipesched.cli import PLOT_HINT, CliError, export_timeline, matplotlib_missing
+
+__all__ = ["Progress", "run_demo"]
+
+
+class Progress:
+    """tqdm when it is installed and stderr is a terminal; else one line every ~10 % of the steps.
+
+    tqdm is optional on purpose: the plain lines need nothing, read well in CI
+    logs (a redrawn bar does not), and pipesched stays free of a dependency
+    for a cosmetic feature.
+    """
+
+    def __init__(self, total: int):
+        self.total = total
+        self.every = max(1, total // 10)
+        self.bar = _tqdm_bar(total) if sys.stderr.isatty() else None
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(1)
+        elif step == 1 or step % self.every == 0 or step == self.total:
+            print(f"  step {step:4d}/{self.total}  loss {loss:.4f}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tqdm_bar(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="step", desc="training", file=sys.stderr)
+
+
+def check_demo_args(args: argparse.Namespace) -> None:
+    """Refuse shapes the model cannot take, naming the flags, before building anything."""
+    from pipesched.registry import get_schedule
+
+    if args.log_steps > args.steps:
+        raise CliError(f"--log-steps {args.log_steps} is more than --steps {args.steps}; lower it")
+    if args.chunks > args.batch:
+        raise CliError(f"--chunks {args.chunks} is more than --batch {args.batch}; lower --chunks")
+    stages = get_schedule(args.schedule).default_num_stages(args.ranks)
+    layers = args.blocks + 3  # input projection, the blocks, norm, head
+    if stages > layers:
+        raise CliError(
+            f"schedule {args.schedule!r} on --ranks {args.ranks} needs {stages} stages, but the model has "
+            f"{layers} layers (--blocks {args.blocks} + 3); raise --blocks to {stages - 3} or lower --ranks"
+        )
+
+
+def _out_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CliError(f"cannot create --out {path}: {error.strerror or error}") from None
+    return path
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Train, log the last ``--log-steps`` steps, evaluate, and write the outputs into ``--out``."""
+    import torch
+    from torch import nn
+
+    from pipesched.models import residual_mlp, synthetic_classification
+    from pipesched.pipeline import Pipeline
+
+    check_demo_args(args)
+    out = _out_dir(args.out)
+    torch.manual_seed(args.seed)
+    x, y = synthetic_classification(args.samples, seed=args.seed)
+    model = residual_mlp(blocks=args.blocks)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    print(
+        f"pipesched demo: residual MLP ({args.blocks} blocks), schedule {args.schedule}, "
+        f"{args.ranks} CPU ranks, {args.chunks} micro-batches, {args.steps} steps"
+    )
+    began = time.perf_counter()
+    with Pipeline(model, schedule=args.schedule, devices=["cpu"] * args.ranks,
+                  chunks=args.chunks, loss_fn=nn.CrossEntropyLoss()) as pipe:
+
+        def train_step() -> float:
+            rows = torch.randint(0, args.samples, (args.batch,))
+            optimizer.zero_grad()
+            loss = pipe.step(x[rows], y[rows])
+            optimizer.step()
+            return loss.item()
+
+        log = out / "timeline.jsonl"
+        train(train_step, args.steps, args.log_steps, log)
+        report = pipe.last_report  # the last training step; the evaluation below replaces it
+        with torch.no_grad():
+            model.eval()
+            accuracy = (pipe(x).argmax(1) == y).float().mean().item()
+    elapsed = time.perf_counter() - began
+    print(f"accuracy on the training set: {accuracy:.1%}  ({elapsed:.1f} s, "
+          f"{args.steps * args.batch / elapsed:,.0f} samples/s)")
+    print(f"placement (stage -> rank): {report.placement}")
+    _write_outputs(report, out, log, args.log_steps)
+    return 0
+
+
+def train(train_step: Callable[[], float], steps: int, log_steps: int, log: Path) -> None:
+    """Run ``steps`` steps with a progress display; the last ``log_steps`` go to the JSON-lines ``log``.
+
+    structlog is configured only around the logged steps and reset after
+    (``structlog.reset_defaults()``), so the other steps and the evaluation
+    log nothing and the process is left as it was found.
+    """
+    import structlog
+
+    from pipesched.timeline import configure_jsonl_logging
+
+    progress, file = Progress(steps), None
+    try:
+        for step in range(1, steps + 1):
+            if step == steps - log_steps + 1:
+                try:
+                    file = configure_jsonl_logging(log, mode="w")
+                except OSError as error:
+                    raise CliError(f"cannot write {log}: {error.strerror or error}") from None
+            progress.update(step, train_step())
+    finally:
+        progress.close()
+        if file is not None:
+            file.close()
+            structlog.reset_defaults()
+
+
+def _write_outputs(report: Any, out: Path, log: Path, log_steps: int) -> None:
+    """Print the last step's analysis; write its trace and Gantt chart next to the log."""
+    from pipesched.timeline import Timeline
+
+    timeline = Timeline.from_report(report)
+    print()
+    print(timeline.analyze().format_table())
+    print()
+    print(f"wrote {log}  (the last {log_steps} step(s) as JSON lines; "
+          f"analyse again with: pipesched timeline {log})")
+    gantt = None if matplotlib_missing() else out / "gantt.png"
+    for line in export_timeline(timeline, out / "trace.json", gantt):
+        print(line)
+    if gantt is None:
+        print(f"skipped the Gantt chart: matplotlib is not installed; {PLOT_HINT}")
