@@ -47,6 +47,7 @@ class StepContext:
     keep: bool  # hold activations for a backward (grad enabled)
     caller: CallerState = field(default_factory=CallerState)
     schedule: str = ""  # the schedule's name, for the timeline events
+    clock_offset: float = 0.0  # this process's clock minus rank 0's (multi-process timelines)
     inputs: list[Boundary] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
     loss_fn: Callable[..., Tensor] | None = None

@@ -35,7 +35,7 @@ class Slot:
     def get(self) -> Any:
         self._ready.wait()
         if self._mailbox.aborted:
-            raise StepAborted()
+            raise StepAborted(self._mailbox.abort_reason)
         return self._value
 
 
@@ -44,6 +44,7 @@ class Mailbox:
 
     def __init__(self, num_stages: int, num_microbatches: int):
         self.aborted = False
+        self.abort_reason: BaseException | None = None
         self.activations = {
             (s, m): Slot(self) for s in range(num_stages - 1) for m in range(num_microbatches)
         }
@@ -51,8 +52,14 @@ class Mailbox:
             (s, m): Slot(self) for s in range(1, num_stages) for m in range(num_microbatches)
         }
 
-    def abort(self) -> None:
-        """Wake every waiting worker; each will raise :class:`StepAborted`."""
+    def abort(self, reason: BaseException | None = None) -> None:
+        """Wake every waiting worker; each will raise :class:`StepAborted`.
+
+        ``reason`` is the error to report when nothing in this process failed
+        (a remote rank did); the first reason given is kept.
+        """
+        if reason is not None and self.abort_reason is None:
+            self.abort_reason = reason
         self.aborted = True
         for slot in (*self.activations.values(), *self.gradients.values()):
             slot._ready.set()

@@ -66,13 +66,23 @@ class _RankOutcome:
 
 
 class Orchestrator:
-    """Owns the event-loop thread and one :class:`Worker` per rank."""
+    """Owns the event-loop thread and one :class:`Worker` per rank it runs.
 
-    def __init__(self, devices: Sequence[torch.device], stall_timeout: float | None = None):
+    In one process it runs every rank (``ranks`` defaults to ``0..len(devices)-1``);
+    in a multi-process pipeline each process runs only its own rank of the plan.
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[torch.device],
+        stall_timeout: float | None = None,
+        ranks: Sequence[int] | None = None,
+    ):
         self.devices = list(devices)
+        self.ranks = list(ranks) if ranks is not None else list(range(len(self.devices)))
         self.stall_timeout = stall_timeout
         self._stuck: tuple[str, threading.Event] | None = None
-        self.workers = [Worker(rank, device) for rank, device in enumerate(self.devices)]
+        self.workers = [Worker(rank, device) for rank, device in zip(self.ranks, self.devices)]
         self._portal_ready: Future[BlockingPortal] = Future()
         self._stopped = threading.Event()
         self._loop_thread = threading.Thread(target=self._serve, name="pipesched-loop", daemon=True)
@@ -127,14 +137,14 @@ class Orchestrator:
         return records
 
     async def _run(self, plan: Sequence[Sequence[Action]], ctx: StepContext) -> list[TaskRecord]:
-        outcomes = [_RankOutcome() for _ in plan]
-        for rank, actions in enumerate(plan):
-            self.workers[rank].submit(self._job(ctx, rank, actions, outcomes[rank]))
+        outcomes = {rank: _RankOutcome() for rank in self.ranks}
+        for worker in self.workers:
+            worker.submit(self._job(ctx, worker.rank, plan[worker.rank], outcomes[worker.rank]))
         stalled: list[StepStalled] = []
         async with anyio.create_task_group() as group:
 
             async def wait_for_ranks() -> None:
-                for outcome in outcomes:
+                for outcome in outcomes.values():
                     await outcome.done.wait()
                 group.cancel_scope.cancel()  # stops the watchdog
 
@@ -143,21 +153,27 @@ class Orchestrator:
                 group.start_soon(self._watchdog, plan, ctx, outcomes, stalled, group.cancel_scope)
         if stalled:
             raise stalled[0]
-        errors = [o for o in outcomes if o.error is not None and not isinstance(o.error, StepAborted)]
+        failed = [o for o in outcomes.values() if o.error is not None]
+        errors = [o for o in failed if not isinstance(o.error, StepAborted)]
         if errors:
             first = min(errors, key=lambda o: o.failed_time)
             raise first.error  # type: ignore[misc]
-        records = sorted((r for o in outcomes for r in o.records), key=lambda r: (r.start, r.rank))
+        if failed:  # aborted from outside this process (a remote rank failed)
+            raise ctx.mailbox.abort_reason or failed[0].error  # type: ignore[misc]
+        records = sorted((r for o in outcomes.values() for r in o.records), key=lambda r: (r.start, r.rank))
         if structlog.is_configured():
             for record in records:
-                logger.info("task", step=self.steps, schedule=ctx.schedule, **record.as_dict())
+                event = record.as_dict()
+                event["start"] -= ctx.clock_offset
+                event["end"] -= ctx.clock_offset
+                logger.info("task", step=self.steps, schedule=ctx.schedule, **event)
         return records
 
     async def _watchdog(
         self,
         plan: Sequence[Sequence[Action]],
         ctx: StepContext,
-        outcomes: list[_RankOutcome],
+        outcomes: dict[int, _RankOutcome],
         stalled: list[StepStalled],
         scope: anyio.CancelScope,
     ) -> None:
@@ -175,7 +191,7 @@ class Orchestrator:
         while True:
             await anyio.sleep(interval)
             now = time.perf_counter()
-            finished = sum(len(o.records) for o in outcomes)
+            finished = sum(len(o.records) for o in outcomes.values())
             if finished != done:
                 done, since = finished, now
                 continue
@@ -184,9 +200,9 @@ class Orchestrator:
         error = _diagnose(plan, ctx, outcomes, now - since)
         ctx.mailbox.abort()
         with anyio.move_on_after(min(timeout, 10.0)):
-            for outcome in outcomes:
+            for outcome in outcomes.values():
                 await outcome.done.wait()
-        busy = [r for r, o in enumerate(outcomes) if not o.done.is_set()]
+        busy = [r for r, o in outcomes.items() if not o.done.is_set()]
         if busy:
             rank = busy[0]
             task = f"rank {rank}'s {plan[rank][len(outcomes[rank].records)]}"
@@ -229,11 +245,11 @@ class Orchestrator:
 
 
 def _diagnose(
-    plan: Sequence[Sequence[Action]], ctx: StepContext, outcomes: list[_RankOutcome], quiet: float
+    plan: Sequence[Sequence[Action]], ctx: StepContext, outcomes: dict[int, _RankOutcome], quiet: float
 ) -> StepStalled:
     """Say, per unfinished rank, what its current action waits for, or that it is running."""
     num_stages = len(ctx.stages)
-    at = {rank: plan[rank][len(o.records)] for rank, o in enumerate(outcomes)
+    at = {rank: plan[rank][len(o.records)] for rank, o in outcomes.items()
           if not o.done.is_set() and len(o.records) < len(plan[rank])}
     waiting, parts = [], []
     for rank, action in sorted(at.items()):

@@ -36,6 +36,16 @@ from pipesched.execute import StepContext
 from pipesched.grad_stash import GradientStash
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
+from pipesched.options import (
+    check_chunks,
+    check_flag,
+    check_loss_fn,
+    check_stall_timeout,
+    grad_disabled,
+    loss_weights,
+    missing_loss_fn,
+    resolve_schedule,
+)
 from pipesched.orchestrator import Orchestrator
 from pipesched.partition import (
     check_balance,
@@ -44,7 +54,6 @@ from pipesched.partition import (
     resolve_device,
     split_module,
 )
-from pipesched.registry import get_schedule
 from pipesched.report import StepReport, TaskRecord
 from pipesched.rng import RandomReplay
 from pipesched.schedule import Plan, Schedule, validate_placement, validate_plan
@@ -104,23 +113,12 @@ class Pipeline(nn.Module):
             )
         if len(module) == 0:
             raise ValueError("module is an empty nn.Sequential; give it at least one layer")
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-            raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
-        if stall_timeout is not None and (
-            isinstance(stall_timeout, bool) or not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0
-        ):
-            raise ValueError(f"stall_timeout must be a number of seconds > 0 or None, got {stall_timeout!r}")
-        if not isinstance(deferred_batch_norm, bool):
-            raise TypeError(f"deferred_batch_norm must be True or False, got {deferred_batch_norm!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable (output, target) -> scalar, got {loss_fn!r}")
+        check_chunks(chunks)
+        stall_timeout = check_stall_timeout(stall_timeout)
+        check_flag("deferred_batch_norm", deferred_batch_norm)
+        check_loss_fn(loss_fn)
         self._policy = make_policy(checkpoint)
-        if isinstance(schedule, str):
-            schedule = get_schedule(schedule)
-        elif not isinstance(schedule, Schedule):
-            raise TypeError(
-                f"schedule must be a registered name or a pipesched.Schedule, got {type(schedule).__name__}"
-            )
+        schedule = resolve_schedule(schedule)
 
         self.module = module
         self.schedule = schedule
@@ -268,15 +266,9 @@ class Pipeline(nn.Module):
         ``.grad`` receives the input gradient too.
         """
         if self.loss_fn is None:
-            raise ValueError(
-                "step() needs a loss: build the pipeline with loss_fn=..., "
-                "e.g. Pipeline(model, loss_fn=nn.CrossEntropyLoss())"
-            )
+            raise missing_loss_fn()
         if not torch.is_grad_enabled():
-            raise RuntimeError(
-                "step() computes gradients but was called with grad disabled (torch.no_grad()); "
-                "call it outside no_grad, or use pipe(inputs) for inference"
-            )
+            raise grad_disabled()
         tensors, sizes, microbatches = self._split(inputs)
         target_tensors = as_tensors(targets, "targets")
         rows = batch_size(target_tensors, "targets")
@@ -290,7 +282,7 @@ class Pipeline(nn.Module):
         target_single = isinstance(targets, Tensor)
         ctx.targets = [mb[0] if target_single else mb for mb in scatter(target_tensors, sizes)]
         ctx.loss_fn = self.loss_fn
-        ctx.loss_weights = _loss_weights(self.loss_fn, sizes)
+        ctx.loss_weights = loss_weights(self.loss_fn, sizes)
         records = self._run(plan, ctx, gradients=True, statistics=True)
         self._report(ctx, records, len(sizes))
         backward_into_inputs(tensors, ctx, sizes)
@@ -348,11 +340,3 @@ class Pipeline(nn.Module):
 
     def cpu(self) -> Pipeline:
         raise TypeError("a Pipeline places its stages itself; pass devices=[...] instead of .cpu()")
-
-
-def _loss_weights(loss_fn: Any, sizes: list[int]) -> list[float]:
-    """Per micro-batch loss weights that make the summed loss equal the full-batch loss."""
-    if getattr(loss_fn, "reduction", "mean") == "sum":
-        return [1.0] * len(sizes)
-    total = sum(sizes)
-    return [size / total for size in sizes]

@@ -35,6 +35,23 @@ class TaskRecord:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class CommRecord:
+    """One transfer as seen by this rank: ``kind`` is ``"send"`` or ``"recv"``."""
+
+    rank: int
+    peer: int
+    kind: str
+    action: str
+    start: float
+    end: float
+    nbytes: int
+
+    def as_dict(self) -> dict[str, object]:
+        return {"rank": self.rank, "peer": self.peer, "kind": self.kind, "action": self.action,
+                "start": self.start, "end": self.end, "bytes": self.nbytes}
+
+
 @dataclass(frozen=True)
 class StepReport:
     """``pipe.last_report`` after every ``step()`` and ``pipe(inputs)``.

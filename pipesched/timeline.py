@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipesched.action import Action, Plan
-from pipesched.report import StepReport, TaskRecord
+from pipesched.report import CommRecord, StepReport, TaskRecord
 from pipesched.schedule import Schedule
 from pipesched.simulate import IncompletePlan, lower_bound, peak_inflight, simulate
 
@@ -164,6 +164,10 @@ class TimelineAnalysis:
         return "\n".join(header + [""] + lines)
 
 
+#: Chrome-trace thread id of rank r's communication track: COMM_TRACK + r.
+COMM_TRACK = 1000
+
+
 class Timeline:
     """One step's task records, with analysis and exports.
 
@@ -183,6 +187,7 @@ class Timeline:
         schedule: str | None = None,
         peak_activation_bytes: Sequence[int] | None = None,
         step: int | None = None,
+        comm: Iterable[CommRecord] = (),
     ):
         records = list(tasks)
         if not records:
@@ -219,6 +224,8 @@ class Timeline:
         self.schedule = schedule
         self.peak_activation_bytes = None if peak_activation_bytes is None else list(peak_activation_bytes)
         self.step = step
+        #: Transfers between processes (multi-process pipelines), on the same clock.
+        self.comm: list[CommRecord] = sorted(comm, key=lambda c: (c.start, c.rank))
 
     # ----------------------------------------------------------------- sources
 
@@ -248,7 +255,7 @@ class Timeline:
         """
         runs: list[tuple[Any, list[Mapping[str, Any]]]] = []
         for event in events:
-            if not isinstance(event, Mapping) or event.get("event") != "task":
+            if not isinstance(event, Mapping) or event.get("event") not in ("task", "comm"):
                 continue
             tag = event.get("step")
             if not runs or runs[-1][0] != tag:
@@ -268,28 +275,41 @@ class Timeline:
                 raise ValueError(f"step={step!r} is not among the logged steps ({present}); pick one of those")
             tag, chosen = matching[-1]
         schedule = next((e["schedule"] for e in chosen if e.get("schedule")), None)
-        return cls([_record(e) for e in chosen], step=tag if isinstance(tag, int) else None, schedule=schedule)
+        return cls(
+            [_record(e) for e in chosen if e["event"] == "task"],
+            step=tag if isinstance(tag, int) else None,
+            schedule=schedule,
+            comm=[_comm_record(e) for e in chosen if e["event"] == "comm"],
+        )
 
     @classmethod
-    def from_jsonl(cls, path: str | os.PathLike[str], step: int | None = None) -> Timeline:
-        """The timeline of one step from a JSON-lines log (see :func:`configure_jsonl_logging`).
+    def from_jsonl(
+        cls, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], step: int | None = None
+    ) -> Timeline:
+        """The timeline of one step from JSON-lines logs (see :func:`configure_jsonl_logging`).
 
-        Blank lines and lines whose event is not ``"task"`` are skipped; a line
-        that is not JSON is an error naming it. ``step`` as in :meth:`from_events`.
+        ``path`` is one log, or several: one per process of a multi-process
+        pipeline, merged into one timeline (their times are already on rank
+        0's clock). Blank lines and lines whose event is neither ``"task"``
+        nor ``"comm"`` are skipped; a line that is not JSON is an error naming
+        it. ``step`` as in :meth:`from_events`, applied to each log.
         """
-        events = []
-        with open(path, encoding="utf-8") as file:
-            for number, line in enumerate(file, 1):
-                if not line.strip():
-                    continue
-                try:
-                    events.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"{path}:{number} is not JSON ({error.msg}); the log must be written by "
-                        f"structlog's JSONRenderer (see configure_jsonl_logging)"
-                    ) from None
-        return cls.from_events(events, step=step)
+        if isinstance(path, (str, os.PathLike)):
+            return cls.from_events(_read_jsonl(path), step=step)
+        parts = [cls.from_events(_read_jsonl(p), step=step) for p in path]
+        if not parts:
+            raise ValueError("from_jsonl needs at least one log path")
+        steps = {part.step for part in parts}
+        if len(steps) > 1:
+            raise ValueError(
+                f"the logs end at different steps ({sorted(map(str, steps))}); pass step=... to pick one"
+            )
+        return cls(
+            [t for part in parts for t in part.tasks],
+            step=parts[0].step,
+            schedule=next((part.schedule for part in parts if part.schedule), None),
+            comm=[c for part in parts for c in part.comm],
+        )
 
     # ---------------------------------------------------------------- analysis
 
@@ -407,6 +427,24 @@ class Timeline:
                 "tid": t.rank,
                 "args": {"stage": t.stage, "microbatch": t.microbatch, "kind": t.kind},
             })
+        for rank in sorted({c.rank for c in self.comm}):
+            tid = COMM_TRACK + rank
+            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid,
+                           "args": {"name": f"rank {rank} comm"}})
+            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": tid,
+                           "args": {"sort_index": rank + 0.5}})
+        for c in self.comm:
+            arrow = "to" if c.kind == "send" else "from"
+            events.append({
+                "name": f"{c.kind} {c.action} {arrow} rank {c.peer}",
+                "cat": "comm",
+                "ph": "X",
+                "ts": (c.start - origin) * 1e6,
+                "dur": max(c.end - c.start, 0.0) * 1e6,
+                "pid": 0,
+                "tid": COMM_TRACK + c.rank,
+                "args": {"peer": c.peer, "action": c.action, "bytes": c.nbytes},
+            })
         trace = {"traceEvents": events, "displayTimeUnit": "ms"}
         if path is not None:
             Path(path).write_text(json.dumps(trace), encoding="utf-8")
@@ -448,6 +486,29 @@ class Timeline:
         path = Path(path)
         figure.savefig(path, format="png", dpi=dpi)
         return path
+
+
+def _read_jsonl(path: str | os.PathLike[str]) -> list[Any]:
+    events = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number} is not JSON ({error.msg}); the log must be written by "
+                    f"structlog's JSONRenderer (see configure_jsonl_logging)"
+                ) from None
+    return events
+
+
+def _comm_record(event: Mapping[str, Any]) -> CommRecord:
+    return CommRecord(
+        int(event["rank"]), int(event["peer"]), str(event["kind"]), str(event["action"]),
+        float(event["start"]), float(event["end"]), int(event.get("bytes", 0)),
+    )
 
 
 def _record(event: Mapping[str, Any]) -> TaskRecord:

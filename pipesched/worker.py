@@ -26,13 +26,13 @@ _STOP = object()
 class Worker:
     """A daemon thread running submitted jobs in order on ``device`` / ``stream``."""
 
-    def __init__(self, rank: int, device: torch.device):
+    def __init__(self, rank: int, device: torch.device, name: str | None = None):
         self.rank = rank
         self.device = device
         self.stream = new_stream(device)
         self._jobs: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread = threading.Thread(
-            target=self._serve, name=f"pipesched-rank{rank}", daemon=True
+            target=self._serve, name=name or f"pipesched-rank{rank}", daemon=True
         )
         self._thread.start()
 

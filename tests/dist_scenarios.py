@@ -1,0 +1,187 @@
+"""Code that runs inside the spawned processes of tests/test_distributed.py.
+
+Each scenario computes its own single-process reference from the same seeds
+and writes what it found (``ok`` plus details) to ``OUT/rank{r}.json``; the
+test process only reads the verdicts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def mlp(layers: int = 8) -> nn.Sequential:
+    torch.manual_seed(0)
+    mods: list[nn.Module] = [nn.Linear(8, 16)]
+    while len(mods) < layers - 1:
+        mods.append(nn.Tanh() if len(mods) % 2 else nn.Linear(16, 16))
+    mods.append(nn.Linear(16, 4))
+    return nn.Sequential(*mods).double()
+
+
+def data(rows: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 8, dtype=torch.float64, generator=g), torch.randint(0, 4, (rows,), generator=g)
+
+
+def grad_error(pipe, reference: nn.Module) -> float:
+    """Largest difference between this rank's gradients and the reference's same parameters."""
+    ref = dict(reference.named_parameters())
+    worst = 0.0
+    for name, param in pipe.named_parameters():
+        original = name.split(".", 2)[2]  # local_stages.<stage>.<layer>.<param>
+        worst = max(worst, (param.grad - ref[original].grad).abs().max().item())
+    return worst
+
+
+class Split(nn.Module):
+    def forward(self, x):
+        return x[:, :10] * 2.0, x[:, 10:].sin(), torch.full((x.shape[0],), 3, dtype=torch.long)
+
+
+class Merge(nn.Module):
+    def forward(self, parts):
+        a, b, n = parts
+        return torch.cat([a, b * n.unsqueeze(1).to(b.dtype)], dim=1)
+
+
+class FailOnce(nn.Module):
+    """Raises on its second call (a forward of micro-batch 1) while armed."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.armed = 0, True
+
+    def forward(self, x):
+        self.calls += 1
+        if self.armed and self.calls == 2:
+            raise ValueError("injected failure")
+        return x
+
+
+def scenario_gradients(rank: int, world: int, out: dict) -> None:
+    from pipesched.distributed import DistributedPipeline
+
+    shapes = [("gpipe", None), ("1f1b", None), ("interleaved-1f1b", None)]
+    for schedule, balance in shapes:
+        for rows, chunks in [(11, 4), (3, 8)]:  # uneven split; fewer rows than chunks
+            model = mlp(layers=4 * world if schedule.startswith("interleaved") else 2 * world + 1)
+            x, y = data(rows)
+            reference = copy.deepcopy(model)
+            ref_loss = nn.CrossEntropyLoss()(reference(x), y)
+            ref_loss.backward()
+            with DistributedPipeline(model, schedule=schedule, balance=balance, chunks=chunks,
+                                     checkpoint="except_last", loss_fn=nn.CrossEntropyLoss()) as pipe:
+                loss = pipe.step(x if rank == 0 else None, y)
+                key = f"{schedule}/{rows}x{chunks}"
+                out[key] = {
+                    "ok": abs(loss.item() - ref_loss.item()) < 1e-12 and grad_error(pipe, reference) < 1e-12,
+                    "loss": loss.item(), "ref": ref_loss.item(), "grad_error": grad_error(pipe, reference),
+                    "microbatches": pipe.last_report.num_microbatches,
+                    "tasks": len(pipe.last_report.tasks),
+                }
+
+
+def scenario_tuples_and_own_stages(rank: int, world: int, out: dict) -> None:
+    """Tuple activations cross processes; each rank builds only its own stage."""
+    from pipesched.distributed import DistributedPipeline
+
+    torch.manual_seed(0)
+    full = nn.Sequential(nn.Linear(8, 12), Split(), Merge(), nn.Tanh(), nn.Linear(12, 4)).double()
+    balance = [2, 3] if world == 2 else [1, 1, 1, 2]
+    starts = [sum(balance[:i]) for i in range(len(balance))]
+    own = {rank: nn.Sequential(*list(full)[starts[rank]: starts[rank] + balance[rank]])}
+    x, y = data(9)
+    reference = copy.deepcopy(full)
+    ref_loss = nn.CrossEntropyLoss()(reference(x), y)
+    ref_loss.backward()
+    with DistributedPipeline(own, num_stages=world, schedule="1f1b", chunks=3,
+                             loss_fn=nn.CrossEntropyLoss()) as pipe:
+        loss = pipe.step(x, y)
+        ref = list(reference.parameters())[sum(len(list(m.parameters())) for m in list(full)[: starts[rank]]):]
+        errors = [(p.grad - r.grad).abs().max().item() for p, r in zip(pipe.parameters(), ref)]
+    out["tuples"] = {"ok": abs(loss.item() - ref_loss.item()) < 1e-12 and max(errors, default=0) < 1e-12,
+                     "errors": errors}
+
+
+def scenario_failure(rank: int, world: int, out: dict) -> None:
+    """An exception on one rank surfaces on every rank; the next step works."""
+    from pipesched.distributed import DistributedPipeline, RemoteStepError
+
+    failing = FailOnce()
+    layers = list(mlp(layers=2 * world + 1))
+    layers.insert(3, failing)  # inside stage 1
+    model = nn.Sequential(*layers)
+    x, y = data(8)
+    # checkpoint="never": the second call is a first-run forward (F1.1), never a recompute
+    with DistributedPipeline(model, schedule="1f1b", chunks=4, checkpoint="never",
+                             loss_fn=nn.CrossEntropyLoss()) as pipe:
+        try:
+            pipe.step(x, y)
+            result = {"raised": None}
+        except ValueError as error:
+            result = {"raised": "ValueError", "message": str(error), "notes": getattr(error, "__notes__", [])}
+        except RemoteStepError as error:
+            result = {"raised": "RemoteStepError", "message": str(error)}
+        failing.armed = False
+        for p in pipe.parameters():
+            p.grad = None
+        reference = copy.deepcopy(model)
+        nn.CrossEntropyLoss()(reference(x), y).backward()
+        pipe.step(x, y)
+        result["next_step_grad_error"] = grad_error(pipe, reference)
+        result["holds_failing_layer"] = any(m is failing for m in pipe.modules())
+    out["failure"] = result
+
+
+def scenario_timeline(rank: int, world: int, out: dict, directory: str) -> None:
+    import structlog
+
+    from pipesched import configure_jsonl_logging
+    from pipesched.distributed import DistributedPipeline
+
+    log = configure_jsonl_logging(os.path.join(directory, f"timeline-rank{rank}.jsonl"))
+    try:
+        x, y = data(16)
+        with DistributedPipeline(mlp(layers=2 * world + 1), schedule="1f1b", chunks=4,
+                                 loss_fn=nn.CrossEntropyLoss()) as pipe:
+            pipe.step(x, y)
+            out["timeline"] = {"ok": True, "tasks": len(pipe.last_report.tasks),
+                               "offset": pipe.clock_offset, "comm": len(pipe.last_comm)}
+    finally:
+        structlog.reset_defaults()
+        log.close()
+
+
+SCENARIOS = {
+    "gradients": scenario_gradients,
+    "tuples": scenario_tuples_and_own_stages,
+    "failure": scenario_failure,
+}
+
+
+def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
+    """Process entry point: run the named scenarios in order, write the verdicts."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out: dict = {}
+    try:
+        for name in names:
+            if name == "timeline":
+                scenario_timeline(rank, world, out, directory)
+            else:
+                SCENARIOS[name](rank, world, out)
+    except BaseException:  # noqa: BLE001 - reported to the test through the file
+        out["crash"] = traceback.format_exc()
+    finally:
+        with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
+            json.dump(out, file)
+        dist.destroy_process_group()

@@ -1,0 +1,119 @@
+"""Multi-process pipelines on torch.distributed (gloo on 127.0.0.1), 2 and 4 real processes.
+
+Every spawn runs under a deadline: a hang kills the processes and fails the
+test instead of freezing the suite. The scenarios live in dist_scenarios.py
+and compare against their own single-process references in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+import time
+from pathlib import Path
+
+import dist_scenarios
+import pytest
+
+from pipesched import Timeline
+
+DEADLINE = 150.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [
+        context.Process(target=dist_scenarios.entry, args=(rank, world, port, names, str(directory)))
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + DEADLINE
+    try:
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
+        assert not hung, f"ranks {hung} did not finish within {DEADLINE:.0f}s (hang)"
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    results = []
+    for rank, process in enumerate(processes):
+        path = directory / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} exited with {process.exitcode} and wrote no result"
+        result = json.loads(path.read_text())
+        assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
+        results.append(result)
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-processes", "4-processes"])
+def world(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"world{request.param}")
+    names = ["gradients", "tuples", "failure", "timeline"]
+    return request.param, run_world(request.param, names, directory), directory
+
+
+def test_gradients_and_loss_equal_single_process(world):
+    size, results, _ = world
+    for rank, result in enumerate(results):
+        for schedule in ["gpipe", "1f1b", "interleaved-1f1b"]:
+            for shape, microbatches in [("11x4", 4), ("3x8", 3)]:
+                verdict = result[f"{schedule}/{shape}"]
+                assert verdict["ok"], f"rank {rank}, {schedule} {shape}: {verdict}"
+                assert verdict["microbatches"] == microbatches
+    # every rank returns the same loss, and the report gathers every rank's tasks
+    for key in results[0]:
+        if "/" in key:
+            assert len({r[key]["loss"] for r in results}) == 1
+            stages = 2 * size if key.startswith("interleaved") else size
+            assert results[0][key]["tasks"] == 2 * stages * results[0][key]["microbatches"]
+
+
+def test_tuple_activations_with_only_own_stages_built(world):
+    _, results, _ = world
+    for rank, result in enumerate(results):
+        assert result["tuples"]["ok"], f"rank {rank}: {result['tuples']}"
+
+
+def test_exception_on_one_rank_surfaces_on_every_rank(world):
+    _, results, _ = world
+    failures = [r["failure"] for r in results]
+    origin = [f for f in failures if f["holds_failing_layer"]]
+    assert len(origin) == 1
+    assert origin[0]["raised"] == "ValueError"
+    assert "raised in forward F1.1 (stage 1, micro-batch 1)" in " ".join(origin[0]["notes"])
+    for failure in failures:
+        if failure is not origin[0]:
+            assert failure["raised"] == "RemoteStepError"
+            assert "ValueError: injected failure, raised in forward F1.1" in failure["message"]
+        assert failure["next_step_grad_error"] < 1e-12  # the pipeline works again
+
+
+def test_per_rank_logs_merge_into_one_timeline(world):
+    size, results, directory = world
+    logs = sorted(directory.glob("timeline-rank*.jsonl"))
+    assert len(logs) == size
+    timeline = Timeline.from_jsonl(logs)
+    assert len(timeline.tasks) == results[0]["timeline"]["tasks"] == 2 * size * 4
+    assert {t.rank for t in timeline.tasks} == set(range(size))
+    assert len(timeline.comm) == sum(r["timeline"]["comm"] for r in results) > 0
+    trace = timeline.to_chrome_trace()
+    comm_tracks = {e["tid"] for e in trace["traceEvents"] if e.get("cat") == "comm"}
+    task_tracks = {e["tid"] for e in trace["traceEvents"] if e.get("cat") in ("forward", "backward")}
+    assert comm_tracks and not comm_tracks & task_tracks
+    # on rank 0's clock, no task starts before the producer of its input ended
+    ends = {(t.kind, t.stage, t.microbatch): t.end for t in timeline.tasks}
+    for t in timeline.tasks:
+        if t.kind == "F" and t.stage > 0:
+            assert t.start >= ends[("F", t.stage - 1, t.microbatch)] - 1e-3
