@@ -126,20 +126,22 @@ def _timeline(args: argparse.Namespace) -> int:
 
     if args.gantt is not None:
         _require_matplotlib("--gantt")
+    logs = args.log if len(args.log) > 1 else args.log[0]
+    named = " ".join(map(str, args.log))
     try:
-        timeline = Timeline.from_jsonl(args.log, step=args.step)
-    except FileNotFoundError:
-        raise CliError(f"no such log file: {args.log}") from None
+        timeline = Timeline.from_jsonl(logs, step=args.step)
+    except FileNotFoundError as error:
+        raise CliError(f"no such log file: {error.filename or named}") from None
     except OSError as error:  # a directory, no permission
-        raise CliError(f"cannot read {args.log}: {error.strerror or error}") from None
+        raise CliError(f"cannot read {error.filename or named}: {error.strerror or error}") from None
     except ValueError as error:  # not JSON, no task events, unknown --step
-        raise CliError(f"{args.log}: {error}") from None
+        raise CliError(f"{named}: {error}") from None
     written = export_timeline(timeline, args.chrome, args.gantt)  # first, so a bad path prints nothing else
     analysis = timeline.analyze()
     if args.json:
-        print(_json_dumps({"log": str(args.log), "step": timeline.step, **analysis.as_dict()}))
+        print(_json_dumps({"log": named, "step": timeline.step, **analysis.as_dict()}))
     else:
-        print(f"log {args.log}, step {timeline.step if timeline.step is not None else '?'}")
+        print(f"log {named}, step {timeline.step if timeline.step is not None else '?'}")
         print(analysis.format_table())
     notes = sys.stderr if args.json else sys.stdout  # keep --json output parseable
     for line in written:
@@ -193,6 +195,25 @@ def _json_dumps(value: object) -> str:
 # ------------------------------------------------------------------ compare
 
 
+def resolve_ranks(args: argparse.Namespace) -> bool:
+    """Settle ``args.ranks``: torchrun's process count, else the flag (default 2).
+
+    Under torchrun the process group is joined here. Returns whether this
+    process prints (rank 0, or the only process).
+    """
+    from pipesched.launch import init_process_group, launched_world
+
+    world = launched_world()
+    if world == 1:
+        args.ranks = args.ranks or 2
+        return True
+    if args.ranks not in (None, world):
+        raise CliError(f"--ranks {args.ranks} conflicts with the {world} processes torchrun started; drop --ranks")
+    args.ranks = world
+    rank, _ = init_process_group()
+    return rank == 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     """Run the built-in model under each schedule and print one row per schedule."""
     from pipesched.compare import (
@@ -202,14 +223,18 @@ def _compare(args: argparse.Namespace) -> int:
         run_compare,
     )
 
+    lead = resolve_ranks(args)
     config = CompareConfig(
         schedules=args.schedules, model=args.model, ranks=args.ranks, chunks=args.chunks,
         batch=args.batch, steps=args.steps, warmup=args.warmup, checkpoint=args.checkpoint, seed=args.seed,
     )
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if lead else (lambda line: None)
     try:
-        rows = run_compare(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        rows = run_compare(config, progress=say)
     except CompareConfigError as error:
         raise CliError(str(error)) from None
+    if not lead:  # under torchrun only rank 0 prints the table
+        return 0
     if args.json:
         print(_json_dumps([row.as_dict() for row in rows]))
     else:
@@ -259,7 +284,8 @@ def _add_timeline_command(commands: Any) -> None:
         description="Read one step of a structlog JSON-lines log (pipesched.configure_jsonl_logging, "
                     "or pipesched demo's timeline.jsonl) and say where the time went.",
     )
-    timeline.add_argument("log", type=Path, metavar="LOG.jsonl", help="the JSON-lines log")
+    timeline.add_argument("log", type=Path, nargs="+", metavar="LOG.jsonl",
+                          help="the JSON-lines log; several (one per process of a torchrun job) are merged")
     timeline.add_argument("--step", type=_non_negative, default=None, metavar="N",
                           help="which logged step to analyse (default: the last one)")
     timeline.add_argument("--chrome", type=Path, metavar="OUT.json", help="write a Chrome/Perfetto trace here")
@@ -281,7 +307,7 @@ def _add_compare_command(commands: Any) -> None:
     compare.add_argument("--model", choices=list(MODELS), default="mlp",
                          help="built-in model: " + "; ".join(f"{m.name}: {m.description}" for m in MODELS.values())
                          + " (default mlp)")
-    compare.add_argument("--ranks", type=_positive, default=2, metavar="R",
+    compare.add_argument("--ranks", type=_positive, default=None, metavar="R",
                          help="CPU ranks (default 2); interleaved-1f1b uses 2 stages per rank")
     compare.add_argument("--chunks", type=_positive, default=8, metavar="M", help="micro-batches per batch (default 8)")
     compare.add_argument("--batch", type=_positive, default=128, metavar="B", help="batch size (default 128)")
@@ -302,7 +328,8 @@ def _add_demo_command(commands: Any) -> None:
                     "a Chrome trace and a Gantt chart into --out.",
     )
     demo.add_argument("--schedule", type=_schedule, default="1f1b", metavar="NAME", help="schedule name (default 1f1b)")
-    demo.add_argument("--ranks", type=_positive, default=2, metavar="R", help="CPU ranks (default 2)")
+    demo.add_argument("--ranks", type=_positive, default=None, metavar="R",
+                      help="CPU ranks (default 2; under torchrun: one per process)")
     demo.add_argument("--chunks", type=_positive, default=4, metavar="M", help="micro-batches per batch (default 4)")
     demo.add_argument("--steps", type=_positive, default=200, metavar="N", help="training steps (default 200)")
     demo.add_argument("--batch", type=_positive, default=64, metavar="B", help="batch size (default 64)")
@@ -332,10 +359,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = " ".join(filter(None, [args.command, getattr(args, "action", None)]))
     try:
-        return args.run(args)
+        status = args.run(args)
     except CliError as error:
         print(f"pipesched {command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pipesched {command}: interrupted", file=sys.stderr)
         return 130
+    if args.command in ("demo", "compare"):  # under torchrun: leave the process group cleanly
+        from pipesched.launch import finish_process_group
+
+        finish_process_group()
+    return status

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipesched.cli import PLOT_HINT, CliError, export_timeline, matplotlib_missing
+from pipesched.cli import (
+    PLOT_HINT,
+    CliError,
+    export_timeline,
+    matplotlib_missing,
+    resolve_ranks,
+)
+from pipesched.launch import launched_world
 
 __all__ = ["Progress", "run_demo"]
 
@@ -78,26 +85,32 @@ def _out_dir(path: Path) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Train, log the last ``--log-steps`` steps, evaluate, and write the outputs into ``--out``."""
+    """Train, log the last ``--log-steps`` steps, evaluate, and write the outputs into ``--out``.
+
+    Under torchrun each process is one rank of a DistributedPipeline: every
+    rank logs its own ``timeline-rank{r}.jsonl``; rank 0 prints, merges the
+    logs (same host) and writes the trace and chart.
+    """
     import torch
-    from torch import nn
 
     from pipesched.models import residual_mlp, synthetic_classification
-    from pipesched.pipeline import Pipeline
 
+    lead = resolve_ranks(args)
     check_demo_args(args)
     out = _out_dir(args.out)
     torch.manual_seed(args.seed)
     x, y = synthetic_classification(args.samples, seed=args.seed)
     model = residual_mlp(blocks=args.blocks)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    print(
+    distributed = launched_world() > 1
+    say = print if lead else (lambda *a, **k: None)
+    say(
         f"pipesched demo: residual MLP ({args.blocks} blocks), schedule {args.schedule}, "
-        f"{args.ranks} CPU ranks, {args.chunks} micro-batches, {args.steps} steps"
+        f"{args.ranks} CPU ranks{' (one process each)' if distributed else ''}, "
+        f"{args.chunks} micro-batches, {args.steps} steps"
     )
     began = time.perf_counter()
-    with Pipeline(model, schedule=args.schedule, devices=["cpu"] * args.ranks,
-                  chunks=args.chunks, loss_fn=nn.CrossEntropyLoss()) as pipe:
+    with _demo_pipeline(model, args, distributed) as pipe:
+        optimizer = torch.optim.AdamW(pipe.parameters(), lr=3e-3)
 
         def train_step() -> float:
             rows = torch.randint(0, args.samples, (args.batch,))
@@ -106,21 +119,46 @@ def run_demo(args: argparse.Namespace) -> int:
             optimizer.step()
             return loss.item()
 
-        log = out / "timeline.jsonl"
-        train(train_step, args.steps, args.log_steps, log)
+        log = out / (f"timeline-rank{pipe.rank}.jsonl" if distributed else "timeline.jsonl")
+        last_loss = train(train_step, args.steps, args.log_steps, log, show=lead)
         report = pipe.last_report  # the last training step; the evaluation below replaces it
-        with torch.no_grad():
-            model.eval()
-            accuracy = (pipe(x).argmax(1) == y).float().mean().item()
+        if not distributed:
+            with torch.no_grad():
+                model.eval()
+                accuracy = (pipe(x).argmax(1) == y).float().mean().item()
     elapsed = time.perf_counter() - began
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank's log is complete before rank 0 reads them
+        if not lead:
+            return 0
+        print(f"final loss {last_loss:.4f}  ({elapsed:.1f} s, {args.steps * args.batch / elapsed:,.0f} samples/s)")
+        logs = sorted(out.glob("timeline-rank*.jsonl"))
+        _write_outputs(report, out, logs, args.log_steps)
+        return 0
     print(f"accuracy on the training set: {accuracy:.1%}  ({elapsed:.1f} s, "
           f"{args.steps * args.batch / elapsed:,.0f} samples/s)")
     print(f"placement (stage -> rank): {report.placement}")
-    _write_outputs(report, out, log, args.log_steps)
+    _write_outputs(report, out, [log], args.log_steps)
     return 0
 
 
-def train(train_step: Callable[[], float], steps: int, log_steps: int, log: Path) -> None:
+def _demo_pipeline(model: Any, args: argparse.Namespace, distributed: bool) -> Any:
+    from torch import nn
+
+    if distributed:
+        from pipesched.distributed import DistributedPipeline
+
+        return DistributedPipeline(model, schedule=args.schedule, chunks=args.chunks,
+                                   loss_fn=nn.CrossEntropyLoss())
+    from pipesched.pipeline import Pipeline
+
+    return Pipeline(model, schedule=args.schedule, devices=["cpu"] * args.ranks,
+                    chunks=args.chunks, loss_fn=nn.CrossEntropyLoss())
+
+
+def train(train_step: Callable[[], float], steps: int, log_steps: int, log: Path, show: bool = True) -> float:
     """Run ``steps`` steps with a progress display; the last ``log_steps`` go to the JSON-lines ``log``.
 
     structlog is configured only around the logged steps and reset after
@@ -131,7 +169,7 @@ def train(train_step: Callable[[], float], steps: int, log_steps: int, log: Path
 
     from pipesched.timeline import configure_jsonl_logging
 
-    progress, file = Progress(steps), None
+    progress, file, loss = Progress(steps) if show else None, None, float("nan")
     try:
         for step in range(1, steps + 1):
             if step == steps - log_steps + 1:
@@ -139,24 +177,33 @@ def train(train_step: Callable[[], float], steps: int, log_steps: int, log: Path
                     file = configure_jsonl_logging(log, mode="w")
                 except OSError as error:
                     raise CliError(f"cannot write {log}: {error.strerror or error}") from None
-            progress.update(step, train_step())
+            loss = train_step()
+            if progress is not None:
+                progress.update(step, loss)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         if file is not None:
             file.close()
             structlog.reset_defaults()
+    return loss
 
 
-def _write_outputs(report: Any, out: Path, log: Path, log_steps: int) -> None:
-    """Print the last step's analysis; write its trace and Gantt chart next to the log."""
+def _write_outputs(report: Any, out: Path, logs: list[Path], log_steps: int) -> None:
+    """Print the last step's analysis; write its trace and Gantt chart next to the log(s).
+
+    With several logs (one per process) the timeline is read back from them,
+    merged, so the trace shows every rank and its communication.
+    """
     from pipesched.timeline import Timeline
 
-    timeline = Timeline.from_report(report)
+    timeline = Timeline.from_report(report) if len(logs) == 1 else Timeline.from_jsonl(logs)
     print()
     print(timeline.analyze().format_table())
     print()
-    print(f"wrote {log}  (the last {log_steps} step(s) as JSON lines; "
-          f"analyse again with: pipesched timeline {log})")
+    named = " ".join(map(str, logs))
+    print(f"wrote {named}  (the last {log_steps} step(s) as JSON lines; "
+          f"analyse again with: pipesched timeline {named})")
     gantt = None if matplotlib_missing() else out / "gantt.png"
     for line in export_timeline(timeline, out / "trace.json", gantt):
         print(line)

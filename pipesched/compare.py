@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from pipesched.distributed import DistributedPipeline
+from pipesched.launch import init_process_group, launched_world
 from pipesched.models import residual_mlp, synthetic_classification
 from pipesched.pipeline import Pipeline
 from pipesched.registry import get_schedule
@@ -162,9 +164,18 @@ def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = 
     return rows
 
 
-def _pipeline(model: nn.Sequential, schedule: str, config: CompareConfig) -> Pipeline:
-    """The pipeline every measurement uses; a shape the schedule refuses is the user's to fix."""
+def _pipeline(model: nn.Sequential, schedule: str, config: CompareConfig) -> Pipeline | DistributedPipeline:
+    """The pipeline every measurement uses; a shape the schedule refuses is the user's to fix.
+
+    Under torchrun (``WORLD_SIZE`` > 1) each process is one rank of a
+    :class:`DistributedPipeline` over the same model; otherwise all ranks are
+    threads of one process.
+    """
     try:
+        if launched_world() > 1:
+            init_process_group()
+            return DistributedPipeline(model, schedule=schedule, chunks=config.chunks,
+                                       checkpoint=config.checkpoint, loss_fn=nn.CrossEntropyLoss())
         return Pipeline(model, schedule=schedule, devices=["cpu"] * config.ranks, chunks=config.chunks,
                         checkpoint=config.checkpoint, loss_fn=nn.CrossEntropyLoss())
     except ValueError as error:
@@ -223,11 +234,21 @@ def _grads_match(
     model = copy.deepcopy(base).double()
     with _pipeline(model, name, config) as pipe:
         pipe.step(x.double(), y)
+        owned = {id(p) for p in pipe.parameters()}  # all of them in one process; this rank's otherwise
     worst = 0.0
     for param, expected in zip(model.parameters(), reference):
+        if id(param) not in owned:
+            continue
         if param.grad is None:
-            return False, float("inf")
+            worst = float("inf")
+            break
         worst = max(worst, (param.grad - expected).abs().max().item())
+    if launched_world() > 1:  # every rank checked its own stages: the verdict is the worst of all
+        import torch.distributed as dist
+
+        figure = torch.tensor([worst], dtype=torch.float64)
+        dist.all_reduce(figure, op=dist.ReduceOp.MAX)
+        worst = figure.item()
     return worst <= GRAD_TOLERANCE, worst
 
 

@@ -117,3 +117,35 @@ def test_per_rank_logs_merge_into_one_timeline(world):
     for t in timeline.tasks:
         if t.kind == "F" and t.stage > 0:
             assert t.start >= ends[("F", t.stage - 1, t.microbatch)] - 1e-3
+
+
+def torchrun(*args: str, cwd: Path) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "pipesched", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=DEADLINE)
+
+
+def test_torchrun_demo_writes_merged_outputs(tmp_path):
+    result = torchrun("demo", "--steps", "4", "--batch", "16", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 CPU ranks (one process each)" in result.stdout
+    assert result.stdout.count("pipesched demo:") == 1  # only rank 0 prints
+    logs = sorted((tmp_path / "out").glob("timeline-rank*.jsonl"))
+    assert [p.name for p in logs] == ["timeline-rank0.jsonl", "timeline-rank1.jsonl"]
+    trace = json.loads((tmp_path / "out" / "trace.json").read_text())
+    assert {e["tid"] for e in trace["traceEvents"] if e.get("cat") in ("forward", "backward")} == {0, 1}
+
+
+def test_torchrun_compare_checks_gradients_across_processes(tmp_path):
+    result = torchrun("compare", "--schedules", "gpipe,1f1b", "--steps", "1", "--warmup", "0",
+                      "--batch", "16", "--chunks", "4", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        rows = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"stdout is not the JSON table:\n{result.stdout[-3000:]}") from None
+    assert [r["schedule"] for r in rows] == ["gpipe", "1f1b"]
+    assert all(r["grads_match"] and r["ranks"] == 2 for r in rows)
