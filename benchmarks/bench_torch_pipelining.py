@@ -1,0 +1,136 @@
+"""4. Side by side with ``torch.distributed.pipelining`` (torch's own pipeline, the strongest peer).
+
+Same model (residual MLP), same weights (same seed), same batch, same
+micro-batches, same schedule (1F1B), same split (input layer + half the
+blocks | the rest), checkpointing off on both sides, one intra-op thread per
+rank on both sides:
+
+* peer: ``torch.distributed.pipelining`` (``PipelineStage`` + ``Schedule1F1B``)
+  in 2 gloo processes on 127.0.0.1;
+* pipesched: 2 CPU ranks (threads) in this process;
+* baseline: the plain model on one thread running the same micro-batches,
+  which puts both against the ideal two-stage speed-up 2m/(m+1).
+
+Alternating rounds of a few steps each; the figure is pipesched samples/s ÷
+peer samples/s per round (target >= 1.3). Before timing, one step of each
+from zero gradients is compared with the un-pipelined model's gradients and
+with each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.bench_cpu_speedup import ideal_speedup
+from benchmarks.config import RunConfig
+from benchmarks.gloo_peers import GlooPeers
+from benchmarks.rounds import alternating_rounds, timed
+from benchmarks.stats import fmt, summary
+from benchmarks.table import format_table
+from benchmarks.targets import Target
+from benchmarks.workloads import (
+    GRAD_RTOL,
+    Workload,
+    grad_difference,
+    grads_match,
+    loss_fn,
+    naive_step,
+    named_grads,
+    reference_grads,
+    zero_grad,
+)
+from pipesched import Pipeline
+
+NAME = "torch_pipelining"
+TITLE = "4. pipesched vs torch.distributed.pipelining (1F1B, 2 ranks, 1 thread each)"
+PEER = "torch.distributed.pipelining"
+TARGET = 1.3
+
+
+def grad_rows(pairs: dict[str, dict[str, object]]) -> list[list[object]]:
+    return [
+        [name, f"{float(d['max_abs_diff']):.2e}", f"{float(d['relative']):.2e}", "yes" if grads_match(d) else "NO"]
+        for name, d in pairs.items()
+    ]
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    workload = cfg.pick(
+        tiny=Workload(width=32, blocks=2, batch=8, chunks=2),
+        quick=Workload(width=512, blocks=8, batch=64, chunks=4),
+        full=Workload(width=512, blocks=8, batch=64, chunks=4),
+    )
+    rounds = cfg.n_rounds(tiny=1, quick=3, full=9)
+    steps = cfg.pick(tiny=1, quick=5, full=10)
+    schedule = "1f1b"
+    balance = workload.two_rank_balance()
+    model = workload.model()
+    x, y = workload.data()
+    criterion = loss_fn()
+    reference = reference_grads(workload)
+    spec = {"mode": "pipelining", "workload": workload.as_dict(), "schedule": schedule, "balance": balance, "threads": 1}
+    with Pipeline(model, schedule=schedule, balance=balance, devices=["cpu", "cpu"], chunks=workload.chunks,
+                  checkpoint="never", loss_fn=criterion) as pipe, GlooPeers(spec) as peers:
+        cfg.log(f"peers ready on port {peers.port}: {peers.info}")
+        zero_grad(model)
+        pipe.step(x, y)
+        ours = named_grads(model)
+        theirs = peers.grads()
+        grads = {
+            "pipesched vs un-pipelined": grad_difference(ours, reference),
+            f"{PEER} vs un-pipelined": grad_difference(theirs, reference),
+            f"pipesched vs {PEER}": grad_difference(ours, theirs),
+        }
+
+        def pipesched_step() -> None:
+            zero_grad(model)
+            pipe.step(x, y)
+
+        result = alternating_rounds(
+            {
+                PEER: peers.run,
+                "pipesched": timed(pipesched_step),
+                "naive (same micro-batches, 1 thread)": timed(naive_step(model, criterion, x, y, workload.chunks)),
+            },
+            rounds=rounds,
+            steps=steps,
+            warmup=cfg.pick(tiny=1, quick=3, full=3),
+        )
+    baseline = "naive (same micro-batches, 1 thread)"
+    ideal = ideal_speedup(workload.chunks)
+    ratio = result.ratio(PEER, "pipesched")  # pipesched samples/s ÷ peer samples/s
+    rows = []
+    per_contender = {}
+    for name in result.per_step:
+        seconds = result.seconds(name)
+        samples = summary([workload.batch / s for s in result.per_step[name]])
+        speedup = result.ratio(baseline, name)
+        per_contender[name] = {"seconds_per_step": seconds, "samples_per_s": samples, "speedup_vs_baseline": speedup}
+        rows.append([
+            name, fmt(seconds, 1, 1e3), fmt(samples, 0),
+            fmt(speedup), "" if name == baseline else f"{float(speedup['median']) / ideal:.3f}",
+        ])
+    table = format_table(["contender", "ms/step", "samples/s", "speed-up vs naive", "of ideal"], rows, title=TITLE)
+    table += f"\npipesched / {PEER} (samples/s ratio per round): {fmt(ratio)}"
+    table += "\n" + format_table(["gradients (one step, float32)", "max |diff|", "relative", f"match (<= {GRAD_RTOL:g})"],
+                                 grad_rows(grads))
+    table += (
+        f"\nmodel: residual_mlp width {workload.width}, {workload.blocks} blocks, batch {workload.batch}, "
+        f"m = {workload.chunks}, balance {balance}, checkpoint never; ideal 2m/(m+1) = {ideal:.3f}; "
+        f"{rounds} alternating rounds x {steps} steps; median [min..max]"
+    )
+    targets = [Target(f"pipesched / {PEER} samples/s (1F1B, m={workload.chunks})", float(ratio["median"]), TARGET)]
+    targets.append(Target("gradients: pipesched, peer and un-pipelined agree (1 = all match)",
+                          float(all(grads_match(d) for d in grads.values())), 1.0))
+    return {
+        "title": TITLE,
+        "table": table,
+        "targets": targets,
+        "workload": workload.as_dict(),
+        "balance": balance,
+        "peer_info": {str(k): v for k, v in peers.info.items()},
+        "ratio_pipesched_over_peer": ratio,
+        "contenders": per_contender,
+        "gradients": grads,
+        "rounds": result.as_dict(),
+    }

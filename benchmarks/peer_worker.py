@@ -1,0 +1,121 @@
+"""What runs inside each gloo peer process (see :mod:`benchmarks.gloo_peers`).
+
+The process joins a 2-process gloo group on 127.0.0.1, builds the workload's
+model from its seed, wraps it as the peer asks, says it is ready, then serves
+commands from its queue until ``stop``:
+
+* ``("run", k)``: barrier, ``k`` training steps, barrier; replies the seconds
+  between the barriers (so every rank's figure covers the whole group's k steps);
+* ``("grads", None)``: one step from zero gradients; replies this rank's
+  parameter gradients by their names in the full model, as numpy arrays.
+
+Modes: ``"pipelining"`` (``torch.distributed.pipelining``: this rank's stage
+of the model under ``Schedule1F1B`` or ``ScheduleGPipe``, loss on the last
+stage, gradients scaled by 1/m so they equal the whole batch's mean loss) and
+``"ddp"`` (``DistributedDataParallel`` over the full model, each rank on its
+share of the batch). Any exception is replied as ``("error", rank, traceback)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from benchmarks.workloads import Workload, loss_fn, zero_grad
+
+
+class _Pipelining:
+    def __init__(self, workload: Workload, schedule: str, balance: list[int], rank: int, world: int):
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+        )
+
+        if len(balance) != world:
+            raise ValueError(f"balance {balance} must have one entry per process ({world})")
+        self.model = workload.model()
+        first = sum(balance[:rank])
+        self.stage_module = nn.Sequential(*list(self.model)[first:first + balance[rank]])
+        self.rank, self.world = rank, world
+        stage = PipelineStage(self.stage_module, rank, world, torch.device("cpu"))
+        kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[schedule]
+        self.schedule = kind(stage, n_microbatches=workload.chunks, loss_fn=loss_fn(), scale_grads=True)
+        self.x, self.y = workload.data()
+
+    def step(self) -> None:
+        zero_grad(self.stage_module)
+        if self.rank == 0:
+            self.schedule.step(self.x)
+        elif self.rank == self.world - 1:
+            losses: list[torch.Tensor] = []
+            self.schedule.step(target=self.y, losses=losses)
+        else:
+            self.schedule.step()
+
+
+class _DataParallel:
+    def __init__(self, workload: Workload, rank: int, world: int):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.model = workload.model()
+        self.ddp = DistributedDataParallel(self.model)
+        x, y = workload.data()
+        self.x, self.y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+        self.criterion = loss_fn()
+
+    def step(self) -> None:
+        zero_grad(self.model)
+        self.criterion(self.ddp(self.x), self.y).backward()
+
+
+def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any, results: Any) -> None:
+    try:
+        torch.set_num_threads(int(spec.get("threads", 1)))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=float(spec.get("timeout", 120))),
+        )
+        workload = Workload(**spec["workload"])
+        if spec["mode"] == "pipelining":
+            runner: Any = _Pipelining(workload, spec.get("schedule", "1f1b"), list(spec["balance"]), rank, world)
+        elif spec["mode"] == "ddp":
+            runner = _DataParallel(workload, rank, world)
+        else:
+            raise ValueError(f"unknown peer mode {spec['mode']!r}")
+        results.put(("ready", rank, {"threads": torch.get_num_threads()}))
+        while True:
+            command, argument = commands.get()
+            if command == "stop":
+                break
+            if command == "run":
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(int(argument)):
+                    runner.step()
+                dist.barrier()
+                results.put(("ok", rank, time.perf_counter() - start))
+            elif command == "grads":
+                runner.step()
+                grads = {
+                    name: p.grad.detach().numpy().copy()
+                    for name, p in runner.model.named_parameters()
+                    if p.grad is not None
+                }
+                results.put(("ok", rank, grads))
+            else:
+                raise ValueError(f"unknown command {command!r}")
+    except BaseException:  # noqa: BLE001 - the benchmark process reports it
+        results.put(("error", rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

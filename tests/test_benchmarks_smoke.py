@@ -1,0 +1,74 @@
+"""Smoke test of the benchmark suite: every benchmark at its tiniest, one round, no timing asserted.
+
+Each run must print its table and write ``<out>/<name>.json`` holding the
+common keys and its own. The two distributed benchmarks spawn 2 gloo
+processes on 127.0.0.1 (a few seconds each).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.config import RunConfig
+from benchmarks.suite import BENCHMARKS, main, run_one
+
+COMMON = {"benchmark", "machine", "title", "table", "targets", "level", "seconds"}
+SPECIFIC = {
+    "orchestration": {"calibration", "rows", "engine_floor"},
+    "pipeline1": {"workload", "rounds", "naive_over_pipeline", "naive_over_pipeline_checkpointed",
+                  "recompute_speed_ratio"},
+    "cpu_speedup": {"workload", "balance", "threads_seen", "rows"},
+    "torch_pipelining": {"workload", "balance", "ratio_pipesched_over_peer", "contenders", "gradients", "rounds"},
+    "ddp": {"workload", "ratio_pipesched_over_ddp", "winner", "contenders", "gradients", "rounds"},
+    "memory": {"part_a", "part_b"},
+}
+TABLE_MARKS = {
+    "orchestration": "replay/measured",
+    "pipeline1": "naive-1",
+    "cpu_speedup": "ideal 2m/(m+1)",
+    "torch_pipelining": "torch.distributed.pipelining",
+    "ddp": "DistributedDataParallel",
+    "memory": "measured/theory",
+}
+
+
+def test_every_benchmark_is_covered():
+    assert set(SPECIFIC) == set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_benchmark_tiny_run(name, tmp_path, capsys):
+    cfg = RunConfig(level="tiny", out_dir=tmp_path, rounds=1, verbose=False)
+    run_one(name, cfg)
+    printed = capsys.readouterr().out
+    assert TABLE_MARKS[name] in printed
+    document = json.loads((tmp_path / f"{name}.json").read_text())
+    missing = (COMMON | SPECIFIC[name]) - set(document)
+    assert not missing, f"{name}.json lacks {sorted(missing)}"
+    assert document["level"] == "tiny"
+    for target in document["targets"]:
+        assert target["verdict"] in ("PASS", "MISS")
+        assert {"name", "figure", "threshold"} <= set(target)
+    if "gradients" in document:  # the distributed peers' gradients equal the un-pipelined model's
+        for pair, diff in document["gradients"].items():
+            assert float(diff["relative"]) <= 1e-4, (pair, diff)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pipesched-")], "pipeline threads left running"
+
+
+def test_command_line(tmp_path, capsys):
+    assert main(["--list"]) == 0
+    assert "memory" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--only", "no-such-benchmark"])
+    assert main(["--tiny", "--only", "memory,pipeline1", "--out", str(tmp_path), "--rounds", "1"]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"memory.json", "pipeline1.json"}
+    assert "summary (tiny" in capsys.readouterr().out
