@@ -48,6 +48,11 @@ class StepContext:
     caller: CallerState = field(default_factory=CallerState)
     schedule: str = ""  # the schedule's name, for the timeline events
     clock_offset: float = 0.0  # this process's clock minus rank 0's (multi-process timelines)
+    training: list[bool] = field(default_factory=list)  # per stage, read once per step
+
+    def __post_init__(self) -> None:
+        if not self.training:
+            self.training = [stage is not None and _training(stage) for stage in self.stages]
     inputs: list[Boundary] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
     loss_fn: Callable[..., Tensor] | None = None
@@ -158,9 +163,8 @@ def _forward(
         leaves = tuple(_leaf(t, ctx.keep) for t in ctx.transport.receive(packet, rank))
     ctx.input_single[(stage, microbatch)] = single
     run = _stage_function(ctx, stage, microbatch, single)
-    module = ctx.stages[stage]
     (outputs, out_single), loss = ctx.checkpoint.forward(
-        stage, microbatch, rank, device, _training(module), leaves, lambda: run(leaves), ctx.keep
+        stage, microbatch, rank, device, ctx.training[stage], leaves, lambda: run(leaves), ctx.keep
     )
     if stage == ctx.num_stages - 1:
         if loss is not None:
