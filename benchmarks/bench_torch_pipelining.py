@@ -8,6 +8,8 @@ rank on both sides:
 * peer: ``torch.distributed.pipelining`` (``PipelineStage`` + ``Schedule1F1B``)
   in 2 gloo processes on 127.0.0.1;
 * pipesched: 2 CPU ranks (threads) in this process;
+* pipesched multi-process: ``DistributedPipeline`` in 2 gloo processes of its
+  own, the same transport and process layout as the peer (target >= 1.1);
 * baseline: the plain model on one thread running the same micro-batches,
   which puts both against the ideal two-stage speed-up 2m/(m+1).
 
@@ -45,6 +47,8 @@ NAME = "torch_pipelining"
 TITLE = "4. pipesched vs torch.distributed.pipelining (1F1B, 2 ranks, 1 thread each)"
 PEER = "torch.distributed.pipelining"
 TARGET = 1.3
+TARGET_PROCESSES = 1.1
+OURS_MP = "pipesched (2 processes)"
 
 
 def grad_rows(pairs: dict[str, dict[str, object]]) -> list[list[object]]:
@@ -69,17 +73,22 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     criterion = loss_fn()
     reference = reference_grads(workload)
     spec = {"mode": "pipelining", "workload": workload.as_dict(), "schedule": schedule, "balance": balance, "threads": 1}
+    ours_spec = {**spec, "mode": "pipesched"}
     with Pipeline(model, schedule=schedule, balance=balance, devices=["cpu", "cpu"], chunks=workload.chunks,
-                  checkpoint="never", loss_fn=criterion) as pipe, GlooPeers(spec) as peers:
+                  checkpoint="never", loss_fn=criterion) as pipe, GlooPeers(spec) as peers, \
+            GlooPeers(ours_spec) as ours_mp:
         cfg.log(f"peers ready on port {peers.port}: {peers.info}")
         zero_grad(model)
         pipe.step(x, y)
         ours = named_grads(model)
         theirs = peers.grads()
+        ours_processes = ours_mp.grads()
         grads = {
             "pipesched vs un-pipelined": grad_difference(ours, reference),
+            f"{OURS_MP} vs un-pipelined": grad_difference(ours_processes, reference),
             f"{PEER} vs un-pipelined": grad_difference(theirs, reference),
             f"pipesched vs {PEER}": grad_difference(ours, theirs),
+            f"{OURS_MP} vs {PEER}": grad_difference(ours_processes, theirs),
         }
 
         def pipesched_step() -> None:
@@ -89,6 +98,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         result = alternating_rounds(
             {
                 PEER: peers.run,
+                OURS_MP: ours_mp.run,
                 "pipesched": timed(pipesched_step),
                 "naive (same micro-batches, 1 thread)": timed(naive_step(model, criterion, x, y, workload.chunks)),
             },
@@ -99,6 +109,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     baseline = "naive (same micro-batches, 1 thread)"
     ideal = ideal_speedup(workload.chunks)
     ratio = result.ratio(PEER, "pipesched")  # pipesched samples/s ÷ peer samples/s
+    ratio_processes = result.ratio(PEER, OURS_MP)
     rows = []
     per_contender = {}
     for name in result.per_step:
@@ -112,6 +123,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         ])
     table = format_table(["contender", "ms/step", "samples/s", "speed-up vs naive", "of ideal"], rows, title=TITLE)
     table += f"\npipesched / {PEER} (samples/s ratio per round): {fmt(ratio)}"
+    table += f"\n{OURS_MP} / {PEER} (same processes, same gloo transport): {fmt(ratio_processes)}"
     table += "\n" + format_table(["gradients (one step, float32)", "max |diff|", "relative", f"match (<= {GRAD_RTOL:g})"],
                                  grad_rows(grads))
     table += (
@@ -120,6 +132,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         f"{rounds} alternating rounds x {steps} steps; median [min..max]"
     )
     targets = [Target(f"pipesched / {PEER} samples/s (1F1B, m={workload.chunks})", float(ratio["median"]), TARGET)]
+    targets.append(Target(f"{OURS_MP} / {PEER} samples/s (1F1B, m={workload.chunks})",
+                          float(ratio_processes["median"]), TARGET_PROCESSES))
     targets.append(Target("gradients: pipesched, peer and un-pipelined agree (1 = all match)",
                           float(all(grads_match(d) for d in grads.values())), 1.0))
     return {
@@ -130,6 +144,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "balance": balance,
         "peer_info": {str(k): v for k, v in peers.info.items()},
         "ratio_pipesched_over_peer": ratio,
+        "ratio_pipesched_processes_over_peer": ratio_processes,
         "contenders": per_contender,
         "gradients": grads,
         "rounds": result.as_dict(),

@@ -9,7 +9,9 @@ commands from its queue until ``stop``:
 * ``("grads", None)``: one step from zero gradients; replies this rank's
   parameter gradients by their names in the full model, as numpy arrays.
 
-Modes: ``"pipelining"`` (``torch.distributed.pipelining``: this rank's stage
+Modes: ``"pipesched"`` (this rank of a :class:`pipesched.distributed.DistributedPipeline`
+over the same model: pipesched's multi-process runtime), ``"pipelining"``
+(``torch.distributed.pipelining``: this rank's stage
 of the model under ``Schedule1F1B`` or ``ScheduleGPipe``, loss on the last
 stage, gradients scaled by 1/m so they equal the whole batch's mean loss) and
 ``"ddp"`` (``DistributedDataParallel`` over the full model, each rank on its
@@ -60,6 +62,22 @@ class _Pipelining:
             self.schedule.step()
 
 
+class _Pipesched:
+    """pipesched's multi-process runtime: this rank of a DistributedPipeline over the same model."""
+
+    def __init__(self, workload: Workload, schedule: str, balance: list[int]):
+        from pipesched.distributed import DistributedPipeline
+
+        self.model = workload.model()
+        self.pipe = DistributedPipeline(self.model, schedule=schedule, balance=balance, chunks=workload.chunks,
+                                        checkpoint="never", loss_fn=loss_fn())
+        self.x, self.y = workload.data()
+
+    def step(self) -> None:
+        zero_grad(self.pipe)
+        self.pipe.step(self.x, self.y)
+
+
 class _DataParallel:
     def __init__(self, workload: Workload, rank: int, world: int):
         from torch.nn.parallel import DistributedDataParallel
@@ -88,6 +106,8 @@ def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any,
         workload = Workload(**spec["workload"])
         if spec["mode"] == "pipelining":
             runner: Any = _Pipelining(workload, spec.get("schedule", "1f1b"), list(spec["balance"]), rank, world)
+        elif spec["mode"] == "pipesched":
+            runner = _Pipesched(workload, spec.get("schedule", "1f1b"), list(spec["balance"]))
         elif spec["mode"] == "ddp":
             runner = _DataParallel(workload, rank, world)
         else:
