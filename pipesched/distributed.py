@@ -266,6 +266,7 @@ class DistributedPipeline(nn.Module):
             local_error = error
             self._comm.fail(link, _describe(error, self.rank))
         self._comm.finish(link)
+        self._steps += 1  # every step, failed or not, gets its own message tags
 
         # 3. share the outcome: errors everywhere, the loss on every rank
         memory = ctx.checkpoint.memory[self.rank]
@@ -297,7 +298,6 @@ class DistributedPipeline(nn.Module):
         for norm in self._batch_norms:
             norm.commit()
         self._record(statuses, count, link.records)
-        self._steps += 1
         value, dtype = statuses[last]["loss"]
         return torch.tensor(value, dtype=getattr(torch, dtype))
 

@@ -49,10 +49,6 @@ class StepContext:
     schedule: str = ""  # the schedule's name, for the timeline events
     clock_offset: float = 0.0  # this process's clock minus rank 0's (multi-process timelines)
     training: list[bool] = field(default_factory=list)  # per stage, read once per step
-
-    def __post_init__(self) -> None:
-        if not self.training:
-            self.training = [stage is not None and _training(stage) for stage in self.stages]
     inputs: list[Boundary] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
     loss_fn: Callable[..., Tensor] | None = None
@@ -63,6 +59,10 @@ class StepContext:
     outputs: dict[int, Boundary] = field(default_factory=dict)
     input_grads: dict[int, tuple[Tensor | None, ...]] = field(default_factory=dict)
     input_single: dict[tuple[int, int], bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.training:
+            self.training = [stage is not None and _training(stage) for stage in self.stages]
 
     @property
     def num_stages(self) -> int:
