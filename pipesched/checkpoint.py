@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipesched.caller_state import SavedTensorHooks
 from pipesched.rng import RandomReplay, RngSnapshot
@@ -47,6 +47,18 @@ def make_policy(checkpoint: object) -> Callable[[int, int, int], bool]:
         f"checkpoint must be one of {', '.join(map(repr, POLICIES))} or a callable "
         f"(stage, microbatch) -> bool, got {checkpoint!r}"
     )
+
+
+def parameter_pointers(stages: Sequence[nn.Module | None]) -> list[frozenset[int]]:
+    """Per stage, the data pointers of its parameters and buffers: what is not an activation.
+
+    ``None`` (a stage another process owns) gets an empty set.
+    """
+    return [
+        frozenset() if stage is None
+        else frozenset(t.data_ptr() for t in (*stage.parameters(), *stage.buffers()))
+        for stage in stages
+    ]
 
 
 def _key(tensor: Tensor) -> tuple[int, int, int, Any]:

@@ -41,6 +41,7 @@ from pipesched.checkpoint import (
     CheckpointPolicy,
     RankMemory,
     make_policy,
+    parameter_pointers,
 )
 from pipesched.dist_comm import Communicator, RemoteStepError
 from pipesched.execute import StepContext
@@ -61,7 +62,7 @@ from pipesched.orchestrator import Orchestrator, StepStalled
 from pipesched.partition import check_balance, even_balance, split_module
 from pipesched.report import CommRecord, StepReport, TaskRecord
 from pipesched.rng import RandomReplay
-from pipesched.schedule import Plan, Schedule, validate_placement, validate_plan
+from pipesched.schedule import PlanCache, Schedule, validate_placement
 from pipesched.transport import Transport
 
 logger = structlog.get_logger("pipesched")
@@ -132,7 +133,7 @@ class DistributedPipeline(nn.Module):
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
         self._batch_norms = [m for m in self.local_stages.modules() if isinstance(m, DeferredBatchNorm)]
         self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
-        self._plans: dict[int, Plan] = {}
+        self._plan = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement)
         self._plan(self.chunks)
         self._random = RandomReplay()
         self._orchestrator = Orchestrator([self.device], stall_timeout, ranks=[self.rank])
@@ -177,14 +178,6 @@ class DistributedPipeline(nn.Module):
         raise TypeError(
             f"module must be an nn.Sequential or a dict {{stage: nn.Module}}, got {type(module).__name__}"
         )
-
-    def _plan(self, num_microbatches: int) -> Plan:
-        plan = self._plans.get(num_microbatches)
-        if plan is None:
-            raw = self.schedule.plan(self.num_stages, num_microbatches, self.num_ranks)
-            plan = validate_plan(raw, self.num_stages, num_microbatches, self.num_ranks, self.placement)
-            self._plans[num_microbatches] = plan
-        return plan
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
@@ -302,10 +295,7 @@ class DistributedPipeline(nn.Module):
         return torch.tensor(value, dtype=getattr(torch, dtype))
 
     def _context(self, count: int) -> StepContext:
-        exclude = [
-            frozenset(t.data_ptr() for t in (*stage.parameters(), *stage.buffers())) if stage is not None else frozenset()
-            for stage in self._stages
-        ]
+        exclude = parameter_pointers(self._stages)
         caller = CallerState.capture()
         manager = CheckpointManager(
             self._policy, count, self._random, exclude, [RankMemory() for _ in range(self.num_ranks)],

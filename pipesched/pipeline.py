@@ -15,7 +15,6 @@ or by 1 (``reduction == "sum"``).
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from pipesched.checkpoint import (
     CheckpointPolicy,
     RankMemory,
     make_policy,
+    parameter_pointers,
 )
 from pipesched.execute import StepContext
 from pipesched.grad_stash import GradientStash
@@ -56,7 +56,7 @@ from pipesched.partition import (
 )
 from pipesched.report import StepReport, TaskRecord
 from pipesched.rng import RandomReplay
-from pipesched.schedule import Plan, Schedule, validate_placement, validate_plan
+from pipesched.schedule import Plan, PlanCache, Schedule, validate_placement
 from pipesched.transport import Transport
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -131,7 +131,7 @@ class Pipeline(nn.Module):
         self.placement = validate_placement(
             schedule.placement(self.num_stages, self.num_ranks), self.num_stages, self.num_ranks
         )
-        self._plans: dict[int, Plan] = {}
+        self._plan = PlanCache(schedule, self.num_stages, self.num_ranks, self.placement)
         self._plan(chunks)  # refuse a shape the schedule cannot run before building anything
 
         if deferred_batch_norm:
@@ -176,14 +176,6 @@ class Pipeline(nn.Module):
                 devices = devices[:-1]
         return devices, even_balance(len(module), schedule.default_num_stages(len(devices)))
 
-    def _plan(self, num_microbatches: int) -> Plan:
-        plan = self._plans.get(num_microbatches)
-        if plan is None:
-            raw = self.schedule.plan(self.num_stages, num_microbatches, self.num_ranks)
-            plan = validate_plan(raw, self.num_stages, num_microbatches, self.num_ranks, self.placement)
-            self._plans[num_microbatches] = plan
-        return plan
-
     @property
     def stages(self) -> list[nn.Sequential]:
         """The stage modules (sharing layers with ``module``), in stage order."""
@@ -192,10 +184,7 @@ class Pipeline(nn.Module):
     # -------------------------------------------------------------- execution
 
     def _context(self, mode: str, num_microbatches: int, keep: bool) -> StepContext:
-        exclude = [
-            frozenset(t.data_ptr() for t in itertools.chain(stage.parameters(), stage.buffers()))
-            for stage in self._stages
-        ]
+        exclude = parameter_pointers(self._stages)
         memory = [RankMemory() for _ in range(self.num_ranks)]
         caller = CallerState.capture()
         manager = CheckpointManager(

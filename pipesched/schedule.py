@@ -25,6 +25,7 @@ __all__ = [
     "Action",
     "Deadlock",
     "Plan",
+    "PlanCache",
     "Schedule",
     "one_forward_one_backward",
     "require_one_stage_per_rank",
@@ -169,3 +170,27 @@ def validate_plan(
         raise ValueError(f"plan is missing {len(missing)} action(s): {shown}")
     replay(checked, num_stages)  # raises Deadlock
     return checked
+
+
+class PlanCache:
+    """The validated plan of a schedule for each micro-batch count, computed once.
+
+    A batch with fewer rows than ``chunks`` runs fewer micro-batches, so a
+    pipeline may need several plans; each is validated the first time it is
+    asked for, before any task of it runs.
+    """
+
+    def __init__(self, schedule: Schedule, num_stages: int, num_ranks: int, placement: Sequence[int]):
+        self.schedule = schedule
+        self.num_stages = num_stages
+        self.num_ranks = num_ranks
+        self.placement = list(placement)
+        self._plans: dict[int, Plan] = {}
+
+    def __call__(self, num_microbatches: int) -> Plan:
+        plan = self._plans.get(num_microbatches)
+        if plan is None:
+            raw = self.schedule.plan(self.num_stages, num_microbatches, self.num_ranks)
+            plan = validate_plan(raw, self.num_stages, num_microbatches, self.num_ranks, self.placement)
+            self._plans[num_microbatches] = plan
+        return plan
