@@ -27,56 +27,23 @@ Gantt chart PNG (needs matplotlib: ``pip install pipesched[plot]``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from pipesched.action import Action, Plan
 from pipesched.report import CommRecord, StepReport, TaskRecord
 from pipesched.schedule import Schedule
 from pipesched.simulate import IncompletePlan, lower_bound, peak_inflight, simulate
+from pipesched.tasklog import configure_jsonl_logging, read_jsonl
+from pipesched.timeline_export import chrome_trace, gantt_png
+from pipesched.units import nbytes, percent, seconds
 
 __all__ = ["Timeline", "TimelineAnalysis", "configure_jsonl_logging"]
 
-_MISSING_MATPLOTLIB = (
-    "Timeline.to_gantt_png needs matplotlib: install pipesched[plot] or pip install matplotlib"
-)
-
-
-def configure_jsonl_logging(path_or_file: str | os.PathLike[str] | IO[str], mode: str = "a") -> IO[str]:
-    """Configure structlog so every pipesched task event is one JSON line in ``path_or_file``.
-
-    Call it before ``pipe.step()``; the engine logs only when structlog is
-    configured. A path is opened with ``mode`` (``"a"`` appends, so several
-    runs can share a file; :meth:`Timeline.from_jsonl` picks a step). Returns
-    the open file, which the caller may close when done. This is the same as::
-
-        import structlog
-        structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
-                            logger_factory=structlog.WriteLoggerFactory(file=open("run.jsonl", "a")))
-
-    Note that this replaces the process's structlog configuration (processors
-    and logger factory); ``structlog.reset_defaults()`` undoes it.
-    """
-    import structlog
-
-    if isinstance(path_or_file, (str, os.PathLike)):
-        file: IO[str] = open(path_or_file, mode, encoding="utf-8")  # noqa: SIM115 - returned to the caller
-    elif callable(getattr(path_or_file, "write", None)):
-        file = path_or_file
-    else:
-        raise TypeError(
-            f"path_or_file must be a path or a text file open for writing, got {type(path_or_file).__name__}"
-        )
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
-        logger_factory=structlog.WriteLoggerFactory(file=file),
-    )
-    return file
 
 
 @dataclass(frozen=True)
@@ -136,25 +103,25 @@ class TimelineAnalysis:
         header = [
             f"schedule {self.schedule or '?'}: {self.num_stages} stages on {self.num_ranks} ranks, "
             f"{self.num_microbatches} micro-batches, {self.num_tasks} tasks",
-            f"measured makespan     {_seconds(self.measured_makespan)}",
-            f"replay makespan       {_seconds(self.replay_makespan)}  ({self.replayed}, measured task times, "
+            f"measured makespan     {seconds(self.measured_makespan)}",
+            f"replay makespan       {seconds(self.replay_makespan)}  ({self.replayed}, measured task times, "
             f"no overhead)",
-            f"runtime efficiency    {_percent(self.runtime_efficiency)}  (replay / measured)",
-            f"lower bound           {_seconds(self.lower_bound)}  (max of busiest rank, longest chain)",
-            f"schedule efficiency   {_percent(self.schedule_efficiency)}  (lower bound / replay)",
-            f"bubble                {_percent(self.bubble_over_total)} of total, "
-            f"{_percent(self.bubble_over_ideal)} of ideal  (idle / (ranks x makespan), idle / busy)",
-            f"stage balance         {_percent(self.stage_balance)}  (mean / max stage work)",
+            f"runtime efficiency    {percent(self.runtime_efficiency)}  (replay / measured)",
+            f"lower bound           {seconds(self.lower_bound)}  (max of busiest rank, longest chain)",
+            f"schedule efficiency   {percent(self.schedule_efficiency)}  (lower bound / replay)",
+            f"bubble                {percent(self.bubble_over_total)} of total, "
+            f"{percent(self.bubble_over_ideal)} of ideal  (idle / (ranks x makespan), idle / busy)",
+            f"stage balance         {percent(self.stage_balance)}  (mean / max stage work)",
         ]
         columns = ["rank", "busy", "busy %", "idle %", "peak in-flight", "peak activations"]
         rows = [
             [
                 str(rank),
-                _seconds(self.busy_seconds[rank]),
-                _percent(self.busy_fraction[rank]),
-                _percent(self.idle_fraction[rank]),
+                seconds(self.busy_seconds[rank]),
+                percent(self.busy_fraction[rank]),
+                percent(self.idle_fraction[rank]),
                 str(self.peak_inflight[rank]),
-                _bytes(self.peak_activation_bytes[rank] if self.peak_activation_bytes else None),
+                nbytes(self.peak_activation_bytes[rank] if self.peak_activation_bytes else None),
             ]
             for rank in range(self.num_ranks)
         ]
@@ -162,10 +129,6 @@ class TimelineAnalysis:
         lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
         lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
         return "\n".join(header + [""] + lines)
-
-
-#: Chrome-trace thread id of rank r's communication track: COMM_TRACK + r.
-COMM_TRACK = 1000
 
 
 class Timeline:
@@ -295,8 +258,8 @@ class Timeline:
         it. ``step`` as in :meth:`from_events`, applied to each log.
         """
         if isinstance(path, (str, os.PathLike)):
-            return cls.from_events(_read_jsonl(path), step=step)
-        parts = [cls.from_events(_read_jsonl(p), step=step) for p in path]
+            return cls.from_events(read_jsonl(path), step=step)
+        parts = [cls.from_events(read_jsonl(p), step=step) for p in path]
         if not parts:
             raise ValueError("from_jsonl needs at least one log path")
         steps = {part.step for part in parts}
@@ -403,105 +366,19 @@ class Timeline:
     # ----------------------------------------------------------------- exports
 
     def to_chrome_trace(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-        """Chrome/Perfetto trace: one complete (``"X"``) event per task, one track per rank.
+        """Chrome/Perfetto trace: one complete event per task, a track per rank (and its comm).
 
-        Times are microseconds from the first task's start. Written to ``path``
-        as JSON when given (open it at ui.perfetto.dev or chrome://tracing);
-        returned either way.
+        Written to ``path`` as JSON when given; returned either way. See
+        :func:`pipesched.timeline_export.chrome_trace`.
         """
-        origin = self.tasks[0].start
-        events: list[dict[str, Any]] = [
-            {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"pipesched {self.schedule or ''}".strip()}}
-        ]
-        for rank in range(self.num_ranks):
-            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": f"rank {rank}"}})
-            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": rank, "args": {"sort_index": rank}})
-        for t in self.tasks:
-            events.append({
-                "name": f"{t.kind}{t.stage}.{t.microbatch}",
-                "cat": "forward" if t.kind == "F" else "backward",
-                "ph": "X",
-                "ts": (t.start - origin) * 1e6,
-                "dur": (t.end - t.start) * 1e6,
-                "pid": 0,
-                "tid": t.rank,
-                "args": {"stage": t.stage, "microbatch": t.microbatch, "kind": t.kind},
-            })
-        for rank in sorted({c.rank for c in self.comm}):
-            tid = COMM_TRACK + rank
-            events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid,
-                           "args": {"name": f"rank {rank} comm"}})
-            events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": tid,
-                           "args": {"sort_index": rank + 0.5}})
-        for c in self.comm:
-            arrow = "to" if c.kind == "send" else "from"
-            events.append({
-                "name": f"{c.kind} {c.action} {arrow} rank {c.peer}",
-                "cat": "comm",
-                "ph": "X",
-                "ts": (c.start - origin) * 1e6,
-                "dur": max(c.end - c.start, 0.0) * 1e6,
-                "pid": 0,
-                "tid": COMM_TRACK + c.rank,
-                "args": {"peer": c.peer, "action": c.action, "bytes": c.nbytes},
-            })
-        trace = {"traceEvents": events, "displayTimeUnit": "ms"}
-        if path is not None:
-            Path(path).write_text(json.dumps(trace), encoding="utf-8")
-        return trace
+        return chrome_trace(self, path)
 
     def to_gantt_png(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
-        """Draw one row per rank, one bar per task (F blue, B orange), and save a PNG.
+        """A Gantt chart PNG, one row per rank (needs matplotlib: ``pipesched[plot]``).
 
-        Needs matplotlib (``pip install pipesched[plot]``); imported here so the
-        library does not depend on it. Uses the object API, not pyplot, so it
-        neither opens windows nor changes the caller's matplotlib backend.
+        See :func:`pipesched.timeline_export.gantt_png`.
         """
-        try:
-            from matplotlib.figure import Figure
-            from matplotlib.patches import Patch
-        except ImportError as error:
-            raise ImportError(_MISSING_MATPLOTLIB) from error
-
-        origin, span = self.tasks[0].start, self.makespan
-        scale, unit = (1e3, "ms") if span < 1.0 else (1.0, "s")
-        colors = {"F": "#4C72B0", "B": "#DD8452"}
-        inches, dpi = max(6.0, min(16.0, 4.0 + 0.45 * len(self.tasks) / self.num_ranks)), 120
-        figure = Figure(figsize=(inches, 1.0 + 0.5 * self.num_ranks), dpi=dpi)
-        axes = figure.add_subplot()
-        plot_px = 0.75 * inches * dpi  # roughly the axes' width; labels only where they fit
-        for t in self.tasks:
-            left, width = (t.start - origin) * scale, (t.end - t.start) * scale
-            axes.barh(t.rank, width, left=left, height=0.8, color=colors[t.kind], edgecolor="white", linewidth=0.5)
-            label = f"{t.kind}{t.stage}.{t.microbatch}"
-            if span > 0 and (t.end - t.start) / span * plot_px > 6.0 * len(label):
-                axes.text(left + width / 2, t.rank, label, ha="center", va="center", fontsize=7, color="white")
-        axes.set_yticks(range(self.num_ranks), [f"rank {r}" for r in range(self.num_ranks)])
-        axes.set_ylim(self.num_ranks - 0.5, -0.5)  # rank 0 on top
-        axes.set_xlabel(unit)
-        axes.legend(handles=[Patch(color=colors["F"], label="forward"), Patch(color=colors["B"], label="backward")],
-                    loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-        axes.set_title(title or f"{self.schedule or 'pipeline'}: makespan {_seconds(span)}")
-        figure.tight_layout()
-        path = Path(path)
-        figure.savefig(path, format="png", dpi=dpi)
-        return path
-
-
-def _read_jsonl(path: str | os.PathLike[str]) -> list[Any]:
-    events = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}:{number} is not JSON ({error.msg}); the log must be written by "
-                    f"structlog's JSONRenderer (see configure_jsonl_logging)"
-                ) from None
-    return events
+        return gantt_png(self, path, title=title)
 
 
 def _comm_record(event: Mapping[str, Any]) -> CommRecord:
@@ -531,28 +408,3 @@ def _at_least(name: str, given: int | None, needed: int) -> int:
 
 def _share(part: float, whole: float, empty: float = 0.0) -> float:
     return part / whole if whole > 0.0 else empty
-
-
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    if value >= 1.0:
-        return f"{value:.3f} s"
-    if value >= 1e-3:
-        return f"{value * 1e3:.3f} ms"
-    return f"{value * 1e6:.1f} us"
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100.0 * value:.1f} %"
-
-
-def _bytes(value: int | None) -> str:
-    if value is None:
-        return "n/a"
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{value} B"
