@@ -160,10 +160,44 @@ def scenario_timeline(rank: int, world: int, out: dict, directory: str) -> None:
         log.close()
 
 
+class Hang(nn.Module):
+    """Sleeps far longer than the stall timeout on its first call: a stuck user module."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds, self.calls = seconds, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 1:
+            import time
+
+            time.sleep(self.seconds)
+        return x
+
+
+def scenario_stall(rank: int, world: int, out: dict) -> None:
+    """A rank stuck in user code: every rank's watchdog says what it waits on."""
+    from pipesched import StepStalled
+    from pipesched.distributed import DistributedPipeline
+
+    layers = list(mlp(layers=2 * world + 1))
+    layers.insert(3, Hang(4.0))  # inside stage 1
+    x, y = data(4)
+    pipe = DistributedPipeline(nn.Sequential(*layers), schedule="1f1b", chunks=2, checkpoint="never",
+                               loss_fn=nn.CrossEntropyLoss(), stall_timeout=0.5)
+    try:
+        pipe.step(x, y)
+        out["stall"] = {"raised": None}
+    except StepStalled as error:
+        out["stall"] = {"raised": "StepStalled", "message": str(error)}
+
+
 SCENARIOS = {
     "gradients": scenario_gradients,
     "tuples": scenario_tuples_and_own_stages,
     "failure": scenario_failure,
+    "stall": scenario_stall,
 }
 
 
@@ -184,4 +218,6 @@ def entry(rank: int, world: int, port: int, names: list[str], directory: str) ->
     finally:
         with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
             json.dump(out, file)
+        if "stall" in names:  # a rank was left stuck: the group cannot be left cleanly
+            os._exit(0)
         dist.destroy_process_group()

@@ -60,7 +60,7 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-processes", "4-processes"])
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
-    names = ["gradients", "tuples", "failure", "timeline"]
+    names = ["gradients", "tuples", "failure", "timeline", "stall"]  # stall last: it leaves a rank stuck
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -98,6 +98,16 @@ def test_exception_on_one_rank_surfaces_on_every_rank(world):
             assert failure["raised"] == "RemoteStepError"
             assert "ValueError: injected failure, raised in forward F1.1" in failure["message"]
         assert failure["next_step_grad_error"] < 1e-12  # the pipeline works again
+
+
+def test_watchdog_names_what_each_rank_waits_on(world):
+    size, results, _ = world
+    messages = [r["stall"] for r in results]
+    assert all(m["raised"] == "StepStalled" for m in messages), messages
+    assert "rank 1 is running F1.0" in messages[1]["message"]
+    assert "rank 0 at B0.0 waits for B1.0" in messages[0]["message"]
+    if size > 2:  # a rank downstream of the stuck one waits for its activation
+        assert "rank 2 at F2.0 waits for F1.0" in messages[2]["message"]
 
 
 def test_per_rank_logs_merge_into_one_timeline(world):
