@@ -45,7 +45,6 @@ from pipesched.checkpoint import (
 )
 from pipesched.dist_comm import Communicator, RemoteStepError
 from pipesched.execute import StepContext
-from pipesched.grad_stash import GradientStash
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, scatter, split_sizes
 from pipesched.options import (
@@ -63,6 +62,7 @@ from pipesched.partition import check_balance, even_balance, split_module
 from pipesched.report import CommRecord, StepReport, TaskRecord
 from pipesched.rng import RandomReplay
 from pipesched.schedule import PlanCache, Schedule, validate_placement
+from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
 
 logger = structlog.get_logger("pipesched")
@@ -245,7 +245,7 @@ class DistributedPipeline(nn.Module):
 
         # 2. run the plan; a failure anywhere is sent on as error headers
         link = self._comm.begin(self._steps, plan, self.placement, self.num_stages, count, ctx.mailbox)
-        stash = GradientStash(self.parameters())
+        effects = StepEffects(self.parameters(), self._batch_norms)
         records: list[TaskRecord] = []
         try:
             if local_error is not None:
@@ -253,7 +253,7 @@ class DistributedPipeline(nn.Module):
             records = self._orchestrator.run(plan, ctx)
         except StepStalled as error:
             self._broken = str(error)
-            stash.rollback()
+            effects.rollback()
             raise
         except BaseException as error:  # noqa: BLE001 - reported to every rank below
             local_error = error
@@ -280,16 +280,12 @@ class DistributedPipeline(nn.Module):
         dist.all_gather_object(statuses, status, group=self.group)
 
         if local_error is not None or not all(s["ok"] for s in statuses):
-            stash.rollback()
-            for norm in self._batch_norms:
-                norm.discard()
+            effects.rollback()
             if local_error is not None and not isinstance(local_error, RemoteStepError):
                 raise local_error
             origin = next((s for s in statuses if not s["ok"] and not s["remote"]), None)
             raise RemoteStepError(origin["error"] if origin else statuses_error(statuses)) from local_error
-        stash.commit()
-        for norm in self._batch_norms:
-            norm.commit()
+        effects.commit()
         self._record(statuses, count, link.records)
         value, dtype = statuses[last]["loss"]
         return torch.tensor(value, dtype=getattr(torch, dtype))

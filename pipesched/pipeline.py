@@ -33,7 +33,6 @@ from pipesched.checkpoint import (
     parameter_pointers,
 )
 from pipesched.execute import StepContext
-from pipesched.grad_stash import GradientStash
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
 from pipesched.options import (
@@ -57,6 +56,7 @@ from pipesched.partition import (
 from pipesched.report import StepReport, TaskRecord
 from pipesched.rng import RandomReplay
 from pipesched.schedule import Plan, PlanCache, Schedule, validate_placement
+from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -206,24 +206,17 @@ class Pipeline(nn.Module):
     def _run(self, plan: Plan, ctx: StepContext, *, gradients: bool, statistics: bool) -> list[TaskRecord]:
         """Run ``plan``; on any failure leave ``.grad`` and batch-norm statistics as they were.
 
-        ``gradients``: the plan accumulates into ``.grad`` (see :mod:`pipesched.grad_stash`).
-        ``statistics``: the plan runs every forward of the batch, so deferred
-        batch norms commit their statistics once it succeeds.
+        ``gradients``: the plan accumulates into ``.grad``. ``statistics``: the
+        plan runs every forward of the batch, so deferred batch norms commit
+        their statistics once it succeeds (see :mod:`pipesched.step_effects`).
         """
-        stash = GradientStash(self.module.parameters()) if gradients else None
+        effects = StepEffects(self.module.parameters() if gradients else (), self._batch_norms)
         try:
             records = self._orchestrator.run(plan, ctx)
         except BaseException:
-            if stash is not None:
-                stash.rollback()
-            for norm in self._batch_norms:
-                norm.discard()
+            effects.rollback()
             raise
-        if stash is not None:
-            stash.commit()
-        if statistics:
-            for norm in self._batch_norms:
-                norm.commit()
+        effects.commit(statistics)
         return records
 
     def _split(self, inputs: Any) -> tuple[tuple[Tensor, ...], list[int], list[tuple[tuple[Tensor, ...], bool]]]:
