@@ -21,13 +21,14 @@ from benchmarks.bench_torch_pipelining import grad_rows
 from benchmarks.config import RunConfig
 from benchmarks.gloo_peers import GlooPeers
 from benchmarks.rounds import alternating_rounds, timed
-from benchmarks.stats import fmt, summary
+from benchmarks.stats import fmt
 from benchmarks.table import format_table
 from benchmarks.targets import Target
 from benchmarks.workloads import (
     GRAD_RTOL,
     Workload,
     grad_difference,
+    fresh_step,
     grads_match,
     loss_fn,
     naive_step,
@@ -69,14 +70,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             f"{DDP} vs un-pipelined": grad_difference(theirs, reference),
         }
 
-        def pipesched_step() -> None:
-            zero_grad(model)
-            pipe.step(x, y)
-
         result = alternating_rounds(
             {
                 DDP: peers.run,
-                "pipesched": timed(pipesched_step),
+                "pipesched": timed(fresh_step(pipe.step, model, x, y)),
                 baseline: timed(naive_step(model, criterion, x, y, 1)),
             },
             rounds=rounds,
@@ -84,13 +81,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             warmup=cfg.pick(tiny=1, quick=3, full=3),
         )
     ratio = result.ratio(DDP, "pipesched")  # pipesched samples/s ÷ DDP samples/s
-    rows, per_contender = [], {}
-    for name in result.per_step:
-        seconds = result.seconds(name)
-        samples = summary([workload.batch / s for s in result.per_step[name]])
-        speedup = result.ratio(baseline, name)
-        per_contender[name] = {"seconds_per_step": seconds, "samples_per_s": samples, "speedup_vs_baseline": speedup}
-        rows.append([name, fmt(seconds, 1, 1e3), fmt(samples, 0), fmt(speedup)])
+    per_contender = result.throughput(workload.batch, baseline)
+    rows = [
+        [name, fmt(c["seconds_per_step"], 1, 1e3), fmt(c["samples_per_s"], 0), fmt(c["speedup_vs_baseline"])]
+        for name, c in per_contender.items()
+    ]
     winner = "pipesched" if float(ratio["median"]) > 1 else DDP
     table = format_table(["contender", "ms/step", "samples/s", "speed-up vs whole batch"], rows, title=TITLE)
     table += f"\npipesched / {DDP} (samples/s ratio per round): {fmt(ratio)} -> {winner} wins here"

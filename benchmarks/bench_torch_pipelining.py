@@ -27,7 +27,7 @@ from benchmarks.bench_cpu_speedup import ideal_speedup
 from benchmarks.config import RunConfig
 from benchmarks.gloo_peers import GlooPeers
 from benchmarks.rounds import alternating_rounds, timed
-from benchmarks.stats import fmt, summary
+from benchmarks.stats import fmt
 from benchmarks.table import format_table
 from benchmarks.targets import Target
 from benchmarks.workloads import (
@@ -35,6 +35,7 @@ from benchmarks.workloads import (
     Workload,
     grad_difference,
     grads_match,
+    fresh_step,
     loss_fn,
     naive_step,
     named_grads,
@@ -91,15 +92,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             f"{OURS_MP} vs {PEER}": grad_difference(ours_processes, theirs),
         }
 
-        def pipesched_step() -> None:
-            zero_grad(model)
-            pipe.step(x, y)
-
         result = alternating_rounds(
             {
                 PEER: peers.run,
                 OURS_MP: ours_mp.run,
-                "pipesched": timed(pipesched_step),
+                "pipesched": timed(fresh_step(pipe.step, model, x, y)),
                 "naive (same micro-batches, 1 thread)": timed(naive_step(model, criterion, x, y, workload.chunks)),
             },
             rounds=rounds,
@@ -110,17 +107,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     ideal = ideal_speedup(workload.chunks)
     ratio = result.ratio(PEER, "pipesched")  # pipesched samples/s ÷ peer samples/s
     ratio_processes = result.ratio(PEER, OURS_MP)
-    rows = []
-    per_contender = {}
-    for name in result.per_step:
-        seconds = result.seconds(name)
-        samples = summary([workload.batch / s for s in result.per_step[name]])
-        speedup = result.ratio(baseline, name)
-        per_contender[name] = {"seconds_per_step": seconds, "samples_per_s": samples, "speedup_vs_baseline": speedup}
-        rows.append([
-            name, fmt(seconds, 1, 1e3), fmt(samples, 0),
-            fmt(speedup), "" if name == baseline else f"{float(speedup['median']) / ideal:.3f}",
-        ])
+    per_contender = result.throughput(workload.batch, baseline)
+    rows = [
+        [name, fmt(c["seconds_per_step"], 1, 1e3), fmt(c["samples_per_s"], 0), fmt(c["speedup_vs_baseline"]),
+         "" if name == baseline else f"{float(c['speedup_vs_baseline']['median']) / ideal:.3f}"]
+        for name, c in per_contender.items()
+    ]
     table = format_table(["contender", "ms/step", "samples/s", "speed-up vs naive", "of ideal"], rows, title=TITLE)
     table += f"\npipesched / {PEER} (samples/s ratio per round): {fmt(ratio)}"
     table += f"\n{OURS_MP} / {PEER} (same processes, same gloo transport): {fmt(ratio_processes)}"

@@ -51,6 +51,17 @@ class RoundsResult:
     def ratio(self, numerator: str, denominator: str) -> dict[str, float | int]:
         return summary(self.ratios(numerator, denominator))
 
+    def throughput(self, batch: int, baseline: str) -> dict[str, dict[str, dict[str, float | int]]]:
+        """Per contender: seconds per step, samples/s (``batch`` rows a step), speed-up over ``baseline``."""
+        return {
+            name: {
+                "seconds_per_step": self.seconds(name),
+                "samples_per_s": summary([batch / s for s in steps]),
+                "speedup_vs_baseline": self.ratio(baseline, name),
+            }
+            for name, steps in self.per_step.items()
+        }
+
     def as_dict(self) -> dict[str, object]:
         return {
             "steps_per_round": self.steps_per_round,

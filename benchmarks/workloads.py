@@ -54,6 +54,16 @@ def zero_grad(model: nn.Module) -> None:
         p.grad = None
 
 
+def fresh_step(pipe: Callable[[Tensor, Tensor], object], model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
+    """One pipeline step from zero gradients, as every contender starts its steps."""
+
+    def step() -> None:
+        zero_grad(model)
+        pipe(x, y)
+
+    return step
+
+
 def naive_step(model: nn.Module, criterion: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, chunks: int = 1) -> Callable[[], None]:
     """One step of the plain model: the same micro-batches as the pipeline, accumulated in a loop.
 
