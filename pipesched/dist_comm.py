@@ -85,7 +85,6 @@ class StepLink:
     records: list[CommRecord] = field(default_factory=list)
     receivers_done: list[threading.Event] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    broken: BaseException | None = None
 
     def tag(self, key: MessageKey, part: int) -> int:
         return message_tag(self.step, key[0], key[1], key[2], self.num_stages, self.num_microbatches, part)
@@ -225,7 +224,6 @@ class Communicator:
                     self.rank, peer, "recv", "%s%d.%d" % key, start, time.perf_counter(),
                     sum(b.numel() * b.element_size() for b in buffers if b is not None)))
         except BaseException as error:  # noqa: BLE001 - a broken connection: abort, never hang
-            link.broken = error
             mailbox.abort(RemoteStepError(f"lost the connection to rank {peer}: {error}"))
         finally:
             done.set()

@@ -58,7 +58,6 @@ class _RankOutcome:
     def __init__(self) -> None:
         self.records: list[TaskRecord] = []
         self.error: BaseException | None = None
-        self.failed_at: Action | None = None
         self.failed_time = 0.0
         self.done = anyio.Event()
         self.returned = threading.Event()  # the worker left the job (set from its thread)

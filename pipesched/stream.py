@@ -13,8 +13,6 @@ from collections.abc import Iterator
 
 import torch
 
-Stream = "torch.cuda.Stream | None"
-
 
 def new_stream(device: torch.device) -> torch.cuda.Stream | None:
     """A fresh stream on ``device`` (``None`` on the CPU)."""
