@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from pipesched.caller_state import SavedTensorHooks
-from pipesched.rng import RandomReplay, RngSnapshot
+from pipesched.rng import StepRandom
 
 CheckpointPolicy = Union[str, Callable[[int, int], bool]]
 POLICIES = ("always", "except_last", "never")
@@ -133,7 +133,6 @@ class Held:
 
     inputs: tuple[Tensor, ...]
     result: Any  # the forward's result with its graph, or None when checkpointed
-    snapshot: RngSnapshot | None
     nbytes: int
 
 
@@ -160,26 +159,21 @@ class CheckpointManager:
     ``exclude[stage]`` holds the data pointers of the stage's parameters and
     buffers (not activations). Each rank's worker only touches its own
     stages' entries and its own :class:`RankMemory`, so no lock is needed.
+    Random draws go through ``random`` (:mod:`pipesched.rng`): a forward and
+    its recompute run on the same (stage, micro-batch) stream, so no
+    generator state is kept in between.
     """
 
     policy: Callable[[int, int, int], bool]
     num_microbatches: int
-    random: RandomReplay
+    random: StepRandom
     exclude: list[frozenset[int]]
     memory: list[RankMemory]
     user_hooks: SavedTensorHooks | None = None
     held: dict[tuple[int, int], Held] = field(default_factory=dict)
 
     def forward(
-        self,
-        stage: int,
-        microbatch: int,
-        rank: int,
-        device: torch.device,
-        training: bool,
-        inputs: tuple[Tensor, ...],
-        run: Callable[[], Any],
-        keep: bool,
+        self, stage: int, microbatch: int, rank: int, inputs: tuple[Tensor, ...], run: Callable[[], Any], keep: bool
     ) -> Any:
         """Run ``run()`` (the stage forward on ``inputs``) for the first time.
 
@@ -188,27 +182,27 @@ class CheckpointManager:
         ``inputs``; otherwise the graph is kept and its saved tensors metered.
         """
         if not keep:
-            return self.random.first_run(stage, training, device, False, run)[0]
+            return self.random.run(stage, microbatch, run)
         checkpointed = self.policy(stage, microbatch, self.num_microbatches)
         meter = _SavedTensorMeter(self.exclude[stage], self.user_hooks)
         meter.add(inputs)
         if checkpointed:
             with torch.no_grad():
-                result, snapshot = self.random.first_run(stage, training, device, True, run)
+                result = self.random.run(stage, microbatch, run)
             kept = None
         else:
             with meter.hooks():
-                result, snapshot = self.random.first_run(stage, training, device, False, run)
+                result = self.random.run(stage, microbatch, run)
             kept = result
-        self.held[(stage, microbatch)] = Held(inputs, kept, snapshot, meter.total)
+        self.held[(stage, microbatch)] = Held(inputs, kept, meter.total)
         self.memory[rank].grow(meter.total, microbatches=1)
         return result
 
     def for_backward(self, stage: int, microbatch: int, rank: int, run: Callable[[tuple[Tensor, ...]], Any]) -> tuple[tuple[Tensor, ...], Any]:
         """The inputs and graph-carrying result of a forward, recomputing it if checkpointed.
 
-        ``run(inputs)`` repeats the forward; it is called under the first run's
-        random state. Call :meth:`release` once the backward is done.
+        ``run(inputs)`` repeats the forward, on the same random stream as the
+        first run. Call :meth:`release` once the backward is done.
         """
         held = self.held[(stage, microbatch)]
         if held.result is not None:
@@ -216,7 +210,7 @@ class CheckpointManager:
         inputs = tuple(_fresh_leaf(x) for x in held.inputs)
         meter = _SavedTensorMeter(self.exclude[stage] | {x.data_ptr() for x in held.inputs}, self.user_hooks)
         with torch.enable_grad(), meter.hooks(), _recomputing_scope():
-            result = self.random.replay(held.snapshot, lambda: run(inputs))
+            result = self.random.run(stage, microbatch, lambda: run(inputs))
         held.nbytes += meter.total
         self.memory[rank].grow(meter.total)
         return inputs, result

@@ -44,7 +44,7 @@ from pipesched.checkpoint import (
     parameter_pointers,
 )
 from pipesched.dist_comm import Communicator, RemoteStepError
-from pipesched.execute import StepContext
+from pipesched.execute import StepContext, training_flags
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, scatter, split_sizes
 from pipesched.options import (
@@ -60,7 +60,7 @@ from pipesched.options import (
 from pipesched.orchestrator import Orchestrator, StepStalled
 from pipesched.partition import check_balance, even_balance, split_module
 from pipesched.report import CommRecord, StepReport, TaskRecord
-from pipesched.rng import RandomReplay
+from pipesched.rng import RandomStreams
 from pipesched.schedule import PlanCache, Schedule, validate_placement
 from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
@@ -135,7 +135,7 @@ class DistributedPipeline(nn.Module):
         self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
         self._plan = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement)
         self._plan(self.chunks)
-        self._random = RandomReplay()
+        self._random = RandomStreams()
         self._orchestrator = Orchestrator([self.device], stall_timeout, ranks=[self.rank])
         streams = [self._orchestrator.workers[0].stream] * self.num_ranks
         self._transport = Transport([self.device] * self.num_ranks, streams)
@@ -293,8 +293,10 @@ class DistributedPipeline(nn.Module):
     def _context(self, count: int) -> StepContext:
         exclude = parameter_pointers(self._stages)
         caller = CallerState.capture()
+        training = training_flags(self._stages)
+        random = self._random.step(self._stages, [self.device] * self.num_stages, training)
         manager = CheckpointManager(
-            self._policy, count, self._random, exclude, [RankMemory() for _ in range(self.num_ranks)],
+            self._policy, count, random, exclude, [RankMemory() for _ in range(self.num_ranks)],
             caller.saved_tensor_hooks,
         )
         return StepContext(
@@ -309,6 +311,7 @@ class DistributedPipeline(nn.Module):
             caller=caller,
             schedule=self.schedule.name,
             clock_offset=self.clock_offset,
+            training=training,
         )
 
     def _record(self, statuses: list[Any], count: int, comm: list[CommRecord]) -> None:

@@ -62,7 +62,7 @@ class StepContext:
 
     def __post_init__(self) -> None:
         if not self.training:
-            self.training = [stage is not None and _training(stage) for stage in self.stages]
+            self.training = training_flags(self.stages)
 
     @property
     def num_stages(self) -> int:
@@ -128,6 +128,11 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, single: bool)
     return run
 
 
+def training_flags(stages: Sequence[nn.Module | None]) -> list[bool]:
+    """Per stage, whether it runs in training mode (``False`` for a stage not in this process)."""
+    return [stage is not None and _training(stage) for stage in stages]
+
+
 def _training(stage: nn.Module) -> bool:
     """Whether any layer of the stage is in training mode.
 
@@ -164,7 +169,7 @@ def _forward(
     ctx.input_single[(stage, microbatch)] = single
     run = _stage_function(ctx, stage, microbatch, single)
     (outputs, out_single), loss = ctx.checkpoint.forward(
-        stage, microbatch, rank, device, ctx.training[stage], leaves, lambda: run(leaves), ctx.keep
+        stage, microbatch, rank, leaves, lambda: run(leaves), ctx.keep
     )
     if stage == ctx.num_stages - 1:
         if loss is not None:

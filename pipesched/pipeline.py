@@ -32,7 +32,7 @@ from pipesched.checkpoint import (
     make_policy,
     parameter_pointers,
 )
-from pipesched.execute import StepContext
+from pipesched.execute import StepContext, training_flags
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
 from pipesched.options import (
@@ -54,7 +54,7 @@ from pipesched.partition import (
     split_module,
 )
 from pipesched.report import StepReport, TaskRecord
-from pipesched.rng import RandomReplay
+from pipesched.rng import RandomStreams
 from pipesched.schedule import Plan, PlanCache, Schedule, validate_placement
 from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
@@ -140,7 +140,7 @@ class Pipeline(nn.Module):
         self._stages = split_module(module, self.balance)
         for stage, rank in zip(self._stages, self.placement):
             stage.to(self.devices[rank])
-        self._random = RandomReplay()
+        self._random = RandomStreams()
         self._orchestrator = Orchestrator(self.devices, stall_timeout)
         self._transport = Transport(self.devices, self._orchestrator.compute_streams)
         self._finalizer = weakref.finalize(self, self._orchestrator.close)
@@ -187,8 +187,11 @@ class Pipeline(nn.Module):
         exclude = parameter_pointers(self._stages)
         memory = [RankMemory() for _ in range(self.num_ranks)]
         caller = CallerState.capture()
+        training = training_flags(self._stages)
+        devices = [self.devices[rank] for rank in self.placement]
+        random = self._random.step(self._stages, devices, training)
         manager = CheckpointManager(
-            self._policy, num_microbatches, self._random, exclude, memory, caller.saved_tensor_hooks
+            self._policy, num_microbatches, random, exclude, memory, caller.saved_tensor_hooks
         )
         return StepContext(
             mode=mode,
@@ -201,6 +204,7 @@ class Pipeline(nn.Module):
             keep=keep,
             caller=caller,
             schedule=self.schedule.name,
+            training=training,
         )
 
     def _run(self, plan: Plan, ctx: StepContext, *, gradients: bool, statistics: bool) -> list[TaskRecord]:

@@ -48,20 +48,6 @@ def test_one_drawing_rank_gives_identical_results_under_every_policy(schedule):
         assert torch.equal(state, state0), "the global random stream was disturbed"
 
 
-def test_recompute_with_one_microbatch_equals_unpipelined_dropout():
-    """One micro-batch, one drawing stage: the draws happen exactly as in the plain model."""
-    x, y = data()
-    model = dropout_model()
-    ref = copy.deepcopy(model)
-    torch.manual_seed(99)
-    nn.CrossEntropyLoss()(ref(x), y).backward()
-    torch.manual_seed(99)
-    with Pipeline(model, schedule="gpipe", balance=[3, 3], chunks=1, checkpoint="always",
-                  loss_fn=nn.CrossEntropyLoss()) as pipe:
-        pipe.step(x, y)
-    assert_grads_equal(model, [p.grad for p in ref.parameters()])
-
-
 class RecordingNoise(nn.Module):
     """Multiplies by a random mask and records the mask of every first run and recompute."""
 
@@ -96,20 +82,6 @@ def test_replay_exact_while_every_rank_draws_concurrently(schedule, balance):
     for phases in pairs:
         assert set(phases) == {"first", "recompute"}
         assert torch.equal(phases["first"], phases["recompute"])
-
-
-def test_stages_that_draw_nothing_are_probed_once_and_skip_the_lock():
-    x, y = data()
-    model = dropout_model()
-    with Pipeline(model, schedule="1f1b", balance=[3, 3], chunks=4, checkpoint="always",
-                  loss_fn=nn.CrossEntropyLoss()) as pipe:
-        pipe.step(x, y)
-        assert pipe._random.draws(0, True) is True
-        assert pipe._random.draws(1, True) is False
-        model.eval()  # dropout off: stage 0 is probed again for eval mode
-        with torch.no_grad():
-            pipe(x)
-        assert pipe._random.draws(0, False) is False
 
 
 class TestMeasuredMemory:
