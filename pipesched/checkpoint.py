@@ -134,6 +134,7 @@ class Held:
     inputs: tuple[Tensor, ...]
     result: Any  # the forward's result with its graph, or None when checkpointed
     nbytes: int
+    saved: frozenset[int] = frozenset()  # data pointers of what autograd saved (kept graphs)
 
 
 @dataclass
@@ -194,9 +195,15 @@ class CheckpointManager:
             with meter.hooks():
                 result = self.random.run(stage, microbatch, run)
             kept = result
-        self.held[(stage, microbatch)] = Held(inputs, kept, meter.total)
+        saved = frozenset(key[0] for key in meter.seen) if kept is not None else frozenset()
+        self.held[(stage, microbatch)] = Held(inputs, kept, meter.total, saved)
         self.memory[rank].grow(meter.total, microbatches=1)
         return result
+
+    def saved_for_backward(self, stage: int, microbatch: int, tensor: Tensor) -> bool:
+        """Whether (stage, micro-batch)'s kept graph saved ``tensor``'s data (it must stay)."""
+        held = self.held.get((stage, microbatch))
+        return held is not None and tensor.data_ptr() in held.saved
 
     def for_backward(self, stage: int, microbatch: int, rank: int, run: Callable[[tuple[Tensor, ...]], Any]) -> tuple[tuple[Tensor, ...], Any]:
         """The inputs and graph-carrying result of a forward, recomputing it if checkpointed.

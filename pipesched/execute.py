@@ -178,18 +178,66 @@ def _forward(
             ctx.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_single)
         return start, clock()
     packet = ctx.transport.send(outputs, rank, ctx.placement[stage + 1])
+    _drop_sent_outputs(outputs, lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t))
     end = clock()
     ctx.mailbox.activations[(stage, microbatch)].put((packet, out_single))
     return start, end
 
 
+def _run_backward(roots: list[Tensor], grads: list[Tensor | None]) -> None:
+    """``torch.autograd.backward(roots, grads)`` for roots whose data was dropped after sending.
+
+    ``torch.autograd.backward`` compares each gradient's shape with its root's
+    current shape, which :func:`_drop_sent_outputs` emptied; the engine itself
+    checks gradients against the shapes its graph recorded, so it is called
+    directly (as Megatron-LM's ``custom_backward`` does).
+    """
+    if any(g is None for g in grads):  # only the loss: a scalar root seeded with 1
+        torch.autograd.backward(roots, grads)
+        return
+    torch.autograd.Variable._execution_engine.run_backward(  # type: ignore[attr-defined]
+        tuple(roots), tuple(grads), False, False, (), True, True
+    )
+
+
+def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bool]) -> None:
+    """Let the producer forget the data of outputs it has sent; keep their autograd nodes.
+
+    The backward of (stage, micro-batch) needs its outputs' ``grad_fn`` (the
+    roots of its graph), not their values, unless the graph saved an output
+    itself (a final ReLU or tanh saves its result: ``saved`` says so, from
+    the checkpoint manager's saved-tensor meter); those keep their data.
+    The sent copy (on the CPU: the same storage, as the consumer's input) is
+    the consumer's to keep, so the storage dies with the consumer's backward
+    instead of living until the producer's (Megatron-LM frees pipeline outputs
+    the same way). Leaves and views keep their data: a leaf has no node to
+    keep, and a view's storage belongs to its base.
+    """
+    for output in outputs:
+        if output.grad_fn is not None and output._base is None and not saved(output):
+            output.data = torch.empty(0, dtype=output.dtype, device=output.device)
+
+
 def _backward(
     ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Callable[[], float]
 ) -> tuple[float, float]:
-    """Run B(stage, micro-batch); return its start and end times (end before posting)."""
+    """Run B(stage, micro-batch); return its start and end times (end before posting).
+
+    A checkpointed forward is recomputed *before* waiting for the incoming
+    gradient: the recompute needs only the stage input, which is already
+    here, so it fills time the rank would otherwise spend waiting instead of
+    delaying the critical path (torchgpipe splits Checkpoint and Recompute for
+    the same reason). The record starts at the later of the recompute's start
+    and the gradient's arrival, so no task appears to start before its
+    input's producer ended; recompute time spent while waiting is bubble put
+    to use.
+    """
     last = stage == ctx.num_stages - 1
+    run = _stage_function(ctx, stage, microbatch, ctx.input_single[(stage, microbatch)])
+    began = clock()
+    inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(stage, microbatch, rank, run)
     if last:
-        start = clock()
+        start = began
         grads: tuple[Tensor | None, ...] = ()
         if ctx.mode != "train":
             grads = tuple(
@@ -197,19 +245,20 @@ def _backward(
                 for g in ctx.grad_outputs[microbatch]
             )
     else:
-        packet = ctx.mailbox.gradients[(stage + 1, microbatch)].get()
-        start = clock()
-        grads = ctx.transport.receive(packet, rank)
-    run = _stage_function(ctx, stage, microbatch, ctx.input_single[(stage, microbatch)])
-    inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(stage, microbatch, rank, run)
+        slot = ctx.mailbox.gradients[(stage + 1, microbatch)]
+        grads = ctx.transport.receive(slot.get(), rank)
+        start = max(began, slot.filled_at)
     if last and ctx.mode == "train":
         roots, root_grads = ([loss], [None]) if loss is not None and loss.requires_grad else ([], [])
     else:
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
+    del outputs, loss, grads
     if roots:
-        torch.autograd.backward(roots, root_grads)
+        _run_backward(roots, root_grads)
+    del roots, root_grads
     input_grads = tuple(x.grad if x.requires_grad else None for x in inputs)
+    del inputs
     ctx.checkpoint.release(stage, microbatch, rank)
     if stage == 0:
         ctx.input_grads[microbatch] = input_grads

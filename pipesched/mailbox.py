@@ -1,7 +1,10 @@
-"""Where one rank leaves a value for another: one write-once slot per transfer.
+"""Where one rank leaves a value for another: one write-once, read-once slot per transfer.
 
 A worker that needs an input blocks on that input's slot, so data passes rank
-to rank without waking the event loop. Aborting a step sets every slot at once:
+to rank without waking the event loop. Every transfer has exactly one reader,
+so a slot hands its value over and forgets it: once the consumer is done with
+an activation or a gradient, nothing else keeps it alive until the step ends
+(a schedule's memory bound holds in real bytes, not only in the meter). Aborting a step sets every slot at once:
 each waiting worker wakes, sees the abort and stops at its next action
 boundary, so a failure anywhere can never leave a rank blocked forever.
 """
@@ -9,6 +12,7 @@ boundary, so a failure anywhere can never leave a rank blocked forever.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 
@@ -26,7 +30,7 @@ class Slot:
     release tolerates a lock that is already open.
     """
 
-    __slots__ = ("_gate", "_value", "_filled", "_mailbox")
+    __slots__ = ("_gate", "_value", "_filled", "_mailbox", "filled_at")
 
     def __init__(self, mailbox: Mailbox):
         self._gate = threading.Lock()
@@ -34,23 +38,28 @@ class Slot:
         self._value: Any = None
         self._filled = False
         self._mailbox = mailbox
+        self.filled_at = 0.0  # time.perf_counter() of the put: when the consumer could start
 
     @property
     def ready(self) -> bool:
+        """The value was delivered (it may already have been taken)."""
         return self._filled and not self._mailbox.aborted
 
     def put(self, value: Any) -> None:
         self._value = value
+        self.filled_at = time.perf_counter()
         self._filled = True
         self._open()
 
     def get(self) -> Any:
+        """Wait for the value and take it: the slot drops its reference (one reader per slot)."""
         if not self._filled:
             self._gate.acquire()
-            self._open()  # leave it open for any later reader
+            self._open()  # leave it open: an abort may race with us
         if self._mailbox.aborted:
             raise StepAborted(self._mailbox.abort_reason)
-        return self._value
+        value, self._value = self._value, None
+        return value
 
     def _open(self) -> None:
         try:
