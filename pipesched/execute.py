@@ -27,6 +27,7 @@ from pipesched.caller_state import CallerState
 from pipesched.checkpoint import CheckpointManager
 from pipesched.mailbox import Mailbox
 from pipesched.report import TaskRecord
+from pipesched.stream import TaskClock
 from pipesched.transport import Transport
 
 #: A value crossing a stage boundary: its tensors, and whether it was a bare Tensor.
@@ -70,12 +71,21 @@ class StepContext:
 
 
 def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: list[TaskRecord]) -> None:
-    """Run ``actions`` in order on the calling (worker) thread, appending a record per task."""
-    clock = time.perf_counter
+    """Run ``actions`` in order on the calling (worker) thread, appending a record per task.
+
+    Records are appended as tasks finish (the watchdog counts them); on a
+    CUDA rank they are rewritten with device times once the rank is done
+    (:class:`~pipesched.stream.TaskClock`).
+    """
+    device = ctx.devices[rank]
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    clock = TaskClock(stream)
+    first = len(records)
     for action in actions:
         task = _forward if action.kind == "F" else _backward
         start, end = task(ctx, rank, action.stage, action.microbatch, clock)
         records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))
+    clock.finish(records, first)
 
 
 def _as_boundary(value: object, stage: int) -> Boundary:
@@ -149,7 +159,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def _forward(
-    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Callable[[], float]
+    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: TaskClock
 ) -> tuple[float, float]:
     """Run F(stage, micro-batch); return its start and end times.
 
@@ -159,13 +169,14 @@ def _forward(
     device = ctx.devices[rank]
     if stage == 0:
         tensors, single = ctx.inputs[microbatch]
-        start = clock()
+        start = clock.start()
         tensors = tuple(t.to(device, non_blocking=True) for t in tensors)
         leaves = tuple(_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
     else:
         packet, single = ctx.mailbox.activations[(stage - 1, microbatch)].get()
-        start = clock()
-        leaves = tuple(_leaf(t, ctx.keep) for t in ctx.transport.receive(packet, rank))
+        received = ctx.transport.receive(packet, rank)
+        start = clock.start()
+        leaves = tuple(_leaf(t, ctx.keep) for t in received)
     ctx.input_single[(stage, microbatch)] = single
     run = _stage_function(ctx, stage, microbatch, single)
     (outputs, out_single), loss = ctx.checkpoint.forward(
@@ -176,10 +187,10 @@ def _forward(
             ctx.losses[microbatch] = loss.detach()
         else:
             ctx.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_single)
-        return start, clock()
+        return start, clock.end()
     packet = ctx.transport.send(outputs, rank, ctx.placement[stage + 1])
     _drop_sent_outputs(outputs, lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t))
-    end = clock()
+    end = clock.end()
     ctx.mailbox.activations[(stage, microbatch)].put((packet, out_single))
     return start, end
 
@@ -219,7 +230,7 @@ def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bo
 
 
 def _backward(
-    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: Callable[[], float]
+    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: TaskClock
 ) -> tuple[float, float]:
     """Run B(stage, micro-batch); return its start and end times (end before posting).
 
@@ -230,11 +241,11 @@ def _backward(
     the same reason). The record starts at the later of the recompute's start
     and the gradient's arrival, so no task appears to start before its
     input's producer ended; recompute time spent while waiting is bubble put
-    to use.
+    to use. (On CUDA the device start is when the rank's stream has both.)
     """
     last = stage == ctx.num_stages - 1
     run = _stage_function(ctx, stage, microbatch, ctx.input_single[(stage, microbatch)])
-    began = clock()
+    began = clock.start() if last else time.perf_counter()
     inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(stage, microbatch, rank, run)
     if last:
         start = began
@@ -247,7 +258,7 @@ def _backward(
     else:
         slot = ctx.mailbox.gradients[(stage + 1, microbatch)]
         grads = ctx.transport.receive(slot.get(), rank)
-        start = max(began, slot.filled_at)
+        start = clock.start(host=max(began, slot.filled_at))
     if last and ctx.mode == "train":
         roots, root_grads = ([loss], [None]) if loss is not None and loss.requires_grad else ([], [])
     else:
@@ -262,8 +273,8 @@ def _backward(
     ctx.checkpoint.release(stage, microbatch, rank)
     if stage == 0:
         ctx.input_grads[microbatch] = input_grads
-        return start, clock()
+        return start, clock.end()
     packet = ctx.transport.send(input_grads, rank, ctx.placement[stage - 1])
-    end = clock()
+    end = clock.end()
     ctx.mailbox.gradients[(stage, microbatch)].put(packet)
     return start, end

@@ -34,6 +34,7 @@ from pipesched.action import Action, dependencies
 from pipesched.execute import StepContext, run_rank
 from pipesched.mailbox import StepAborted
 from pipesched.report import TaskRecord
+from pipesched.stream import StreamFence
 from pipesched.worker import Worker
 
 logger = structlog.get_logger("pipesched")
@@ -127,7 +128,9 @@ class Orchestrator:
                     f"wait for it to return, or build a new Pipeline"
                 )
             self._stuck = None
-        future = asyncio.run_coroutine_threadsafe(self._run(plan, ctx), self._loop)
+        fence = StreamFence(self.devices)
+        fence.enter()
+        future = asyncio.run_coroutine_threadsafe(self._run(plan, ctx, fence), self._loop)
         try:
             records = future.result()
         except BaseException:
@@ -136,13 +139,15 @@ class Orchestrator:
                 with contextlib.suppress(BaseException):
                     future.result()
             raise
+        finally:
+            fence.exit()
         self.steps += 1
         return records
 
-    async def _run(self, plan: Sequence[Sequence[Action]], ctx: StepContext) -> list[TaskRecord]:
+    async def _run(self, plan: Sequence[Sequence[Action]], ctx: StepContext, fence: StreamFence) -> list[TaskRecord]:
         outcomes = {rank: _RankOutcome() for rank in self.ranks}
         for worker in self.workers:
-            worker.submit(self._job(ctx, worker.rank, plan[worker.rank], outcomes[worker.rank]))
+            worker.submit(self._job(ctx, worker, plan[worker.rank], outcomes[worker.rank], fence))
         stalled: list[StepStalled] = []
         async with anyio.create_task_group() as group:
 
@@ -213,10 +218,13 @@ class Orchestrator:
         stalled.append(error)
         scope.cancel()
 
-    def _job(self, ctx: StepContext, rank: int, actions: Sequence[Action], outcome: _RankOutcome):  # type: ignore[no-untyped-def]
+    def _job(self, ctx: StepContext, worker: Worker, actions: Sequence[Action], outcome: _RankOutcome,  # type: ignore[no-untyped-def]
+             fence: StreamFence):
         loop = self._loop
+        rank = worker.rank
 
         def job() -> None:
+            fence.rank_begins(worker.device, worker.stream)
             try:
                 with ctx.caller.job_scope():
                     run_rank(ctx, rank, actions, outcome.records)
@@ -229,6 +237,7 @@ class Orchestrator:
                     action = actions[done] if done < len(actions) else None
                     _annotate(error, action, rank)
             finally:
+                fence.rank_ends(worker.stream)
                 outcome.returned.set()
                 with contextlib.suppress(RuntimeError):  # loop already stopped by close()
                     loop.call_soon_threadsafe(outcome.done.set)

@@ -73,3 +73,118 @@ def test_one_f_one_b_allocates_less_than_gpipe_on_the_device():
             torch.cuda.synchronize()
             peaks[schedule] = torch.cuda.max_memory_allocated() - base
     assert peaks["1f1b"] < peaks["gpipe"]
+
+
+class SleepKernel(nn.Module):
+    """Identity that first keeps its stream busy for ``cycles`` GPU cycles (host returns at once)."""
+
+    def __init__(self, cycles: int):
+        super().__init__()
+        self.cycles = cycles
+
+    def forward(self, x):
+        torch.cuda._sleep(self.cycles)
+        return x * 1.0
+
+
+def kernel_seconds(cycles: int) -> float:
+    """What ``torch.cuda._sleep(cycles)`` takes on the device, measured with events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_ranks_wait_for_inputs_the_caller_is_still_writing(schedule):
+    """A long kernel on the caller's stream, then the input's last write, then step(): no race.
+
+    Without the fence the ranks' streams read ``x`` before the caller's
+    stream has filled it. No synchronize() in between, as users write it.
+    """
+    model = mlp(layers=6).to("cuda:0")
+    reference = mlp(layers=6).to("cuda:0")
+    y = torch.randint(0, 4, (16,), device="cuda:0")
+    with Pipeline(model, schedule=schedule, balance=[3, 3], devices=["cuda:0", "cuda:0"], chunks=4,
+                  checkpoint="never", loss_fn=nn.CrossEntropyLoss()) as pipe:
+        x = torch.zeros(16, 8, dtype=torch.float64, device="cuda:0")
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of the caller's stream
+        x.fill_(0.5)
+        loss = pipe.step(x, y)
+        expected = nn.CrossEntropyLoss()(reference(torch.full_like(x, 0.5)), y)
+        assert abs(loss.item() - expected.item()) < 1e-10
+
+
+def test_training_with_an_optimizer_between_steps_matches_unpipelined_on_the_gpu():
+    """Several optimizer steps, all on the caller's stream, interleaved with pipeline steps."""
+    model = mlp(layers=6, dropout=0.0).to("cuda:0")
+    plain = mlp(layers=6, dropout=0.0).to("cuda:0")
+    g = torch.Generator(device="cuda:0").manual_seed(0)
+    batches = [(torch.randn(16, 8, dtype=torch.float64, device="cuda:0", generator=g),
+                torch.randint(0, 4, (16,), device="cuda:0", generator=g)) for _ in range(4)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    plain_optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    with Pipeline(model, schedule="1f1b", balance=[2, 2, 2], devices=["cuda:0"] * 3, chunks=4,
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        for x, y in batches:
+            optimizer.zero_grad(set_to_none=True)
+            pipe.step(x, y)
+            optimizer.step()
+            plain_optimizer.zero_grad(set_to_none=True)
+            nn.CrossEntropyLoss()(plain(x), y).backward()
+            plain_optimizer.step()
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-10)
+
+
+def test_forward_output_is_safe_on_the_callers_stream():
+    model = nn.Sequential(SleepKernel(50_000_000), nn.Linear(8, 8), SleepKernel(50_000_000),
+                          nn.Linear(8, 4)).double().to("cuda:0")
+    x = torch.randn(16, 8, dtype=torch.float64, device="cuda:0")
+    with Pipeline(model, schedule="gpipe", balance=[2, 2], devices=["cuda:0", "cuda:0"], chunks=4) as pipe:
+        with torch.no_grad():
+            out = pipe(x)
+            expected = model(x)
+        assert torch.equal(out, expected)
+
+
+def test_task_records_are_device_times_not_enqueue_times():
+    cycles = 100_000_000
+    seconds = kernel_seconds(cycles)
+    model = nn.Sequential(SleepKernel(cycles), nn.Linear(8, 4)).double().to("cuda:0")
+    x = torch.randn(8, 8, dtype=torch.float64, device="cuda:0")
+    with Pipeline(model, schedule="gpipe", balance=[1, 1], devices=["cuda:0", "cuda:0"], chunks=2,
+                  loss_fn=nn.MSELoss()) as pipe:
+        pipe.step(x, torch.zeros(8, 4, dtype=torch.float64, device="cuda:0"))
+        forwards = [r for r in pipe.last_report.tasks if r.kind == "F" and r.stage == 0]
+    assert forwards and all(r.duration > 0.5 * seconds for r in forwards), (seconds, forwards)
+
+
+def test_reruns_with_dropout_are_bit_identical_on_the_gpu():
+    x, y = data(device="cuda:0")
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 32), nn.Dropout(0.5),
+                              nn.Linear(32, 4)).double().to("cuda:0")
+        torch.manual_seed(3)
+        with Pipeline(model, schedule="1f1b", balance=[2, 2, 1], devices=["cuda:0"] * 3, chunks=4,
+                      checkpoint="except_last", loss_fn=nn.CrossEntropyLoss()) as pipe:
+            losses.append(pipe.step(x, y).item())
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_gradients_match_across_two_devices(schedule):
+    model = mlp(layers=6)
+    x, y = data(device="cuda:0")
+    _, ref = reference_grads(model, nn.CrossEntropyLoss(), x.cpu(), y.cpu())
+    with Pipeline(model, schedule=schedule, balance=[3, 3], devices=["cuda:0", "cuda:1"], chunks=4,
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.step(x, y)
+        grads = [p.grad.cpu() for p in model.parameters()]
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
