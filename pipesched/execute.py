@@ -14,6 +14,7 @@ interleave forwards and backwards of different micro-batches freely.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -211,6 +212,12 @@ def _run_backward(roots: list[Tensor], grads: list[Tensor | None]) -> None:
     )
 
 
+#: References to a stage output that only the engine holds, as seen inside
+#: :func:`_drop_sent_outputs`: the outputs tuple (kept by the checkpoint
+#: manager), the loop variable, and ``sys.getrefcount``'s own argument.
+_PRIVATE_REFERENCES = 3
+
+
 def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bool]) -> None:
     """Let the producer forget the data of outputs it has sent; keep their autograd nodes.
 
@@ -222,11 +229,17 @@ def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bo
     the consumer's to keep, so the storage dies with the consumer's backward
     instead of living until the producer's (Megatron-LM frees pipeline outputs
     the same way). Leaves and views keep their data: a leaf has no node to
-    keep, and a view's storage belongs to its base.
+    keep, and a view's storage belongs to its base. An output the user's code
+    still references (a forward hook that collects features, a module that
+    caches its last output) keeps its data too: emptying it would change
+    what the user sees.
     """
     for output in outputs:
-        if output.grad_fn is not None and output._base is None and not saved(output):
-            output.data = torch.empty(0, dtype=output.dtype, device=output.device)
+        if output.grad_fn is None or output._base is not None or saved(output):
+            continue
+        if sys.getrefcount(output) > _PRIVATE_REFERENCES:
+            continue  # someone else holds this tensor (a hook, a module attribute): leave it whole
+        output.data = torch.empty(0, dtype=output.dtype, device=output.device)
 
 
 def _backward(

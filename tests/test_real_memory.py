@@ -84,3 +84,21 @@ def test_real_heap_agrees_with_the_meter_within_working_memory(schedule):
     predicted = sum(per_rank)
     assert 0.5 * predicted <= real <= predicted + 3 * RANKS * BOUNDARY, (
         real / BOUNDARY, [b / BOUNDARY for b in per_rank])
+
+
+def test_outputs_collected_by_a_forward_hook_keep_their_data():
+    """A stage drops the data of outputs it has sent, but never of one the user's code still holds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)).double()
+    collected: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda module, args, out: collected.append(out))
+    x = torch.randn(12, 8, dtype=torch.float64)
+    with Pipeline(model, schedule="1f1b", balance=[1, 2], devices=["cpu"] * 2, chunks=3,
+                  checkpoint="never", loss_fn=nn.MSELoss()) as pipe:
+        pipe.step(x, torch.zeros(12, 4, dtype=torch.float64))
+    pipelined = collected[:]
+    with torch.no_grad():
+        expected = model[0](x)
+    collected = pipelined
+    assert [t.shape for t in collected] == [(4, 8)] * 3
+    torch.testing.assert_close(torch.cat(collected).detach(), expected, rtol=0, atol=1e-12)
