@@ -26,7 +26,15 @@ def check_stall_timeout(stall_timeout: object) -> float | None:
 
 
 def check_loss_fn(loss_fn: object) -> None:
-    if loss_fn is not None and not callable(loss_fn):
+    """Refuse what would only fail inside a task, such as a loss class instead of a loss."""
+    if loss_fn is None:
+        return
+    if isinstance(loss_fn, type):
+        name = ("nn." if loss_fn.__module__.startswith("torch.nn.") else "") + loss_fn.__qualname__
+        raise TypeError(
+            f"loss_fn is the class {name}, not a loss; pass an instance: loss_fn={name}()"
+        )
+    if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (output, target) -> scalar, got {loss_fn!r}")
 
 

@@ -53,9 +53,36 @@ def test_bad_constructor_arguments(kwargs, error, pattern, no_thread_leak):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-def test_cuda_device_without_cuda():
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        build(devices=["cpu", "cuda:0"])
+@pytest.mark.parametrize("devices", [["cpu", "cuda:0"], ["cpu", "cuda"], [0, 1], ["cpu", torch.device("cuda", 1)]])
+def test_cuda_device_without_cuda(devices):
+    with pytest.raises(ValueError, match=r"devices\[\d\] = .*, but CUDA is not available here; use 'cpu'"):
+        build(devices=devices)
+
+
+def test_integer_device_without_cuda_names_the_fix():
+    """The bug: devices=[0, 1] on a machine without CUDA said torch's words and no fix."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on machines without CUDA")
+    with pytest.raises(ValueError, match=r"devices\[0\] = 0, but CUDA is not available here; use 'cpu'"):
+        build(devices=[0, 1])
+
+
+@pytest.mark.parametrize(
+    "device, pattern",
+    [(-1, r"index must be >= 0; use 'cpu'"), (1.5, r"not a torch device \(a float\); use 'cpu'"),
+     ("gpu:0", r"not a torch device .*; use 'cpu' or 'cuda:<index>'"),
+     ("meta", r"runs on 'cpu' and 'cuda' devices; use 'cpu'")],
+)
+def test_every_bad_device_names_the_fix(device, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build(devices=["cpu", device])
+
+
+def test_loss_class_instead_of_instance_names_the_fix(no_thread_leak):
+    """The bug: loss_fn=nn.CrossEntropyLoss (the class) failed later inside a task."""
+    with pytest.raises(TypeError, match=r"loss_fn is the class nn.CrossEntropyLoss, not a loss; "
+                                        r"pass an instance: loss_fn=nn.CrossEntropyLoss\(\)"):
+        build(loss_fn=nn.CrossEntropyLoss)
 
 
 def test_step_without_loss_fn_names_it():
