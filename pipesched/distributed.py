@@ -29,7 +29,6 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import structlog
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -65,8 +64,6 @@ from pipesched.schedule import PlanCache, Schedule, validate_placement
 from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
 
-logger = structlog.get_logger("pipesched")
-
 
 class DistributedPipeline(nn.Module):
     """One rank of a multi-process pipeline. ``parameters()`` are this rank's stages' only.
@@ -79,8 +76,9 @@ class DistributedPipeline(nn.Module):
             schedule's stage count for the world size, split evenly.
         num_stages: total number of stages, with a dict of stages.
         schedule, chunks, checkpoint, loss_fn, deferred_batch_norm,
-        stall_timeout: as for :class:`~pipesched.Pipeline` (``loss_fn`` is
-            called on the last stage's rank only).
+        stall_timeout, log_tasks: as for :class:`~pipesched.Pipeline`
+            (``loss_fn`` is called on the last stage's rank only;
+            ``log_tasks=False`` also silences the ``"comm"`` events).
         device: this rank's device (default ``"cpu"``).
         group: the process group (default: the world). Backend: gloo.
     """
@@ -99,6 +97,7 @@ class DistributedPipeline(nn.Module):
         group: Any = None,
         deferred_batch_norm: bool = False,
         stall_timeout: float | None = 600.0,
+        log_tasks: bool = True,
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -116,6 +115,7 @@ class DistributedPipeline(nn.Module):
         stall_timeout = check_stall_timeout(stall_timeout)
         check_flag("deferred_batch_norm", deferred_batch_norm)
         check_loss_fn(loss_fn)
+        self.log_tasks = check_flag("log_tasks", log_tasks)
         self._policy = make_policy(checkpoint)
         self.schedule = resolve_schedule(schedule)
         self.loss_fn = loss_fn
@@ -308,6 +308,7 @@ class DistributedPipeline(nn.Module):
             keep=True,
             caller=caller,
             schedule=self.schedule.name,
+            log_tasks=self.log_tasks,
             clock_offset=self.clock_offset,
         )
 
@@ -327,10 +328,11 @@ class DistributedPipeline(nn.Module):
             held_activation_bytes=[s["held_bytes"] for s in statuses],
         )
         self.last_comm = [_shift_comm(c, self.clock_offset) for c in comm]
-        if structlog.is_configured():
-            for record in self.last_comm:
-                logger.info("comm", step=self._orchestrator.steps - 1, schedule=self.schedule.name,
-                            **record.as_dict())
+        if self.log_tasks:
+            step = self._orchestrator.steps - 1
+            self._orchestrator.events.emit("comm", (
+                {"step": step, "schedule": self.schedule.name, **record.as_dict()} for record in self.last_comm
+            ))
 
     # ------------------------------------------------------------- lifecycle
 

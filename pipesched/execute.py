@@ -47,6 +47,7 @@ class StepContext:
     keep: bool  # hold activations for a backward (grad enabled)
     caller: CallerState = field(default_factory=CallerState)
     schedule: str = ""  # the schedule's name, for the timeline events
+    log_tasks: bool = True  # emit one structlog "task" event per task (when structlog is configured)
     clock_offset: float = 0.0  # this process's clock minus rank 0's (multi-process timelines)
     training: list[bool] = field(default_factory=list)  # per stage, read once per step
     inputs: list[Boundary] = field(default_factory=list)

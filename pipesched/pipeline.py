@@ -90,6 +90,10 @@ class Pipeline(nn.Module):
         stall_timeout: seconds a step may go without any task finishing before
             it is aborted with :class:`~pipesched.StepStalled`, which says what
             every rank waits on. ``None`` waits forever.
+        log_tasks: emit one structlog ``"task"`` event per task when structlog
+            is configured (the timeline reads them). ``False`` keeps them out
+            of your application's log; :attr:`last_report` is unaffected.
+            A failure to log is a warning, never a failed step.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class Pipeline(nn.Module):
         loss_fn: LossFn | None = None,
         deferred_batch_norm: bool = False,
         stall_timeout: float | None = 600.0,
+        log_tasks: bool = True,
     ):
         super().__init__()
         if not isinstance(module, nn.Sequential):
@@ -117,6 +122,7 @@ class Pipeline(nn.Module):
         stall_timeout = check_stall_timeout(stall_timeout)
         check_flag("deferred_batch_norm", deferred_batch_norm)
         check_loss_fn(loss_fn)
+        self.log_tasks = check_flag("log_tasks", log_tasks)
         self._policy = make_policy(checkpoint)
         schedule = resolve_schedule(schedule)
 
@@ -201,6 +207,7 @@ class Pipeline(nn.Module):
             keep=keep,
             caller=caller,
             schedule=self.schedule.name,
+            log_tasks=self.log_tasks,
         )
 
     def _run(self, plan: Plan, ctx: StepContext, *, gradients: bool, statistics: bool) -> list[TaskRecord]:

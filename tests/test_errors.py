@@ -42,6 +42,7 @@ def build(**kwargs):
         ({"checkpoint": "sometimes"}, ValueError, "'always', 'except_last', 'never'"),
         ({"checkpoint": 3}, ValueError, "checkpoint must be"),
         ({"loss_fn": "mse"}, TypeError, "loss_fn must be callable"),
+        ({"log_tasks": "no"}, TypeError, "log_tasks must be True or False, got 'no'"),
         ({"stall_timeout": 0}, ValueError, "stall_timeout must be a number of seconds > 0 or None"),
         ({"stall_timeout": "10"}, ValueError, "stall_timeout"),
         ({"deferred_batch_norm": 1}, TypeError, "deferred_batch_norm must be True or False"),
