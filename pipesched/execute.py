@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from pipesched.action import Action
 from pipesched.caller_state import CallerState
 from pipesched.checkpoint import CheckpointManager
+from pipesched.loss_normalizer import weighted_loss
 from pipesched.mailbox import Mailbox
 from pipesched.report import TaskRecord
 from pipesched.transport import Transport
@@ -124,7 +125,7 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, single: bool)
                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}; "
                 f"use a mean- or sum-reduced loss"
             )
-        return out, loss.reshape(()) * ctx.loss_weights[microbatch]
+        return out, weighted_loss(loss, ctx.loss_weights[microbatch])
 
     return run
 

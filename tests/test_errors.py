@@ -42,6 +42,9 @@ def build(**kwargs):
         ({"checkpoint": "sometimes"}, ValueError, "'always', 'except_last', 'never'"),
         ({"checkpoint": 3}, ValueError, "checkpoint must be"),
         ({"loss_fn": "mse"}, TypeError, "loss_fn must be callable"),
+        ({"loss_fn": nn.CrossEntropyLoss(reduction="none")}, ValueError,
+         "reduction='none'.*use reduction='mean' \\(the default\\) or reduction='sum'"),
+        ({"loss_normalizer": 3}, TypeError, r"loss_normalizer must be a callable .*\(y != -100\).sum\(\)"),
         ({"log_tasks": "no"}, TypeError, "log_tasks must be True or False, got 'no'"),
         ({"stall_timeout": 0}, ValueError, "stall_timeout must be a number of seconds > 0 or None"),
         ({"stall_timeout": "10"}, ValueError, "stall_timeout"),
@@ -124,8 +127,8 @@ def test_bad_step_inputs_are_refused_before_anything_runs(inputs, targets, error
 
 
 def test_non_scalar_loss_is_refused():
-    with build(loss_fn=nn.CrossEntropyLoss(reduction="none")) as pipe:
-        with pytest.raises(ValueError, match="scalar"):
+    with build(loss_fn=lambda output, target: (output - 1).sum(1)) as pipe:
+        with pytest.raises(ValueError, match="loss_fn must return a scalar tensor, got \\(6,\\)"):
             pipe.step(X, Y)
 
 
