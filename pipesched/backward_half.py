@@ -126,7 +126,12 @@ class BackwardHalf(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        session: BackwardSession = ctx.session
+        session: BackwardSession | None = ctx.session
+        if session is None:  # a second backward through the same output (retain_graph, or two losses)
+            raise RuntimeError(
+                "the pipeline output's backward can only run once per forward (its activations are "
+                "freed by the first); run pipe(inputs) again, or sum the losses and call backward once"
+            )
         ctx.session = None  # free the held activations once done
         return (None, None, *session.backward(grad_outputs))
 

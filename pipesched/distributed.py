@@ -29,7 +29,6 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import structlog
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -45,6 +44,12 @@ from pipesched.checkpoint import (
 )
 from pipesched.dist_comm import Communicator, RemoteStepError
 from pipesched.execute import StepContext, training_flags
+from pipesched.loss_normalizer import (
+    LossNormalizer,
+    batch_loss,
+    check_loss_normalizer,
+    loss_weights,
+)
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, scatter, split_sizes
 from pipesched.options import (
@@ -53,7 +58,6 @@ from pipesched.options import (
     check_loss_fn,
     check_stall_timeout,
     grad_disabled,
-    loss_weights,
     missing_loss_fn,
     resolve_schedule,
 )
@@ -64,8 +68,6 @@ from pipesched.rng import RandomStreams
 from pipesched.schedule import PlanCache, Schedule, validate_placement
 from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
-
-logger = structlog.get_logger("pipesched")
 
 
 class DistributedPipeline(nn.Module):
@@ -78,9 +80,11 @@ class DistributedPipeline(nn.Module):
         balance: layers per stage, with a full ``nn.Sequential``; default: the
             schedule's stage count for the world size, split evenly.
         num_stages: total number of stages, with a dict of stages.
-        schedule, chunks, checkpoint, loss_fn, deferred_batch_norm,
-        stall_timeout: as for :class:`~pipesched.Pipeline` (``loss_fn`` is
-            called on the last stage's rank only).
+        schedule, chunks, checkpoint, loss_fn, loss_normalizer,
+        deferred_batch_norm, stall_timeout, log_tasks: as for
+            :class:`~pipesched.Pipeline` (``loss_fn`` and ``loss_normalizer``
+            are called on the last stage's rank only, where the targets are;
+            ``log_tasks=False`` also silences the ``"comm"`` events).
         device: this rank's device (default ``"cpu"``).
         group: the process group (default: the world). Backend: gloo.
     """
@@ -95,10 +99,12 @@ class DistributedPipeline(nn.Module):
         chunks: int = 1,
         checkpoint: CheckpointPolicy = "except_last",
         loss_fn: Any = None,
+        loss_normalizer: LossNormalizer | None = None,
         device: str | torch.device = "cpu",
         group: Any = None,
         deferred_batch_norm: bool = False,
         stall_timeout: float | None = 600.0,
+        log_tasks: bool = True,
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -116,6 +122,8 @@ class DistributedPipeline(nn.Module):
         stall_timeout = check_stall_timeout(stall_timeout)
         check_flag("deferred_batch_norm", deferred_batch_norm)
         check_loss_fn(loss_fn)
+        self.loss_normalizer = check_loss_normalizer(loss_normalizer, loss_fn)
+        self.log_tasks = check_flag("log_tasks", log_tasks)
         self._policy = make_policy(checkpoint)
         self.schedule = resolve_schedule(schedule)
         self.loss_fn = loss_fn
@@ -239,8 +247,8 @@ class DistributedPipeline(nn.Module):
                 single = isinstance(targets, Tensor)
                 ctx.targets = [mb[0] if single else mb for mb in scatter(target_tensors, sizes)]
                 ctx.loss_fn = self.loss_fn
-                ctx.loss_weights = loss_weights(self.loss_fn, sizes)
-            except (TypeError, ValueError) as error:
+                ctx.loss_weights = loss_weights(self.loss_fn, ctx.targets, self.loss_normalizer)
+            except Exception as error:  # noqa: BLE001 - incl. a user loss_normalizer's; raised on every rank
                 local_error = error
 
         # 2. run the plan; a failure anywhere is sent on as error headers
@@ -274,7 +282,7 @@ class DistributedPipeline(nn.Module):
             "held_bytes": memory.held_bytes,
         }
         if local_error is None and self.rank == last:
-            loss = torch.stack([ctx.losses[m] for m in range(count)]).sum()
+            loss = batch_loss([ctx.losses[m] for m in range(count)], ctx.loss_weights)
             status["loss"] = (loss.item(), str(loss.dtype).removeprefix("torch."))
         statuses: list[Any] = [None] * self.num_ranks
         dist.all_gather_object(statuses, status, group=self.group)
@@ -310,6 +318,7 @@ class DistributedPipeline(nn.Module):
             keep=True,
             caller=caller,
             schedule=self.schedule.name,
+            log_tasks=self.log_tasks,
             clock_offset=self.clock_offset,
             training=training,
         )
@@ -330,10 +339,11 @@ class DistributedPipeline(nn.Module):
             held_activation_bytes=[s["held_bytes"] for s in statuses],
         )
         self.last_comm = [_shift_comm(c, self.clock_offset) for c in comm]
-        if structlog.is_configured():
-            for record in self.last_comm:
-                logger.info("comm", step=self._orchestrator.steps - 1, schedule=self.schedule.name,
-                            **record.as_dict())
+        if self.log_tasks:
+            step = self._orchestrator.steps - 1
+            self._orchestrator.events.emit("comm", (
+                {"step": step, "schedule": self.schedule.name, **record.as_dict()} for record in self.last_comm
+            ))
 
     # ------------------------------------------------------------- lifecycle
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from pipesched.action import Action
 from pipesched.caller_state import CallerState
 from pipesched.checkpoint import CheckpointManager
+from pipesched.loss_normalizer import weighted_loss
 from pipesched.mailbox import Mailbox
 from pipesched.report import TaskRecord
 from pipesched.stream import TaskClock
@@ -49,6 +50,7 @@ class StepContext:
     keep: bool  # hold activations for a backward (grad enabled)
     caller: CallerState = field(default_factory=CallerState)
     schedule: str = ""  # the schedule's name, for the timeline events
+    log_tasks: bool = True  # emit one structlog "task" event per task (when structlog is configured)
     clock_offset: float = 0.0  # this process's clock minus rank 0's (multi-process timelines)
     training: list[bool] = field(default_factory=list)  # per stage, read once per step
     inputs: list[Boundary] = field(default_factory=list)
@@ -134,7 +136,7 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, single: bool)
                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}; "
                 f"use a mean- or sum-reduced loss"
             )
-        return out, loss.reshape(()) * ctx.loss_weights[microbatch]
+        return out, weighted_loss(loss, ctx.loss_weights[microbatch])
 
     return run
 

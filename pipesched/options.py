@@ -5,8 +5,6 @@ Each check names the argument, the value it got and what to pass instead.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pipesched.registry import get_schedule
 from pipesched.schedule import Schedule
 
@@ -26,8 +24,21 @@ def check_stall_timeout(stall_timeout: object) -> float | None:
 
 
 def check_loss_fn(loss_fn: object) -> None:
-    if loss_fn is not None and not callable(loss_fn):
+    """Refuse what would only fail inside a task: a loss class instead of a loss, a per-element loss."""
+    if loss_fn is None:
+        return
+    if isinstance(loss_fn, type):
+        name = ("nn." if loss_fn.__module__.startswith("torch.nn.") else "") + loss_fn.__qualname__
+        raise TypeError(
+            f"loss_fn is the class {name}, not a loss; pass an instance: loss_fn={name}()"
+        )
+    if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (output, target) -> scalar, got {loss_fn!r}")
+    if getattr(loss_fn, "reduction", None) == "none":
+        raise ValueError(
+            f"loss_fn {loss_fn!r} has reduction='none', which returns one loss per element; the "
+            f"pipeline needs a scalar: use reduction='mean' (the default) or reduction='sum'"
+        )
 
 
 def check_flag(name: str, value: object) -> bool:
@@ -45,19 +56,6 @@ def resolve_schedule(schedule: object) -> Schedule:
     raise TypeError(
         f"schedule must be a registered name or a pipesched.Schedule, got {type(schedule).__name__}"
     )
-
-
-def loss_weights(loss_fn: Any, sizes: list[int]) -> list[float]:
-    """Per micro-batch loss weights that make the summed loss equal the full-batch loss.
-
-    Mean-reduced losses (``reduction == "mean"``, every ``torch.nn`` loss's
-    default, assumed for plain functions) are weighted by each micro-batch's
-    share of the rows; sum-reduced ones by 1.
-    """
-    if getattr(loss_fn, "reduction", "mean") == "sum":
-        return [1.0] * len(sizes)
-    total = sum(sizes)
-    return [size / total for size in sizes]
 
 
 def missing_loss_fn() -> ValueError:

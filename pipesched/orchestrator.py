@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 
 import anyio
-import structlog
 import torch
 
 from pipesched.action import Action, dependencies
@@ -35,9 +34,8 @@ from pipesched.execute import StepContext, run_rank
 from pipesched.mailbox import StepAborted
 from pipesched.report import TaskRecord
 from pipesched.stream import StreamFence
+from pipesched.tasklog import EventLog
 from pipesched.worker import Worker
-
-logger = structlog.get_logger("pipesched")
 
 
 class StepStalled(TimeoutError):
@@ -88,6 +86,7 @@ class Orchestrator:
         self._loop, self._stop = self._ready.result()
         self._closed = False
         self.steps = 0
+        self.events = EventLog()  # this pipeline's structlog events; failures to log only warn
 
     @property
     def compute_streams(self) -> list[torch.cuda.Stream | None]:
@@ -141,6 +140,7 @@ class Orchestrator:
             raise
         finally:
             fence.exit()
+        self._log(ctx, records)
         self.steps += 1
         return records
 
@@ -168,14 +168,17 @@ class Orchestrator:
             raise first.error  # type: ignore[misc]
         if failed:  # aborted from outside this process (a remote rank failed)
             raise ctx.mailbox.abort_reason or failed[0].error  # type: ignore[misc]
-        records = sorted((r for o in outcomes.values() for r in o.records), key=lambda r: (r.start, r.rank))
-        if structlog.is_configured():
-            for record in records:
-                event = record.as_dict()
-                event["start"] -= ctx.clock_offset
-                event["end"] -= ctx.clock_offset
-                logger.info("task", step=self.steps, schedule=ctx.schedule, **event)
-        return records
+        return sorted((r for o in outcomes.values() for r in o.records), key=lambda r: (r.start, r.rank))
+
+    def _log(self, ctx: StepContext, records: list[TaskRecord]) -> None:
+        """One ``"task"`` event per record, from the caller's thread (its structlog context applies)."""
+        if not ctx.log_tasks:
+            return
+        self.events.emit("task", (
+            {"step": self.steps, "schedule": ctx.schedule, **record.as_dict(),
+             "start": record.start - ctx.clock_offset, "end": record.end - ctx.clock_offset}
+            for record in records
+        ))
 
     async def _watchdog(
         self,

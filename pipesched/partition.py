@@ -57,22 +57,33 @@ def split_module(module: nn.Sequential, balance: Sequence[int]) -> list[nn.Seque
 
 
 def resolve_device(device: object, index: int) -> torch.device:
-    """``devices[index]`` as a ``torch.device`` that exists on this machine."""
+    """``devices[index]`` as a ``torch.device`` that exists on this machine.
+
+    An int is a CUDA device index (``0`` is ``"cuda:0"``). Every refusal names
+    the fix.
+    """
+    where = f"devices[{index}] = {device!r}"
+    if isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            raise ValueError(f"{where}: a CUDA device index must be >= 0; use 'cpu' or 'cuda:<index>'")
+        device = torch.device("cuda", device)
     try:
         resolved = torch.device(device)  # type: ignore[arg-type]
     except (TypeError, RuntimeError) as error:
-        raise ValueError(f"devices[{index}] = {device!r} is not a torch device ({error})") from None
+        reason = f"a {type(device).__name__}" if isinstance(error, TypeError) else str(error).splitlines()[0]
+        raise ValueError(f"{where} is not a torch device ({reason}); use 'cpu' or 'cuda:<index>'") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"devices[{index}] = {device!r}, but CUDA is not available here; use 'cpu'")
+            raise ValueError(f"{where}, but CUDA is not available here; use 'cpu'")
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
-        if resolved.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        if resolved.index >= count:
             raise ValueError(
-                f"devices[{index}] = {device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist"
+                f"{where}, but only {count} CUDA device(s) exist; use 'cuda:0' to 'cuda:{count - 1}' or 'cpu'"
             )
     elif resolved.type != "cpu":
-        raise ValueError(f"devices[{index}] = {device!r}: pipesched runs on 'cpu' and 'cuda' devices")
+        raise ValueError(f"{where}: pipesched runs on 'cpu' and 'cuda' devices; use 'cpu' or 'cuda:<index>'")
     return resolved
 
 

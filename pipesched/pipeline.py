@@ -9,7 +9,8 @@
 
 Gradients equal those of ``loss_fn(model(inputs), targets).backward()`` on the
 un-pipelined model: each micro-batch's loss is weighted by its share of the
-batch (``loss_fn.reduction == "mean"``, the default of every ``torch.nn`` loss)
+batch's normaliser (rows; valid tokens for ``CrossEntropyLoss``/``NLLLoss``
+with ``ignore_index`` or class weights; see :mod:`pipesched.loss_normalizer`),
 or by 1 (``reduction == "sum"``).
 """
 
@@ -33,6 +34,12 @@ from pipesched.checkpoint import (
     parameter_pointers,
 )
 from pipesched.execute import StepContext, training_flags
+from pipesched.loss_normalizer import (
+    LossNormalizer,
+    batch_loss,
+    check_loss_normalizer,
+    loss_weights,
+)
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
 from pipesched.options import (
@@ -41,7 +48,6 @@ from pipesched.options import (
     check_loss_fn,
     check_stall_timeout,
     grad_disabled,
-    loss_weights,
     missing_loss_fn,
     resolve_schedule,
 )
@@ -83,13 +89,29 @@ class Pipeline(nn.Module):
         checkpoint: ``"always"``, ``"except_last"`` (every micro-batch but the
             last), ``"never"``, or a callable ``(stage, microbatch) -> bool``.
         loss_fn: ``loss_fn(output, target) -> scalar`` applied per micro-batch
-            on the last stage; needed by :meth:`step`.
+            on the last stage; needed by :meth:`step`. An instance, e.g.
+            ``nn.CrossEntropyLoss()``; ``reduction="none"`` is refused.
+        loss_normalizer: ``loss_normalizer(targets_of_a_microbatch) -> count``
+            (a number or 0-dim tensor): what ``loss_fn``'s mean divides by,
+            for one micro-batch. Each micro-batch's loss is weighted by its
+            count over the batch's, so the gradients are the whole batch's.
+            ``None``: rows for mean losses; for ``CrossEntropyLoss`` and
+            ``NLLLoss`` with class-index targets the sum of the class weights
+            (1 each by default) of targets other than ``ignore_index``; 1 per
+            micro-batch for ``reduction="sum"``. Declare it for a plain
+            function: ``lambda y: (y != -100).sum()``. A micro-batch counting
+            0 adds nothing; a batch counting 0 returns a NaN loss (torch's
+            0/0) and accumulates no gradient.
         deferred_batch_norm: replace the module's batch norms (in place) by
             :class:`~pipesched.batchnorm.DeferredBatchNorm`, whose running
             statistics are updated once per step from the whole batch.
         stall_timeout: seconds a step may go without any task finishing before
             it is aborted with :class:`~pipesched.StepStalled`, which says what
             every rank waits on. ``None`` waits forever.
+        log_tasks: emit one structlog ``"task"`` event per task when structlog
+            is configured (the timeline reads them). ``False`` keeps them out
+            of your application's log; :attr:`last_report` is unaffected.
+            A failure to log is a warning, never a failed step.
     """
 
     def __init__(
@@ -102,8 +124,10 @@ class Pipeline(nn.Module):
         chunks: int = 1,
         checkpoint: CheckpointPolicy = "except_last",
         loss_fn: LossFn | None = None,
+        loss_normalizer: LossNormalizer | None = None,
         deferred_batch_norm: bool = False,
         stall_timeout: float | None = 600.0,
+        log_tasks: bool = True,
     ):
         super().__init__()
         if not isinstance(module, nn.Sequential):
@@ -117,6 +141,8 @@ class Pipeline(nn.Module):
         stall_timeout = check_stall_timeout(stall_timeout)
         check_flag("deferred_batch_norm", deferred_batch_norm)
         check_loss_fn(loss_fn)
+        self.loss_normalizer = check_loss_normalizer(loss_normalizer, loss_fn)
+        self.log_tasks = check_flag("log_tasks", log_tasks)
         self._policy = make_policy(checkpoint)
         schedule = resolve_schedule(schedule)
 
@@ -205,6 +231,7 @@ class Pipeline(nn.Module):
             caller=caller,
             schedule=self.schedule.name,
             training=training,
+            log_tasks=self.log_tasks,
         )
 
     def _run(self, plan: Plan, ctx: StepContext, *, gradients: bool, statistics: bool) -> list[TaskRecord]:
@@ -268,11 +295,11 @@ class Pipeline(nn.Module):
         target_single = isinstance(targets, Tensor)
         ctx.targets = [mb[0] if target_single else mb for mb in scatter(target_tensors, sizes)]
         ctx.loss_fn = self.loss_fn
-        ctx.loss_weights = loss_weights(self.loss_fn, sizes)
+        ctx.loss_weights = loss_weights(self.loss_fn, ctx.targets, self.loss_normalizer)
         records = self._run(plan, ctx, gradients=True, statistics=True)
         self._report(ctx, records, len(sizes))
         backward_into_inputs(tensors, ctx, sizes)
-        return torch.stack([ctx.losses[m] for m in range(len(sizes))]).sum()
+        return batch_loss([ctx.losses[m] for m in range(len(sizes))], ctx.loss_weights)
 
     def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
         """Forward half only; the output is gathered on the last rank's device.

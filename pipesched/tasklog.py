@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from collections.abc import Iterable
 from typing import IO, Any
 
 
@@ -18,7 +20,9 @@ def configure_jsonl_logging(path_or_file: str | os.PathLike[str] | IO[str], mode
     Call it before ``pipe.step()``; the engine logs only when structlog is
     configured. A path is opened with ``mode`` (``"a"`` appends, so several
     runs can share a file; :meth:`Timeline.from_jsonl` picks a step). Returns
-    the open file, which the caller may close when done. This is the same as::
+    the open file, which the caller may close when done (steps after that warn
+    that they cannot log, and still succeed; configure a new log or call
+    ``structlog.reset_defaults()``). This is the same as::
 
         import structlog
         structlog.configure(processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
@@ -42,6 +46,42 @@ def configure_jsonl_logging(path_or_file: str | os.PathLike[str] | IO[str], mode
         logger_factory=structlog.WriteLoggerFactory(file=file),
     )
     return file
+
+
+class EventLog:
+    """Emits a pipeline's structlog events; a failure to log warns and never fails a step.
+
+    Logging is a by-product of training: a closed log file, a full disk or a
+    broken processor must not throw away a step whose gradients are already
+    computed. Each distinct failure is warned about once per pipeline, so a log
+    that stays broken does not flood the caller with warnings.
+    """
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+
+    def emit(self, event: str, fields: Iterable[dict[str, Any]]) -> None:
+        """One ``event`` per dict of ``fields``, if structlog is configured (nothing is printed otherwise)."""
+        import structlog
+
+        if not structlog.is_configured():
+            return
+        logger = structlog.get_logger("pipesched")
+        try:
+            for values in fields:
+                logger.info(event, **values)
+        except Exception as error:  # noqa: BLE001 - logging must never fail the step
+            reason = f"{type(error).__name__}: {error}"
+            if reason in self._warned:
+                return
+            self._warned.add(reason)
+            warnings.warn(
+                f"pipesched could not log its {event!r} events ({reason}); the step itself succeeded. "
+                f"Reconfigure structlog (e.g. a new configure_jsonl_logging(...) after closing its "
+                f"file, or structlog.reset_defaults()), or build the pipeline with log_tasks=False",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Any]:

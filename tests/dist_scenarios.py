@@ -89,6 +89,48 @@ def scenario_gradients(rank: int, world: int, out: dict) -> None:
                 }
 
 
+def scenario_tokens(rank: int, world: int, out: dict) -> None:
+    """CE with ignore_index on padded targets: micro-batches weighted by tokens on the last rank.
+
+    Also: log_tasks=False emits no task or comm event, and a loss_normalizer
+    that raises on the last rank fails the step on every rank (no hang).
+    """
+    import structlog.testing
+
+    from pipesched.distributed import DistributedPipeline, RemoteStepError
+
+    x, y = data(16)
+    y[[0, 1, 2, 4, 5, 6, 7, 9]] = -100  # micro-batches of 4 hold 1, 0 (all padding), 3 and 4 tokens
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64))
+    for schedule in ["gpipe", "1f1b", "interleaved-1f1b"]:
+        model = mlp(layers=4 * world if schedule.startswith("interleaved") else 2 * world + 1)
+        reference = copy.deepcopy(model)
+        ref_loss = loss_fn(reference(x), y)
+        ref_loss.backward()
+        with DistributedPipeline(model, schedule=schedule, chunks=4, loss_fn=loss_fn, log_tasks=False) as pipe:
+            with structlog.testing.capture_logs() as events:
+                loss = pipe.step(x if rank == 0 else None, y)
+            structlog.reset_defaults()  # leaving capture_logs marks structlog configured
+            error = grad_error(pipe, reference)
+            out[f"tokens:{schedule}"] = {
+                "ok": abs(loss.item() - ref_loss.item()) < 1e-12 and error < 1e-12 and not events,
+                "loss": loss.item(), "ref": ref_loss.item(), "grad_error": error, "events": len(events),
+            }
+
+    def broken(targets):
+        raise RuntimeError("broken normaliser")
+
+    with DistributedPipeline(mlp(layers=2 * world + 1), schedule="1f1b", chunks=4, loss_fn=loss_fn,
+                             loss_normalizer=broken) as pipe:
+        try:
+            pipe.step(x, y)
+            out["tokens:broken"] = {"raised": None}
+        except RemoteStepError as error:
+            out["tokens:broken"] = {"raised": "RemoteStepError", "message": str(error)}
+        except RuntimeError as error:
+            out["tokens:broken"] = {"raised": "RuntimeError", "message": str(error)}
+
+
 def scenario_tuples_and_own_stages(rank: int, world: int, out: dict) -> None:
     """Tuple activations cross processes; each rank builds only its own stage."""
     from pipesched.distributed import DistributedPipeline
@@ -196,6 +238,7 @@ def scenario_stall(rank: int, world: int, out: dict) -> None:
 SCENARIOS = {
     "gradients": scenario_gradients,
     "tuples": scenario_tuples_and_own_stages,
+    "tokens": scenario_tokens,
     "failure": scenario_failure,
     "stall": scenario_stall,
 }

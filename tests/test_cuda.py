@@ -43,6 +43,22 @@ def test_gradients_match_on_cuda(schedule, balance, devices, policy):
     assert_grads_equal(model, [g.to(p.device) for g, p in zip(ref, model.parameters())], atol=1e-10)
 
 
+@pytest.mark.parametrize("targets_on", ["cpu", "cuda:0"])
+def test_padded_class_weighted_loss_on_cuda(targets_on):
+    """Token normalisers with the class weights on the GPU and targets on either device."""
+    model = mlp(layers=6)
+    x, y = data()
+    y[[0, 1, 2, 4, 5, 6, 7, 9]] = -100  # micro-batch 1 all padding
+    weight = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+    _, ref = reference_grads(model, nn.CrossEntropyLoss(weight=weight), x, y)
+    loss_fn = nn.CrossEntropyLoss(weight=weight).to("cuda:0")
+    with Pipeline(model, schedule="1f1b", balance=[3, 3], devices=["cuda:0", "cuda:0"], chunks=4,
+                  loss_fn=loss_fn) as pipe:
+        pipe.step(x, y.to(targets_on))
+    torch.cuda.synchronize()
+    assert_grads_equal(model, [g.to(p.device) for g, p in zip(ref, model.parameters())], atol=1e-10)
+
+
 def test_dropout_replay_on_cuda_is_policy_independent():
     x, y = data(device="cuda:0")
     grads = []

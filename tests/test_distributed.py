@@ -60,7 +60,7 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-processes", "4-processes"])
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
-    names = ["gradients", "tuples", "failure", "timeline", "stall"]  # stall last: it leaves a rank stuck
+    names = ["gradients", "tuples", "tokens", "failure", "timeline", "stall"]  # stall last: it leaves a rank stuck
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -84,6 +84,19 @@ def test_tuple_activations_with_only_own_stages_built(world):
     _, results, _ = world
     for rank, result in enumerate(results):
         assert result["tuples"]["ok"], f"rank {rank}: {result['tuples']}"
+
+
+def test_ignore_index_padding_weighted_by_tokens_across_processes(world):
+    size, results, _ = world
+    for rank, result in enumerate(results):
+        for schedule in ["gpipe", "1f1b", "interleaved-1f1b"]:
+            verdict = result[f"tokens:{schedule}"]
+            assert verdict["ok"], f"rank {rank}, {schedule}: {verdict}"
+    # a loss_normalizer failing on the last stage's rank fails the step on every rank
+    broken = [r["tokens:broken"] for r in results]
+    assert broken[-1] == {"raised": "RuntimeError", "message": "broken normaliser"}
+    for verdict in broken[:-1]:
+        assert verdict["raised"] == "RemoteStepError" and "RuntimeError: broken normaliser" in verdict["message"]
 
 
 def test_exception_on_one_rank_surfaces_on_every_rank(world):

@@ -42,6 +42,10 @@ def build(**kwargs):
         ({"checkpoint": "sometimes"}, ValueError, "'always', 'except_last', 'never'"),
         ({"checkpoint": 3}, ValueError, "checkpoint must be"),
         ({"loss_fn": "mse"}, TypeError, "loss_fn must be callable"),
+        ({"loss_fn": nn.CrossEntropyLoss(reduction="none")}, ValueError,
+         "reduction='none'.*use reduction='mean' \\(the default\\) or reduction='sum'"),
+        ({"loss_normalizer": 3}, TypeError, r"loss_normalizer must be a callable .*\(y != -100\).sum\(\)"),
+        ({"log_tasks": "no"}, TypeError, "log_tasks must be True or False, got 'no'"),
         ({"stall_timeout": 0}, ValueError, "stall_timeout must be a number of seconds > 0 or None"),
         ({"stall_timeout": "10"}, ValueError, "stall_timeout"),
         ({"deferred_batch_norm": 1}, TypeError, "deferred_batch_norm must be True or False"),
@@ -53,9 +57,36 @@ def test_bad_constructor_arguments(kwargs, error, pattern, no_thread_leak):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-def test_cuda_device_without_cuda():
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        build(devices=["cpu", "cuda:0"])
+@pytest.mark.parametrize("devices", [["cpu", "cuda:0"], ["cpu", "cuda"], [0, 1], ["cpu", torch.device("cuda", 1)]])
+def test_cuda_device_without_cuda(devices):
+    with pytest.raises(ValueError, match=r"devices\[\d\] = .*, but CUDA is not available here; use 'cpu'"):
+        build(devices=devices)
+
+
+def test_integer_device_without_cuda_names_the_fix():
+    """The bug: devices=[0, 1] on a machine without CUDA said torch's words and no fix."""
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on machines without CUDA")
+    with pytest.raises(ValueError, match=r"devices\[0\] = 0, but CUDA is not available here; use 'cpu'"):
+        build(devices=[0, 1])
+
+
+@pytest.mark.parametrize(
+    "device, pattern",
+    [(-1, r"index must be >= 0; use 'cpu'"), (1.5, r"not a torch device \(a float\); use 'cpu'"),
+     ("gpu:0", r"not a torch device .*; use 'cpu' or 'cuda:<index>'"),
+     ("meta", r"runs on 'cpu' and 'cuda' devices; use 'cpu'")],
+)
+def test_every_bad_device_names_the_fix(device, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        build(devices=["cpu", device])
+
+
+def test_loss_class_instead_of_instance_names_the_fix(no_thread_leak):
+    """The bug: loss_fn=nn.CrossEntropyLoss (the class) failed later inside a task."""
+    with pytest.raises(TypeError, match=r"loss_fn is the class nn.CrossEntropyLoss, not a loss; "
+                                        r"pass an instance: loss_fn=nn.CrossEntropyLoss\(\)"):
+        build(loss_fn=nn.CrossEntropyLoss)
 
 
 def test_step_without_loss_fn_names_it():
@@ -96,8 +127,8 @@ def test_bad_step_inputs_are_refused_before_anything_runs(inputs, targets, error
 
 
 def test_non_scalar_loss_is_refused():
-    with build(loss_fn=nn.CrossEntropyLoss(reduction="none")) as pipe:
-        with pytest.raises(ValueError, match="scalar"):
+    with build(loss_fn=lambda output, target: (output - 1).sum(1)) as pipe:
+        with pytest.raises(ValueError, match="loss_fn must return a scalar tensor, got \\(6,\\)"):
             pipe.step(X, Y)
 
 

@@ -163,6 +163,22 @@ class TestForwardThenBackward:
         assert_grads_equal(model, [p.grad for p in ref.parameters()])
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
 
+    def test_second_backward_through_output_says_once_per_forward(self):
+        """The bug: a second backward raised AttributeError ('NoneType' ... 'backward')."""
+        model = mlp(layers=6)
+        x, y = batch(6)
+        with Pipeline(model, schedule="gpipe", balance=[3, 3], chunks=3) as pipe:
+            out = pipe(x)
+            loss = nn.functional.cross_entropy(out, y)
+            loss.backward(retain_graph=True)
+            first = [p.grad.clone() for p in model.parameters()]
+            assert pipe.last_report.held_activation_bytes == [0, 0]  # freed by the first backward
+            with pytest.raises(RuntimeError, match="can only run once per forward.*run pipe\\(inputs\\) again"):
+                loss.backward()
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), first))
+            nn.functional.cross_entropy(pipe(x), y).backward()  # a new forward: a new backward
+        assert_grads_equal(model, [2 * g for g in first])
+
     def test_interleaving_schedule_points_to_step(self):
         model = mlp(layers=6)
         x, y = batch(6)

@@ -6,6 +6,7 @@ import io
 import json
 import math
 import sys
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -270,6 +271,42 @@ def test_configure_jsonl_logging_to_an_open_file():
     assert rows(timeline.tasks) == [(1, 1, 0, "F", 2.0, 2.5)]
     with pytest.raises(TypeError, match="path or a text file"):
         configure_jsonl_logging(42)  # type: ignore[arg-type]
+
+
+def test_closed_log_file_warns_and_never_fails_a_step(tmp_path):
+    """The bug: closing configure_jsonl_logging's file made every later step fail and roll back."""
+    from conftest import assert_grads_equal, mlp, reference_grads
+
+    model = mlp(layers=6)
+    x = torch.randn(8, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,))
+    loss_fn = nn.CrossEntropyLoss()
+    ref_loss, ref_grads = reference_grads(model, loss_fn, x, y)
+    configure_jsonl_logging(tmp_path / "run.jsonl").close()  # "the caller may close" it
+    with Pipeline(model, schedule="1f1b", balance=[3, 3], chunks=4, loss_fn=loss_fn) as pipe:
+        with pytest.warns(RuntimeWarning, match=r"could not log its 'task' events \(ValueError: I/O operation "
+                                                r"on closed file.*\); the step itself succeeded"):
+            loss = pipe.step(x, y)
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+        assert_grads_equal(model, ref_grads)
+        assert len(pipe.last_report.tasks) == 2 * 2 * 4
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same failure is warned about once per pipeline
+            pipe.step(x, y)
+    assert_grads_equal(model, [2 * g for g in ref_grads])
+
+
+def test_log_tasks_false_keeps_task_events_out_of_the_applications_log():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    with Pipeline(model, schedule="1f1b", devices=["cpu", "cpu"], chunks=CHUNKS, loss_fn=nn.MSELoss(),
+                  log_tasks=False) as quiet, structlog.testing.capture_logs() as events:
+        structlog.get_logger("app").info("epoch", n=1)
+        quiet.step(*batch())
+        assert len(quiet.last_report.tasks) == 2 * 2 * CHUNKS  # the report does not depend on logging
+        quiet.log_tasks = True  # a switch, not a construction-time choice
+        quiet.step(*batch())
+    assert [e["event"] for e in events] == ["epoch"] + ["task"] * (2 * 2 * CHUNKS)
 
 
 def test_construction_errors():

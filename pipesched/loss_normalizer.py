@@ -1,0 +1,164 @@
+"""How much each micro-batch's loss counts: its share of the batch's normaliser.
+
+A mean-reduced loss is ``sum / normaliser``. Over the whole batch that is
+``S / N``; over micro-batch ``m`` it is ``S_m / N_m``. Weighting micro-batch
+``m`` by ``N_m / N`` makes the weighted sum exactly ``S / N``, so the
+pipeline's gradients equal those of ``loss_fn(model(inputs), targets)``.
+
+What ``N`` counts depends on the loss:
+
+* ``nn.CrossEntropyLoss`` / ``nn.NLLLoss`` with class-index (integer)
+  targets: the targets that are not ``ignore_index``, each counting
+  ``weight[target]`` (1 without class weights). ``label_smoothing`` divides
+  by the same sum. This is the usual language-model loss on padded batches,
+  where rows hold different numbers of tokens.
+* every other mean-reduced loss (``torch.nn`` losses average over elements or
+  rows; CE with probability targets too): rows.
+* ``reduction="sum"``: no normaliser, every micro-batch counts 1.
+* a ``loss_normalizer(targets_of_a_microbatch) -> count`` given by the user:
+  that count, whatever the loss. This is the way to declare the normaliser of
+  a plain function such as ``lambda out, y: F.cross_entropy(out, y)``, which
+  pipesched cannot look into.
+
+The batch's count is the sum of its micro-batches' counts (a mean's
+normaliser adds up over rows), computed where the targets are: in the caller
+for :class:`~pipesched.Pipeline`, on the last stage's rank for
+:class:`~pipesched.distributed.DistributedPipeline`, so no communication is
+needed.
+
+A micro-batch whose count is 0 (every token padding) has a loss of 0/0 (NaN):
+it adds nothing to the loss or the gradients. A batch whose count is 0 has the
+loss torch gives it, NaN, but adds no gradient at all: torch's backward would
+write NaN into every ``.grad`` and the next optimizer step into every weight.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: ``loss_normalizer(targets_of_a_microbatch) -> count``: a number or a 0-dim tensor, >= 0.
+LossNormalizer = Callable[[Any], float | int | Tensor]
+
+_CLASS_INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+def check_loss_normalizer(loss_normalizer: object, loss_fn: Any) -> LossNormalizer | None:
+    """Validate ``loss_normalizer``; warn when ``loss_fn`` needs one pipesched cannot infer.
+
+    That is a subclass of ``CrossEntropyLoss``/``NLLLoss`` overriding
+    ``forward``: its mean may be over tokens (reshaping, then
+    ``super().forward``) or over rows. pipesched cannot tell, weights by rows,
+    and says how to declare it.
+    """
+    if loss_normalizer is not None:
+        if isinstance(loss_normalizer, type) or not callable(loss_normalizer):
+            raise TypeError(
+                f"loss_normalizer must be a callable (targets_of_a_microbatch) -> count or None, got "
+                f"{loss_normalizer!r}; e.g. loss_normalizer=lambda y: (y != -100).sum()"
+            )
+        return loss_normalizer  # type: ignore[return-value]
+    if (
+        isinstance(loss_fn, _CLASS_INDEX_LOSSES)
+        and not _recognised(loss_fn)
+        and getattr(loss_fn, "reduction", "mean") != "sum"
+    ):
+        base = next(c.__name__ for c in _CLASS_INDEX_LOSSES if isinstance(loss_fn, c))
+        warnings.warn(
+            f"loss_fn is a {type(loss_fn).__name__}, a subclass of {base} that overrides forward, so "
+            f"pipesched cannot tell what its mean is over and weights micro-batches by rows. Declare "
+            f"it: loss_normalizer=lambda y: (y != {loss_fn.ignore_index}).sum() for a mean over "
+            f"tokens, or loss_normalizer=lambda y: y.shape[0] for rows",
+            stacklevel=3,
+        )
+    return None
+
+
+def _recognised(loss_fn: Any) -> bool:
+    return any(isinstance(loss_fn, c) and type(loss_fn).forward is c.forward for c in _CLASS_INDEX_LOSSES)
+
+
+def _rows(targets: Any) -> int:
+    return (targets if isinstance(targets, Tensor) else targets[0]).shape[0]
+
+
+def _class_index_counter(loss_fn: nn.CrossEntropyLoss | nn.NLLLoss) -> Callable[[Any], float]:
+    """The normaliser torch divides a class-index CE / NLL mean by: the weights of the kept targets."""
+    ignore_index = loss_fn.ignore_index
+    weight = None if loss_fn.weight is None else loss_fn.weight.detach().to("cpu", torch.float64)
+
+    def count(targets: Any) -> float:
+        if not isinstance(targets, Tensor) or targets.is_floating_point():
+            return float(_rows(targets))  # probability targets: the mean is over rows (x extra dims)
+        kept = targets[targets != ignore_index]
+        if weight is None:
+            return float(kept.numel())
+        kept = kept.to("cpu")
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= weight.numel()):
+            bad = int(kept.min()) if int(kept.min()) < 0 else int(kept.max())
+            raise ValueError(
+                f"targets hold class {bad}, but loss_fn.weight has {weight.numel()} classes; "
+                f"targets must be in [0, {weight.numel()}) or loss_fn.ignore_index ({ignore_index})"
+            )
+        return float(weight[kept].sum())
+
+    return count
+
+
+def _as_count(value: object, microbatch: int) -> float:
+    where = f"loss_normalizer returned {value!r} for micro-batch {microbatch}"
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where}; it must return a number or a 0-dim tensor (one count per micro-batch)")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}; it must return a number or a 0-dim tensor, e.g. (y != -100).sum()")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}; a count must be finite and >= 0")
+    return float(value)
+
+
+def loss_weights(loss_fn: Any, targets: Sequence[Any], loss_normalizer: LossNormalizer | None = None) -> list[float]:
+    """Per micro-batch weights that make the weighted sum of losses equal the whole batch's loss.
+
+    ``targets``: each micro-batch's targets, exactly as ``loss_fn`` receives
+    them. All 0 when the batch's normaliser is 0 (see :func:`batch_loss`).
+    """
+    if loss_normalizer is None:
+        if getattr(loss_fn, "reduction", "mean") == "sum":
+            return [1.0] * len(targets)
+        counter: Callable[[Any], float] = (
+            _class_index_counter(loss_fn) if _recognised(loss_fn) else lambda t: float(_rows(t))
+        )
+        counts = [counter(t) for t in targets]
+    else:
+        counts = [_as_count(loss_normalizer(t), m) for m, t in enumerate(targets)]
+    total = sum(counts)  # equals the whole batch's count: a mean's normaliser adds up over rows
+    if total == 0:
+        return [0.0] * len(counts)
+    return [count / total for count in counts]
+
+
+def weighted_loss(loss: Tensor, weight: float) -> Tensor:
+    """One micro-batch's contribution; a weight of 0 (no valid target: its mean is 0/0) adds nothing.
+
+    The zero does not require grad, so no backward runs through this
+    micro-batch and upstream stages receive no gradient for it.
+    """
+    if weight == 0:
+        return loss.detach().new_zeros(())
+    return loss.reshape(()) * weight
+
+
+def batch_loss(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """The batch's loss from the weighted micro-batch losses: NaN, as torch gives, when nothing counted."""
+    loss = torch.stack(list(losses)).sum()
+    if weights and not any(weights):
+        return torch.full_like(loss, math.nan)
+    return loss
