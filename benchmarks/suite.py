@@ -25,6 +25,8 @@ BENCHMARKS = {
     "torch_pipelining": "benchmarks.bench_torch_pipelining",
     "ddp": "benchmarks.bench_ddp",
     "memory": "benchmarks.bench_memory",
+    "real_memory": "benchmarks.bench_real_memory",
+    "recompute": "benchmarks.bench_recompute",
 }
 
 

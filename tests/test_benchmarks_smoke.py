@@ -30,6 +30,8 @@ SPECIFIC = {
     "torch_pipelining": {"workload", "balance", "ratio_pipesched_over_peer", "contenders", "gradients", "rounds"},
     "ddp": {"workload", "ratio_pipesched_over_ddp", "winner", "contenders", "gradients", "rounds"},
     "memory": {"part_a", "part_b"},
+    "real_memory": {"workload", "rows"},
+    "recompute": {"workload", "calibration", "rounds", "rows", "gradients"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -38,6 +40,8 @@ TABLE_MARKS = {
     "torch_pipelining": "torch.distributed.pipelining",
     "ddp": "DistributedDataParallel",
     "memory": "measured/theory",
+    "real_memory": "real/meter",
+    "recompute": "recompute-first/never",
 }
 
 
@@ -61,7 +65,28 @@ def test_benchmark_tiny_run(name, tmp_path, capsys):
     if "gradients" in document:  # the distributed peers' gradients equal the un-pipelined model's
         for pair, diff in document["gradients"].items():
             assert float(diff["relative"]) <= 1e-4, (pair, diff)
+    if name == "recompute":  # checkpointing changes when the forward runs, not what the gradients are
+        assert all(row["gradients_equal"] for row in document["rows"]), document["gradients"]
     assert not [t for t in threading.enumerate() if t.name.startswith("pipesched-")], "pipeline threads left running"
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("ranks, microbatches", [(2, 4), (4, 8), (4, 16)])
+def test_recompute_first_replay_matches_the_closed_form(schedule, ranks, microbatches):
+    """Forward 1, backward 2, every backward recomputing before its wait: only the drain hides its recompute.
+
+    The last rank's m recomputes stay on the critical path (it has no
+    gradient to wait for); the p - 1 backwards of the drain wait for their
+    gradient and recompute meanwhile: (m + p - 1) + 3m + 2(p - 1).
+    """
+    from benchmarks.bench_recompute import recompute_first_makespan
+    from pipesched import get_schedule, simulate
+
+    p, m = ranks, microbatches
+    plan = get_schedule(schedule).plan(p, m, p)
+    assert recompute_first_makespan(plan, p, 1.0, 2.0) == (m + p - 1) + 3 * m + 2 * (p - 1)
+    on_path = simulate(plan, lambda kind, stage: 1.0 if kind == "F" else 3.0).makespan
+    assert on_path == (m + p - 1) * 4
 
 
 def test_command_line(tmp_path, capsys):
