@@ -58,7 +58,7 @@ from pipesched.options import (
     resolve_schedule,
 )
 from pipesched.orchestrator import Orchestrator, StepStalled
-from pipesched.partition import check_balance, even_balance, split_module
+from pipesched.partition import check_balance, check_shared_parameters, even_balance, split_module
 from pipesched.report import CommRecord, StepReport, TaskRecord
 from pipesched.rng import RandomReplay
 from pipesched.schedule import PlanCache, Schedule, validate_placement
@@ -72,8 +72,9 @@ class DistributedPipeline(nn.Module):
     """One rank of a multi-process pipeline. ``parameters()`` are this rank's stages' only.
 
     Args:
-        module: the full ``nn.Sequential`` (every rank keeps only its stages),
-            or a dict ``{stage_index: module}`` holding exactly the stages the
+        module: the full ``nn.Sequential`` (every rank keeps only its stages;
+            a parameter shared by stages of different ranks is refused), or a
+            dict ``{stage_index: module}`` holding exactly the stages the
             schedule places on this rank (then ``num_stages`` is required).
         balance: layers per stage, with a full ``nn.Sequential``; default: the
             schedule's stage count for the world size, split evenly.
@@ -157,6 +158,7 @@ class DistributedPipeline(nn.Module):
                 self.schedule.placement(self.num_stages, self.num_ranks), self.num_stages, self.num_ranks
             )
             stages = split_module(module, balance)
+            check_shared_parameters(stages, self.placement, None)
             return {s: stages[s] for s in range(self.num_stages) if self.placement[s] == self.rank}
         if isinstance(module, Mapping):
             if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:

@@ -48,6 +48,7 @@ from pipesched.options import (
 from pipesched.orchestrator import Orchestrator
 from pipesched.partition import (
     check_balance,
+    check_shared_parameters,
     default_devices,
     even_balance,
     resolve_device,
@@ -67,6 +68,9 @@ class Pipeline(nn.Module):
 
     Args:
         module: the model, an ``nn.Sequential``; its layers are cut into stages.
+            A layer object listed twice is two layers. Parameters or buffers
+            shared by several stages (a tied embedding and head) must live on
+            one device: stages on different devices sharing one are refused.
         schedule: a registered name (``"gpipe"``, ``"1f1b"``,
             ``"interleaved-1f1b"``/``"interleaved"``, or one you registered) or
             a :class:`~pipesched.Schedule` instance.
@@ -134,6 +138,8 @@ class Pipeline(nn.Module):
         self._plan = PlanCache(schedule, self.num_stages, self.num_ranks, self.placement)
         self._plan(chunks)  # refuse a shape the schedule cannot run before building anything
 
+        # before the module is changed in place (batch norms converted, stages moved)
+        check_shared_parameters(split_module(module, self.balance), self.placement, self.devices)
         if deferred_batch_norm:
             convert_deferred_batch_norm(module)
         self._batch_norms = [m for m in module.modules() if isinstance(m, DeferredBatchNorm)]
