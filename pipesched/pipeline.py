@@ -315,7 +315,15 @@ class Pipeline(nn.Module):
         self.close()
 
     def to(self, *args: Any, **kwargs: Any) -> Pipeline:
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        """Only ``.to(dtype)`` (and ``memory_format=``): the pipeline placed its stages itself.
+
+        The device is looked for in the arguments directly, not by parsing them
+        as ``torch`` does: parsing ``"cuda"`` or ``0`` fails on a machine
+        without CUDA with an error that hides this one.
+        """
+        device = kwargs.get("device")
+        if device is None and args and not isinstance(args[0], torch.dtype):
+            device = args[0]  # a device, a device string or index, or a tensor to match
         if device is not None:
             raise TypeError(
                 "a Pipeline places its stages on its devices itself; moving it with .to(device) "
