@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from pipesched.action import Action
 from pipesched.caller_state import CallerState
 from pipesched.checkpoint import CheckpointManager
-from pipesched.mailbox import Mailbox
+from pipesched.mailbox import Mailbox, StepAborted
 from pipesched.report import TaskRecord
 from pipesched.transport import Transport
 
@@ -73,6 +73,8 @@ def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: li
     """Run ``actions`` in order on the calling (worker) thread, appending a record per task."""
     clock = time.perf_counter
     for action in actions:
+        if ctx.mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
+            raise StepAborted(ctx.mailbox.abort_reason)
         task = _forward if action.kind == "F" else _backward
         start, end = task(ctx, rank, action.stage, action.microbatch, clock)
         records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))
