@@ -43,7 +43,7 @@ from pipesched.checkpoint import (
     make_policy,
     parameter_pointers,
 )
-from pipesched.dist_comm import Communicator, RemoteStepError
+from pipesched.dist_comm import Communicator, PeerLost, RemoteStepError
 from pipesched.execute import StepContext
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, scatter, split_sizes
@@ -115,6 +115,7 @@ class DistributedPipeline(nn.Module):
             )
         self.chunks = check_chunks(chunks)
         stall_timeout = check_stall_timeout(stall_timeout)
+        self._stall_timeout = stall_timeout
         check_flag("deferred_batch_norm", deferred_batch_norm)
         check_loss_fn(loss_fn)
         self._policy = make_policy(checkpoint)
@@ -196,9 +197,12 @@ class DistributedPipeline(nn.Module):
         those of the single-process run. An error on any rank is raised on
         every rank: the original exception where it happened, a
         :class:`~pipesched.dist_comm.RemoteStepError` naming it elsewhere.
+        A rank that dies or stops answering raises
+        :class:`~pipesched.dist_comm.PeerLost` within about ``stall_timeout``,
+        and the pipeline is then unusable.
         """
         if self._broken is not None:
-            raise RuntimeError(f"this pipeline is unusable after a stalled step ({self._broken}); restart the job")
+            raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
         if not torch.is_grad_enabled():
             raise grad_disabled()
         first, last = self.placement[0], self.placement[-1]
@@ -217,7 +221,10 @@ class DistributedPipeline(nn.Module):
             except (TypeError, ValueError) as error:
                 local_error = error
                 announced = [f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(announced, src=self._global(first), group=self.group)
+        try:
+            dist.broadcast_object_list(announced, src=self._global(first), group=self.group)
+        except RuntimeError as error:  # a rank died between steps: the group is broken
+            raise self._lose(PeerLost(f"a rank is gone (start-of-step exchange failed: {error})")) from error
         if isinstance(announced[0], str):
             if self.rank == first:
                 raise local_error  # type: ignore[misc]
@@ -254,14 +261,24 @@ class DistributedPipeline(nn.Module):
                 raise local_error
             records = self._orchestrator.run(plan, ctx)
         except StepStalled as error:
-            self._broken = str(error)
+            self._broken = f"a stalled step ({error})"
             effects.rollback()
             raise
         except BaseException as error:  # noqa: BLE001 - reported to every rank below
             local_error = error
             self._comm.fail(link, _describe(error, self.rank))
-        self._comm.finish(link)
+        gone = self._comm.finish(link, self._stall_timeout)
         self._steps += 1  # every step, failed or not, gets its own message tags
+        if gone is not None or isinstance(local_error, PeerLost):
+            # a rank died or stopped answering: no collective could complete, so skip the
+            # status exchange (every reachable rank learns it from the error headers)
+            effects.rollback()
+            if isinstance(local_error, PeerLost):
+                raise self._lose(local_error)
+            self._lose(gone)  # type: ignore[arg-type]
+            if local_error is not None and not isinstance(local_error, RemoteStepError):
+                raise local_error  # this rank's own error comes first, as for any failed step
+            raise gone  # type: ignore[misc]
 
         # 3. share the outcome: errors everywhere, the loss on every rank
         memory = ctx.checkpoint.memory[self.rank]
@@ -279,7 +296,11 @@ class DistributedPipeline(nn.Module):
             loss = torch.stack([ctx.losses[m] for m in range(count)]).sum()
             status["loss"] = (loss.item(), str(loss.dtype).removeprefix("torch."))
         statuses: list[Any] = [None] * self.num_ranks
-        dist.all_gather_object(statuses, status, group=self.group)
+        try:
+            dist.all_gather_object(statuses, status, group=self.group)
+        except RuntimeError as error:  # a rank died after its last message
+            effects.rollback()
+            raise self._lose(PeerLost(f"a rank is gone (end-of-step exchange failed: {error})")) from error
 
         if local_error is not None or not all(s["ok"] for s in statuses):
             effects.rollback()
@@ -291,6 +312,11 @@ class DistributedPipeline(nn.Module):
         self._record(statuses, count, link.records)
         value, dtype = statuses[last]["loss"]
         return torch.tensor(value, dtype=getattr(torch, dtype))
+
+    def _lose(self, error: PeerLost) -> PeerLost:
+        """Mark the pipeline unusable: a rank is gone, messages of this step may be lost."""
+        self._broken = f"losing a rank ({error})"
+        return error
 
     def _context(self, count: int) -> StepContext:
         exclude = parameter_pointers(self._stages)
@@ -339,7 +365,8 @@ class DistributedPipeline(nn.Module):
     def close(self) -> None:
         """Stop this rank's threads (the process group stays yours to destroy)."""
         self._orchestrator.close()
-        self._comm.close()
+        # after a lost rank a receiver may be blocked for good on it: don't wait for it
+        self._comm.close(timeout=0 if self._broken else 5)
 
     def __enter__(self) -> DistributedPipeline:
         return self
@@ -372,4 +399,4 @@ def _shift_comm(record: CommRecord, offset: float) -> CommRecord:
                       record.start - offset, record.end - offset, record.nbytes)
 
 
-__all__ = ["DistributedPipeline", "RemoteStepError"]
+__all__ = ["DistributedPipeline", "PeerLost", "RemoteStepError"]
