@@ -9,7 +9,7 @@
 
 from pipesched.action import Action
 from pipesched.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
-from pipesched.checkpoint import is_recomputing
+from pipesched.checkpoint import is_checkpointing, is_recomputing
 from pipesched.orchestrator import StepStalled
 from pipesched.pipeline import Pipeline
 from pipesched.registry import get_schedule, list_schedules, register_schedule
@@ -35,6 +35,7 @@ __all__ = [
     "configure_jsonl_logging",
     "convert_deferred_batch_norm",
     "get_schedule",
+    "is_checkpointing",
     "is_recomputing",
     "list_schedules",
     "lower_bound",

@@ -99,13 +99,17 @@ class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._reset_accumulators()
 
     @classmethod
-    def convert(cls, module: nn.Module) -> nn.Module:
+    def convert(cls, module: nn.Module, _memo: dict[int, nn.Module] | None = None) -> nn.Module:
         """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` (in place) by a ``DeferredBatchNorm``.
 
         Parameters and buffers are moved over; returns ``module`` (or the
         replacement, if ``module`` itself is a batch norm). The replacement is
         a new module object: register hooks on batch norms after converting.
+        A batch norm used at several places gets one replacement used at all of them.
         """
+        memo = {} if _memo is None else _memo
+        if id(module) in memo:
+            return memo[id(module)]
         if isinstance(module, _BATCH_NORMS) and not isinstance(module, cls):
             like = module.weight if module.affine else module.running_mean
             replacement = cls(
@@ -118,9 +122,12 @@ class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
             )
             replacement.load_state_dict(module.state_dict())
             replacement.train(module.training)
+            memo[id(module)] = replacement
             return replacement
-        for name, child in module.named_children():
-            converted = cls.convert(child)
+        memo[id(module)] = module
+        # every position, even of a repeated child (named_children() lists it once)
+        for name, child in list(module._modules.items()):
+            converted = child if child is None else cls.convert(child, memo)
             if converted is not child:
                 setattr(module, name, converted)
         return module

@@ -106,7 +106,7 @@ def _identity(tensor: Tensor) -> Tensor:
     return tensor
 
 
-_recomputing = threading.local()
+_phase = threading.local()
 
 
 def is_recomputing() -> bool:
@@ -115,16 +115,36 @@ def is_recomputing() -> bool:
     Modules with side effects in ``forward`` (counters, running statistics,
     caches) check it so that the recompute does not apply them twice.
     """
-    return getattr(_recomputing, "active", False)
+    return getattr(_phase, "recomputing", False)
+
+
+def is_checkpointing() -> bool:
+    """True while the calling thread runs a checkpointed forward for the first time.
+
+    That run has no autograd graph (``torch.no_grad``); its backward will
+    recompute it, with :func:`is_recomputing` true. A forward that is not
+    checkpointed has both false. (torchgpipe's flags of the same names.)
+    """
+    return getattr(_phase, "checkpointing", False)
 
 
 @contextlib.contextmanager
-def _recomputing_scope() -> Iterator[None]:
-    _recomputing.active = True
+def _phase_scope(flag: str) -> Iterator[None]:
+    """Set ``flag`` for the calling thread, restoring the previous value on exit (scopes nest)."""
+    previous = getattr(_phase, flag, False)
+    setattr(_phase, flag, True)
     try:
         yield
     finally:
-        _recomputing.active = False
+        setattr(_phase, flag, previous)
+
+
+def _recomputing_scope() -> contextlib.AbstractContextManager[None]:
+    return _phase_scope("recomputing")
+
+
+def _checkpointing_scope() -> contextlib.AbstractContextManager[None]:
+    return _phase_scope("checkpointing")
 
 
 @dataclass
@@ -188,7 +208,7 @@ class CheckpointManager:
         meter = _SavedTensorMeter(self.exclude[stage], self.user_hooks)
         meter.add(inputs)
         if checkpointed:
-            with torch.no_grad():
+            with torch.no_grad(), _checkpointing_scope():
                 result = self.random.run(stage, microbatch, run)
             kept = None
         else:

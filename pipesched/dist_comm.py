@@ -16,6 +16,15 @@ deadlock-free without any handshake:
   error headers for everything *it* owes, so the failure reaches every rank,
   and every posted receive is matched: no rank waits forever, no send stays
   pending. Receivers keep draining after an error for the same reason.
+* **a lost peer**: a rank whose process died (its connection breaks) or that
+  does not answer within ``stall_timeout`` is *lost*: a pending receive
+  fails at once on a broken connection, :meth:`Communicator.finish` waits at
+  most ``stall_timeout`` for what is still owed, error headers go to the
+  peers still reachable (saying "lost rank N", so they stop too), and the
+  step raises :class:`PeerLost`. Gloo cannot wait on a receive for a while
+  and then keep it (a timed-out receive closes the connection), so no
+  receive is given a timeout of its own while the step is healthy: the
+  watchdog bounds the waits of the compute thread, ``finish`` the rest.
 
 Gloo (CPU) is the transport tested here; tensors on a CUDA device are staged
 through host memory for it.
@@ -27,6 +36,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -50,6 +60,20 @@ from pipesched.worker import Worker
 
 class RemoteStepError(RuntimeError):
     """Another rank of the pipeline failed during this step; the message says where and why."""
+
+
+class PeerLost(RemoteStepError):
+    """A rank of the pipeline died or stopped answering during this step; the message names it.
+
+    Messages of the step may be lost or still in flight, so the pipeline (and
+    the process group) cannot be used again: restart the job.
+    """
+
+    MARK = "lost rank "  # every message starts with it, so it survives travelling as an error header
+
+
+def lost(peer: int, why: str) -> PeerLost:
+    return PeerLost(f"{PeerLost.MARK}{peer}: {why}")
 
 
 MessageKey = tuple[str, int, int]  # the producing action: (kind, stage, microbatch)
@@ -81,9 +105,10 @@ class StepLink:
     num_microbatches: int
     outgoing: dict[int, list[MessageKey]]
     sent: set[MessageKey] = field(default_factory=set)
-    works: list[tuple[Any, Any]] = field(default_factory=list)  # (work, tensors kept alive)
+    works: list[tuple[Any, Any, int]] = field(default_factory=list)  # (work, tensor kept alive, peer)
     records: list[CommRecord] = field(default_factory=list)
-    receivers_done: list[threading.Event] = field(default_factory=list)
+    receivers_done: dict[int, threading.Event] = field(default_factory=dict)  # peer -> drained
+    lost: dict[int, str] = field(default_factory=dict)  # peer -> why it is unreachable
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def tag(self, key: MessageKey, part: int) -> int:
@@ -156,7 +181,7 @@ class Communicator:
         for peer, receiver in self._receivers.items():
             expected = messages(plan, placement, num_stages, peer, self.rank)
             done = threading.Event()
-            link.receivers_done.append(done)
+            link.receivers_done[peer] = done
             receiver.submit(lambda p=peer, e=expected, d=done: self._receive(link, mailbox, p, e, d))
         return link
 
@@ -173,31 +198,59 @@ class Communicator:
             link.sent.add(key)
             for index, tensor in zip(indices, parts):
                 work = dist.isend(tensor, dst=self._global[peer], group=self.group, tag=link.tag(key, index))
-                link.works.append((work, tensor))
+                link.works.append((work, tensor, peer))
         link.records.append(CommRecord(self.rank, peer, "send", "%s%d.%d" % key, start, time.perf_counter(),
                                        sum(t.numel() * t.element_size() for t in parts[1:])))
 
     def fail(self, link: StepLink, message: str) -> None:
-        """Send an error header for every message this rank still owes in this step."""
+        """Send an error header for every message this rank still owes in this step.
+
+        A peer whose connection is broken gets none (it is recorded as lost);
+        the others still get theirs.
+        """
         header, data = encode_error(message)
         with link.lock:
             for peer, keys in link.outgoing.items():
                 for key in keys:
-                    if key in link.sent:
+                    if key in link.sent or peer in link.lost:
                         continue
                     link.sent.add(key)
-                    for index, tensor in ((0, header), (1, data)):
-                        work = dist.isend(tensor, dst=self._global[peer], group=self.group,
-                                          tag=link.tag(key, index))
-                        link.works.append((work, tensor))
+                    try:
+                        for index, tensor in ((0, header), (1, data)):
+                            work = dist.isend(tensor, dst=self._global[peer], group=self.group,
+                                              tag=link.tag(key, index))
+                            link.works.append((work, tensor, peer))
+                    except RuntimeError as error:  # the connection to the peer is broken
+                        link.lost.setdefault(peer, f"cannot send to it ({error})")
 
-    def finish(self, link: StepLink, timeout: float | None = None) -> None:
-        """Wait until every send of the step is delivered and every receiver has drained."""
-        for done in link.receivers_done:
-            done.wait(timeout)
-        for work, _ in link.works:
-            work.wait()
+    def finish(self, link: StepLink, timeout: float | None = None) -> PeerLost | None:
+        """Wait until every send of the step is delivered and every receiver has drained.
+
+        Waits at most ``timeout`` seconds in all (``None``: no limit). Returns
+        the :class:`PeerLost` error naming a peer that died or did not answer
+        in time, or ``None`` when every peer was heard from.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0.001)
+
+        for peer, done in link.receivers_done.items():
+            if not done.wait(left()):
+                link.lost.setdefault(peer, f"sent nothing for {timeout:.1f} s (stall_timeout) while this "
+                                           f"rank waited for its messages")
+        for work, _, peer in link.works:
+            if peer in link.lost:
+                continue  # a send to a lost peer may never complete
+            try:
+                work.wait() if deadline is None else work.wait(timeout=timedelta(seconds=left()))
+            except RuntimeError as error:  # broken connection, or not delivered in time
+                link.lost.setdefault(peer, f"a message to it was not delivered ({error})")
         link.works.clear()
+        if not link.lost:
+            return None
+        peer = min(link.lost)
+        return lost(peer, link.lost[peer])
 
     def _receive(self, link: StepLink, mailbox: Mailbox, peer: int, expected: list[MessageKey],
                  done: threading.Event) -> None:
@@ -210,7 +263,8 @@ class Communicator:
                 if parsed.status == ERROR:
                     data = torch.empty(parsed.error_length, dtype=torch.uint8)
                     self._recv(data, peer, link.tag(key, 1))
-                    mailbox.abort(RemoteStepError(bytes(data.tolist()).decode("utf-8", "replace")))
+                    text = bytes(data.tolist()).decode("utf-8", "replace")
+                    mailbox.abort((PeerLost if text.startswith(PeerLost.MARK) else RemoteStepError)(text))
                     continue
                 buffers = parsed.allocate(torch.device("cpu"))
                 for index, buffer in enumerate(buffers):
@@ -224,16 +278,19 @@ class Communicator:
                     self.rank, peer, "recv", "%s%d.%d" % key, start, time.perf_counter(),
                     sum(b.numel() * b.element_size() for b in buffers if b is not None)))
         except BaseException as error:  # noqa: BLE001 - a broken connection: abort, never hang
-            mailbox.abort(RemoteStepError(f"lost the connection to rank {peer}: {error}"))
+            why = f"lost the connection to it: {error}"
+            link.lost.setdefault(peer, why)
+            mailbox.abort(lost(peer, why))
         finally:
             done.set()
 
     def _recv(self, tensor: Tensor, peer: int, tag: int) -> None:
         dist.irecv(tensor, src=self._global[peer], group=self.group, tag=tag).wait()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5) -> None:
+        """Stop the receiver threads, waiting up to ``timeout`` for each (one blocked on a lost peer never ends)."""
         for receiver in self._receivers.values():
-            receiver.close(timeout=5)
+            receiver.close(timeout=timeout)
 
 
 def _slot(mailbox: Mailbox, key: MessageKey) -> Slot:

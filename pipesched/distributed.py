@@ -42,7 +42,7 @@ from pipesched.checkpoint import (
     make_policy,
     parameter_pointers,
 )
-from pipesched.dist_comm import Communicator, RemoteStepError
+from pipesched.dist_comm import Communicator, PeerLost, RemoteStepError
 from pipesched.execute import StepContext, training_flags
 from pipesched.loss_normalizer import (
     LossNormalizer,
@@ -62,7 +62,7 @@ from pipesched.options import (
     resolve_schedule,
 )
 from pipesched.orchestrator import Orchestrator, StepStalled
-from pipesched.partition import check_balance, even_balance, split_module
+from pipesched.partition import check_balance, check_shared_parameters, even_balance, split_module
 from pipesched.report import CommRecord, StepReport, TaskRecord
 from pipesched.rng import RandomStreams
 from pipesched.schedule import PlanCache, Schedule, validate_placement
@@ -74,8 +74,9 @@ class DistributedPipeline(nn.Module):
     """One rank of a multi-process pipeline. ``parameters()`` are this rank's stages' only.
 
     Args:
-        module: the full ``nn.Sequential`` (every rank keeps only its stages),
-            or a dict ``{stage_index: module}`` holding exactly the stages the
+        module: the full ``nn.Sequential`` (every rank keeps only its stages;
+            a parameter shared by stages of different ranks is refused), or a
+            dict ``{stage_index: module}`` holding exactly the stages the
             schedule places on this rank (then ``num_stages`` is required).
         balance: layers per stage, with a full ``nn.Sequential``; default: the
             schedule's stage count for the world size, split evenly.
@@ -120,6 +121,7 @@ class DistributedPipeline(nn.Module):
             )
         self.chunks = check_chunks(chunks)
         stall_timeout = check_stall_timeout(stall_timeout)
+        self._stall_timeout = stall_timeout
         check_flag("deferred_batch_norm", deferred_batch_norm)
         check_loss_fn(loss_fn)
         self.loss_normalizer = check_loss_normalizer(loss_normalizer, loss_fn)
@@ -165,6 +167,7 @@ class DistributedPipeline(nn.Module):
                 self.schedule.placement(self.num_stages, self.num_ranks), self.num_stages, self.num_ranks
             )
             stages = split_module(module, balance)
+            check_shared_parameters(stages, self.placement, None)
             return {s: stages[s] for s in range(self.num_stages) if self.placement[s] == self.rank}
         if isinstance(module, Mapping):
             if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
@@ -202,9 +205,12 @@ class DistributedPipeline(nn.Module):
         those of the single-process run. An error on any rank is raised on
         every rank: the original exception where it happened, a
         :class:`~pipesched.dist_comm.RemoteStepError` naming it elsewhere.
+        A rank that dies or stops answering raises
+        :class:`~pipesched.dist_comm.PeerLost` within about ``stall_timeout``,
+        and the pipeline is then unusable.
         """
         if self._broken is not None:
-            raise RuntimeError(f"this pipeline is unusable after a stalled step ({self._broken}); restart the job")
+            raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
         if not torch.is_grad_enabled():
             raise grad_disabled()
         first, last = self.placement[0], self.placement[-1]
@@ -223,7 +229,10 @@ class DistributedPipeline(nn.Module):
             except (TypeError, ValueError) as error:
                 local_error = error
                 announced = [f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(announced, src=self._global(first), group=self.group)
+        try:
+            dist.broadcast_object_list(announced, src=self._global(first), group=self.group)
+        except RuntimeError as error:  # a rank died between steps: the group is broken
+            raise self._lose(PeerLost(f"a rank is gone (start-of-step exchange failed: {error})")) from error
         if isinstance(announced[0], str):
             if self.rank == first:
                 raise local_error  # type: ignore[misc]
@@ -260,14 +269,24 @@ class DistributedPipeline(nn.Module):
                 raise local_error
             records = self._orchestrator.run(plan, ctx)
         except StepStalled as error:
-            self._broken = str(error)
+            self._broken = f"a stalled step ({error})"
             effects.rollback()
             raise
         except BaseException as error:  # noqa: BLE001 - reported to every rank below
             local_error = error
             self._comm.fail(link, _describe(error, self.rank))
-        self._comm.finish(link)
+        gone = self._comm.finish(link, self._stall_timeout)
         self._steps += 1  # every step, failed or not, gets its own message tags
+        if gone is not None or isinstance(local_error, PeerLost):
+            # a rank died or stopped answering: no collective could complete, so skip the
+            # status exchange (every reachable rank learns it from the error headers)
+            effects.rollback()
+            if isinstance(local_error, PeerLost):
+                raise self._lose(local_error)
+            self._lose(gone)  # type: ignore[arg-type]
+            if local_error is not None and not isinstance(local_error, RemoteStepError):
+                raise local_error  # this rank's own error comes first, as for any failed step
+            raise gone  # type: ignore[misc]
 
         # 3. share the outcome: errors everywhere, the loss on every rank
         memory = ctx.checkpoint.memory[self.rank]
@@ -285,7 +304,11 @@ class DistributedPipeline(nn.Module):
             loss = batch_loss([ctx.losses[m] for m in range(count)], ctx.loss_weights)
             status["loss"] = (loss.item(), str(loss.dtype).removeprefix("torch."))
         statuses: list[Any] = [None] * self.num_ranks
-        dist.all_gather_object(statuses, status, group=self.group)
+        try:
+            dist.all_gather_object(statuses, status, group=self.group)
+        except RuntimeError as error:  # a rank died after its last message
+            effects.rollback()
+            raise self._lose(PeerLost(f"a rank is gone (end-of-step exchange failed: {error})")) from error
 
         if local_error is not None or not all(s["ok"] for s in statuses):
             effects.rollback()
@@ -297,6 +320,11 @@ class DistributedPipeline(nn.Module):
         self._record(statuses, count, link.records)
         value, dtype = statuses[last]["loss"]
         return torch.tensor(value, dtype=getattr(torch, dtype))
+
+    def _lose(self, error: PeerLost) -> PeerLost:
+        """Mark the pipeline unusable: a rank is gone, messages of this step may be lost."""
+        self._broken = f"losing a rank ({error})"
+        return error
 
     def _context(self, count: int) -> StepContext:
         exclude = parameter_pointers(self._stages)
@@ -350,7 +378,8 @@ class DistributedPipeline(nn.Module):
     def close(self) -> None:
         """Stop this rank's threads (the process group stays yours to destroy)."""
         self._orchestrator.close()
-        self._comm.close()
+        # after a lost rank a receiver may be blocked for good on it: don't wait for it
+        self._comm.close(timeout=0 if self._broken else 5)
 
     def __enter__(self) -> DistributedPipeline:
         return self
@@ -383,4 +412,4 @@ def _shift_comm(record: CommRecord, offset: float) -> CommRecord:
                       record.start - offset, record.end - offset, record.nbytes)
 
 
-__all__ = ["DistributedPipeline", "RemoteStepError"]
+__all__ = ["DistributedPipeline", "PeerLost", "RemoteStepError"]

@@ -27,7 +27,7 @@ from pipesched.action import Action
 from pipesched.caller_state import CallerState
 from pipesched.checkpoint import CheckpointManager
 from pipesched.loss_normalizer import weighted_loss
-from pipesched.mailbox import Mailbox
+from pipesched.mailbox import Mailbox, StepAborted
 from pipesched.report import TaskRecord
 from pipesched.stream import TaskClock
 from pipesched.transport import Transport
@@ -85,6 +85,8 @@ def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: li
     clock = TaskClock(stream)
     first = len(records)
     for action in actions:
+        if ctx.mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
+            raise StepAborted(ctx.mailbox.abort_reason)
         task = _forward if action.kind == "F" else _backward
         start, end = task(ctx, rank, action.stage, action.microbatch, clock)
         records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))

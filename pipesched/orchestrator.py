@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import anyio
@@ -33,6 +33,7 @@ from pipesched.action import Action, dependencies
 from pipesched.execute import StepContext, run_rank
 from pipesched.mailbox import StepAborted
 from pipesched.report import TaskRecord
+from pipesched.step_effects import GradientFence
 from pipesched.stream import StreamFence
 from pipesched.tasklog import EventLog
 from pipesched.worker import Worker
@@ -60,6 +61,24 @@ class _RankOutcome:
         self.failed_time = 0.0
         self.done = anyio.Event()
         self.returned = threading.Event()  # the worker left the job (set from its thread)
+        self._lock = threading.Lock()
+        self._on_return: list[Callable[[], None]] = []
+
+    def leave(self) -> None:
+        """Called by the worker thread once the job is over: set ``returned``, run the callbacks."""
+        with self._lock:
+            self.returned.set()
+            callbacks, self._on_return = self._on_return, []
+        for callback in callbacks:
+            callback()
+
+    def when_returned(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the worker left the job: now if it already has."""
+        with self._lock:
+            if not self.returned.is_set():
+                self._on_return.append(callback)
+                return
+        callback()
 
 
 class Orchestrator:
@@ -78,7 +97,7 @@ class Orchestrator:
         self.devices = list(devices)
         self.ranks = list(ranks) if ranks is not None else list(range(len(self.devices)))
         self.stall_timeout = stall_timeout
-        self._stuck: tuple[str, threading.Event] | None = None
+        self._stuck: list[tuple[str, threading.Event]] = []  # tasks a stalled step left running
         self.workers = [Worker(rank, device) for rank, device in zip(self.ranks, self.devices)]
         self._ready: Future[tuple[asyncio.AbstractEventLoop, anyio.Event]] = Future()
         self._loop_thread = threading.Thread(target=self._serve, name="pipesched-loop", daemon=True)
@@ -119,14 +138,13 @@ class Orchestrator:
         """
         if self._closed:
             raise RuntimeError("this pipeline is closed; build a new Pipeline")
-        if self._stuck is not None:
-            task, returned = self._stuck
+        for task, returned in self._stuck:
             if not returned.is_set():
                 raise RuntimeError(
                     f"this pipeline cannot run: {task} is still running from a stalled step; "
-                    f"wait for it to return, or build a new Pipeline"
+                    f"wait for it to return, or build a new Pipeline (on another copy of the model)"
                 )
-            self._stuck = None
+        self._stuck = []
         fence = StreamFence(self.devices)
         fence.enter()
         future = asyncio.run_coroutine_threadsafe(self._run(plan, ctx, fence), self._loop)
@@ -146,8 +164,17 @@ class Orchestrator:
 
     async def _run(self, plan: Sequence[Sequence[Action]], ctx: StepContext, fence: StreamFence) -> list[TaskRecord]:
         outcomes = {rank: _RankOutcome() for rank in self.ranks}
-        for worker in self.workers:
-            worker.submit(self._job(ctx, worker, plan[worker.rank], outcomes[worker.rank], fence))
+        for index, worker in enumerate(self.workers):
+            try:
+                worker.submit(self._job(ctx, worker, plan[worker.rank], outcomes[worker.rank], fence))
+            except BaseException as error:  # noqa: BLE001 - raised below, once the running ranks stopped
+                ctx.mailbox.abort()  # the ranks already running would wait for this one forever
+                for rank in self.ranks[index:]:
+                    outcomes[rank].error = error if rank == worker.rank else StepAborted()
+                    outcomes[rank].failed_time = time.perf_counter()
+                    outcomes[rank].done.set()
+                    outcomes[rank].leave()
+                break
         stalled: list[StepStalled] = []
         async with anyio.create_task_group() as group:
 
@@ -213,13 +240,29 @@ class Orchestrator:
         with anyio.move_on_after(min(timeout, 10.0)):
             for outcome in outcomes.values():
                 await outcome.done.wait()
-        busy = [r for r, o in outcomes.items() if not o.done.is_set()]
-        if busy:
-            rank = busy[0]
-            task = f"rank {rank}'s {plan[rank][len(outcomes[rank].records)]}"
-            self._stuck = (task, outcomes[rank].returned)
+        for rank, outcome in outcomes.items():
+            if not outcome.returned.is_set():
+                at = len(outcome.records)
+                task = f"rank {rank}'s {plan[rank][at]}" if at < len(plan[rank]) else f"rank {rank}'s job"
+                self._fence_stuck(ctx, rank, task, outcome)
         stalled.append(error)
         scope.cancel()
+
+    def _fence_stuck(self, ctx: StepContext, rank: int, task: str, outcome: _RankOutcome) -> None:
+        """``task`` is stuck in user code: refuse steps, and discard its ``.grad`` writes, until it returns.
+
+        The caller rolls ``.grad`` back once the step raises; a backward that
+        returns later would still accumulate into the restored gradients. The
+        fence on the rank's parameters diverts those writes (see
+        :class:`~pipesched.step_effects.GradientFence`); it is lifted by the
+        worker thread the moment the task returns.
+        """
+        parameters = [
+            p for stage, owner in zip(ctx.stages, ctx.placement)
+            if owner == rank and stage is not None for p in stage.parameters()
+        ]
+        outcome.when_returned(GradientFence(parameters, task).lift)
+        self._stuck.append((task, outcome.returned))
 
     def _job(self, ctx: StepContext, worker: Worker, actions: Sequence[Action], outcome: _RankOutcome,  # type: ignore[no-untyped-def]
              fence: StreamFence):
@@ -241,7 +284,7 @@ class Orchestrator:
                     _annotate(error, action, rank)
             finally:
                 fence.rank_ends(worker.stream)
-                outcome.returned.set()
+                outcome.leave()
                 with contextlib.suppress(RuntimeError):  # loop already stopped by close()
                     loop.call_soon_threadsafe(outcome.done.set)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 DeviceLike = str | int | torch.device
 
@@ -44,8 +44,14 @@ def even_balance(num_layers: int, num_stages: int) -> list[int]:
 
 
 def split_module(module: nn.Sequential, balance: Sequence[int]) -> list[nn.Sequential]:
-    """One ``nn.Sequential`` per stage, keeping the layers' original names."""
-    named = list(module.named_children())
+    """One ``nn.Sequential`` per stage, keeping the layers' original names (their indices).
+
+    The layer list is cut as ``len(module)`` counts it: a layer object that
+    appears twice (``nn.Sequential(lin, act, lin, act)``) is two layers, run
+    at both positions. (``named_children()`` would list it once and shift
+    every later layer into the wrong stage.)
+    """
+    named = list(module._modules.items())
     stages, first = [], 0
     for count in balance:
         stage = nn.Sequential()
@@ -93,3 +99,66 @@ def default_devices(num_ranks: int | None) -> list[torch.device]:
         count = torch.cuda.device_count()
         return [torch.device("cuda", r % count) for r in range(num_ranks or count)]
     return [torch.device("cpu")] * (num_ranks or 2)
+
+
+def check_shared_parameters(
+    stages: Sequence[nn.Module],
+    placement: Sequence[int],
+    devices: Sequence[torch.device] | None,
+) -> None:
+    """Refuse a parameter or buffer shared by stages that do not see one copy of it.
+
+    A tensor used by several stages (a layer object repeated in the
+    ``nn.Sequential``, or a tied embedding and output head,
+    ``head.weight = emb.weight``) is exact when every stage using it lives on
+    one device of one process: each stage's backward accumulates into the
+    same ``.grad`` (autograd serialises the accumulation), as the
+    un-pipelined backward does. Stages on different devices would need one
+    copy per device (moving the stages would leave the tensor on the last
+    one), and stages in different processes each hold their own copy that
+    would silently drift apart; both are refused here, before anything runs.
+
+    ``devices[rank]`` is the device of each rank; ``None`` means each rank is
+    its own process (:class:`~pipesched.distributed.DistributedPipeline`).
+    """
+    users: dict[int, tuple[Tensor, str, dict[int, list[str]]]] = {}
+    for index, stage in enumerate(stages):
+        named = [*stage.named_parameters(remove_duplicate=False), *stage.named_buffers(remove_duplicate=False)]
+        for name, tensor in named:
+            if tensor is None:
+                continue
+            kind = "parameter" if isinstance(tensor, nn.Parameter) else "buffer"
+            entry = users.setdefault(id(tensor), (tensor, kind, {}))
+            entry[2].setdefault(index, []).append(name)
+    for _, kind, by_stage in users.values():
+        if len(by_stage) < 2:
+            continue
+        homes = {
+            s: f"process of rank {placement[s]}" if devices is None else str(devices[placement[s]])
+            for s in by_stage
+        }
+        if devices is None:
+            separate = len({placement[s] for s in by_stage}) > 1
+        else:
+            separate = len({devices[placement[s]] for s in by_stage}) > 1
+        if not separate:
+            continue
+        names = sorted({n for ns in by_stage.values() for n in ns}, key=_layer_order)
+        where = ", ".join(f"stage {s} (rank {placement[s]}, {homes[s]})" for s in sorted(by_stage))
+        if devices is None:
+            fix = (
+                "each process would train its own copy and the copies would silently diverge; "
+                "give the layers using it to stages on one rank (balance=...), or untie them"
+            )
+        else:
+            fix = (
+                "stages on different devices cannot share one tensor; place those stages on one "
+                "device (devices=[...] with the same device for their ranks, or balance=... "
+                "to put the layers in one stage), or untie them"
+            )
+        raise ValueError(f"{kind} {' = '.join(map(repr, names))} is shared by {where}: {fix}")
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    head = name.split(".", 1)[0]
+    return (int(head) if head.isdigit() else -1, name)

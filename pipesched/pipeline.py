@@ -54,6 +54,7 @@ from pipesched.options import (
 from pipesched.orchestrator import Orchestrator
 from pipesched.partition import (
     check_balance,
+    check_shared_parameters,
     default_devices,
     even_balance,
     resolve_device,
@@ -73,6 +74,9 @@ class Pipeline(nn.Module):
 
     Args:
         module: the model, an ``nn.Sequential``; its layers are cut into stages.
+            A layer object listed twice is two layers. Parameters or buffers
+            shared by several stages (a tied embedding and head) must live on
+            one device: stages on different devices sharing one are refused.
         schedule: a registered name (``"gpipe"``, ``"1f1b"``,
             ``"interleaved-1f1b"``/``"interleaved"``, or one you registered) or
             a :class:`~pipesched.Schedule` instance.
@@ -160,6 +164,8 @@ class Pipeline(nn.Module):
         self._plan = PlanCache(schedule, self.num_stages, self.num_ranks, self.placement)
         self._plan(chunks)  # refuse a shape the schedule cannot run before building anything
 
+        # before the module is changed in place (batch norms converted, stages moved)
+        check_shared_parameters(split_module(module, self.balance), self.placement, self.devices)
         if deferred_batch_norm:
             convert_deferred_batch_norm(module)
         self._batch_norms = [m for m in module.modules() if isinstance(m, DeferredBatchNorm)]
@@ -340,7 +346,15 @@ class Pipeline(nn.Module):
         self.close()
 
     def to(self, *args: Any, **kwargs: Any) -> Pipeline:
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        """Only ``.to(dtype)`` (and ``memory_format=``): the pipeline placed its stages itself.
+
+        The device is looked for in the arguments directly, not by parsing them
+        as ``torch`` does: parsing ``"cuda"`` or ``0`` fails on a machine
+        without CUDA with an error that hides this one.
+        """
+        device = kwargs.get("device")
+        if device is None and args and not isinstance(args[0], torch.dtype):
+            device = args[0]  # a device, a device string or index, or a tensor to match
         if device is not None:
             raise TypeError(
                 "a Pipeline places its stages on its devices itself; moving it with .to(device) "

@@ -235,13 +235,145 @@ def scenario_stall(rank: int, world: int, out: dict) -> None:
         out["stall"] = {"raised": "StepStalled", "message": str(error)}
 
 
+def tied_model(world: int, head_at: int) -> nn.Sequential:
+    """4 x world layers: an embedding at 0, a head at ``head_at`` whose weight *is* the embedding's."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Embedding(8, 8)]
+    while len(layers) < 4 * world:
+        layers.append(nn.Tanh() if len(layers) % 2 else nn.Linear(8, 8))
+    head = nn.Linear(8, 8, bias=False)
+    head.weight = layers[0].weight
+    layers[head_at] = head
+    return nn.Sequential(*layers).double()
+
+
+def scenario_tied(rank: int, world: int, out: dict) -> None:
+    """A weight tied across processes is refused on every rank; tied within one rank it is exact."""
+    from pipesched.distributed import DistributedPipeline
+
+    try:  # 1F1B: 4 layers per stage, the head (layer 4) in stage 1 on rank 1
+        DistributedPipeline(tied_model(world, 4), schedule="1f1b", loss_fn=nn.CrossEntropyLoss())
+        refused = None
+    except ValueError as error:
+        refused = str(error)
+    # interleaved: 2 layers per stage, the head (layer 2 x world) in stage `world`, on rank 0 like stage 0
+    model = tied_model(world, 2 * world)
+    g = torch.Generator().manual_seed(3)
+    tokens, targets = torch.randint(0, 8, (9,), generator=g), torch.randint(0, 8, (9,), generator=g)
+    reference = copy.deepcopy(model)
+    nn.CrossEntropyLoss()(reference(tokens), targets).backward()
+    with DistributedPipeline(model, schedule="interleaved-1f1b", chunks=3, checkpoint="except_last",
+                             loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.step(tokens, targets)
+        error = grad_error(pipe, reference)
+        holds_tied = any(p is model[0].weight for p in pipe.parameters())
+    out["tied"] = {"refused": refused, "grad_error": error, "holds_tied": holds_tied}
+
+
+class ExitProcess(nn.Module):
+    """While armed, ends its process abruptly (no clean-up, sockets closed by the OS)."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed:
+            os._exit(17)
+        return x
+
+
+def _lost_peer_step(pipe, x, y) -> dict:
+    """Run the step that loses a peer; say what it raised, how fast, and what the next step says."""
+    import time
+
+    from pipesched.distributed import PeerLost
+
+    began = time.monotonic()
+    try:
+        pipe.step(x, y)
+        result = {"raised": None}
+    except PeerLost as error:
+        result = {"raised": "PeerLost", "message": str(error)}
+    except BaseException as error:  # noqa: BLE001 - the test reads what it was
+        result = {"raised": type(error).__name__, "message": str(error)}
+    result["seconds"] = time.monotonic() - began
+    try:
+        pipe.step(x, y)
+        result["next"] = None
+    except RuntimeError as error:
+        result["next"] = str(error)
+    return result
+
+
+def scenario_peer_exits(rank: int, world: int, out: dict) -> None:
+    """Rank 1's process exits mid-step (os._exit): rank 0 must raise promptly, not wait for gloo."""
+    from pipesched.distributed import DistributedPipeline
+
+    exiting = ExitProcess()
+    layers = list(mlp(layers=2 * world + 1))
+    layers.insert(3, exiting)  # inside stage 1
+    x, y = data(8)
+    with DistributedPipeline(nn.Sequential(*layers), schedule="1f1b", chunks=4, checkpoint="never",
+                             loss_fn=nn.CrossEntropyLoss(), stall_timeout=5.0) as pipe:
+        pipe.step(x, y)  # a healthy step first
+        exiting.armed = True
+        out["peer_exits"] = _lost_peer_step(pipe, x, y)
+
+
+class Freeze(nn.Module):
+    """While armed, blocks far longer than any test: a rank stuck in user code, its process alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x):
+        if self.armed:
+            import time
+
+            time.sleep(600)
+        return x
+
+
+def scenario_peer_freezes(rank: int, world: int, out: dict) -> None:
+    """Rank 0 fails while rank 1 is stuck: waiting for what rank 1 still owes ends at stall_timeout."""
+    from pipesched.distributed import DistributedPipeline
+
+    failing, frozen = FailOnce(), Freeze()
+    failing.armed = False
+    layers = list(mlp(layers=2 * world + 1))
+    layers.insert(3, frozen)  # inside stage 1
+    layers.insert(1, failing)  # inside stage 0: raises in F0.1, after F0.0 reached rank 1
+    x, y = data(8)
+    pipe = DistributedPipeline(nn.Sequential(*layers), schedule="1f1b", chunks=4, checkpoint="never",
+                               loss_fn=nn.CrossEntropyLoss(), stall_timeout=2.0)
+    pipe.step(x, y)  # a healthy step first
+    failing.armed, failing.calls, frozen.armed = True, 0, True  # F0.0 passes, F0.1 raises
+    if rank == 0:
+        out["peer_freezes"] = _lost_peer_step(pipe, x, y)
+    else:  # stuck in F1.0; stays alive (and silent) until the test kills it
+        try:
+            pipe.step(x, y)
+        except BaseException:  # noqa: BLE001 - its own watchdog; keep the process alive regardless
+            pass
+        import time
+
+        time.sleep(600)
+
+
 SCENARIOS = {
     "gradients": scenario_gradients,
     "tuples": scenario_tuples_and_own_stages,
     "tokens": scenario_tokens,
     "failure": scenario_failure,
+    "tied": scenario_tied,
     "stall": scenario_stall,
+    "peer_exits": scenario_peer_exits,
+    "peer_freezes": scenario_peer_freezes,
 }
+#: scenarios after which the process group cannot be left cleanly
+LEAVE_ABRUPTLY = {"stall", "peer_exits", "peer_freezes"}
 
 
 def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
@@ -261,6 +393,6 @@ def entry(rank: int, world: int, port: int, names: list[str], directory: str) ->
     finally:
         with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
             json.dump(out, file)
-        if "stall" in names:  # a rank was left stuck: the group cannot be left cleanly
+        if LEAVE_ABRUPTLY & set(names):  # a rank was left stuck or is gone
             os._exit(0)
         dist.destroy_process_group()

@@ -196,3 +196,12 @@ def test_convert_keeps_state_dtype_and_nesting():
     assert first.eps == 1e-3 and first.momentum == 0.3 and first.weight.dtype == torch.float64
     assert torch.equal(first.running_mean, torch.full((4,), 0.5, dtype=torch.float64))
     assert second.weight is None and second.running_var.dtype == torch.float64
+
+
+def test_convert_replaces_a_repeated_batch_norm_at_every_position():
+    """named_children() listed a repeated batch norm once: its second position kept the old module."""
+    norm = nn.BatchNorm1d(4)
+    model = nn.Sequential(nn.Linear(4, 4), norm, nn.Tanh(), norm, nn.Sequential(norm))
+    convert_deferred_batch_norm(model)
+    assert isinstance(model[1], DeferredBatchNorm)
+    assert model[3] is model[1] and model[4][0] is model[1]  # still one module, as before

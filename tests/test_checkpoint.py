@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from conftest import assert_grads_equal, mlp
-from pipesched import Pipeline
+from pipesched import Pipeline, is_checkpointing, is_recomputing
+from pipesched.checkpoint import _checkpointing_scope, _recomputing_scope
 
 
 def dropout_model(seed: int = 0) -> nn.Sequential:
@@ -150,3 +151,58 @@ def test_nothing_is_held_after_a_step():
         assert all(b > 0 for b in pipe.last_report.held_activation_bytes)
         out.sum().backward()
         assert pipe.last_report.held_activation_bytes == [0, 0]
+
+
+class TestPhaseFlags:
+    """``is_checkpointing()`` (first, graph-less run of a checkpointed forward), ``is_recomputing()``."""
+
+    @staticmethod
+    def phases(policy, chunks: int = 3) -> list[tuple[bool, bool, bool]]:
+        seen: list[tuple[bool, bool, bool]] = []
+
+        class Probe(nn.Module):
+            def forward(self, x):
+                seen.append((is_checkpointing(), is_recomputing(), torch.is_grad_enabled()))
+                return x
+
+        model = nn.Sequential(nn.Linear(8, 8), Probe(), nn.Linear(8, 4)).double()
+        x, y = data(6)
+        with Pipeline(model, schedule="1f1b", balance=[2, 1], chunks=chunks, checkpoint=policy,
+                      loss_fn=nn.CrossEntropyLoss()) as pipe:
+            pipe.step(x, y)
+        assert not is_checkpointing() and not is_recomputing()  # the caller's thread: neither
+        return sorted(seen)
+
+    FIRST_RUN, RECOMPUTE, PLAIN = (True, False, False), (False, True, True), (False, False, True)
+
+    @pytest.mark.parametrize("policy,expected", [
+        ("always", [RECOMPUTE] * 3 + [FIRST_RUN] * 3),
+        ("except_last", [PLAIN] + [RECOMPUTE] * 2 + [FIRST_RUN] * 2),
+        ("never", [PLAIN] * 3),
+        (lambda stage, mb: mb == 1, [PLAIN] * 2 + [RECOMPUTE, FIRST_RUN]),
+    ], ids=["always", "except_last", "never", "callable"])
+    def test_a_module_sees_which_run_of_its_forward_it_is(self, policy, expected):
+        assert self.phases(policy) == sorted(expected)
+
+    def test_forward_only_call_is_neither(self):
+        seen = []
+
+        class Probe(nn.Module):
+            def forward(self, x):
+                seen.append((is_checkpointing(), is_recomputing()))
+                return x
+
+        with Pipeline(nn.Sequential(nn.Linear(4, 4), Probe()), balance=[1, 1], chunks=2,
+                      checkpoint="always") as pipe, torch.no_grad():
+            pipe(torch.randn(4, 4))
+        assert seen == [(False, False)] * 2
+
+    @pytest.mark.parametrize("scope,flag", [(_recomputing_scope, is_recomputing),
+                                            (_checkpointing_scope, is_checkpointing)])
+    def test_nested_scope_restores_the_outer_value_on_exit(self, scope, flag):
+        """The recompute scope reset the flag to False on exit, even inside an outer scope."""
+        with scope():
+            with scope():
+                assert flag()
+            assert flag()
+        assert not flag()

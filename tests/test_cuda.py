@@ -204,3 +204,25 @@ def test_gradients_match_across_two_devices(schedule):
         grads = [p.grad.cpu() for p in model.parameters()]
     for got, want in zip(grads, ref):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_tied_weight_on_ranks_sharing_one_device_is_exact():
+    from test_shared_layers import NEXT, TOKENS, tied_language_model, token_loss
+
+    model = tied_language_model()
+    _, ref = reference_grads(model, token_loss, TOKENS, NEXT)
+    with Pipeline(model, schedule="1f1b", balance=[3, 3], devices=["cuda:0", "cuda:0"], chunks=4,
+                  checkpoint="except_last", loss_fn=token_loss) as pipe:
+        pipe.step(TOKENS.cuda(), NEXT.cuda())
+    torch.cuda.synchronize()
+    assert_grads_equal(model, [g.cuda() for g in ref], atol=1e-10)
+
+
+def test_tied_weight_on_two_devices_is_refused_before_anything_moves():
+    from test_shared_layers import tied_language_model
+
+    model = tied_language_model()
+    with pytest.raises(ValueError, match=r"'0.weight' = '5.weight' is shared by stage 0 \(rank 0, cpu\), "
+                                         r"stage 1 \(rank 1, cuda:0\)"):
+        Pipeline(model, balance=[3, 3], devices=["cpu", "cuda:0"])
+    assert all(p.device.type == "cpu" for p in model.parameters())

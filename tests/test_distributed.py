@@ -60,7 +60,8 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-processes", "4-processes"])
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
-    names = ["gradients", "tuples", "tokens", "failure", "timeline", "stall"]  # stall last: it leaves a rank stuck
+    # stall last: it leaves a rank stuck
+    names = ["gradients", "tuples", "tokens", "failure", "tied", "timeline", "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -111,6 +112,56 @@ def test_exception_on_one_rank_surfaces_on_every_rank(world):
             assert failure["raised"] == "RemoteStepError"
             assert "ValueError: injected failure, raised in forward F1.1" in failure["message"]
         assert failure["next_step_grad_error"] < 1e-12  # the pipeline works again
+
+
+def test_weight_tied_across_processes_is_refused_and_exact_within_one(world):
+    """Each process would train its own copy of a weight its stages share: silently diverging."""
+    _, results, _ = world
+    for rank, result in enumerate(results):
+        tied = result["tied"]
+        assert tied["refused"] is not None, f"rank {rank} accepted a weight tied across processes"
+        assert "parameter '0.weight' = '4.weight' is shared by stage 0 (rank 0, process of rank 0), " \
+               "stage 1 (rank 1, process of rank 1)" in tied["refused"]
+        assert tied["grad_error"] < 1e-12, f"rank {rank}: {tied}"
+        assert tied["holds_tied"] == (rank == 0)
+
+
+def run_until_rank0_answers(scenario: str, directory: Path, deadline: float = 60.0) -> dict:
+    """Two processes; rank 1 dies or freezes on purpose. Wait for rank 0 only, then kill rank 1."""
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [context.Process(target=dist_scenarios.entry, args=(rank, 2, port, [scenario], str(directory)))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    try:
+        processes[0].join(deadline)
+        assert not processes[0].is_alive(), f"rank 0 did not finish within {deadline:.0f}s (hang)"
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+    result = json.loads((directory / "rank0.json").read_text())
+    assert "crash" not in result, f"rank 0 crashed:\n{result['crash']}"
+    return result[scenario]
+
+
+def test_peer_process_exiting_mid_step_raises_peer_lost_promptly(tmp_path):
+    """A dead peer used to surface as a raw gloo error thrown while sending it error headers."""
+    result = run_until_rank0_answers("peer_exits", tmp_path)
+    assert result["raised"] == "PeerLost", result
+    assert result["message"].startswith("lost rank 1: lost the connection to it"), result
+    assert result["next"].startswith("this pipeline is unusable after losing a rank (lost rank 1"), result
+
+
+def test_peer_frozen_while_this_rank_fails_ends_the_wait_at_stall_timeout(tmp_path):
+    """Waiting for the messages a silent peer still owed used to take gloo's 30-minute timeout."""
+    result = run_until_rank0_answers("peer_freezes", tmp_path)
+    assert result["raised"] == "ValueError", result  # rank 0's own error comes first
+    assert "injected failure" in result["message"]
+    assert result["next"].startswith("this pipeline is unusable after losing a rank (lost rank 1: sent "
+                                     "nothing for 2.0 s (stall_timeout)"), result
 
 
 def test_watchdog_names_what_each_rank_waits_on(world):

@@ -141,6 +141,30 @@ def test_moving_a_pipeline_is_refused_but_dtype_casts_work():
         assert next(pipe.parameters()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("move", [
+    lambda pipe: pipe.to(0),
+    lambda pipe: pipe.to(device=0),
+    lambda pipe: pipe.to("cuda"),
+    lambda pipe: pipe.to("cuda:0", torch.float64),
+    lambda pipe: pipe.to(torch.device("cuda", 0)),
+    lambda pipe: pipe.to(torch.zeros(1, dtype=torch.float64)),
+], ids=["index", "device-index", "cuda", "cuda-and-dtype", "torch.device", "like-tensor"])
+def test_to_a_cuda_device_raises_the_documented_error_with_or_without_cuda(move):
+    """Without CUDA, torch's own argument parsing failed first with an unrelated RuntimeError."""
+    with build() as pipe:
+        with pytest.raises(TypeError, match="places its stages on its devices itself"):
+            move(pipe)
+        assert next(pipe.parameters()).dtype == torch.float64  # nothing was cast either
+
+
+def test_to_a_dtype_alone_casts_the_parameters():
+    with build() as pipe:
+        for cast in (lambda: pipe.to(torch.float32), lambda: pipe.to(dtype=torch.float64),
+                     lambda: pipe.to(None, torch.float32)):
+            assert cast() is pipe
+        assert next(pipe.parameters()).dtype == torch.float32
+
+
 def test_default_shape_is_documented_behaviour():
     """No balance, no devices: two CPU ranks (without CUDA), layers split evenly."""
     if torch.cuda.is_available():

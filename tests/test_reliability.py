@@ -199,3 +199,81 @@ class TestCallerState:
             with torch.no_grad(), torch.enable_grad():
                 out = pipe(X)
             assert out.requires_grad
+
+
+class _BlockBackward(torch.autograd.Function):
+    """Identity whose backward blocks until ``gate`` opens: user code stuck in a backward."""
+
+    @staticmethod
+    def forward(ctx, x, gate):
+        ctx.gate = gate
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.gate.wait(30)
+        return grad, None
+
+
+class BlockBackward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.armed = threading.Event(), True
+
+    def forward(self, x):
+        return _BlockBackward.apply(x, self.gate) if self.armed else x
+
+
+def test_task_stuck_past_a_stall_does_not_write_into_grad_after_the_rollback():
+    """The stuck backward used to accumulate into the restored .grad once released,
+    corrupting it and every later step."""
+    block = BlockBackward()
+    layers = list(mlp(layers=6))
+    layers.insert(5, block)  # stage 1 = [Tanh, Linear, Block, Linear]: that Linear's backward waits on it
+    model = nn.Sequential(*layers)
+    # warm up: the first backward with explicit gradients in a process imports sympy (~1 s > 0.3 s)
+    probe = torch.ones(2, requires_grad=True)
+    torch.autograd.backward([probe * 2], [torch.ones(2)])
+    with Pipeline(model, schedule="1f1b", balance=[3, 4], chunks=2, checkpoint="never",
+                  loss_fn=nn.CrossEntropyLoss(), stall_timeout=0.3) as pipe:
+        block.armed = False
+        pipe.step(X, Y)
+        block.armed = True
+        before = []
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.25)
+            before.append(p.grad.clone())
+        with pytest.raises(StepStalled, match="rank 1 is running B1.0"):
+            pipe.step(X, Y)
+        assert all(torch.equal(p.grad, old) for p, old in zip(model.parameters(), before))
+        # while the task is stuck, no pipeline may train these parameters: it would lose their gradients
+        with Pipeline(model, balance=[3, 4], chunks=2, loss_fn=nn.CrossEntropyLoss()) as other:
+            with pytest.raises(RuntimeError, match="rank 1's B1.0 is still running from a stalled step"):
+                other.step(X, Y)
+        block.gate.set()  # the stuck backward finishes and accumulates... into nothing anyone reads
+        returned = threading.Event()
+        pipe._orchestrator.workers[1].submit(returned.set)  # runs once the stuck job is over
+        assert returned.wait(10), "the stuck task did not return"
+        for p, old in zip(model.parameters(), before):
+            assert torch.equal(p.grad, old)
+        block.armed = False
+        plain = nn.Sequential(*[layer for layer in model if layer is not block])  # same parameters
+        _, ref = reference_grads(plain, nn.CrossEntropyLoss(), X, Y)
+        pipe.step(X, Y)
+    assert_grads_equal(model, [old + g for old, g in zip(before, ref)])
+
+
+def test_failed_submit_to_one_rank_does_not_leave_the_others_blocked():
+    """Rank 0 was already running when submitting to rank 1 raised; it waited for rank 1 forever."""
+    model = mlp(layers=6)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with Pipeline(model, schedule="1f1b", balance=[3, 3], chunks=4, loss_fn=nn.CrossEntropyLoss(),
+                  stall_timeout=30) as pipe:
+        pipe._orchestrator.workers[1].close(timeout=5)
+        with pytest.raises(RuntimeError, match="worker of rank 1 is closed"):
+            pipe.step(X, Y)
+        ran = threading.Event()
+        pipe._orchestrator.workers[0].submit(ran.set)
+        assert ran.wait(10), "rank 0 is still blocked in the failed step"
+        assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
