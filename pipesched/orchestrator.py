@@ -23,8 +23,9 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
+from typing import Any
 
 import anyio
 import torch
@@ -146,12 +147,17 @@ class Orchestrator:
                 )
         self._stuck = []
         fence = StreamFence(self.devices)
-        fence.enter()
-        future = asyncio.run_coroutine_threadsafe(self._run(plan, ctx, fence), self._loop)
+        future: Future[list[TaskRecord]] = Future()
         try:
+            fence.enter()
+            self._loop.call_soon_threadsafe(self._start, self._run(plan, ctx, fence), future)
             records = future.result()
         except BaseException:
-            if not future.done():
+            # An interruption (KeyboardInterrupt) may land anywhere here, even while
+            # the step is being handed to the loop: a step the loop never started is
+            # cancelled; one it started is aborted and waited for, so no worker still
+            # writes into .grad when the caller rolls back.
+            if not future.cancel() and not future.done():
                 ctx.mailbox.abort()
                 with contextlib.suppress(BaseException):
                     future.result()
@@ -161,6 +167,24 @@ class Orchestrator:
         self._log(ctx, records)
         self.steps += 1
         return records
+
+    @staticmethod
+    def _start(step: Coroutine[Any, Any, list[TaskRecord]], future: Future[list[TaskRecord]]) -> None:
+        """On the loop thread: run ``step`` into ``future``, unless the caller cancelled it first."""
+        if not future.set_running_or_notify_cancel():
+            step.close()
+            return
+        task = asyncio.ensure_future(step)
+
+        def deliver(done: asyncio.Task[list[TaskRecord]]) -> None:
+            if done.cancelled():
+                future.set_exception(RuntimeError("the pipeline's event loop cancelled the step"))
+            elif done.exception() is not None:
+                future.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                future.set_result(done.result())
+
+        task.add_done_callback(deliver)
 
     async def _run(self, plan: Sequence[Sequence[Action]], ctx: StepContext, fence: StreamFence) -> list[TaskRecord]:
         outcomes = {rank: _RankOutcome() for rank in self.ranks}

@@ -277,3 +277,38 @@ def test_failed_submit_to_one_rank_does_not_leave_the_others_blocked():
         pipe._orchestrator.workers[0].submit(ran.set)
         assert ran.wait(10), "rank 0 is still blocked in the failed step"
         assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+def test_interrupt_while_the_step_is_handed_to_the_loop_leaves_grads_untouched():
+    """Regression: a SIGINT landing before the caller waited on the step skipped the abort.
+
+    The first forward interrupts at once, so the signal often reaches the
+    caller while it is still handing the step to the event loop; the rollback
+    then ran while the ranks kept accumulating into ``.grad``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals are delivered to the main thread only")
+    main = threading.main_thread().ident
+
+    class InterruptAtOnce(nn.Module):
+        armed = True
+
+        def forward(self, x):
+            if InterruptAtOnce.armed:
+                InterruptAtOnce.armed = False
+                signal.pthread_kill(main, signal.SIGINT)
+                time.sleep(0.05)
+            return x
+
+    model = nn.Sequential(InterruptAtOnce(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 4)).double()
+    with Pipeline(model, schedule="1f1b", balance=[2, 2, 2], devices=["cpu"] * 3, chunks=8,
+                  checkpoint="never", loss_fn=nn.MSELoss()) as pipe:
+        for _ in range(8):
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            InterruptAtOnce.armed = True
+            with pytest.raises(KeyboardInterrupt):
+                pipe.step(torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64))
+            time.sleep(0.1)  # a rank the abort did not stop would write into .grad now
+            assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
