@@ -23,8 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from pipesched.action import Action
+from pipesched.batchnorm import frozen_running_stats
 from pipesched.caller_state import CallerState
-from pipesched.checkpoint import CheckpointManager
+from pipesched.checkpoint import CheckpointManager, is_recomputing
 from pipesched.mailbox import Mailbox
 from pipesched.report import TaskRecord
 from pipesched.transport import Transport
@@ -105,14 +106,15 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, single: bool)
     """The forward of (stage, micro-batch) as a function of its input leaves.
 
     On the last stage of a training step it also computes the weighted loss,
-    so a recompute rebuilds the loss's graph too.
+    so a recompute rebuilds the loss's graph too. A recompute leaves the
+    running statistics of the stage's norms alone: the first run applied them.
     """
     module = ctx.stages[stage]
     last = stage == ctx.num_stages - 1
     call_scope = ctx.caller.call_scope
 
     def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None]:
-        with call_scope():
+        with call_scope(), frozen_running_stats(module if is_recomputing() else None):
             out = _as_boundary(module(_unwrap(inputs, single)), stage)
             if not (last and ctx.mode == "train"):
                 return out, None
