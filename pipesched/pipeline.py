@@ -84,8 +84,8 @@ class Pipeline(nn.Module):
             last), ``"never"``, or a callable ``(stage, microbatch) -> bool``.
         loss_fn: ``loss_fn(output, target) -> scalar`` applied per micro-batch
             on the last stage; needed by :meth:`step`.
-        deferred_batch_norm: replace the module's batch norms (in place) by
-            :class:`~pipesched.batchnorm.DeferredBatchNorm`, whose running
+        deferred_batch_norm: turn the module's batch norms (in place, same
+            objects) into :class:`~pipesched.batchnorm.DeferredBatchNorm`, whose running
             statistics are updated once per step from the whole batch.
         stall_timeout: seconds a step may go without any task finishing before
             it is aborted with :class:`~pipesched.StepStalled`, which says what
