@@ -56,6 +56,7 @@ from pipesched.partition import (
 from pipesched.report import StepReport, TaskRecord
 from pipesched.rng import RandomReplay
 from pipesched.schedule import Plan, PlanCache, Schedule, validate_placement
+from pipesched.state_dict import route_to_layers
 from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
 
@@ -295,6 +296,32 @@ class Pipeline(nn.Module):
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
         return outputs[0] if single else tuple(outputs)
+
+    # ------------------------------------------------------------- state dict
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The model's state dict: exactly the keys and values of ``module.state_dict()``.
+
+        So a checkpoint moves freely between this pipeline, a pipeline of
+        another schedule or balance, and the plain model. ``loss_fn`` is not
+        part of the model and not saved.
+        """
+        return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state dict of the model (or of any pipeline of it), as ``module.load_state_dict``."""
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Loading through a module that holds this pipeline: model keys to ``module.`` paths.
+
+        ``loss_fn`` keeps its own state (it is not saved, so nothing is loaded into it).
+        """
+        route_to_layers(state_dict, prefix, {name: "module." for name in self.module._modules})
+        if isinstance(self.loss_fn, nn.Module):
+            for key, value in self.loss_fn.state_dict(keep_vars=True).items():
+                state_dict.setdefault(f"{prefix}loss_fn.{key}", value)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -------------------------------------------------------------- lifecycle
 

@@ -193,10 +193,49 @@ def scenario_stall(rank: int, world: int, out: dict) -> None:
         out["stall"] = {"raised": "StepStalled", "message": str(error)}
 
 
+def scenario_state_dict(rank: int, world: int, out: dict) -> None:
+    """Each rank's state dict is its part of the model's, under the model's keys; the model's
+    full state dict loads into every rank, which takes its own layers from it."""
+    from pipesched.distributed import DistributedPipeline
+
+    model = mlp(layers=2 * world + 1)
+    source = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in source.parameters():
+            param.mul_(0.5).add_(0.1)
+    full = source.state_dict()
+    x, y = data(9)
+    with DistributedPipeline(model, schedule="1f1b", chunks=3, loss_fn=nn.CrossEntropyLoss()) as pipe:
+        layers = {name for stage in pipe.local_stages.values() for name in stage._modules}
+        own_keys = [k for k in full if k.split(".")[0] in layers]
+        keys = list(pipe.state_dict())
+        pipe.load_state_dict(full)  # strict; other ranks' layers ignored
+        loaded = all(torch.equal(value, full[key]) for key, value in pipe.state_dict().items())
+        pipe.load_state_dict(pipe.state_dict())  # this rank's partial state dict, strict
+        errors = {}
+        for name, bad in [("missing", {k: v for k, v in full.items() if k != own_keys[0]}),
+                          ("unexpected", {**full, "99.weight": torch.zeros(1)})]:
+            try:
+                pipe.load_state_dict(bad)
+                errors[name] = None
+            except RuntimeError as error:
+                errors[name] = str(error)
+        reference = copy.deepcopy(source)
+        nn.CrossEntropyLoss()(reference(x), y).backward()
+        pipe.step(x if rank == 0 else None, y)
+        out["state_dict"] = {
+            "keys": keys, "own_keys": own_keys, "model_keys": list(full), "loaded": loaded,
+            "missing": errors["missing"] is not None and f'"{own_keys[0]}"' in errors["missing"],
+            "unexpected": errors["unexpected"] is not None and '"99.weight"' in errors["unexpected"],
+            "grad_error": grad_error(pipe, reference),
+        }
+
+
 SCENARIOS = {
     "gradients": scenario_gradients,
     "tuples": scenario_tuples_and_own_stages,
     "failure": scenario_failure,
+    "state_dict": scenario_state_dict,
     "stall": scenario_stall,
 }
 

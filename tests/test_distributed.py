@@ -60,7 +60,7 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-processes", "4-processes"])
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
-    names = ["gradients", "tuples", "failure", "timeline", "stall"]  # stall last: it leaves a rank stuck
+    names = ["gradients", "tuples", "failure", "state_dict", "timeline", "stall"]  # stall last: it leaves a rank stuck
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -98,6 +98,18 @@ def test_exception_on_one_rank_surfaces_on_every_rank(world):
             assert failure["raised"] == "RemoteStepError"
             assert "ValueError: injected failure, raised in forward F1.1" in failure["message"]
         assert failure["next_step_grad_error"] < 1e-12  # the pipeline works again
+
+
+def test_distributed_state_dict_uses_the_model_keys_and_loads_the_full_model_state(world):
+    """Keys used to be local_stages.<stage>.<layer>...: no checkpoint moved to or from the model."""
+    _, results, _ = world
+    verdicts = [r["state_dict"] for r in results]
+    for rank, verdict in enumerate(verdicts):
+        assert verdict["keys"] == verdict["own_keys"], f"rank {rank}: {verdict['keys']}"
+        assert verdict["loaded"] and verdict["missing"] and verdict["unexpected"], f"rank {rank}: {verdict}"
+        assert verdict["grad_error"] < 1e-12
+    together = [k for v in verdicts for k in v["keys"]]
+    assert sorted(together) == sorted(verdicts[0]["model_keys"])  # the parts make up the model, once
 
 
 def test_watchdog_names_what_each_rank_waits_on(world):
