@@ -64,6 +64,7 @@ from pipesched.rng import RandomReplay
 from pipesched.schedule import PlanCache, Schedule, validate_placement
 from pipesched.state_dict import route_to_layers, without_layers
 from pipesched.step_effects import StepEffects
+from pipesched.structure import TENSOR, TUPLE
 from pipesched.transport import Transport
 
 logger = structlog.get_logger("pipesched")
@@ -239,7 +240,8 @@ class DistributedPipeline(nn.Module):
 
         ctx = self._context(count)
         if self.rank == first:
-            ctx.inputs = [(mb, isinstance(inputs, Tensor)) for mb in scatter(tensors, sizes)]
+            structure = TENSOR if isinstance(inputs, Tensor) else TUPLE
+            ctx.inputs = [(mb, structure) for mb in scatter(tensors, sizes)]
         if self.rank == last and local_error is None:
             try:
                 target_tensors = as_tensors(targets, "targets")

@@ -57,6 +57,7 @@ from pipesched.report import StepReport, TaskRecord
 from pipesched.rng import RandomReplay
 from pipesched.schedule import Plan, PlanCache, Schedule, validate_placement
 from pipesched.state_dict import route_to_layers
+from pipesched.structure import TENSOR, TUPLE, Structure, unflatten
 from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
 
@@ -220,11 +221,11 @@ class Pipeline(nn.Module):
         effects.commit(statistics)
         return records
 
-    def _split(self, inputs: Any) -> tuple[tuple[Tensor, ...], list[int], list[tuple[tuple[Tensor, ...], bool]]]:
+    def _split(self, inputs: Any) -> tuple[tuple[Tensor, ...], list[int], list[tuple[tuple[Tensor, ...], Structure]]]:
         tensors = as_tensors(inputs, "inputs")
         sizes = split_sizes(batch_size(tensors, "inputs"), self.chunks)
-        single = isinstance(inputs, Tensor)
-        return tensors, sizes, [(mb, single) for mb in scatter(tensors, sizes)]
+        structure = TENSOR if isinstance(inputs, Tensor) else TUPLE
+        return tensors, sizes, [(mb, structure) for mb in scatter(tensors, sizes)]
 
     def _report(self, ctx: StepContext, records: list[TaskRecord], num_microbatches: int) -> StepReport:
         memory = ctx.checkpoint.memory
@@ -271,8 +272,11 @@ class Pipeline(nn.Module):
         backward_into_inputs(tensors, ctx, sizes)
         return torch.stack([ctx.losses[m] for m in range(len(sizes))]).sum()
 
-    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Any:
         """Forward half only; the output is gathered on the last rank's device.
+
+        It has the last stage's structure: a Tensor, a tuple of Tensors, or a
+        mapping (same keys and type) whose every Tensor is gathered.
 
         With grad enabled, ``output.backward(...)`` (e.g. through
         ``loss_fn(pipe(x), y).backward()``) runs the backward half through the
@@ -288,14 +292,13 @@ class Pipeline(nn.Module):
         records = self._run(plan, ctx, gradients=False, statistics=True)
         self._report(ctx, records, len(sizes))
         parts = [ctx.outputs[m][0] for m in range(len(sizes))]
-        single = ctx.outputs[0][1]
+        structure = ctx.outputs[0][1]
         if not keep:
-            outputs = gather(parts)
-            return outputs[0] if single else outputs
+            return unflatten(gather(parts), structure)
         session = BackwardSession(self, ctx, full_plan, tensors, sizes, records)
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
-        return outputs[0] if single else tuple(outputs)
+        return unflatten(tuple(outputs), structure)
 
     # ------------------------------------------------------------- state dict
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 import os
 import traceback
 
@@ -50,6 +51,32 @@ class Merge(nn.Module):
     def forward(self, parts):
         a, b, n = parts
         return torch.cat([a, b * n.unsqueeze(1).to(b.dtype)], dim=1)
+
+
+class Features(OrderedDict):
+    """A ModelOutput-like mapping type; importable in every process, so it crosses as itself."""
+
+
+class ToFeatures(nn.Module):
+    def forward(self, x):
+        return Features(hidden=x.tanh(), count=torch.full((x.shape[0],), 2))
+
+
+class FromFeatures(nn.Module):
+    seen: list = []
+
+    def forward(self, features):
+        FromFeatures.seen.append((type(features).__name__, list(features)))
+        return {"mixed": features["hidden"] * features["count"].unsqueeze(1).to(features["hidden"].dtype)}
+
+
+class LastMapping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(12, 4)
+
+    def forward(self, parts):
+        return Features(logits=self.linear(parts["mixed"]))
 
 
 class FailOnce(nn.Module):
@@ -109,6 +136,26 @@ def scenario_tuples_and_own_stages(rank: int, world: int, out: dict) -> None:
         errors = [(p.grad - r.grad).abs().max().item() for p, r in zip(pipe.parameters(), ref)]
     out["tuples"] = {"ok": abs(loss.item() - ref_loss.item()) < 1e-12 and max(errors, default=0) < 1e-12,
                      "errors": errors}
+
+    # mappings cross processes with their keys and type; loss_fn indexes the last one
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 12), ToFeatures(), FromFeatures(), LastMapping()]
+    full = nn.Sequential(*(layers + [nn.Identity()] * (world - 2))).double()
+    balance = [2, 2] if world == 2 else [2, 1, 1, 2]  # 4 processes: a dict and a Features cross too
+    reference = copy.deepcopy(full)
+
+    def loss_fn(out, y):
+        return nn.functional.cross_entropy(out["logits"], y)
+
+    ref_loss = loss_fn(reference(x), y)
+    ref_loss.backward()
+    FromFeatures.seen.clear()
+    with DistributedPipeline(full, balance=balance, schedule="1f1b", chunks=3,
+                             loss_fn=loss_fn) as pipe:
+        loss = pipe.step(x, y)
+        error = grad_error(pipe, reference)
+    out["mappings"] = {"ok": abs(loss.item() - ref_loss.item()) < 1e-12 and error < 1e-12,
+                       "error": error, "seen": FromFeatures.seen}
 
 
 def scenario_failure(rank: int, world: int, out: dict) -> None:

@@ -86,6 +86,13 @@ def test_tuple_activations_with_only_own_stages_built(world):
         assert result["tuples"]["ok"], f"rank {rank}: {result['tuples']}"
 
 
+def test_mapping_activations_cross_processes_with_keys_and_type(world):
+    _, results, _ = world
+    for rank, result in enumerate(results):
+        assert result["mappings"]["ok"], f"rank {rank}: {result['mappings']}"
+    assert results[1]["mappings"]["seen"][0] == ["Features", ["hidden", "count"]]  # stage 1 is on rank 1
+
+
 def test_exception_on_one_rank_surfaces_on_every_rank(world):
     _, results, _ = world
     failures = [r["failure"] for r in results]
