@@ -43,6 +43,7 @@ from pipesched.checkpoint import (
     make_policy,
     parameter_pointers,
 )
+from pipesched.compiling import compile_callback, compile_refused, compile_stages
 from pipesched.dist_comm import Communicator, RemoteStepError
 from pipesched.execute import StepContext
 from pipesched.mailbox import Mailbox
@@ -208,6 +209,8 @@ class DistributedPipeline(nn.Module):
         every rank: the original exception where it happened, a
         :class:`~pipesched.dist_comm.RemoteStepError` naming it elsewhere.
         """
+        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
+            raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.compiling
         if self._broken is not None:
             raise RuntimeError(f"this pipeline is unusable after a stalled step ({self._broken}); restart the job")
         if not torch.is_grad_enabled():
@@ -345,6 +348,14 @@ class DistributedPipeline(nn.Module):
             for record in self.last_comm:
                 logger.info("comm", step=self._orchestrator.steps - 1, schedule=self.schedule.name,
                             **record.as_dict())
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile this rank's stages in place with ``torch.compile(*args, **kwargs)``.
+
+        Call it on every rank (each compiles its own stages). ``torch.compile``
+        of the pipeline itself is refused, see :mod:`pipesched.compiling`.
+        """
+        compile_stages(self._stages, [self.device] * self.num_stages, *args, **kwargs)
 
     # ------------------------------------------------------------ state dict
 

@@ -32,6 +32,7 @@ from pipesched.checkpoint import (
     make_policy,
     parameter_pointers,
 )
+from pipesched.compiling import compile_callback, compile_refused, compile_stages
 from pipesched.execute import StepContext
 from pipesched.mailbox import Mailbox
 from pipesched.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
@@ -249,6 +250,8 @@ class Pipeline(nn.Module):
         between steps as usual). If a tensor of ``inputs`` requires grad, its
         ``.grad`` receives the input gradient too.
         """
+        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
+            raise compile_refused("Pipeline")  # inline on purpose: see pipesched.compiling
         if self.loss_fn is None:
             raise missing_loss_fn()
         if not torch.is_grad_enabled():
@@ -283,6 +286,8 @@ class Pipeline(nn.Module):
         pipeline for fill-drain schedules; schedules that interleave forwards
         and backwards raise ``RuntimeError`` there and point to :meth:`step`.
         """
+        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
+            raise compile_refused("Pipeline")  # inline on purpose: see pipesched.compiling
         tensors, sizes, microbatches = self._split(inputs)
         keep = torch.is_grad_enabled()
         full_plan = self._plan(len(sizes))
@@ -299,6 +304,16 @@ class Pipeline(nn.Module):
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
         return unflatten(tuple(outputs), structure)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile every stage in place with ``torch.compile(*args, **kwargs)``.
+
+        ``pipe(x)`` and ``pipe.step()`` then run the compiled stages on their
+        workers; the pipeline itself stays plain Python (``torch.compile(pipe)``
+        is refused, see :mod:`pipesched.compiling`). ``module`` is not
+        touched: calling the model directly stays eager.
+        """
+        compile_stages(self._stages, [self.devices[rank] for rank in self.placement], *args, **kwargs)
 
     # ------------------------------------------------------------- state dict
 

@@ -38,16 +38,16 @@ import torch
 
 T = TypeVar("T")
 
-_CPU_LOCK = threading.Lock()
-_CUDA_LOCKS: dict[int, threading.Lock] = {}
+_CPU_LOCK = threading.RLock()  # reentrant: a compiled stage re-takes it inside a drawing forward
+_CUDA_LOCKS: dict[int, threading.RLock] = {}
 _CUDA_LOCKS_GUARD = threading.Lock()
 
 
-def _locks(device: torch.device) -> list[threading.Lock]:
+def _locks(device: torch.device) -> list[threading.RLock]:
     if device.type != "cuda":
         return [_CPU_LOCK]
     with _CUDA_LOCKS_GUARD:
-        lock = _CUDA_LOCKS.setdefault(device.index, threading.Lock())
+        lock = _CUDA_LOCKS.setdefault(device.index, threading.RLock())
     return [_CPU_LOCK, lock]  # always CPU first: one global order, no lock-order deadlock
 
 
@@ -123,3 +123,14 @@ class RandomReplay:
                 return run()
             finally:
                 live.restore()
+
+
+def generators_held(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Hold the locks of the generators a forward on ``device`` draws from (reentrant).
+
+    For code that moves the process-wide generators without drawing: Dynamo
+    saves and restores them around every compilation, which would rewind the
+    draws of a forward running on another rank meanwhile (see
+    :mod:`pipesched.compiling`).
+    """
+    return _holding(device)
