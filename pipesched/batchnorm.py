@@ -2,8 +2,7 @@
 
 A plain ``nn.BatchNorm`` in a pipeline updates its running mean and variance
 once per *micro-batch*, from that micro-batch alone: after one step the
-statistics have moved ``chunks`` times, by the wrong amounts, and a
-checkpointed micro-batch moves them once more while recomputing.
+statistics have moved ``chunks`` times, by the wrong amounts.
 
 ``DeferredBatchNorm`` normalises each micro-batch with its own statistics in
 training (as batch norm must, having nothing else), but only *accumulates*
@@ -26,16 +25,32 @@ with the same statistics.
 Each micro-batch still needs more than one value per channel in training
 (PyTorch's batch-norm rule), so keep micro-batches of at least two rows for
 ``BatchNorm1d`` on 2-D inputs.
+
+Converting keeps the module objects: :meth:`DeferredBatchNorm.convert` changes
+the class of each batch norm in place to one that is both a
+``DeferredBatchNorm`` and its original class. Its weight and bias stay the
+very ``Parameter`` objects an optimizer built earlier holds, its hooks stay
+registered, and ``isinstance(m, nn.BatchNorm2d)`` stays true for code that
+picks batch norms out (weight-decay groups, freezing).
+
+Plain (unconverted) norms have the opposite problem under checkpointing: the
+recompute of a checkpointed forward would move their running statistics a
+second time. :func:`frozen_running_stats` keeps a recompute from touching them.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
 from pipesched.checkpoint import is_recomputing
+from pipesched.rng import trust_forward
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -99,40 +114,100 @@ class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._reset_accumulators()
 
     @classmethod
-    def convert(cls, module: nn.Module, _memo: dict[int, nn.Module] | None = None) -> nn.Module:
-        """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` (in place) by a ``DeferredBatchNorm``.
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Make every ``nn.BatchNorm1d/2d/3d`` in ``module`` (in place) a ``DeferredBatchNorm``.
 
-        Parameters and buffers are moved over; returns ``module`` (or the
-        replacement, if ``module`` itself is a batch norm). The replacement is
-        a new module object: register hooks on batch norms after converting.
-        A batch norm used at several places gets one replacement used at all of them.
+        Each batch norm keeps its identity: only its class changes, to a
+        subclass of both ``cls`` and its original class (``nn.BatchNorm2d``
+        becomes :class:`DeferredBatchNorm2d`). So parameters, buffers, hooks
+        and the optimizer's references survive, and ``isinstance`` checks
+        against the original class still hold. Returns ``module``.
         """
-        memo = {} if _memo is None else _memo
-        if id(module) in memo:
-            return memo[id(module)]
-        if isinstance(module, _BATCH_NORMS) and not isinstance(module, cls):
-            like = module.weight if module.affine else module.running_mean
-            replacement = cls(
-                module.num_features,
-                eps=module.eps,
-                momentum=module.momentum,
-                affine=module.affine,
-                track_running_stats=module.track_running_stats,
-                **({} if like is None else {"device": like.device, "dtype": like.dtype}),
-            )
-            replacement.load_state_dict(module.state_dict())
-            replacement.train(module.training)
-            memo[id(module)] = replacement
-            return replacement
-        memo[id(module)] = module
-        # every position, even of a repeated child (named_children() lists it once)
-        for name, child in list(module._modules.items()):
-            converted = child if child is None else cls.convert(child, memo)
-            if converted is not child:
-                setattr(module, name, converted)
+        for child in module.modules():
+            if isinstance(child, _BATCH_NORMS) and not isinstance(child, cls):
+                child.__class__ = _deferred_class(cls, type(child))
+                child._reset_accumulators()
         return module
 
 
+# draws no random numbers: stages of plain layers and deferred norms skip the RNG tripwire
+trust_forward(DeferredBatchNorm.forward)
+
+
+class DeferredBatchNorm1d(DeferredBatchNorm, nn.BatchNorm1d):
+    """An ``nn.BatchNorm1d`` converted by :meth:`DeferredBatchNorm.convert`."""
+
+    _check_input_dim = nn.BatchNorm1d._check_input_dim
+
+
+class DeferredBatchNorm2d(DeferredBatchNorm, nn.BatchNorm2d):
+    """An ``nn.BatchNorm2d`` converted by :meth:`DeferredBatchNorm.convert`."""
+
+    _check_input_dim = nn.BatchNorm2d._check_input_dim
+
+
+class DeferredBatchNorm3d(DeferredBatchNorm, nn.BatchNorm3d):
+    """An ``nn.BatchNorm3d`` converted by :meth:`DeferredBatchNorm.convert`."""
+
+    _check_input_dim = nn.BatchNorm3d._check_input_dim
+
+
+_CONVERTED: dict[tuple[type, type], type] = {
+    (DeferredBatchNorm, nn.BatchNorm1d): DeferredBatchNorm1d,
+    (DeferredBatchNorm, nn.BatchNorm2d): DeferredBatchNorm2d,
+    (DeferredBatchNorm, nn.BatchNorm3d): DeferredBatchNorm3d,
+}
+
+
+def _deferred_class(deferred: type, original: type) -> type:
+    """The class a converted ``original`` batch norm takes: ``deferred`` first, then ``original``.
+
+    ``deferred``'s ``forward`` wins; the original's input check is kept, so a
+    converted layer accepts exactly what it accepted before. Subclasses of
+    the torch classes (and of ``DeferredBatchNorm``) get a class made once.
+    """
+    key = (deferred, original)
+    if key not in _CONVERTED:
+        _CONVERTED[key] = type(
+            f"Deferred{original.__name__}",
+            (deferred, original),
+            {"_check_input_dim": original._check_input_dim, "__module__": __name__,
+             "__doc__": f"A {original.__name__} converted by DeferredBatchNorm.convert."},
+        )
+    return _CONVERTED[key]
+
+
+@contextlib.contextmanager
+def frozen_running_stats(module: nn.Module | None) -> Iterator[None]:
+    """Leave the running statistics of every norm in ``module`` exactly as the block found them.
+
+    A checkpointed forward runs twice, and a plain batch norm in training
+    mode updates ``running_mean``, ``running_var`` and
+    ``num_batches_tracked`` on each run: the recompute would apply the
+    update a second time. Inside the block, every training-mode norm of
+    ``torch.nn`` that tracks running statistics (``nn.BatchNorm*``,
+    ``SyncBatchNorm``, ``nn.InstanceNorm*`` with ``track_running_stats``, and
+    subclasses) updates throw-away copies of those buffers instead of its own;
+    its own tensors are put back on exit. Copies, not an in-place restore:
+    autograd saved the buffers for the backward, and rewriting them in place
+    would invalidate that graph. ``DeferredBatchNorm`` needs none of this (it
+    does not accumulate while recomputing). ``None`` does nothing.
+    """
+    swapped: list[tuple[nn.Module, dict[str, Tensor]]] = []
+    for norm in () if module is None else module.modules():
+        if (isinstance(norm, nn.modules.batchnorm._NormBase) and not isinstance(norm, DeferredBatchNorm)
+                and norm.training and norm.track_running_stats):
+            own = {name: norm._buffers[name] for name in _RUNNING_STATS if norm._buffers.get(name) is not None}
+            swapped.append((norm, own))  # type: ignore[arg-type]
+            for name, buffer in own.items():
+                norm._buffers[name] = buffer.clone()
+    try:
+        yield
+    finally:
+        for norm, own in swapped:
+            norm._buffers.update(own)
+
+
 def convert_deferred_batch_norm(module: nn.Module) -> nn.Module:
-    """Replace every batch norm in ``module`` by :class:`DeferredBatchNorm`, in place."""
+    """Make every batch norm in ``module`` a :class:`DeferredBatchNorm`, in place, keeping the objects."""
     return DeferredBatchNorm.convert(module)

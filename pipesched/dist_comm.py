@@ -46,6 +46,7 @@ from torch import Tensor
 from pipesched.action import Action
 from pipesched.mailbox import Mailbox, Slot
 from pipesched.report import CommRecord
+from pipesched.structure import TUPLE, Structure
 from pipesched.transport import Packet
 from pipesched.wire import (
     ERROR,
@@ -185,13 +186,18 @@ class Communicator:
             receiver.submit(lambda p=peer, e=expected, d=done: self._receive(link, mailbox, p, e, d))
         return link
 
-    def send(self, link: StepLink, key: MessageKey, values: tuple[Tensor | None, ...], single: bool) -> None:
-        """Post the message ``key`` (header, then tensors) to the rank that consumes it."""
+    def send(self, link: StepLink, key: MessageKey, values: tuple[Tensor | None, ...],
+             structure: Structure) -> None:
+        """Post the message ``key`` (header, tensors, a mapping's description) to its consumer."""
         peer = next(p for p, keys in link.outgoing.items() if key in keys)
         start = time.perf_counter()
         wire = tuple(None if v is None else v.detach().to("cpu").contiguous() for v in values)
-        parts = [encode(wire, single), *(v for v in wire if v is not None)]
+        header, description = encode(wire, structure)
+        parts = [header, *(v for v in wire if v is not None)]
         indices = [0, *(i + 1 for i, v in enumerate(wire) if v is not None)]
+        if description is not None:
+            parts.append(description)
+            indices.append(len(wire) + 1)
         with link.lock:
             if key in link.sent:
                 return
@@ -270,13 +276,18 @@ class Communicator:
                 for index, buffer in enumerate(buffers):
                     if buffer is not None:
                         self._recv(buffer, peer, link.tag(key, index + 1))
+                description = None
+                if parsed.description_length:
+                    description = torch.empty(parsed.description_length, dtype=torch.uint8)
+                    self._recv(description, peer, link.tag(key, parsed.description_part))
                 values = tuple(None if b is None else b.to(self.device) for b in buffers)
                 _slot(mailbox, key).put(
-                    (Packet(values, None), parsed.single) if key[0] == "F" else Packet(values, None)
+                    (Packet(values, None), parsed.structure(description)) if key[0] == "F"
+                    else Packet(values, None)
                 )
                 link.records.append(CommRecord(
                     self.rank, peer, "recv", "%s%d.%d" % key, start, time.perf_counter(),
-                    sum(b.numel() * b.element_size() for b in buffers if b is not None)))
+                    sum(b.numel() * b.element_size() for b in (*buffers, description) if b is not None)))
         except BaseException as error:  # noqa: BLE001 - a broken connection: abort, never hang
             why = f"lost the connection to it: {error}"
             link.lost.setdefault(peer, why)
@@ -304,12 +315,12 @@ class SendSlot(Slot):
 
     def __init__(self, mailbox: Mailbox, communicator: Communicator, link: StepLink, key: MessageKey):
         super().__init__(mailbox)
-        self._send = lambda values, single: communicator.send(link, key, values, single)
+        self._send = lambda values, structure: communicator.send(link, key, values, structure)
         self._is_activation = key[0] == "F"
 
     def put(self, value: Any) -> None:
         if self._is_activation:
-            packet, single = value
-            self._send(packet.values, single)
+            packet, structure = value
+            self._send(packet.values, structure)
         else:
-            self._send(value.values, False)
+            self._send(value.values, TUPLE)

@@ -42,6 +42,7 @@ from pipesched.checkpoint import (
     make_policy,
     parameter_pointers,
 )
+from pipesched.compiling import compile_callback, compile_refused, compile_stages
 from pipesched.dist_comm import Communicator, PeerLost, RemoteStepError
 from pipesched.execute import StepContext, training_flags
 from pipesched.loss_normalizer import (
@@ -66,7 +67,9 @@ from pipesched.partition import check_balance, check_shared_parameters, even_bal
 from pipesched.report import CommRecord, StepReport, TaskRecord
 from pipesched.rng import RandomStreams
 from pipesched.schedule import PlanCache, Schedule, validate_placement
+from pipesched.state_dict import route_to_layers, without_layers
 from pipesched.step_effects import StepEffects
+from pipesched.structure import TENSOR, TUPLE
 from pipesched.transport import Transport
 
 
@@ -157,6 +160,14 @@ class DistributedPipeline(nn.Module):
         self.last_comm: list[CommRecord] = []
 
     def _own_stages(self, module: Any, balance: Any, num_stages: Any) -> dict[int, nn.Module]:
+        """This rank's stages; with a full ``nn.Sequential`` also which layers it owns.
+
+        ``_layer_stage`` (layer name -> stage, this rank's layers) and
+        ``_foreign_layers`` (the other ranks' layer names) let the state dict
+        use the model's own keys; both stay empty with a dict of stages.
+        """
+        self._layer_stage: dict[str, int] = {}
+        self._foreign_layers: frozenset[str] = frozenset()
         if isinstance(module, nn.Sequential):
             if balance is not None:
                 balance = check_balance(balance, len(module))
@@ -168,7 +179,10 @@ class DistributedPipeline(nn.Module):
             )
             stages = split_module(module, balance)
             check_shared_parameters(stages, self.placement, None)
-            return {s: stages[s] for s in range(self.num_stages) if self.placement[s] == self.rank}
+            own = {s: stages[s] for s in range(self.num_stages) if self.placement[s] == self.rank}
+            self._layer_stage = {name: s for s, stage in own.items() for name in stage._modules}
+            self._foreign_layers = frozenset(module._modules) - set(self._layer_stage)
+            return own
         if isinstance(module, Mapping):
             if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
                 raise ValueError(f"with a dict of stages, num_stages must be an int >= 1, got {num_stages!r}")
@@ -209,6 +223,8 @@ class DistributedPipeline(nn.Module):
         :class:`~pipesched.dist_comm.PeerLost` within about ``stall_timeout``,
         and the pipeline is then unusable.
         """
+        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
+            raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.compiling
         if self._broken is not None:
             raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
         if not torch.is_grad_enabled():
@@ -244,7 +260,8 @@ class DistributedPipeline(nn.Module):
 
         ctx = self._context(count)
         if self.rank == first:
-            ctx.inputs = [(mb, isinstance(inputs, Tensor)) for mb in scatter(tensors, sizes)]
+            structure = TENSOR if isinstance(inputs, Tensor) else TUPLE
+            ctx.inputs = [(mb, structure) for mb in scatter(tensors, sizes)]
         if self.rank == last and local_error is None:
             try:
                 target_tensors = as_tensors(targets, "targets")
@@ -372,6 +389,55 @@ class DistributedPipeline(nn.Module):
             self._orchestrator.events.emit("comm", (
                 {"step": step, "schedule": self.schedule.name, **record.as_dict()} for record in self.last_comm
             ))
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile this rank's stages in place with ``torch.compile(*args, **kwargs)``.
+
+        Call it on every rank (each compiles its own stages). ``torch.compile``
+        of the pipeline itself is refused, see :mod:`pipesched.compiling`.
+        """
+        compile_stages(self._stages, [self.device] * self.num_stages, *args, **kwargs)
+
+    # ------------------------------------------------------------ state dict
+
+    def _owned_layers(self) -> nn.Sequential:
+        """This rank's layers under their names in the full model (a view; nothing is copied)."""
+        layers = nn.Sequential()
+        for name, stage in self._layer_stage.items():  # in model order
+            layers.add_module(name, self.local_stages[str(stage)]._modules[name])
+        return layers
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """This rank's part of the model's state dict, under the model's own keys.
+
+        Built from a full ``nn.Sequential``: the entries of the layers this
+        rank owns, keyed as in ``model.state_dict()``, so the parts of all
+        ranks together are the model's state dict. Built from a dict of
+        stages: the default ``local_stages.<stage>.…`` keys.
+        """
+        if not self._layer_stage:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return self._owned_layers().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load this rank's layers from the model's (full or partial) state dict.
+
+        Entries of layers other ranks own are ignored; with ``strict``, every
+        key of this rank's layers must be present and no key may name
+        something the model does not have, as for ``model.load_state_dict``.
+        """
+        if not self._layer_stage:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return self._owned_layers().load_state_dict(
+            without_layers(state_dict, self._foreign_layers), strict=strict, assign=assign
+        )
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Loading through a module that holds this pipeline: model keys to ``local_stages`` paths."""
+        if self._layer_stage:
+            routes = {name: f"local_stages.{stage}." for name, stage in self._layer_stage.items()}
+            route_to_layers(state_dict, prefix, routes, drop=self._foreign_layers)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # ------------------------------------------------------------- lifecycle
 

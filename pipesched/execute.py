@@ -24,16 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from pipesched.action import Action
+from pipesched.batchnorm import frozen_running_stats
 from pipesched.caller_state import CallerState
-from pipesched.checkpoint import CheckpointManager
+from pipesched.checkpoint import CheckpointManager, is_recomputing
 from pipesched.loss_normalizer import weighted_loss
 from pipesched.mailbox import Mailbox, StepAborted
 from pipesched.report import TaskRecord
 from pipesched.stream import TaskClock
+from pipesched.structure import Structure, flatten, unflatten
 from pipesched.transport import Transport
 
-#: A value crossing a stage boundary: its tensors, and whether it was a bare Tensor.
-Boundary = tuple[tuple[Tensor, ...], bool]
+#: A value crossing a stage boundary: its tensors, and the structure that rebuilds it.
+Boundary = tuple[tuple[Tensor, ...], Structure]
 
 
 @dataclass
@@ -62,7 +64,7 @@ class StepContext:
     losses: dict[int, Tensor] = field(default_factory=dict)
     outputs: dict[int, Boundary] = field(default_factory=dict)
     input_grads: dict[int, tuple[Tensor | None, ...]] = field(default_factory=dict)
-    input_single: dict[tuple[int, int], bool] = field(default_factory=dict)
+    input_structure: dict[tuple[int, int], Structure] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.training:
@@ -94,19 +96,11 @@ def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: li
 
 
 def _as_boundary(value: object, stage: int) -> Boundary:
-    if isinstance(value, Tensor):
-        return (value,), True
-    if isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value):
-        return value, False
-    raise TypeError(
-        f"stage {stage} returned {type(value).__name__}"
-        + (f" with {[type(v).__name__ for v in value]}" if isinstance(value, tuple) else "")
-        + "; a stage must return a Tensor or a non-empty tuple of Tensors"
-    )
+    return flatten(value, f"stage {stage}")
 
 
-def _unwrap(tensors: tuple[Any, ...], single: bool) -> Any:
-    return tensors[0] if single else tensors
+def _unwrap(tensors: tuple[Any, ...], structure: Structure) -> Any:
+    return unflatten(tensors, structure)
 
 
 def _leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
@@ -116,19 +110,20 @@ def _leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
     return leaf
 
 
-def _stage_function(ctx: StepContext, stage: int, microbatch: int, single: bool) -> Callable[[tuple[Tensor, ...]], Any]:
+def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: Structure) -> Callable[[tuple[Tensor, ...]], Any]:
     """The forward of (stage, micro-batch) as a function of its input leaves.
 
     On the last stage of a training step it also computes the weighted loss,
-    so a recompute rebuilds the loss's graph too.
+    so a recompute rebuilds the loss's graph too. A recompute leaves the
+    running statistics of the stage's norms alone: the first run applied them.
     """
     module = ctx.stages[stage]
     last = stage == ctx.num_stages - 1
     call_scope = ctx.caller.call_scope
 
     def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None]:
-        with call_scope():
-            out = _as_boundary(module(_unwrap(inputs, single)), stage)
+        with call_scope(), frozen_running_stats(module if is_recomputing() else None):
+            out = _as_boundary(module(_unwrap(inputs, structure)), stage)
             if not (last and ctx.mode == "train"):
                 return out, None
             loss = ctx.loss_fn(_unwrap(*out), _to_device(ctx.targets[microbatch], out[0][0].device))  # type: ignore[misc]
@@ -173,30 +168,30 @@ def _forward(
     """
     device = ctx.devices[rank]
     if stage == 0:
-        tensors, single = ctx.inputs[microbatch]
+        tensors, structure = ctx.inputs[microbatch]
         start = clock.start()
         tensors = tuple(t.to(device, non_blocking=True) for t in tensors)
         leaves = tuple(_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
     else:
-        packet, single = ctx.mailbox.activations[(stage - 1, microbatch)].get()
+        packet, structure = ctx.mailbox.activations[(stage - 1, microbatch)].get()
         received = ctx.transport.receive(packet, rank)
         start = clock.start()
         leaves = tuple(_leaf(t, ctx.keep) for t in received)
-    ctx.input_single[(stage, microbatch)] = single
-    run = _stage_function(ctx, stage, microbatch, single)
-    (outputs, out_single), loss = ctx.checkpoint.forward(
+    ctx.input_structure[(stage, microbatch)] = structure
+    run = _stage_function(ctx, stage, microbatch, structure)
+    (outputs, out_structure), loss = ctx.checkpoint.forward(
         stage, microbatch, rank, leaves, lambda: run(leaves), ctx.keep
     )
     if stage == ctx.num_stages - 1:
         if loss is not None:
             ctx.losses[microbatch] = loss.detach()
         else:
-            ctx.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_single)
+            ctx.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_structure)
         return start, clock.end()
     packet = ctx.transport.send(outputs, rank, ctx.placement[stage + 1])
     _drop_sent_outputs(outputs, lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t))
     end = clock.end()
-    ctx.mailbox.activations[(stage, microbatch)].put((packet, out_single))
+    ctx.mailbox.activations[(stage, microbatch)].put((packet, out_structure))
     return start, end
 
 
@@ -261,7 +256,7 @@ def _backward(
     to use. (On CUDA the device start is when the rank's stream has both.)
     """
     last = stage == ctx.num_stages - 1
-    run = _stage_function(ctx, stage, microbatch, ctx.input_single[(stage, microbatch)])
+    run = _stage_function(ctx, stage, microbatch, ctx.input_structure[(stage, microbatch)])
     began = clock.start() if last else time.perf_counter()
     inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(stage, microbatch, rank, run)
     if last:

@@ -33,6 +33,7 @@ from pipesched.checkpoint import (
     make_policy,
     parameter_pointers,
 )
+from pipesched.compiling import compile_callback, compile_refused, compile_stages
 from pipesched.execute import StepContext, training_flags
 from pipesched.loss_normalizer import (
     LossNormalizer,
@@ -63,6 +64,8 @@ from pipesched.partition import (
 from pipesched.report import StepReport, TaskRecord
 from pipesched.rng import RandomStreams
 from pipesched.schedule import Plan, PlanCache, Schedule, validate_placement
+from pipesched.state_dict import route_to_layers
+from pipesched.structure import TENSOR, TUPLE, Structure, unflatten
 from pipesched.step_effects import StepEffects
 from pipesched.transport import Transport
 
@@ -106,8 +109,8 @@ class Pipeline(nn.Module):
             function: ``lambda y: (y != -100).sum()``. A micro-batch counting
             0 adds nothing; a batch counting 0 returns a NaN loss (torch's
             0/0) and accumulates no gradient.
-        deferred_batch_norm: replace the module's batch norms (in place) by
-            :class:`~pipesched.batchnorm.DeferredBatchNorm`, whose running
+        deferred_batch_norm: turn the module's batch norms (in place, same
+            objects) into :class:`~pipesched.batchnorm.DeferredBatchNorm`, whose running
             statistics are updated once per step from the whole batch.
         stall_timeout: seconds a step may go without any task finishing before
             it is aborted with :class:`~pipesched.StepStalled`, which says what
@@ -256,11 +259,11 @@ class Pipeline(nn.Module):
         effects.commit(statistics)
         return records
 
-    def _split(self, inputs: Any) -> tuple[tuple[Tensor, ...], list[int], list[tuple[tuple[Tensor, ...], bool]]]:
+    def _split(self, inputs: Any) -> tuple[tuple[Tensor, ...], list[int], list[tuple[tuple[Tensor, ...], Structure]]]:
         tensors = as_tensors(inputs, "inputs")
         sizes = split_sizes(batch_size(tensors, "inputs"), self.chunks)
-        single = isinstance(inputs, Tensor)
-        return tensors, sizes, [(mb, single) for mb in scatter(tensors, sizes)]
+        structure = TENSOR if isinstance(inputs, Tensor) else TUPLE
+        return tensors, sizes, [(mb, structure) for mb in scatter(tensors, sizes)]
 
     def _report(self, ctx: StepContext, records: list[TaskRecord], num_microbatches: int) -> StepReport:
         memory = ctx.checkpoint.memory
@@ -284,6 +287,8 @@ class Pipeline(nn.Module):
         between steps as usual). If a tensor of ``inputs`` requires grad, its
         ``.grad`` receives the input gradient too.
         """
+        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
+            raise compile_refused("Pipeline")  # inline on purpose: see pipesched.compiling
         if self.loss_fn is None:
             raise missing_loss_fn()
         if not torch.is_grad_enabled():
@@ -307,14 +312,19 @@ class Pipeline(nn.Module):
         backward_into_inputs(tensors, ctx, sizes)
         return batch_loss([ctx.losses[m] for m in range(len(sizes))], ctx.loss_weights)
 
-    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Any:
         """Forward half only; the output is gathered on the last rank's device.
+
+        It has the last stage's structure: a Tensor, a tuple of Tensors, or a
+        mapping (same keys and type) whose every Tensor is gathered.
 
         With grad enabled, ``output.backward(...)`` (e.g. through
         ``loss_fn(pipe(x), y).backward()``) runs the backward half through the
         pipeline for fill-drain schedules; schedules that interleave forwards
         and backwards raise ``RuntimeError`` there and point to :meth:`step`.
         """
+        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
+            raise compile_refused("Pipeline")  # inline on purpose: see pipesched.compiling
         tensors, sizes, microbatches = self._split(inputs)
         keep = torch.is_grad_enabled()
         full_plan = self._plan(len(sizes))
@@ -324,14 +334,49 @@ class Pipeline(nn.Module):
         records = self._run(plan, ctx, gradients=False, statistics=True)
         self._report(ctx, records, len(sizes))
         parts = [ctx.outputs[m][0] for m in range(len(sizes))]
-        single = ctx.outputs[0][1]
+        structure = ctx.outputs[0][1]
         if not keep:
-            outputs = gather(parts)
-            return outputs[0] if single else outputs
+            return unflatten(gather(parts), structure)
         session = BackwardSession(self, ctx, full_plan, tensors, sizes, records)
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
-        return outputs[0] if single else tuple(outputs)
+        return unflatten(tuple(outputs), structure)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile every stage in place with ``torch.compile(*args, **kwargs)``.
+
+        ``pipe(x)`` and ``pipe.step()`` then run the compiled stages on their
+        workers; the pipeline itself stays plain Python (``torch.compile(pipe)``
+        is refused, see :mod:`pipesched.compiling`). ``module`` is not
+        touched: calling the model directly stays eager.
+        """
+        compile_stages(self._stages, [self.devices[rank] for rank in self.placement], *args, **kwargs)
+
+    # ------------------------------------------------------------- state dict
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The model's state dict: exactly the keys and values of ``module.state_dict()``.
+
+        So a checkpoint moves freely between this pipeline, a pipeline of
+        another schedule or balance, and the plain model. ``loss_fn`` is not
+        part of the model and not saved.
+        """
+        return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state dict of the model (or of any pipeline of it), as ``module.load_state_dict``."""
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Loading through a module that holds this pipeline: model keys to ``module.`` paths.
+
+        ``loss_fn`` keeps its own state (it is not saved, so nothing is loaded into it).
+        """
+        route_to_layers(state_dict, prefix, {name: "module." for name in self.module._modules})
+        if isinstance(self.loss_fn, nn.Module):
+            for key, value in self.loss_fn.state_dict(keep_vars=True).items():
+                state_dict.setdefault(f"{prefix}loss_fn.{key}", value)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -------------------------------------------------------------- lifecycle
 

@@ -54,17 +54,17 @@ from torch.overrides import TorchFunctionMode
 
 T = TypeVar("T")
 
-_CPU_LOCK = threading.Lock()
-_CUDA_LOCKS: dict[int, threading.Lock] = {}
+_CPU_LOCK = threading.RLock()  # reentrant: a compiled stage re-takes it inside a drawing forward
+_CUDA_LOCKS: dict[int, threading.RLock] = {}
 _CUDA_LOCKS_GUARD = threading.Lock()
 _MASK64 = (1 << 64) - 1
 
 
-def _locks(device: torch.device) -> list[threading.Lock]:
+def _locks(device: torch.device) -> list[threading.RLock]:
     if device.type != "cuda":
         return [_CPU_LOCK]
     with _CUDA_LOCKS_GUARD:
-        lock = _CUDA_LOCKS.setdefault(device.index, threading.Lock())
+        lock = _CUDA_LOCKS.setdefault(device.index, threading.RLock())
     return [_CPU_LOCK, lock]  # always CPU first: one global order, no lock-order deadlock
 
 
@@ -285,3 +285,14 @@ def holding_generators(device: torch.device) -> Iterator[None]:
         for lock in _locks(device):
             stack.enter_context(lock)
         yield
+
+
+def generators_held(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Hold the locks of the generators a forward on ``device`` draws from (reentrant).
+
+    For code that moves the process-wide generators without drawing: Dynamo
+    saves and restores them around every compilation, which would rewind the
+    draws of a forward running on another rank meanwhile (see
+    :mod:`pipesched.compiling`).
+    """
+    return holding_generators(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import OrderedDict
 import os
 import traceback
 
@@ -50,6 +51,32 @@ class Merge(nn.Module):
     def forward(self, parts):
         a, b, n = parts
         return torch.cat([a, b * n.unsqueeze(1).to(b.dtype)], dim=1)
+
+
+class Features(OrderedDict):
+    """A ModelOutput-like mapping type; importable in every process, so it crosses as itself."""
+
+
+class ToFeatures(nn.Module):
+    def forward(self, x):
+        return Features(hidden=x.tanh(), count=torch.full((x.shape[0],), 2))
+
+
+class FromFeatures(nn.Module):
+    seen: list = []
+
+    def forward(self, features):
+        FromFeatures.seen.append((type(features).__name__, list(features)))
+        return {"mixed": features["hidden"] * features["count"].unsqueeze(1).to(features["hidden"].dtype)}
+
+
+class LastMapping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(12, 4)
+
+    def forward(self, parts):
+        return Features(logits=self.linear(parts["mixed"]))
 
 
 class FailOnce(nn.Module):
@@ -151,6 +178,26 @@ def scenario_tuples_and_own_stages(rank: int, world: int, out: dict) -> None:
         errors = [(p.grad - r.grad).abs().max().item() for p, r in zip(pipe.parameters(), ref)]
     out["tuples"] = {"ok": abs(loss.item() - ref_loss.item()) < 1e-12 and max(errors, default=0) < 1e-12,
                      "errors": errors}
+
+    # mappings cross processes with their keys and type; loss_fn indexes the last one
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 12), ToFeatures(), FromFeatures(), LastMapping()]
+    full = nn.Sequential(*(layers + [nn.Identity()] * (world - 2))).double()
+    balance = [2, 2] if world == 2 else [2, 1, 1, 2]  # 4 processes: a dict and a Features cross too
+    reference = copy.deepcopy(full)
+
+    def loss_fn(out, y):
+        return nn.functional.cross_entropy(out["logits"], y)
+
+    ref_loss = loss_fn(reference(x), y)
+    ref_loss.backward()
+    FromFeatures.seen.clear()
+    with DistributedPipeline(full, balance=balance, schedule="1f1b", chunks=3,
+                             loss_fn=loss_fn) as pipe:
+        loss = pipe.step(x, y)
+        error = grad_error(pipe, reference)
+    out["mappings"] = {"ok": abs(loss.item() - ref_loss.item()) < 1e-12 and error < 1e-12,
+                       "error": error, "seen": FromFeatures.seen}
 
 
 def scenario_failure(rank: int, world: int, out: dict) -> None:
@@ -362,12 +409,53 @@ def scenario_peer_freezes(rank: int, world: int, out: dict) -> None:
         time.sleep(600)
 
 
+def scenario_state_dict(rank: int, world: int, out: dict) -> None:
+    """Each rank's state dict is its part of the model's, under the model's keys; the model's
+    full state dict loads into every rank, which takes its own layers from it."""
+    from pipesched.distributed import DistributedPipeline
+
+    model = mlp(layers=2 * world + 1)
+    source = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in source.parameters():
+            param.mul_(0.5).add_(0.1)
+    full = source.state_dict()
+    x, y = data(9)
+    with DistributedPipeline(model, schedule="1f1b", chunks=3, loss_fn=nn.CrossEntropyLoss()) as pipe:
+        layers = {name for stage in pipe.local_stages.values() for name in stage._modules}
+        own_keys = [k for k in full if k.split(".")[0] in layers]
+        keys = list(pipe.state_dict())
+        pipe.load_state_dict(full)  # strict; other ranks' layers ignored
+        loaded = all(torch.equal(value, full[key]) for key, value in pipe.state_dict().items())
+        pipe.load_state_dict(pipe.state_dict())  # this rank's partial state dict, strict
+        errors = {}
+        for name, bad in [("missing", {k: v for k, v in full.items() if k != own_keys[0]}),
+                          ("unexpected", {**full, "99.weight": torch.zeros(1)})]:
+            try:
+                pipe.load_state_dict(bad)
+                errors[name] = None
+            except RuntimeError as error:
+                errors[name] = str(error)
+        reference = copy.deepcopy(source)
+        nn.CrossEntropyLoss()(reference(x), y).backward()
+        pipe.step(x if rank == 0 else None, y)
+        out["state_dict"] = {
+            "keys": keys, "own_keys": own_keys, "model_keys": list(full), "loaded": loaded,
+            "missing": errors["missing"] is not None and f'"{own_keys[0]}"' in errors["missing"],
+            "unexpected": errors["unexpected"] is not None and '"99.weight"' in errors["unexpected"],
+            "grad_error": grad_error(pipe, reference),
+        }
+
+
 SCENARIOS = {
     "gradients": scenario_gradients,
     "tuples": scenario_tuples_and_own_stages,
     "tokens": scenario_tokens,
     "failure": scenario_failure,
     "tied": scenario_tied,
+
+
+    "state_dict": scenario_state_dict,
     "stall": scenario_stall,
     "peer_exits": scenario_peer_exits,
     "peer_freezes": scenario_peer_freezes,

@@ -78,7 +78,6 @@ def test_deeper_norm_updates_from_the_whole_batch_of_its_own_inputs(schedule, ba
     x, y = batches_1d(1)[0]
     with Pipeline(model, schedule=schedule, balance=balance, chunks=4, checkpoint="always",
                   deferred_batch_norm=True, loss_fn=nn.CrossEntropyLoss()) as pipe:
-        # hooks go on the converted module (conversion replaces the layer object)
         model[4].register_forward_pre_hook(
             lambda m, args: None if is_recomputing() else seen.append(args[0].detach()))
         pipe.step(x, y)
@@ -122,7 +121,7 @@ def test_plain_batch_norm_would_drift():
     reference = run_reference(model, data, nn.CrossEntropyLoss())
     with Pipeline(model, schedule="1f1b", balance=[3, 3], chunks=3, loss_fn=nn.CrossEntropyLoss()) as pipe:
         pipe.step(*data[0])
-    assert int(norms(model)[0].num_batches_tracked) == 3 + 2  # 3 forwards + 2 recomputes (except_last)
+    assert int(norms(model)[0].num_batches_tracked) == 3  # 3 forwards; recomputes leave it alone
     assert not torch.allclose(norms(model)[0].running_var, norms(reference)[0].running_var)
 
 
@@ -189,9 +188,10 @@ def test_convert_keeps_state_dtype_and_nesting():
     inner = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, eps=1e-3, momentum=0.3))
     model = nn.Sequential(inner, nn.BatchNorm1d(4, affine=False)).double()
     model[0][1].running_mean.fill_(0.5)
+    first, second = model[0][1], model[1]
     converted = convert_deferred_batch_norm(model)
     assert converted is model
-    first, second = model[0][1], model[1]
+    assert model[0][1] is first and model[1] is second  # converted in place, not replaced
     assert isinstance(first, DeferredBatchNorm) and isinstance(second, DeferredBatchNorm)
     assert first.eps == 1e-3 and first.momentum == 0.3 and first.weight.dtype == torch.float64
     assert torch.equal(first.running_mean, torch.full((4,), 0.5, dtype=torch.float64))
@@ -205,3 +205,89 @@ def test_convert_replaces_a_repeated_batch_norm_at_every_position():
     convert_deferred_batch_norm(model)
     assert isinstance(model[1], DeferredBatchNorm)
     assert model[3] is model[1] and model[4][0] is model[1]  # still one module, as before
+
+
+def test_optimizer_built_before_pipeline_keeps_training_converted_batch_norm():
+    """deferred_batch_norm=True used to replace the norms by new modules with new Parameters:
+    an optimizer built before the Pipeline (the usual order) silently stopped training them."""
+    model = bn2d_model()
+    bn = model[1]
+    weight, bias = bn.weight, bn.bias
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = weight.detach().clone()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 3, 5, 5, dtype=torch.float64, generator=g), torch.randint(0, 4, (6,), generator=g)
+    with Pipeline(model, schedule="1f1b", balance=[3, 4], chunks=2, deferred_batch_norm=True,
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.step(x, y)
+        optimizer.step()
+    assert model[1] is bn and bn.weight is weight and bn.bias is bias
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    torch.testing.assert_close(weight.detach(), before - 0.5 * weight.grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d])
+def test_converted_batch_norm_is_still_its_original_class(kind):
+    """User code picks batch norms out by class (weight-decay groups, freezing); the
+    pipelines pick deferred ones out by DeferredBatchNorm. Both must hold, and hooks survive."""
+    norm = kind(4).double()
+    calls = []
+    norm.register_forward_hook(lambda m, args, out: calls.append(out.shape))
+    model = nn.Sequential(norm)
+    convert_deferred_batch_norm(model)
+    assert model[0] is norm
+    assert isinstance(norm, kind) and isinstance(norm, DeferredBatchNorm)
+    assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
+    dims = {nn.BatchNorm1d: (6, 4), nn.BatchNorm2d: (6, 4, 2, 2), nn.BatchNorm3d: (6, 4, 2, 2, 2)}[kind]
+    norm(torch.randn(*dims, dtype=torch.float64))
+    assert calls == [torch.Size(dims)]
+    with pytest.raises(ValueError, match="expected"):  # the original class's input check is kept
+        norm(torch.randn(6, 4, *([2] * (len(dims) - 1)), 2, dtype=torch.float64))
+    norm.commit()
+    assert int(norm.num_batches_tracked) == 1
+
+
+def test_converting_a_batch_norm_subclass_keeps_the_subclass():
+    class MyNorm(nn.BatchNorm1d):
+        pass
+
+    norm = MyNorm(4)
+    convert_deferred_batch_norm(nn.Sequential(norm))
+    assert isinstance(norm, MyNorm) and isinstance(norm, DeferredBatchNorm)
+    assert type(norm) is type(convert_deferred_batch_norm(MyNorm(4)))  # one class per original
+
+
+def instance_norm_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Unflatten(1, (4, 4)),
+                         nn.InstanceNorm1d(4, track_running_stats=True, momentum=0.2), nn.Flatten(),
+                         nn.Tanh(), nn.Linear(16, 4)).double()
+
+
+def running_stats(model):
+    return [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+
+
+@pytest.mark.parametrize("policy", ["always", "except_last", "never", lambda stage, mb: mb % 2 == 0])
+@pytest.mark.parametrize("schedule,balance", [("gpipe", [3, 3]), ("1f1b", [2, 4]),
+                                              ("interleaved", [1, 2, 1, 2])])
+@pytest.mark.parametrize("make_model", [bn1d_model, instance_norm_model])
+def test_recompute_does_not_update_plain_batch_norm_statistics_twice(policy, schedule, balance, make_model):
+    """A checkpointed micro-batch used to move a plain norm's running statistics again while
+    recomputing (num_batches_tracked 7 instead of 4 at chunks 4). Now they equal what the
+    same micro-batch forwards give without any recompute."""
+    model = make_model()
+    x, y = batches_1d(1)[0]
+    reference = copy.deepcopy(model)
+    for part in torch.tensor_split(x, 4):
+        reference(part)
+    with Pipeline(model, schedule=schedule, balance=balance, chunks=4, checkpoint=policy,
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.step(x, y)
+    for (mean, var, tracked), (want_mean, want_var, want_tracked) in zip(running_stats(model),
+                                                                          running_stats(reference)):
+        assert int(tracked) == int(want_tracked)  # 4 for batch norm; instance norm counts nothing
+        assert not torch.equal(want_mean, torch.zeros_like(want_mean))  # the forwards did move them
+        torch.testing.assert_close(mean, want_mean, rtol=0, atol=0)
+        torch.testing.assert_close(var, want_var, rtol=0, atol=0)

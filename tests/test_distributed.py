@@ -61,7 +61,7 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
-    names = ["gradients", "tuples", "tokens", "failure", "tied", "timeline", "stall"]
+    names = ["gradients", "tuples", "tokens", "failure", "tied", "state_dict", "timeline", "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -98,6 +98,13 @@ def test_ignore_index_padding_weighted_by_tokens_across_processes(world):
     assert broken[-1] == {"raised": "RuntimeError", "message": "broken normaliser"}
     for verdict in broken[:-1]:
         assert verdict["raised"] == "RemoteStepError" and "RuntimeError: broken normaliser" in verdict["message"]
+
+
+def test_mapping_activations_cross_processes_with_keys_and_type(world):
+    _, results, _ = world
+    for rank, result in enumerate(results):
+        assert result["mappings"]["ok"], f"rank {rank}: {result['mappings']}"
+    assert results[1]["mappings"]["seen"][0] == ["Features", ["hidden", "count"]]  # stage 1 is on rank 1
 
 
 def test_exception_on_one_rank_surfaces_on_every_rank(world):
@@ -162,6 +169,18 @@ def test_peer_frozen_while_this_rank_fails_ends_the_wait_at_stall_timeout(tmp_pa
     assert "injected failure" in result["message"]
     assert result["next"].startswith("this pipeline is unusable after losing a rank (lost rank 1: sent "
                                      "nothing for 2.0 s (stall_timeout)"), result
+
+
+def test_distributed_state_dict_uses_the_model_keys_and_loads_the_full_model_state(world):
+    """Keys used to be local_stages.<stage>.<layer>...: no checkpoint moved to or from the model."""
+    _, results, _ = world
+    verdicts = [r["state_dict"] for r in results]
+    for rank, verdict in enumerate(verdicts):
+        assert verdict["keys"] == verdict["own_keys"], f"rank {rank}: {verdict['keys']}"
+        assert verdict["loaded"] and verdict["missing"] and verdict["unexpected"], f"rank {rank}: {verdict}"
+        assert verdict["grad_error"] < 1e-12
+    together = [k for v in verdicts for k in v["keys"]]
+    assert sorted(together) == sorted(verdicts[0]["model_keys"])  # the parts make up the model, once
 
 
 def test_watchdog_names_what_each_rank_waits_on(world):
