@@ -104,19 +104,25 @@ def test_checkpoint_policies_give_bit_identical_results_with_dropout_on_every_st
 def test_schedules_draw_the_same_masks_for_the_same_balance():
     """gpipe, 1f1b and interleaved differ only in the order micro-batch gradients are summed."""
     x, y = batch()
-    balance = [1, 1, 1, 1, 1, 1, 1, 1]
-    model = nn.Sequential(*list(dropout_everywhere(stages=4))[:8])  # one layer per stage: 2 and 5 draw
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(8):  # eight stages, each Linear → Dropout: every stage draws
+        layers += [nn.Linear(10, 10), nn.Dropout(0.3)]
+    model = nn.Sequential(*layers).double()
+    balance = [2] * 8
     outcomes = {
         "gpipe": run(copy.deepcopy(model), "gpipe", balance, ["cpu"] * 8, 4, "always", x, y, caller_seed=8),
         "1f1b": run(copy.deepcopy(model), "1f1b", balance, ["cpu"] * 8, 4, "never", x, y, caller_seed=8),
         "interleaved": run(copy.deepcopy(model), "interleaved", balance, ["cpu"] * 4, 4, "except_last",
                            x, y, caller_seed=8),
     }
-    loss0, grads0 = outcomes["gpipe"]
+    _, expected = oracle_grads(model, balance, 4, x, y, caller_seed=8)
     for name, (loss, grads) in outcomes.items():
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-12, msg=name)
+    loss0 = outcomes["gpipe"][0]
+    for name, (loss, _) in outcomes.items():
         torch.testing.assert_close(loss, loss0, rtol=0, atol=1e-12, msg=name)
-        for g, g0 in zip(grads, grads0):
-            torch.testing.assert_close(g, g0, rtol=0, atol=1e-12, msg=name)
 
 
 class DropoutWhenLarge(nn.Module):
