@@ -31,7 +31,7 @@ from benchmarks.config import RunConfig
 from benchmarks.table import format_table
 from benchmarks.targets import Target
 from pipesched import Pipeline
-from pipesched.models import residual_mlp, synthetic_classification
+from pipesched.cli.models import residual_mlp, synthetic_classification
 
 NAME = "memory"
 TITLE = "6. Peak activation bytes per rank vs theory (p=4), and the largest model under a budget"

@@ -2,7 +2,7 @@
 
 A checkpointed backward first recomputes its stage's forward. The engine runs
 that recompute *before* waiting for the incoming gradient
-(``pipesched.execute._backward``): it needs only the stage input, which is
+(``pipesched.runtime.tasks._backward``): it needs only the stage input, which is
 already on the rank, so when the gradient is not there yet the recompute
 fills time the rank would spend waiting. Before, the recompute ran after the
 wait, i.e. every checkpointed backward cost F + B on the critical path.
@@ -13,7 +13,7 @@ m = 8, GPipe and 1F1B; ``t`` = 10 ms at full level. Contenders: the same
 model and batch under ``checkpoint="never"`` and ``"always"``, timed in
 alternating rounds (median [min..max] over rounds).
 
-Predictions (:func:`pipesched.simulate` on the calibrated costs: one stage's
+Predictions (:func:`pipesched.plan.simulate` on the calibrated costs: one stage's
 forward ``F`` and backward ``B`` timed alone):
 
 * never: every backward costs ``B``, the ideal without checkpointing;
@@ -76,7 +76,7 @@ from benchmarks.table import format_table
 from benchmarks.targets import Target
 from benchmarks.workloads import fresh_step, grad_difference, named_grads, zero_grad
 from pipesched import Pipeline, simulate
-from pipesched.action import Action, dependencies
+from pipesched.plan.action import Action, dependencies
 
 NAME = "recompute"
 TITLE = "8. Recompute off the critical path: checkpoint always vs never on calibrated sleep stages (p=4, m=8)"
@@ -231,7 +231,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     table += (
         f"\nstages sleep F {t * 1e3:g} ms / B {2 * t * 1e3:g} ms; calibrated (one stage alone) F {cost_f * 1e3:.3f} ms, "
         f"B {cost_b * 1e3:.3f} ms; {rounds} alternating rounds x {steps} steps, median [min..max]."
-        "\npred: pipesched.simulate on the calibrated costs; never: B costs B; on-path: B costs F + B (recompute after "
+        "\npred: pipesched.plan.simulate on the calibrated costs; never: B costs B; on-path: B costs F + B (recompute after "
         "the gradient arrives, the engine before); recompute-first: the recompute runs as soon as the rank is free, "
         "the backward when the gradient is there too (the engine now)."
         "\nextra = always - never (per round); hidden = 1 - extra / on-path extra: 0 = recompute all on the critical "

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from pipesched.models import residual_mlp, synthetic_classification
+from pipesched.cli.models import residual_mlp, synthetic_classification
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``python -m pipesched`` (also the ``pipesched`` console script)."""
 
-from pipesched.cli import main
+from pipesched.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,7 +10,7 @@
 Gradients equal those of ``loss_fn(model(inputs), targets).backward()`` on the
 un-pipelined model: each micro-batch's loss is weighted by its share of the
 batch's normaliser (rows; valid tokens for ``CrossEntropyLoss``/``NLLLoss``
-with ``ignore_index`` or class weights; see :mod:`pipesched.loss_normalizer`),
+with ``ignore_index`` or class weights; see :mod:`pipesched.runtime.loss_normalizer`),
 or by 1 (``reduction == "sum"``).
 """
 
@@ -23,27 +23,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipesched.backward_half import BackwardHalf, BackwardSession, backward_into_inputs
-from pipesched.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
-from pipesched.caller_state import CallerState
-from pipesched.checkpoint import (
+from pipesched.runtime.backward_half import BackwardHalf, BackwardSession, backward_into_inputs
+from pipesched.runtime.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
+from pipesched.runtime.caller_state import CallerState
+from pipesched.runtime.checkpoint import (
     CheckpointManager,
     CheckpointPolicy,
     RankMemory,
     make_policy,
     parameter_pointers,
 )
-from pipesched.compiling import compile_callback, compile_refused, compile_stages
-from pipesched.execute import StepContext, training_flags
-from pipesched.loss_normalizer import (
+from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
+from pipesched.runtime.tasks import StepContext, training_flags
+from pipesched.runtime.loss_normalizer import (
     LossNormalizer,
     batch_loss,
     check_loss_normalizer,
     loss_weights,
 )
-from pipesched.mailbox import Mailbox
-from pipesched.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
-from pipesched.options import (
+from pipesched.runtime.mailbox import Mailbox
+from pipesched.runtime.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
+from pipesched.runtime.options import (
     check_chunks,
     check_flag,
     check_loss_fn,
@@ -52,8 +52,8 @@ from pipesched.options import (
     missing_loss_fn,
     resolve_schedule,
 )
-from pipesched.orchestrator import Orchestrator
-from pipesched.partition import (
+from pipesched.runtime.orchestrator import Orchestrator
+from pipesched.runtime.partition import (
     check_balance,
     check_shared_parameters,
     default_devices,
@@ -61,13 +61,13 @@ from pipesched.partition import (
     resolve_device,
     split_module,
 )
-from pipesched.report import StepReport, TaskRecord
-from pipesched.rng import RandomStreams
-from pipesched.schedule import Plan, PlanCache, Schedule, validate_placement
-from pipesched.state_dict import route_to_layers
-from pipesched.structure import TENSOR, TUPLE, Structure, unflatten
-from pipesched.step_effects import StepEffects
-from pipesched.transport import Transport
+from pipesched.observe.report import StepReport, TaskRecord
+from pipesched.runtime.rng import RandomStreams
+from pipesched.plan.schedule import Plan, PlanCache, Schedule, validate_placement
+from pipesched.runtime.state_dict import route_to_layers
+from pipesched.runtime.structure import TENSOR, TUPLE, Structure, unflatten
+from pipesched.runtime.step_effects import StepEffects
+from pipesched.runtime.transport import Transport
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -110,7 +110,7 @@ class Pipeline(nn.Module):
             0 adds nothing; a batch counting 0 returns a NaN loss (torch's
             0/0) and accumulates no gradient.
         deferred_batch_norm: turn the module's batch norms (in place, same
-            objects) into :class:`~pipesched.batchnorm.DeferredBatchNorm`, whose running
+            objects) into :class:`~pipesched.runtime.batchnorm.DeferredBatchNorm`, whose running
             statistics are updated once per step from the whole batch.
         stall_timeout: seconds a step may go without any task finishing before
             it is aborted with :class:`~pipesched.StepStalled`, which says what
@@ -248,7 +248,7 @@ class Pipeline(nn.Module):
 
         ``gradients``: the plan accumulates into ``.grad``. ``statistics``: the
         plan runs every forward of the batch, so deferred batch norms commit
-        their statistics once it succeeds (see :mod:`pipesched.step_effects`).
+        their statistics once it succeeds (see :mod:`pipesched.runtime.step_effects`).
         """
         effects = StepEffects(self.module.parameters() if gradients else (), self._batch_norms)
         try:
@@ -288,7 +288,7 @@ class Pipeline(nn.Module):
         ``.grad`` receives the input gradient too.
         """
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
-            raise compile_refused("Pipeline")  # inline on purpose: see pipesched.compiling
+            raise compile_refused("Pipeline")  # inline on purpose: see pipesched.runtime.compiling
         if self.loss_fn is None:
             raise missing_loss_fn()
         if not torch.is_grad_enabled():
@@ -324,7 +324,7 @@ class Pipeline(nn.Module):
         and backwards raise ``RuntimeError`` there and point to :meth:`step`.
         """
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
-            raise compile_refused("Pipeline")  # inline on purpose: see pipesched.compiling
+            raise compile_refused("Pipeline")  # inline on purpose: see pipesched.runtime.compiling
         tensors, sizes, microbatches = self._split(inputs)
         keep = torch.is_grad_enabled()
         full_plan = self._plan(len(sizes))
@@ -347,7 +347,7 @@ class Pipeline(nn.Module):
 
         ``pipe(x)`` and ``pipe.step()`` then run the compiled stages on their
         workers; the pipeline itself stays plain Python (``torch.compile(pipe)``
-        is refused, see :mod:`pipesched.compiling`). ``module`` is not
+        is refused, see :mod:`pipesched.runtime.compiling`). ``module`` is not
         touched: calling the model directly stays eager.
         """
         compile_stages(self._stages, [self.devices[rank] for rank in self.placement], *args, **kwargs)

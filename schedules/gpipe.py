@@ -15,7 +15,7 @@ micro-batches' activations at the turn.
 
 from __future__ import annotations
 
-from pipesched.schedule import Action, Plan, Schedule, require_one_stage_per_rank
+from pipesched.plan.schedule import Action, Plan, Schedule, require_one_stage_per_rank
 
 
 class GPipe(Schedule):

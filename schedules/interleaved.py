@@ -17,7 +17,7 @@ other ``m``) deadlock for ``v >= 3``, which the plan validator catches.
 
 from __future__ import annotations
 
-from pipesched.schedule import Action, Plan, Schedule, one_forward_one_backward
+from pipesched.plan.schedule import Action, Plan, Schedule, one_forward_one_backward
 
 
 class Interleaved1F1B(Schedule):

@@ -14,7 +14,7 @@ independent of ``m``.
 
 from __future__ import annotations
 
-from pipesched.schedule import (
+from pipesched.plan.schedule import (
     Action,
     Plan,
     Schedule,

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import assert_grads_equal, mlp
 from pipesched import Pipeline, is_checkpointing, is_recomputing
-from pipesched.checkpoint import _checkpointing_scope, _recomputing_scope
+from pipesched.runtime.checkpoint import _checkpointing_scope, _recomputing_scope
 
 
 def dropout_model(seed: int = 0) -> nn.Sequential:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from pipesched import cli
-from pipesched.cli import main
-from pipesched.cli_demo import Progress, train
+from pipesched.cli import common as cli
+from pipesched.cli.main import main
+from pipesched.cli.demo import Progress, train
 
 #: Small enough that a whole command takes about as long as importing torch.
 TINY_COMPARE = ["--steps", "2", "--warmup", "1", "--batch", "16", "--chunks", "4"]

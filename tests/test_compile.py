@@ -15,7 +15,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from pipesched import Pipeline
-from pipesched.checkpoint import _SavedTensorMeter
+from pipesched.runtime.checkpoint import _SavedTensorMeter
 
 
 def data(rows=12):

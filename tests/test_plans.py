@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from pipesched import Action, Deadlock, get_schedule, validate_plan
-from pipesched.replay import replay
+from pipesched.plan.replay import replay
 
 SHAPES = [(p, m) for p in range(1, 5) for m in range(1, 13)]
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from conftest import assert_grads_equal
 from pipesched import Pipeline
-from pipesched.microbatch import split_sizes
-from pipesched.rng import draw_step_seed, forward_seed, holding_generators
+from pipesched.runtime.microbatch import split_sizes
+from pipesched.runtime.rng import draw_step_seed, forward_seed, holding_generators
 
 POLICIES = ["never", "always", "except_last", lambda stage, mb: (stage + mb) % 2 == 0]
 

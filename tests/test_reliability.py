@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import assert_grads_equal, mlp, pipeline_threads, reference_grads
 from pipesched import Pipeline, StepStalled
-from pipesched import rng as pipesched_rng
+from pipesched.runtime import rng as pipesched_rng
 
 X = torch.randn(8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(1))

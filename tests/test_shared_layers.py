@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import assert_grads_equal, reference_grads
 from pipesched import Pipeline
-from pipesched.partition import check_shared_parameters, split_module
+from pipesched.runtime.partition import check_shared_parameters, split_module
 
 POLICIES = ["always", "except_last", "never", lambda stage, mb: (stage + mb) % 2 == 0]
 SCHEDULES = [("gpipe", [3, 3]), ("1f1b", [3, 3]), ("interleaved-1f1b", [2, 1, 1, 2])]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipesched import Action, Deadlock, TaskRecord, get_schedule
-from pipesched.simulate import IncompletePlan, LowerBound, lower_bound, simulate
+from pipesched.plan.simulate import IncompletePlan, LowerBound, lower_bound, simulate
 
 
 def F(stage: int, mb: int) -> Action:

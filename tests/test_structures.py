@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pipesched import Pipeline
-from pipesched.structure import TENSOR, TUPLE, Structure, flatten, unflatten
-from pipesched.wire import decode, encode
+from pipesched.runtime.structure import TENSOR, TUPLE, Structure, flatten, unflatten
+from pipesched.distributed.wire import decode, encode
 
 
 class Features(OrderedDict):

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from pipesched import Action, Pipeline, TaskRecord
-from pipesched.action import dependencies
-from pipesched.simulate import simulate
-from pipesched.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
+from pipesched.plan.action import dependencies
+from pipesched.plan.simulate import simulate
+from pipesched.observe.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
 
 CHUNKS = 4
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipesched.action import Action
+from pipesched.plan.action import Action
 
 #: What an edge carries: a stage's output, an input gradient, or what a stage keeps for itself.
 ACTIVATION, GRADIENT, STATE = "activation", "gradient", "state"
@@ -100,7 +100,7 @@ class Lowering:
     """Every transfer of one plan, indexed by consuming action, producing action and rank pair.
 
     ``plan[r]`` is rank r's ordered action list. The plan must be complete
-    (every producer present), which :func:`~pipesched.schedule.validate_plan`
+    (every producer present), which :func:`~pipesched.plan.schedule.validate_plan`
     checks; a missing producer raises ``KeyError`` naming it.
     """
 

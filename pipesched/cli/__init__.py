@@ -1,0 +1,1 @@
+"""``python -m pipesched …``: one module per command, what they share, the built-in demo models."""

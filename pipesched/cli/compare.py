@@ -1,0 +1,357 @@
+"""Run one built-in model under several schedules and measure each: ``pipesched compare``.
+
+Same model, same weights, same batch, same CPU ranks for every schedule, so the
+rows differ only by the schedule (and by the stage count it asks for:
+interleaved 1F1B cuts the model into two stages per rank). Per schedule:
+
+* a few warm-up steps (thread start-up, allocator, first-touch), then ``steps``
+  timed ``pipe.step`` calls; the row reports the *median* step time, which
+  shrugs off the odd slow step on a shared machine;
+* the last step's timeline (:class:`pipesched.observe.timeline.Timeline`): measured
+  bubble and runtime efficiency;
+* the last step's report: peak in-flight micro-batches and peak activation
+  bytes per rank;
+* a gradient check on a float64 copy of the model: one pipelined step against
+  ``loss_fn(model(x), y).backward()`` on the whole batch. float64 makes the
+  only difference the order of summation, so a tight tolerance separates
+  rounding from a real bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipesched.cli.common import CliError, json_dumps, non_negative, positive, resolve_ranks, schedule_list
+from pipesched.distributed import DistributedPipeline
+from pipesched.distributed.launch import init_process_group, launched_world
+from pipesched.cli.models import residual_mlp, synthetic_classification
+from pipesched.pipeline import Pipeline
+from pipesched.plan.registry import get_schedule
+from pipesched.observe.timeline import Timeline
+
+__all__ = [
+    "DEFAULT_SCHEDULES",
+    "GRAD_TOLERANCE",
+    "MODELS",
+    "BuiltinModel",
+    "CompareConfig",
+    "CompareConfigError",
+    "CompareRow",
+    "format_compare_table",
+    "run_compare",
+]
+
+DEFAULT_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+#: Largest |pipelined - un-pipelined| parameter gradient (float64) that counts as equal.
+GRAD_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A named model the CLI can build without user code: an ``nn.Sequential`` and its data shape."""
+
+    name: str
+    description: str
+    build: Callable[[], nn.Sequential]
+    features: int = 32
+    classes: int = 10
+
+
+MODELS: dict[str, BuiltinModel] = {
+    model.name: model
+    for model in (
+        BuiltinModel("mlp", "residual MLP, width 128, 8 blocks (11 layers)",
+                     lambda: residual_mlp(width=128, blocks=8)),
+        BuiltinModel("mlp-wide", "residual MLP, width 512, 8 blocks (11 layers)",
+                     lambda: residual_mlp(width=512, blocks=8)),
+        BuiltinModel("mlp-deep", "residual MLP, width 128, 24 blocks (27 layers)",
+                     lambda: residual_mlp(width=128, blocks=24)),
+    )
+}
+
+
+class CompareConfigError(ValueError):
+    """A comparison the inputs cannot run (a user's mistake, not a bug); names the flag to change."""
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What to compare. Field names match the CLI flags."""
+
+    schedules: Sequence[str] = DEFAULT_SCHEDULES
+    model: str = "mlp"
+    ranks: int = 2
+    chunks: int = 8
+    batch: int = 128
+    steps: int = 10
+    warmup: int = 2
+    #: "never" by default, unlike ``Pipeline``: with recomputation the activation peak is
+    #: set by the recompute, not by how many micro-batches the schedule keeps in flight.
+    checkpoint: str = "never"
+    seed: int = 0
+
+
+@dataclass
+class CompareRow:
+    """One schedule's measurements (seconds, fractions in 0..1, bytes)."""
+
+    schedule: str
+    model: str
+    ranks: int
+    stages: int
+    chunks: int
+    batch: int
+    steps: int
+    samples_per_s: float
+    step_time_s: float
+    bubble_over_total: float
+    bubble_over_ideal: float
+    runtime_efficiency: float | None
+    schedule_efficiency: float | None
+    peak_inflight: list[int] = field(default_factory=list)
+    peak_activation_bytes: list[int] = field(default_factory=list)
+    grads_match: bool = False
+    grad_max_abs_diff: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def check_config(config: CompareConfig) -> BuiltinModel:
+    """Refuse, before any work, what cannot run; returns the chosen model."""
+    model = MODELS.get(config.model)
+    if model is None:
+        raise CompareConfigError(f"unknown --model {config.model!r}; choose one of {', '.join(MODELS)}")
+    if config.chunks > config.batch:
+        raise CompareConfigError(
+            f"--chunks {config.chunks} is more than --batch {config.batch}; every micro-batch "
+            f"needs a row: lower --chunks or raise --batch"
+        )
+    layers = len(model.build())
+    for name in config.schedules:
+        stages = _stages(name, config.ranks)
+        if stages > layers:
+            raise CompareConfigError(
+                f"schedule {name!r} on {config.ranks} ranks needs {stages} stages, but model "
+                f"{model.name!r} has {layers} layers; lower --ranks or pick a deeper --model "
+                f"(e.g. mlp-deep)"
+            )
+    return model
+
+
+def _stages(schedule: str, ranks: int) -> int:
+    return get_schedule(schedule).default_num_stages(ranks)
+
+
+def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = None) -> list[CompareRow]:
+    """Measure every schedule of ``config``; ``progress`` hears one line per schedule."""
+    spec = check_config(config)
+    torch.manual_seed(config.seed)
+    base = spec.build()
+    x, y = synthetic_classification(config.batch, features=spec.features, classes=spec.classes, seed=config.seed)
+    reference = _reference_grads(base, x, y)
+    rows = []
+    for name in config.schedules:
+        if progress is not None:
+            progress(f"{name}: {config.warmup} warm-up + {config.steps} timed steps ...")
+        rows.append(_measure(name, config, base, x, y, reference))
+    return rows
+
+
+def _pipeline(model: nn.Sequential, schedule: str, config: CompareConfig) -> Pipeline | DistributedPipeline:
+    """The pipeline every measurement uses; a shape the schedule refuses is the user's to fix.
+
+    Under torchrun (``WORLD_SIZE`` > 1) each process is one rank of a
+    :class:`DistributedPipeline` over the same model; otherwise all ranks are
+    threads of one process.
+    """
+    try:
+        if launched_world() > 1:
+            init_process_group()
+            return DistributedPipeline(model, schedule=schedule, chunks=config.chunks,
+                                       checkpoint=config.checkpoint, loss_fn=nn.CrossEntropyLoss())
+        return Pipeline(model, schedule=schedule, devices=["cpu"] * config.ranks, chunks=config.chunks,
+                        checkpoint=config.checkpoint, loss_fn=nn.CrossEntropyLoss())
+    except ValueError as error:
+        raise CompareConfigError(f"schedule {schedule!r}: {error}") from None
+
+
+def _measure(
+    name: str, config: CompareConfig, base: nn.Sequential, x: Tensor, y: Tensor, reference: list[Tensor]
+) -> CompareRow:
+    model = copy.deepcopy(base)
+    times = []
+    with _pipeline(model, name, config) as pipe:
+        for step in range(config.warmup + config.steps):
+            model.zero_grad(set_to_none=True)
+            began = time.perf_counter()
+            pipe.step(x, y)
+            if step >= config.warmup:
+                times.append(time.perf_counter() - began)
+        report = pipe.last_report
+    assert report is not None  # set by every step
+    analysis = Timeline.from_report(report).analyze()
+    matches, diff = _grads_match(name, config, base, x, y, reference)
+    median = statistics.median(times)
+    return CompareRow(
+        schedule=report.schedule,
+        model=config.model,
+        ranks=report.num_ranks,
+        stages=report.num_stages,
+        chunks=report.num_microbatches,
+        batch=config.batch,
+        steps=config.steps,
+        samples_per_s=config.batch / median if median > 0 else float("inf"),
+        step_time_s=median,
+        bubble_over_total=analysis.bubble_over_total,
+        bubble_over_ideal=analysis.bubble_over_ideal,
+        runtime_efficiency=analysis.runtime_efficiency,
+        schedule_efficiency=analysis.schedule_efficiency,
+        peak_inflight=list(report.peak_inflight),
+        peak_activation_bytes=list(report.peak_activation_bytes),
+        grads_match=matches,
+        grad_max_abs_diff=diff,
+    )
+
+
+def _reference_grads(base: nn.Sequential, x: Tensor, y: Tensor) -> list[Tensor]:
+    """float64 gradients of the un-pipelined model on the whole batch: the ground truth."""
+    model = copy.deepcopy(base).double()
+    nn.CrossEntropyLoss()(model(x.double()), y).backward()
+    return [p.grad.detach().clone() for p in model.parameters()]  # type: ignore[union-attr]
+
+
+def _grads_match(
+    name: str, config: CompareConfig, base: nn.Sequential, x: Tensor, y: Tensor, reference: list[Tensor]
+) -> tuple[bool, float]:
+    """One float64 pipelined step; True when every gradient is within :data:`GRAD_TOLERANCE`."""
+    model = copy.deepcopy(base).double()
+    with _pipeline(model, name, config) as pipe:
+        pipe.step(x.double(), y)
+        owned = {id(p) for p in pipe.parameters()}  # all of them in one process; this rank's otherwise
+    worst = 0.0
+    for param, expected in zip(model.parameters(), reference):
+        if id(param) not in owned:
+            continue
+        if param.grad is None:
+            worst = float("inf")
+            break
+        worst = max(worst, (param.grad - expected).abs().max().item())
+    if launched_world() > 1:  # every rank checked its own stages: the verdict is the worst of all
+        import torch.distributed as dist
+
+        figure = torch.tensor([worst], dtype=torch.float64)
+        dist.all_reduce(figure, op=dist.ReduceOp.MAX)
+        worst = figure.item()
+    return worst <= GRAD_TOLERANCE, worst
+
+
+def format_compare_table(rows: Sequence[CompareRow], config: CompareConfig) -> str:
+    """One line of context, one row per schedule, and what the columns mean."""
+    spec = MODELS[config.model]
+    header = (
+        f"model {spec.name} ({spec.description}), {config.ranks} CPU ranks, batch {config.batch} "
+        f"in {config.chunks} micro-batches, {config.warmup} warm-up + {config.steps} timed steps, "
+        f"checkpoint {config.checkpoint}"
+    )
+    columns = ["schedule", "stages", "samples/s", "step (median)", "bubble", "runtime eff.",
+               "peak in-flight", "peak activations", "grads match"]
+    table = [
+        [
+            row.schedule,
+            str(row.stages),
+            f"{row.samples_per_s:,.0f}",
+            f"{row.step_time_s * 1e3:.1f} ms",
+            _percent(row.bubble_over_total),
+            _percent(row.runtime_efficiency),
+            ",".join(map(str, row.peak_inflight)),
+            ",".join(_bytes(b) for b in row.peak_activation_bytes),
+            "yes" if row.grads_match else "NO",
+        ]
+        for row in rows
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in table)) for i, c in enumerate(columns)]
+    lines = [header, "", "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
+    lines += [
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in table
+    ]
+    lines += [
+        "",
+        ("bubble: idle / (ranks x makespan) of the last step; runtime eff.: the same plan replayed on the "
+         "measured task times / measured makespan;"),
+        ("peak in-flight and peak activations: per rank (rank 0 first); grads match: float64 pipelined "
+         f"gradients within {GRAD_TOLERANCE:g} of the un-pipelined model's."),
+    ]
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.1f} %"
+
+
+def _bytes(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+# ------------------------------------------------------------------ command
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the built-in model under each schedule and print one row per schedule."""
+    lead = resolve_ranks(args)
+    config = CompareConfig(
+        schedules=args.schedules, model=args.model, ranks=args.ranks, chunks=args.chunks,
+        batch=args.batch, steps=args.steps, warmup=args.warmup, checkpoint=args.checkpoint, seed=args.seed,
+    )
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if lead else (lambda line: None)
+    try:
+        rows = run_compare(config, progress=say)
+    except CompareConfigError as error:
+        raise CliError(str(error)) from None
+    if not lead:  # under torchrun only rank 0 prints the table
+        return 0
+    if args.json:
+        print(json_dumps([row.as_dict() for row in rows]))
+    else:
+        print(format_compare_table(rows, config))
+    return 0
+
+
+def add_command(commands: Any) -> None:
+    compare = commands.add_parser(
+        "compare", help="run a built-in model under several schedules and compare them",
+        description="Same model, weights, batch and CPU ranks under each schedule: warm-up steps, "
+                    "then timed steps; one row per schedule.",
+    )
+    compare.add_argument("--schedules", type=schedule_list, default=list(DEFAULT_SCHEDULES), metavar="LIST",
+                         help=f"comma-separated schedule names (default {','.join(DEFAULT_SCHEDULES)})")
+    compare.add_argument("--model", choices=list(MODELS), default="mlp",
+                         help="built-in model: " + "; ".join(f"{m.name}: {m.description}" for m in MODELS.values())
+                         + " (default mlp)")
+    compare.add_argument("--ranks", type=positive, default=None, metavar="R",
+                         help="CPU ranks (default 2); interleaved-1f1b uses 2 stages per rank")
+    compare.add_argument("--chunks", type=positive, default=8, metavar="M", help="micro-batches per batch (default 8)")
+    compare.add_argument("--batch", type=positive, default=128, metavar="B", help="batch size (default 128)")
+    compare.add_argument("--steps", type=positive, default=10, metavar="N", help="timed steps per schedule (default 10)")
+    compare.add_argument("--warmup", type=non_negative, default=2, metavar="N", help="untimed warm-up steps (default 2)")
+    compare.add_argument("--checkpoint", choices=["always", "except_last", "never"], default="never",
+                         help="activation checkpointing policy (default never: the memory column then shows "
+                              "each schedule's own profile and step times hold no recomputation)")
+    compare.add_argument("--seed", type=int, default=0, metavar="N", help="random seed for weights and data (default 0)")
+    compare.add_argument("--json", action="store_true", help="print a JSON list of row objects")
+    compare.set_defaults(run=_run_command)

@@ -1,0 +1,481 @@
+"""The same schedules, one process per rank, on ``torch.distributed`` (launched with torchrun).
+
+::
+
+    torch.distributed.init_process_group("gloo")          # torchrun sets the environment
+    pipe = DistributedPipeline(model, schedule="1f1b", chunks=8, loss_fn=nn.CrossEntropyLoss())
+    loss = pipe.step(inputs, targets)    # same call on every rank; loss returned on every rank
+    optimizer.step()                     # optimizer over pipe.parameters(): this rank's stages
+
+Each process is one rank of the plan and builds only the stages its placement
+gives it: pass the full ``nn.Sequential`` (each rank keeps its own stages and
+drops the rest), or a ``{stage: module}`` dict of just this rank's stages with
+``num_stages`` (for models that do not fit on one host). Everything above the
+transport is shared with the single-process :class:`~pipesched.Pipeline`: the
+schedule plug-ins and plan validation, the orchestrator and executor, the
+checkpoint manager, the timeline. Every process computes the same plan, and
+the messages each rank exchanges are derived from it
+(:mod:`pipesched.distributed.comm`).
+
+Per step, two small collectives frame the point-to-point traffic: the rank
+owning stage 0 broadcasts the batch size (so every rank builds the same plan
+and micro-batch split), and at the end every rank shares its status (so an
+error anywhere is raised everywhere, and the loss reaches every rank).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pipesched.runtime.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
+from pipesched.runtime.caller_state import CallerState
+from pipesched.runtime.checkpoint import (
+    CheckpointManager,
+    CheckpointPolicy,
+    RankMemory,
+    make_policy,
+    parameter_pointers,
+)
+from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
+from pipesched.distributed.comm import Communicator, PeerLost, RemoteStepError
+from pipesched.runtime.tasks import StepContext, training_flags
+from pipesched.runtime.loss_normalizer import (
+    LossNormalizer,
+    batch_loss,
+    check_loss_normalizer,
+    loss_weights,
+)
+from pipesched.runtime.mailbox import Mailbox
+from pipesched.runtime.microbatch import as_tensors, batch_size, scatter, split_sizes
+from pipesched.runtime.options import (
+    check_chunks,
+    check_flag,
+    check_loss_fn,
+    check_stall_timeout,
+    grad_disabled,
+    missing_loss_fn,
+    resolve_schedule,
+)
+from pipesched.runtime.orchestrator import Orchestrator, StepStalled
+from pipesched.runtime.partition import check_balance, check_shared_parameters, even_balance, split_module
+from pipesched.observe.report import CommRecord, StepReport, TaskRecord
+from pipesched.runtime.rng import RandomStreams
+from pipesched.plan.schedule import PlanCache, Schedule, validate_placement
+from pipesched.runtime.state_dict import route_to_layers, without_layers
+from pipesched.runtime.step_effects import StepEffects
+from pipesched.runtime.structure import TENSOR, TUPLE
+from pipesched.runtime.transport import Transport
+
+
+class DistributedPipeline(nn.Module):
+    """One rank of a multi-process pipeline. ``parameters()`` are this rank's stages' only.
+
+    Args:
+        module: the full ``nn.Sequential`` (every rank keeps only its stages;
+            a parameter shared by stages of different ranks is refused), or a
+            dict ``{stage_index: module}`` holding exactly the stages the
+            schedule places on this rank (then ``num_stages`` is required).
+        balance: layers per stage, with a full ``nn.Sequential``; default: the
+            schedule's stage count for the world size, split evenly.
+        num_stages: total number of stages, with a dict of stages.
+        schedule, chunks, checkpoint, loss_fn, loss_normalizer,
+        deferred_batch_norm, stall_timeout, log_tasks: as for
+            :class:`~pipesched.Pipeline` (``loss_fn`` and ``loss_normalizer``
+            are called on the last stage's rank only, where the targets are;
+            ``log_tasks=False`` also silences the ``"comm"`` events).
+        device: this rank's device (default ``"cpu"``).
+        group: the process group (default: the world). Backend: gloo.
+    """
+
+    def __init__(
+        self,
+        module: nn.Sequential | Mapping[int, nn.Module],
+        *,
+        balance: Sequence[int] | None = None,
+        num_stages: int | None = None,
+        schedule: str | Schedule = "gpipe",
+        chunks: int = 1,
+        checkpoint: CheckpointPolicy = "except_last",
+        loss_fn: Any = None,
+        loss_normalizer: LossNormalizer | None = None,
+        device: str | torch.device = "cpu",
+        group: Any = None,
+        deferred_batch_norm: bool = False,
+        stall_timeout: float | None = 600.0,
+        log_tasks: bool = True,
+    ):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "DistributedPipeline needs torch.distributed: call "
+                "torch.distributed.init_process_group('gloo') first (torchrun sets its environment)"
+            )
+        backend = dist.get_backend(group)
+        if backend != "gloo":
+            raise NotImplementedError(
+                f"DistributedPipeline supports the gloo backend (tensors staged through host "
+                f"memory); the process group uses {backend!r}. Initialise it with 'gloo'"
+            )
+        self.chunks = check_chunks(chunks)
+        stall_timeout = check_stall_timeout(stall_timeout)
+        self._stall_timeout = stall_timeout
+        check_flag("deferred_batch_norm", deferred_batch_norm)
+        check_loss_fn(loss_fn)
+        self.loss_normalizer = check_loss_normalizer(loss_normalizer, loss_fn)
+        self.log_tasks = check_flag("log_tasks", log_tasks)
+        self._policy = make_policy(checkpoint)
+        self.schedule = resolve_schedule(schedule)
+        self.loss_fn = loss_fn
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.device = torch.device(device)
+
+        own = self._own_stages(module, balance, num_stages)
+        if deferred_batch_norm:
+            for stage in own.values():
+                convert_deferred_batch_norm(stage)
+        for stage in own.values():
+            stage.to(self.device)
+        self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
+        self._batch_norms = [m for m in self.local_stages.modules() if isinstance(m, DeferredBatchNorm)]
+        self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
+        self._plan = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement)
+        self._plan(self.chunks)
+        self._random = RandomStreams()
+        self._orchestrator = Orchestrator([self.device], stall_timeout, ranks=[self.rank])
+        streams = [self._orchestrator.workers[0].stream] * self.num_ranks
+        self._transport = Transport([self.device] * self.num_ranks, streams)
+        self._comm = Communicator(group, self.rank, self.num_ranks, self.device)
+        self.clock_offset = self._comm.measure_clock_offset()
+        self._steps = 0
+        self._broken: str | None = None
+        self.last_report: StepReport | None = None
+        self.last_comm: list[CommRecord] = []
+
+    def _own_stages(self, module: Any, balance: Any, num_stages: Any) -> dict[int, nn.Module]:
+        """This rank's stages; with a full ``nn.Sequential`` also which layers it owns.
+
+        ``_layer_stage`` (layer name -> stage, this rank's layers) and
+        ``_foreign_layers`` (the other ranks' layer names) let the state dict
+        use the model's own keys; both stay empty with a dict of stages.
+        """
+        self._layer_stage: dict[str, int] = {}
+        self._foreign_layers: frozenset[str] = frozenset()
+        if isinstance(module, nn.Sequential):
+            if balance is not None:
+                balance = check_balance(balance, len(module))
+            else:
+                balance = even_balance(len(module), self.schedule.default_num_stages(self.num_ranks))
+            self.num_stages = len(balance)
+            self.placement = validate_placement(
+                self.schedule.placement(self.num_stages, self.num_ranks), self.num_stages, self.num_ranks
+            )
+            stages = split_module(module, balance)
+            check_shared_parameters(stages, self.placement, None)
+            own = {s: stages[s] for s in range(self.num_stages) if self.placement[s] == self.rank}
+            self._layer_stage = {name: s for s, stage in own.items() for name in stage._modules}
+            self._foreign_layers = frozenset(module._modules) - set(self._layer_stage)
+            return own
+        if isinstance(module, Mapping):
+            if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
+                raise ValueError(f"with a dict of stages, num_stages must be an int >= 1, got {num_stages!r}")
+            self.num_stages = num_stages
+            self.placement = validate_placement(
+                self.schedule.placement(num_stages, self.num_ranks), num_stages, self.num_ranks
+            )
+            mine = {s for s in range(num_stages) if self.placement[s] == self.rank}
+            if set(module) != mine:
+                raise ValueError(
+                    f"rank {self.rank} must hold exactly stages {sorted(mine)} under schedule "
+                    f"{self.schedule.name!r} (placement {self.placement}), got {sorted(module)}"
+                )
+            for s, stage in module.items():
+                if not isinstance(stage, nn.Module):
+                    raise TypeError(f"stage {s} must be an nn.Module, got {type(stage).__name__}")
+            return dict(module)
+        raise TypeError(
+            f"module must be an nn.Sequential or a dict {{stage: nn.Module}}, got {type(module).__name__}"
+        )
+
+    def _global(self, rank: int) -> int:
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, inputs: Tensor | tuple[Tensor, ...] | None = None,
+             targets: Tensor | tuple[Tensor, ...] | None = None) -> Tensor:
+        """Forward and backward of the whole batch; returns the loss on every rank.
+
+        Call it on every rank. ``inputs`` matter on the rank owning stage 0,
+        ``targets`` on the rank owning the last stage; other ranks may pass
+        ``None``. Gradients accumulate into this rank's parameters and equal
+        those of the single-process run. An error on any rank is raised on
+        every rank: the original exception where it happened, a
+        :class:`~pipesched.distributed.comm.RemoteStepError` naming it elsewhere.
+        A rank that dies or stops answering raises
+        :class:`~pipesched.distributed.comm.PeerLost` within about ``stall_timeout``,
+        and the pipeline is then unusable.
+        """
+        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
+            raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.runtime.compiling
+        if self._broken is not None:
+            raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
+        if not torch.is_grad_enabled():
+            raise grad_disabled()
+        first, last = self.placement[0], self.placement[-1]
+        if self.rank == last and self.loss_fn is None:
+            local_error: BaseException | None = missing_loss_fn()
+        else:
+            local_error = None
+
+        # 1. every rank learns the batch size from stage 0's rank
+        announced: list[Any] = [None]
+        tensors: tuple[Tensor, ...] = ()
+        if self.rank == first:
+            try:
+                tensors = as_tensors(inputs, "inputs")
+                announced = [batch_size(tensors, "inputs")]
+            except (TypeError, ValueError) as error:
+                local_error = error
+                announced = [f"{type(error).__name__}: {error}"]
+        try:
+            dist.broadcast_object_list(announced, src=self._global(first), group=self.group)
+        except RuntimeError as error:  # a rank died between steps: the group is broken
+            raise self._lose(PeerLost(f"a rank is gone (start-of-step exchange failed: {error})")) from error
+        if isinstance(announced[0], str):
+            if self.rank == first:
+                raise local_error  # type: ignore[misc]
+            raise RemoteStepError(f"rank {first} (stage 0) refused the inputs: {announced[0]}")
+        rows = announced[0]
+        sizes = split_sizes(rows, self.chunks)
+        count = len(sizes)
+        plan = self._plan(count)
+
+        ctx = self._context(count)
+        if self.rank == first:
+            structure = TENSOR if isinstance(inputs, Tensor) else TUPLE
+            ctx.inputs = [(mb, structure) for mb in scatter(tensors, sizes)]
+        if self.rank == last and local_error is None:
+            try:
+                target_tensors = as_tensors(targets, "targets")
+                if batch_size(target_tensors, "targets") != rows:
+                    raise ValueError(
+                        f"targets hold {target_tensors[0].shape[0]} rows but inputs hold {rows}; "
+                        f"they must match row for row"
+                    )
+                single = isinstance(targets, Tensor)
+                ctx.targets = [mb[0] if single else mb for mb in scatter(target_tensors, sizes)]
+                ctx.loss_fn = self.loss_fn
+                ctx.loss_weights = loss_weights(self.loss_fn, ctx.targets, self.loss_normalizer)
+            except Exception as error:  # noqa: BLE001 - incl. a user loss_normalizer's; raised on every rank
+                local_error = error
+
+        # 2. run the plan; a failure anywhere is sent on as error headers
+        link = self._comm.begin(self._steps, plan, self.placement, self.num_stages, count, ctx.mailbox)
+        effects = StepEffects(self.parameters(), self._batch_norms)
+        records: list[TaskRecord] = []
+        try:
+            if local_error is not None:
+                raise local_error
+            records = self._orchestrator.run(plan, ctx)
+        except StepStalled as error:
+            self._broken = f"a stalled step ({error})"
+            effects.rollback()
+            raise
+        except BaseException as error:  # noqa: BLE001 - reported to every rank below
+            local_error = error
+            self._comm.fail(link, _describe(error, self.rank))
+        gone = self._comm.finish(link, self._stall_timeout)
+        self._steps += 1  # every step, failed or not, gets its own message tags
+        if gone is not None or isinstance(local_error, PeerLost):
+            # a rank died or stopped answering: no collective could complete, so skip the
+            # status exchange (every reachable rank learns it from the error headers)
+            effects.rollback()
+            if isinstance(local_error, PeerLost):
+                raise self._lose(local_error)
+            self._lose(gone)  # type: ignore[arg-type]
+            if local_error is not None and not isinstance(local_error, RemoteStepError):
+                raise local_error  # this rank's own error comes first, as for any failed step
+            raise gone  # type: ignore[misc]
+
+        # 3. share the outcome: errors everywhere, the loss on every rank
+        memory = ctx.checkpoint.memory[self.rank]
+        status = {
+            "ok": local_error is None,
+            "remote": isinstance(local_error, RemoteStepError),
+            "error": None if local_error is None else _describe(local_error, self.rank),
+            "loss": None,
+            "tasks": [r.as_dict() for r in _shifted(records, self.clock_offset)],
+            "peak_inflight": memory.peak_inflight,
+            "peak_bytes": memory.peak_bytes,
+            "held_bytes": memory.held_bytes,
+        }
+        if local_error is None and self.rank == last:
+            loss = batch_loss([ctx.losses[m] for m in range(count)], ctx.loss_weights)
+            status["loss"] = (loss.item(), str(loss.dtype).removeprefix("torch."))
+        statuses: list[Any] = [None] * self.num_ranks
+        try:
+            dist.all_gather_object(statuses, status, group=self.group)
+        except RuntimeError as error:  # a rank died after its last message
+            effects.rollback()
+            raise self._lose(PeerLost(f"a rank is gone (end-of-step exchange failed: {error})")) from error
+
+        if local_error is not None or not all(s["ok"] for s in statuses):
+            effects.rollback()
+            if local_error is not None and not isinstance(local_error, RemoteStepError):
+                raise local_error
+            origin = next((s for s in statuses if not s["ok"] and not s["remote"]), None)
+            raise RemoteStepError(origin["error"] if origin else statuses_error(statuses)) from local_error
+        effects.commit()
+        self._record(statuses, count, link.records)
+        value, dtype = statuses[last]["loss"]
+        return torch.tensor(value, dtype=getattr(torch, dtype))
+
+    def _lose(self, error: PeerLost) -> PeerLost:
+        """Mark the pipeline unusable: a rank is gone, messages of this step may be lost."""
+        self._broken = f"losing a rank ({error})"
+        return error
+
+    def _context(self, count: int) -> StepContext:
+        exclude = parameter_pointers(self._stages)
+        caller = CallerState.capture()
+        training = training_flags(self._stages)
+        random = self._random.step(self._stages, [self.device] * self.num_stages, training)
+        manager = CheckpointManager(
+            self._policy, count, random, exclude, [RankMemory() for _ in range(self.num_ranks)],
+            caller.saved_tensor_hooks,
+        )
+        return StepContext(
+            mode="train",
+            stages=self._stages,  # type: ignore[arg-type]
+            placement=self.placement,
+            devices=[self.device] * self.num_ranks,
+            transport=self._transport,
+            mailbox=Mailbox(self.num_stages, count),
+            checkpoint=manager,
+            keep=True,
+            caller=caller,
+            schedule=self.schedule.name,
+            log_tasks=self.log_tasks,
+            clock_offset=self.clock_offset,
+            training=training,
+        )
+
+    def _record(self, statuses: list[Any], count: int, comm: list[CommRecord]) -> None:
+        tasks = sorted(
+            (TaskRecord(**t) for s in statuses for t in s["tasks"]), key=lambda r: (r.start, r.rank)
+        )
+        self.last_report = StepReport(
+            schedule=self.schedule.name,
+            num_stages=self.num_stages,
+            num_ranks=self.num_ranks,
+            num_microbatches=count,
+            placement=list(self.placement),
+            tasks=tasks,
+            peak_inflight=[s["peak_inflight"] for s in statuses],
+            peak_activation_bytes=[s["peak_bytes"] for s in statuses],
+            held_activation_bytes=[s["held_bytes"] for s in statuses],
+        )
+        self.last_comm = [_shift_comm(c, self.clock_offset) for c in comm]
+        if self.log_tasks:
+            step = self._orchestrator.steps - 1
+            self._orchestrator.events.emit("comm", (
+                {"step": step, "schedule": self.schedule.name, **record.as_dict()} for record in self.last_comm
+            ))
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """Compile this rank's stages in place with ``torch.compile(*args, **kwargs)``.
+
+        Call it on every rank (each compiles its own stages). ``torch.compile``
+        of the pipeline itself is refused, see :mod:`pipesched.runtime.compiling`.
+        """
+        compile_stages(self._stages, [self.device] * self.num_stages, *args, **kwargs)
+
+    # ------------------------------------------------------------ state dict
+
+    def _owned_layers(self) -> nn.Sequential:
+        """This rank's layers under their names in the full model (a view; nothing is copied)."""
+        layers = nn.Sequential()
+        for name, stage in self._layer_stage.items():  # in model order
+            layers.add_module(name, self.local_stages[str(stage)]._modules[name])
+        return layers
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """This rank's part of the model's state dict, under the model's own keys.
+
+        Built from a full ``nn.Sequential``: the entries of the layers this
+        rank owns, keyed as in ``model.state_dict()``, so the parts of all
+        ranks together are the model's state dict. Built from a dict of
+        stages: the default ``local_stages.<stage>.…`` keys.
+        """
+        if not self._layer_stage:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return self._owned_layers().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load this rank's layers from the model's (full or partial) state dict.
+
+        Entries of layers other ranks own are ignored; with ``strict``, every
+        key of this rank's layers must be present and no key may name
+        something the model does not have, as for ``model.load_state_dict``.
+        """
+        if not self._layer_stage:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return self._owned_layers().load_state_dict(
+            without_layers(state_dict, self._foreign_layers), strict=strict, assign=assign
+        )
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Loading through a module that holds this pipeline: model keys to ``local_stages`` paths."""
+        if self._layer_stage:
+            routes = {name: f"local_stages.{stage}." for name, stage in self._layer_stage.items()}
+            route_to_layers(state_dict, prefix, routes, drop=self._foreign_layers)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    # ------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Stop this rank's threads (the process group stays yours to destroy)."""
+        self._orchestrator.close()
+        # after a lost rank a receiver may be blocked for good on it: don't wait for it
+        self._comm.close(timeout=0 if self._broken else 5)
+
+    def __enter__(self) -> DistributedPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _describe(error: BaseException, rank: int) -> str:
+    """One line naming where and what failed, for the ranks that did not see it happen."""
+    if isinstance(error, RemoteStepError):
+        return str(error)
+    notes = [n.removeprefix("pipesched: ") for n in getattr(error, "__notes__", [])]
+    where = notes[0] if notes else f"raised on rank {rank}"
+    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
+    at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {error}, {where}{at}"
+
+
+def statuses_error(statuses: list[Any]) -> str:
+    return "; ".join(s["error"] for s in statuses if s["error"]) or "a rank failed"
+
+
+def _shifted(records: list[TaskRecord], offset: float) -> list[TaskRecord]:
+    return [TaskRecord(r.rank, r.stage, r.microbatch, r.kind, r.start - offset, r.end - offset) for r in records]
+
+
+def _shift_comm(record: CommRecord, offset: float) -> CommRecord:
+    return CommRecord(record.rank, record.peer, record.kind, record.action,
+                      record.start - offset, record.end - offset, record.nbytes)
+
+
+__all__ = ["DistributedPipeline", "PeerLost", "RemoteStepError"]

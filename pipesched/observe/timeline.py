@@ -1,0 +1,410 @@
+"""Read a step's task timeline and say where the time went.
+
+Every task the engine runs becomes one record (rank, stage, micro-batch, kind,
+start, end on one monotonic clock): in ``pipe.last_report``, and, when structlog
+is configured, as one ``"task"`` log event. A :class:`Timeline` holds one
+step's records, from any of those sources::
+
+    Timeline.from_report(pipe.last_report)
+    Timeline.from_events(captured_event_dicts)          # structlog.testing.capture_logs()
+    Timeline.from_jsonl("run.jsonl", step=None)         # structlog JSONRenderer output
+
+and answers three questions (:meth:`Timeline.analyze`):
+
+* **How busy was each rank?** busy and idle share of the measured makespan.
+* **What did the runtime add?** The same plan replayed by the simulator on the
+  measured task durations is what a zero-overhead runtime would take, so
+  ``runtime_efficiency = replay / measured`` isolates orchestration overhead
+  (thread wake-ups, transfers, Python) from the schedule itself.
+* **What did the schedule leave on the table?**
+  ``schedule_efficiency = lower_bound / replay``, where the lower bound is the
+  larger of the busiest rank's work and the longest micro-batch chain: the
+  bubble the schedule's order causes, with runtime noise taken out.
+
+It also exports a Chrome/Perfetto trace (open it at ui.perfetto.dev) and a
+Gantt chart PNG (needs matplotlib: ``pip install pipesched[plot]``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipesched.plan.action import Action, Plan
+from pipesched.observe.report import CommRecord, StepReport, TaskRecord
+from pipesched.plan.schedule import Schedule
+from pipesched.plan.simulate import IncompletePlan, lower_bound, peak_inflight, simulate
+from pipesched.observe.tasklog import configure_jsonl_logging, read_jsonl
+from pipesched.observe.export import chrome_trace, gantt_png
+from pipesched.observe.units import nbytes, percent, seconds
+
+__all__ = ["Timeline", "TimelineAnalysis", "configure_jsonl_logging"]
+
+
+
+@dataclass(frozen=True)
+class TimelineAnalysis:
+    """Where one step's time went. Seconds, and fractions in 0..1 (the table prints %).
+
+    * ``measured_makespan``: first task start to last task end.
+    * ``busy_seconds``, ``busy_fraction``, ``idle_fraction``: per rank, against the
+      measured makespan. ``bubble_over_total`` (idle / (ranks × makespan)) and
+      ``bubble_over_ideal`` (idle / busy) are the measured bubble overall, in the
+      two conventions of :class:`pipesched.plan.simulate.SimResult`.
+    * ``replay_makespan``: the plan replayed on the measured durations with no
+      overhead; ``runtime_efficiency = replay_makespan / measured_makespan``. It is
+      at most 1.0 when every task's recorded start follows its inputs' recorded
+      ends; it can exceed 1.0 by as much as a recorded end trails the moment
+      the output was handed over (the replay waits for the recorded end).
+    * ``lower_bound``: max(busiest rank's work, longest micro-batch chain);
+      ``schedule_efficiency = lower_bound / replay_makespan``.
+      These four are ``None`` when the tasks are not a self-contained plan (e.g.
+      the backward-only half of ``pipe(x)`` then ``output.backward()``).
+    * ``replayed``: ``"recorded order"``, or the schedule passed to ``analyze``.
+    * ``stage_work``: seconds of F + B per stage; ``stage_balance = mean / max`` of
+      it (1.0: perfectly balanced; 0.5: the slowest stage does twice the average).
+    * ``peak_inflight``: per rank, most micro-batches forwarded and not yet
+      backwarded at once, counted from the records.
+    * ``peak_activation_bytes``: per rank, from the step report; ``None`` when the
+      timeline was read from log events, which do not carry it.
+    """
+
+    schedule: str | None
+    num_ranks: int
+    num_stages: int
+    num_microbatches: int
+    num_tasks: int
+    measured_makespan: float
+    busy_seconds: list[float]
+    busy_fraction: list[float]
+    idle_fraction: list[float]
+    bubble_over_total: float
+    bubble_over_ideal: float
+    replayed: str
+    replay_makespan: float | None
+    lower_bound: float | None
+    runtime_efficiency: float | None
+    schedule_efficiency: float | None
+    stage_work: list[float]
+    stage_balance: float
+    peak_inflight: list[int]
+    peak_activation_bytes: list[int] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (lists, numbers, strings, ``None``)."""
+        return asdict(self)
+
+    def format_table(self) -> str:
+        """A readable summary: one header block, then one row per rank."""
+        header = [
+            f"schedule {self.schedule or '?'}: {self.num_stages} stages on {self.num_ranks} ranks, "
+            f"{self.num_microbatches} micro-batches, {self.num_tasks} tasks",
+            f"measured makespan     {seconds(self.measured_makespan)}",
+            f"replay makespan       {seconds(self.replay_makespan)}  ({self.replayed}, measured task times, "
+            f"no overhead)",
+            f"runtime efficiency    {percent(self.runtime_efficiency)}  (replay / measured)",
+            f"lower bound           {seconds(self.lower_bound)}  (max of busiest rank, longest chain)",
+            f"schedule efficiency   {percent(self.schedule_efficiency)}  (lower bound / replay)",
+            f"bubble                {percent(self.bubble_over_total)} of total, "
+            f"{percent(self.bubble_over_ideal)} of ideal  (idle / (ranks x makespan), idle / busy)",
+            f"stage balance         {percent(self.stage_balance)}  (mean / max stage work)",
+        ]
+        columns = ["rank", "busy", "busy %", "idle %", "peak in-flight", "peak activations"]
+        rows = [
+            [
+                str(rank),
+                seconds(self.busy_seconds[rank]),
+                percent(self.busy_fraction[rank]),
+                percent(self.idle_fraction[rank]),
+                str(self.peak_inflight[rank]),
+                nbytes(self.peak_activation_bytes[rank] if self.peak_activation_bytes else None),
+            ]
+            for rank in range(self.num_ranks)
+        ]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+        lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+        return "\n".join(header + [""] + lines)
+
+
+class Timeline:
+    """One step's task records, with analysis and exports.
+
+    Build it with :meth:`from_report`, :meth:`from_events` or :meth:`from_jsonl`,
+    or directly from task records (``Timeline(sim.records())`` shows a simulated
+    run). The shape (``num_ranks``, ``num_stages``, ``num_microbatches``) defaults
+    to what the records show.
+    """
+
+    def __init__(
+        self,
+        tasks: Iterable[TaskRecord],
+        *,
+        num_ranks: int | None = None,
+        num_stages: int | None = None,
+        num_microbatches: int | None = None,
+        schedule: str | None = None,
+        peak_activation_bytes: Sequence[int] | None = None,
+        step: int | None = None,
+        comm: Iterable[CommRecord] = (),
+    ):
+        records = list(tasks)
+        if not records:
+            raise ValueError(
+                "a Timeline needs at least one task record; run a step first (and configure "
+                "structlog before it when reading logs)"
+            )
+        for record in records:
+            if not isinstance(record, TaskRecord):
+                raise ValueError(f"tasks must be pipesched.TaskRecord values, got {type(record).__name__}")
+        records.sort(key=lambda t: (t.start, t.rank, t.end))
+        seen: dict[Action, TaskRecord] = {}
+        for record in records:
+            if record.end < record.start:
+                raise ValueError(f"task {record} ends before it starts")
+            action = Action(record.kind, record.stage, record.microbatch)  # type: ignore[arg-type]
+            if action in seen:
+                raise ValueError(
+                    f"{action} appears twice in the tasks (ranks {seen[action].rank} and {record.rank}); "
+                    f"a Timeline holds one step: select one with step=..."
+                )
+            seen[action] = record
+        self.tasks: list[TaskRecord] = records
+        self.num_ranks = _at_least("num_ranks", num_ranks, 1 + max(t.rank for t in records))
+        self.num_stages = _at_least("num_stages", num_stages, 1 + max(t.stage for t in records))
+        self.num_microbatches = _at_least(
+            "num_microbatches", num_microbatches, 1 + max(t.microbatch for t in records)
+        )
+        if peak_activation_bytes is not None and len(peak_activation_bytes) != self.num_ranks:
+            raise ValueError(
+                f"peak_activation_bytes must give one value per rank ({self.num_ranks}), "
+                f"got {len(peak_activation_bytes)}"
+            )
+        self.schedule = schedule
+        self.peak_activation_bytes = None if peak_activation_bytes is None else list(peak_activation_bytes)
+        self.step = step
+        #: Transfers between processes (multi-process pipelines), on the same clock.
+        self.comm: list[CommRecord] = sorted(comm, key=lambda c: (c.start, c.rank))
+
+    # ----------------------------------------------------------------- sources
+
+    @classmethod
+    def from_report(cls, report: StepReport | None) -> Timeline:
+        """The timeline of ``pipe.last_report`` (carries peak activation bytes too)."""
+        if report is None:
+            raise ValueError("report is None: run pipe.step(...) or pipe(inputs) before reading pipe.last_report")
+        if not isinstance(report, StepReport):
+            raise ValueError(f"report must be a pipesched.StepReport, got {type(report).__name__}")
+        return cls(
+            report.tasks,
+            num_ranks=report.num_ranks,
+            num_stages=report.num_stages,
+            num_microbatches=report.num_microbatches,
+            schedule=report.schedule,
+            peak_activation_bytes=report.peak_activation_bytes or None,
+        )
+
+    @classmethod
+    def from_events(cls, events: Iterable[Mapping[str, Any]], step: int | None = None) -> Timeline:
+        """The timeline of one step from structlog event dicts.
+
+        Events whose ``"event"`` is not ``"task"`` are ignored. The engine logs
+        a step's tasks together, tagged with ``"step"``; ``step=None`` takes the
+        last step logged, ``step=k`` the last run of events tagged ``k``.
+        """
+        runs: list[tuple[Any, list[Mapping[str, Any]]]] = []
+        for event in events:
+            if not isinstance(event, Mapping) or event.get("event") not in ("task", "comm"):
+                continue
+            tag = event.get("step")
+            if not runs or runs[-1][0] != tag:
+                runs.append((tag, []))
+            runs[-1][1].append(event)
+        if not runs:
+            raise ValueError(
+                "no task events found: configure structlog before pipe.step() "
+                "(pipesched.observe.timeline.configure_jsonl_logging does it in one call)"
+            )
+        if step is None:
+            tag, chosen = runs[-1]
+        else:
+            matching = [run for run in runs if run[0] == step]
+            if not matching:
+                present = ", ".join(str(t) for t in dict.fromkeys(t for t, _ in runs))
+                raise ValueError(f"step={step!r} is not among the logged steps ({present}); pick one of those")
+            tag, chosen = matching[-1]
+        schedule = next((e["schedule"] for e in chosen if e.get("schedule")), None)
+        return cls(
+            [_record(e) for e in chosen if e["event"] == "task"],
+            step=tag if isinstance(tag, int) else None,
+            schedule=schedule,
+            comm=[_comm_record(e) for e in chosen if e["event"] == "comm"],
+        )
+
+    @classmethod
+    def from_jsonl(
+        cls, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], step: int | None = None
+    ) -> Timeline:
+        """The timeline of one step from JSON-lines logs (see :func:`configure_jsonl_logging`).
+
+        ``path`` is one log, or several: one per process of a multi-process
+        pipeline, merged into one timeline (their times are already on rank
+        0's clock). Blank lines and lines whose event is neither ``"task"``
+        nor ``"comm"`` are skipped; a line that is not JSON is an error naming
+        it. ``step`` as in :meth:`from_events`, applied to each log.
+        """
+        if isinstance(path, (str, os.PathLike)):
+            return cls.from_events(read_jsonl(path), step=step)
+        parts = [cls.from_events(read_jsonl(p), step=step) for p in path]
+        if not parts:
+            raise ValueError("from_jsonl needs at least one log path")
+        steps = {part.step for part in parts}
+        if len(steps) > 1:
+            raise ValueError(
+                f"the logs end at different steps ({sorted(map(str, steps))}); pass step=... to pick one"
+            )
+        return cls(
+            [t for part in parts for t in part.tasks],
+            step=parts[0].step,
+            schedule=next((part.schedule for part in parts if part.schedule), None),
+            comm=[c for part in parts for c in part.comm],
+        )
+
+    # ---------------------------------------------------------------- analysis
+
+    @property
+    def makespan(self) -> float:
+        """Measured seconds from the first task's start to the last task's end."""
+        return max(t.end for t in self.tasks) - self.tasks[0].start
+
+    def busy(self) -> list[float]:
+        """Seconds each rank spent in tasks."""
+        totals: list[list[float]] = [[] for _ in range(self.num_ranks)]
+        for t in self.tasks:
+            totals[t.rank].append(t.end - t.start)
+        return [math.fsum(v) for v in totals]
+
+    def plan(self) -> Plan:
+        """Each rank's actions in the order it ran them (a rank runs one at a time)."""
+        plan: Plan = [[] for _ in range(self.num_ranks)]
+        for t in self.tasks:  # sorted by start
+            plan[t.rank].append(Action(t.kind, t.stage, t.microbatch))  # type: ignore[arg-type]
+        return plan
+
+    def analyze(self, schedule: str | Schedule | None = None) -> TimelineAnalysis:
+        """Where the time went; see :class:`TimelineAnalysis` for every figure.
+
+        ``schedule`` (a name or a :class:`~pipesched.Schedule`) replays that
+        schedule's plan for the same shape instead of the recorded order: a
+        what-if ("how long would 1F1B take with these task times?"), in which
+        ``runtime_efficiency`` compares that plan's ideal with this measured run.
+        """
+        measured = self.makespan
+        busy = self.busy()
+        idle = [max(0.0, measured - b) for b in busy]
+        plan, replayed = self._plan_for(schedule)
+        try:
+            sim = simulate(plan, self.tasks, num_stages=self.num_stages)
+            bound = lower_bound(plan, self.tasks, num_stages=self.num_stages).value
+            replay_makespan: float | None = sim.makespan
+        except IncompletePlan:
+            replay_makespan = bound = None  # type: ignore[assignment]
+
+        stage_work = [0.0] * self.num_stages
+        for t in self.tasks:
+            stage_work[t.stage] += t.end - t.start
+        heaviest = max(stage_work)
+        return TimelineAnalysis(
+            schedule=self.schedule,
+            num_ranks=self.num_ranks,
+            num_stages=self.num_stages,
+            num_microbatches=self.num_microbatches,
+            num_tasks=len(self.tasks),
+            measured_makespan=measured,
+            busy_seconds=busy,
+            busy_fraction=[_share(b, measured) for b in busy],
+            idle_fraction=[_share(i, measured) for i in idle],
+            bubble_over_total=_share(math.fsum(idle), measured * self.num_ranks),
+            bubble_over_ideal=_share(math.fsum(idle), math.fsum(busy)),
+            replayed=replayed,
+            replay_makespan=replay_makespan,
+            lower_bound=bound,
+            runtime_efficiency=None if replay_makespan is None else _share(replay_makespan, measured, 1.0),
+            schedule_efficiency=None if bound is None else _share(bound, replay_makespan or 0.0, 1.0),
+            stage_work=stage_work,
+            stage_balance=_share(math.fsum(stage_work) / self.num_stages, heaviest, 1.0),
+            peak_inflight=[peak_inflight(row) for row in self.plan()],
+            peak_activation_bytes=self.peak_activation_bytes,
+        )
+
+    def _plan_for(self, schedule: str | Schedule | None) -> tuple[Plan, str]:
+        recorded = self.plan()
+        if schedule is None:
+            return recorded, "recorded order"
+        if isinstance(schedule, str):
+            from pipesched.plan.registry import get_schedule
+
+            schedule = get_schedule(schedule)
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a name or a pipesched.Schedule, got {type(schedule).__name__}")
+        plan = [list(row) for row in schedule.plan(self.num_stages, self.num_microbatches, self.num_ranks)]
+        wanted = {a for row in plan for a in row}
+        have = {a for row in recorded for a in row}
+        if wanted != have:
+            differ = sorted(map(str, wanted ^ have))
+            raise ValueError(
+                f"schedule {schedule.name!r} and this timeline hold different actions "
+                f"({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} in only one of them); "
+                f"a what-if replay needs the same stages, micro-batches and kinds"
+            )
+        return plan, f"{schedule.name} plan"
+
+    # ----------------------------------------------------------------- exports
+
+    def to_chrome_trace(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Chrome/Perfetto trace: one complete event per task, a track per rank (and its comm).
+
+        Written to ``path`` as JSON when given; returned either way. See
+        :func:`pipesched.observe.export.chrome_trace`.
+        """
+        return chrome_trace(self, path)
+
+    def to_gantt_png(self, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+        """A Gantt chart PNG, one row per rank (needs matplotlib: ``pipesched[plot]``).
+
+        See :func:`pipesched.observe.export.gantt_png`.
+        """
+        return gantt_png(self, path, title=title)
+
+
+def _comm_record(event: Mapping[str, Any]) -> CommRecord:
+    return CommRecord(
+        int(event["rank"]), int(event["peer"]), str(event["kind"]), str(event["action"]),
+        float(event["start"]), float(event["end"]), int(event.get("bytes", 0)),
+    )
+
+
+def _record(event: Mapping[str, Any]) -> TaskRecord:
+    missing = [k for k in ("rank", "stage", "microbatch", "kind", "start", "end") if k not in event]
+    if missing:
+        raise ValueError(f"task event {dict(event)!r} lacks {', '.join(missing)}; was it written by pipesched?")
+    return TaskRecord(
+        int(event["rank"]), int(event["stage"]), int(event["microbatch"]), str(event["kind"]),
+        float(event["start"]), float(event["end"]),
+    )
+
+
+def _at_least(name: str, given: int | None, needed: int) -> int:
+    if given is None:
+        return needed
+    if isinstance(given, bool) or not isinstance(given, int) or given < needed:
+        raise ValueError(f"{name} must be an int >= {needed} (what the tasks use), got {given!r}; or leave it out")
+    return given
+
+
+def _share(part: float, whole: float, empty: float = 0.0) -> float:
+    return part / whole if whole > 0.0 else empty

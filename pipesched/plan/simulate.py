@@ -1,0 +1,392 @@
+"""Run a plan on a cost model instead of a device: makespan, bubble, memory, critical path.
+
+A schedule is a bet on how work overlaps. The simulator prices that bet before
+anything runs (``pipesched schedule show``), and after a run it replays the same
+plan on the *measured* task durations, which separates what the schedule leaves
+idle from what the runtime adds on top (see :mod:`pipesched.observe.timeline`).
+
+It is deliberately thin: :func:`pipesched.plan.replay.replay` is the one dependency
+model of the code base (the plan validator uses it for deadlock detection), and
+:func:`simulate` only turns a cost description into a per-action cost, calls it,
+and summarises. Everything is one pass over the actions, so it is linear in the
+number of tasks.
+
+Costs come in three shapes:
+
+* a callable ``(kind, stage) -> seconds``, e.g. ``lambda kind, stage: 1.0 if kind == "F" else 2.0``;
+* a mapping keyed by ``(kind, stage)``, e.g. ``{("F", 0): 1.0, ("B", 0): 2.0, ...}``;
+* measured task records (:class:`pipesched.plan.record.TaskRecord`, or anything with
+  ``kind``, ``stage``, ``microbatch``, ``start``, ``end``): each action costs its
+  own measured duration; an action with no record costs the mean of its
+  ``(kind, stage)``; an action recorded several times (several steps) costs the
+  mean of its records.
+
+Two bubble conventions are in use and they differ by a lot, so both are given
+and named for their denominator: ``bubble_over_total`` is idle / makespan (the
+share of the wall clock a rank waits), ``bubble_over_ideal`` is idle / busy (the
+GPipe and Megatron-LM papers' convention: ``(p - 1) / m`` for GPipe under uniform
+costs, the overhead relative to the ideal, bubble-free time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from pipesched.plan.action import Action, Plan, dependencies
+from pipesched.plan.replay import replay
+from pipesched.plan.record import TaskRecord
+
+__all__ = [
+    "CostFunction",
+    "Costs",
+    "IncompletePlan",
+    "LowerBound",
+    "SimResult",
+    "as_cost_function",
+    "lower_bound",
+    "peak_inflight",
+    "simulate",
+]
+
+#: ``(kind, stage) -> seconds``.
+CostFunction = Callable[[str, int], float]
+#: What :func:`simulate` and :func:`lower_bound` accept as ``costs``.
+Costs = Union[CostFunction, Mapping[tuple[str, int], float], Iterable[TaskRecord]]
+
+_RECORD_FIELDS = ("kind", "stage", "microbatch", "start", "end")
+
+
+class IncompletePlan(ValueError):
+    """A plan holding an action whose input is made by no action of the plan.
+
+    The simulator cannot price such a plan (when would the input arrive?). It
+    happens for hand-written plans with a hole, and for half a step, such as
+    the backward-only half that ``output.backward()`` runs after ``pipe(x)``.
+    """
+
+
+@dataclass(frozen=True, eq=False)
+class SimResult:
+    """The outcome of :func:`simulate`. Times are seconds from the plan's start.
+
+    Per-rank lists are indexed by rank. ``idle[r] = makespan - busy[r]``.
+
+    * ``bubble_over_total[r] = idle[r] / makespan``; ``overall_bubble_over_total``
+      is ``sum(idle) / (ranks * makespan)``: the share of all device-seconds spent waiting.
+    * ``bubble_over_ideal[r] = idle[r] / busy[r]`` (``inf`` for a rank with no work
+      in a plan that takes time); ``overall_bubble_over_ideal`` is
+      ``sum(idle) / sum(busy)``, ``(p - 1) / m`` for GPipe with uniform costs.
+    * ``peak_inflight[r]``: the most micro-batches rank ``r`` had forwarded and not
+      yet backwarded at once, counting each of its stages (a micro-batch in
+      flight on two stages of the rank counts twice, as it holds two sets of
+      activations).
+    * ``critical_path``: the chain of actions, first to last, each of which could
+      not start earlier because of the one before it; its costs (plus ``comm`` on
+      every rank change) add up to the makespan.
+    """
+
+    makespan: float
+    busy: list[float]
+    idle: list[float]
+    bubble_over_total: list[float]
+    bubble_over_ideal: list[float]
+    overall_bubble_over_total: float
+    overall_bubble_over_ideal: float
+    peak_inflight: list[int]
+    critical_path: list[Action]
+    start: dict[Action, float]
+    end: dict[Action, float]
+    rank_of: dict[Action, int]
+    num_stages: int
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.busy)
+
+    def records(self) -> list[TaskRecord]:
+        """The simulated run as task records, ordered by start time.
+
+        ``Timeline(sim.records())`` draws or exports the ideal run exactly like
+        a measured one.
+        """
+        rows = [
+            TaskRecord(self.rank_of[a], a.stage, a.microbatch, a.kind, self.start[a], self.end[a])
+            for a in self.start
+        ]
+        return sorted(rows, key=lambda r: (r.start, r.rank))
+
+
+@dataclass(frozen=True)
+class LowerBound:
+    """Two bounds no run of the plan can beat, for the same costs; ``value`` is the larger.
+
+    * ``work``: the busiest rank's total work (``work_rank``), since a rank runs
+      one action at a time.
+    * ``chain``: the longest single micro-batch chain (``chain_microbatch``),
+      ``F(0) .. F(S-1), B(S-1) .. B(0)`` plus ``comm`` for every hop between ranks,
+      since each link waits for the one before.
+
+    ``bound.efficiency(makespan)`` is ``value / makespan``: 1.0 means the plan
+    is as fast as these two limits allow.
+    """
+
+    work: float
+    chain: float
+    work_rank: int | None = None
+    chain_microbatch: int | None = None
+
+    @property
+    def value(self) -> float:
+        """``max(work, chain)``."""
+        return max(self.work, self.chain)
+
+    def __float__(self) -> float:
+        return self.value
+
+    def efficiency(self, makespan: float) -> float:
+        """``value / makespan`` (1.0 for an empty plan, where both are 0)."""
+        if makespan <= 0.0:
+            return 1.0
+        return self.value / makespan
+
+
+def simulate(
+    plan: Sequence[Sequence[Action]],
+    costs: Costs,
+    comm: float = 0.0,
+    num_stages: int | None = None,
+) -> SimResult:
+    """Replay ``plan`` (one action list per rank) with ``costs``; summarise the run.
+
+    Args:
+        plan: per-rank action lists, as ``Schedule.plan`` returns. Every action's
+            inputs must be produced by some action of the plan.
+        costs: a callable ``(kind, stage) -> seconds``, a mapping keyed by
+            ``(kind, stage)``, or measured task records (see the module docstring).
+        comm: seconds added to every dependency whose two ends are on different ranks.
+        num_stages: the model's stage count; default ``1 + `` the largest stage in
+            ``plan``. Only matters for a plan that leaves out the last stages.
+
+    Raises:
+        ValueError: a malformed plan, a bad cost, or :class:`IncompletePlan`;
+            :class:`pipesched.Deadlock` (a ``ValueError``) when the plan deadlocks.
+    """
+    rows, num_stages = _check_plan(plan, num_stages)
+    comm = _check_comm(comm)
+    cost = as_cost_function(costs)
+    result = replay(rows, num_stages, cost, comm)
+    makespan = result.makespan
+
+    busy = [math.fsum(result.end[a] - result.start[a] for a in row) for row in rows]
+    idle = [max(0.0, makespan - b) for b in busy]
+    total_busy, total_idle = math.fsum(busy), math.fsum(idle)
+    return SimResult(
+        makespan=makespan,
+        busy=busy,
+        idle=idle,
+        bubble_over_total=[_ratio(i, makespan) for i in idle],
+        bubble_over_ideal=[_ratio(i, b) for i, b in zip(idle, busy)],
+        overall_bubble_over_total=_ratio(total_idle, makespan * len(rows)),
+        overall_bubble_over_ideal=_ratio(total_idle, total_busy),
+        peak_inflight=[peak_inflight(row) for row in rows],
+        critical_path=_critical_path(result.order, result.end, result.critical),
+        start=result.start,
+        end=result.end,
+        rank_of=result.rank_of,
+        num_stages=num_stages,
+    )
+
+
+def lower_bound(
+    plan: Sequence[Sequence[Action]],
+    costs: Costs,
+    comm: float = 0.0,
+    num_stages: int | None = None,
+) -> LowerBound:
+    """The work bound and the chain bound of ``plan`` under ``costs``.
+
+    Same arguments as :func:`simulate`, so ``lower_bound(plan, costs).efficiency(
+    simulate(plan, costs).makespan)`` says how close the plan comes to the best
+    any order of the same work on the same ranks could do. The plan supplies the
+    placement (which rank runs which stage), not the order.
+    """
+    rows, num_stages = _check_plan(plan, num_stages)
+    comm = _check_comm(comm)
+    cost = as_cost_function(costs)
+
+    work, work_rank = 0.0, None
+    for rank, row in enumerate(rows):
+        total = math.fsum(cost(a) for a in row)
+        if work_rank is None or total > work:
+            work, work_rank = total, rank
+
+    rank_of = {a: rank for rank, row in enumerate(rows) for a in row}
+    chains: dict[int, list[Action]] = defaultdict(list)
+    for row in rows:
+        for action in row:
+            chains[action.microbatch].append(action)
+    chain, chain_mb = 0.0, None
+    for mb in sorted(chains):
+        # F by stage upwards, then B by stage downwards: each link waits for the one before.
+        path = sorted(chains[mb], key=lambda a: (a.kind != "F", a.stage if a.kind == "F" else -a.stage))
+        hops = sum(rank_of[x] != rank_of[y] for x, y in zip(path, path[1:]))
+        length = math.fsum(cost(a) for a in path) + comm * hops
+        if chain_mb is None or length > chain:
+            chain, chain_mb = length, mb
+    return LowerBound(work=work, chain=chain, work_rank=work_rank, chain_microbatch=chain_mb)
+
+
+def peak_inflight(actions: Iterable[Action]) -> int:
+    """Most (stage, micro-batch) pairs forwarded and not yet backwarded along ``actions``.
+
+    ``actions`` is one rank's list in the order it runs them; a rank runs one
+    action at a time, so order alone decides the peak.
+    """
+    inflight = peak = 0
+    for action in actions:
+        inflight += 1 if action.kind == "F" else -1
+        peak = max(peak, inflight)
+    return peak
+
+
+def as_cost_function(costs: Costs) -> Callable[[Action], float]:
+    """Turn any accepted ``costs`` shape into ``action -> seconds``, checking every value."""
+    if isinstance(costs, Mapping):
+        table = costs
+
+        def lookup(action: Action) -> Any:
+            key = (action.kind, action.stage)
+            if key not in table:
+                raise ValueError(
+                    f"costs has no entry for {key!r} (needed by {action}); give one per "
+                    f"(kind, stage) that the plan runs, e.g. {{('F', 0): 1.0, ('B', 0): 2.0}}"
+                )
+            return table[key]
+
+        return _checked(lookup)
+    if callable(costs):
+        function = costs
+        return _checked(lambda action: function(action.kind, action.stage))
+    if isinstance(costs, (str, bytes)) or not isinstance(costs, Iterable):
+        raise ValueError(
+            f"costs must be a callable (kind, stage) -> seconds, a dict keyed by (kind, stage), "
+            f"or measured task records; got {type(costs).__name__}"
+        )
+    return _checked(_measured_costs(costs))
+
+
+def _measured_costs(records: Iterable[Any]) -> Callable[[Action], float]:
+    """Per action: the mean of its own records, else the mean of its (kind, stage)."""
+    own: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    by_stage: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for index, record in enumerate(records):
+        missing = [f for f in _RECORD_FIELDS if not hasattr(record, f)]
+        if missing:
+            raise ValueError(
+                f"costs[{index}] is {type(record).__name__}, which lacks {', '.join(missing)}; "
+                f"measured costs must be task records (pipesched.TaskRecord)"
+            )
+        duration = float(record.end) - float(record.start)
+        own[(record.kind, record.stage, record.microbatch)].append(duration)
+        by_stage[(record.kind, record.stage)].append(duration)
+    if not own:
+        raise ValueError("costs is an empty list of task records; give at least one record")
+    own_mean = {key: math.fsum(v) / len(v) for key, v in own.items()}
+    stage_mean = {key: math.fsum(v) / len(v) for key, v in by_stage.items()}
+
+    def cost(action: Action) -> float:
+        value = own_mean.get((action.kind, action.stage, action.microbatch))
+        if value is None:
+            value = stage_mean.get((action.kind, action.stage))
+        if value is None:
+            raise ValueError(
+                f"no task record for {action} nor any other {action.kind} of stage "
+                f"{action.stage}; the records must cover every (kind, stage) the plan runs"
+            )
+        return value
+
+    return cost
+
+
+def _checked(cost: Callable[[Action], Any]) -> Callable[[Action], float]:
+    def checked(action: Action) -> float:
+        raw = cost(action)
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value >= 0.0):
+            raise ValueError(f"costs gave {raw!r} seconds for {action}; every cost must be a finite number >= 0")
+        return value
+
+    return checked
+
+
+def _check_comm(comm: float) -> float:
+    try:
+        value = float(comm)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(comm, bool) or not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"comm must be a finite number of seconds >= 0, got {comm!r}")
+    return value
+
+
+def _check_plan(plan: Sequence[Sequence[Action]], num_stages: int | None) -> tuple[Plan, int]:
+    """Shape checks only: the dependency graph itself is replay's business."""
+    if isinstance(plan, (str, bytes)) or not isinstance(plan, Sequence):
+        raise ValueError(f"plan must be a list of per-rank action lists, got {type(plan).__name__}")
+    rows: Plan = []
+    seen: dict[Action, int] = {}
+    for rank, actions in enumerate(plan):
+        if isinstance(actions, (str, bytes)) or not isinstance(actions, Iterable):
+            raise ValueError(f"plan[{rank}] must be a list of Action, got {actions!r}")
+        row = list(actions)
+        for action in row:
+            if not isinstance(action, Action):
+                raise ValueError(f"plan[{rank}] holds {action!r}; expected Action(kind, stage, microbatch)")
+            if action in seen:
+                raise ValueError(f"{action} appears twice in the plan (ranks {seen[action]} and {rank})")
+            seen[action] = rank
+        rows.append(row)
+    top = 1 + max((a.stage for a in seen), default=-1)
+    if num_stages is None:
+        num_stages = top
+    elif isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < top:
+        raise ValueError(
+            f"num_stages must be an int covering every stage of the plan (>= {top}), got {num_stages!r}; "
+            f"or leave it out"
+        )
+    for action, rank in seen.items():
+        for dep in dependencies(action, num_stages):
+            if dep not in seen:
+                raise IncompletePlan(
+                    f"{action} on rank {rank} needs {dep}, which no rank of the plan runs; "
+                    f"a plan must hold the inputs of every action it holds"
+                )
+    return rows, num_stages
+
+
+def _critical_path(
+    order: Sequence[Action], end: Mapping[Action, float], critical: Mapping[Action, Action | None]
+) -> list[Action]:
+    if not order:
+        return []
+    last = max(order, key=end.__getitem__)
+    path: list[Action] = []
+    node: Action | None = last
+    while node is not None:
+        path.append(node)
+        node = critical[node]
+    path.reverse()
+    return path
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    if denominator > 0.0:
+        return numerator / denominator
+    return 0.0 if numerator <= 0.0 else math.inf

@@ -1,0 +1,253 @@
+"""One checkpoint manager for every schedule: keep or drop activations, recompute, account bytes.
+
+For each forward the manager decides, by policy, whether to keep what autograd
+saves (fast backward, more memory) or only the stage input (the backward first
+recomputes the forward under the same random draws, see :mod:`pipesched.runtime.rng`).
+
+It also measures what it holds. The *activation bytes* of one (stage,
+micro-batch) are the bytes of the distinct tensors kept for its backward:
+tensors autograd saves (seen through ``saved_tensors_hooks``) except the
+stage's parameters and buffers, plus the stage input it keeps. A recompute's
+rebuilt tensors count while they live, i.e. during that backward. Per rank the
+manager tracks the running total and its peak, and the number of micro-batches
+forwarded and not yet backwarded (in flight), so a schedule's memory bound is
+a measured fact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from pipesched.runtime.caller_state import SavedTensorHooks
+from pipesched.runtime.rng import StepRandom
+
+CheckpointPolicy = Union[str, Callable[[int, int], bool]]
+POLICIES = ("always", "except_last", "never")
+
+
+def make_policy(checkpoint: object) -> Callable[[int, int, int], bool]:
+    """``checkpoint`` as ``(stage, microbatch, num_microbatches) -> bool``."""
+    if isinstance(checkpoint, str):
+        if checkpoint == "always":
+            return lambda stage, mb, count: True
+        if checkpoint == "except_last":
+            return lambda stage, mb, count: mb < count - 1
+        if checkpoint == "never":
+            return lambda stage, mb, count: False
+    elif callable(checkpoint):
+        return lambda stage, mb, count: bool(checkpoint(stage, mb))
+    raise ValueError(
+        f"checkpoint must be one of {', '.join(map(repr, POLICIES))} or a callable "
+        f"(stage, microbatch) -> bool, got {checkpoint!r}"
+    )
+
+
+def parameter_pointers(stages: Sequence[nn.Module | None]) -> list[frozenset[int]]:
+    """Per stage, the data pointers of its parameters and buffers: what is not an activation.
+
+    ``None`` (a stage another process owns) gets an empty set.
+    """
+    return [
+        frozenset() if stage is None
+        else frozenset(t.data_ptr() for t in (*stage.parameters(), *stage.buffers()))
+        for stage in stages
+    ]
+
+
+def _key(tensor: Tensor) -> tuple[int, int, int, Any]:
+    return (tensor.data_ptr(), tensor.storage_offset(), tensor.numel(), tensor.dtype)
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class _SavedTensorMeter:
+    """Collects the distinct non-parameter tensors autograd saves inside the block.
+
+    The caller's own saved-tensor hooks, if any, still apply: the meter looks
+    at each tensor, then hands it to the caller's pack hook.
+    """
+
+    def __init__(self, exclude: frozenset[int], user_hooks: SavedTensorHooks | None = None):
+        self.exclude = exclude
+        self.user_hooks = user_hooks
+        self.seen: dict[tuple[int, int, int, Any], int] = {}
+
+    def pack(self, tensor: Tensor) -> Tensor:
+        if tensor.layout == torch.strided and tensor.data_ptr() not in self.exclude:
+            self.seen.setdefault(_key(tensor), _nbytes(tensor))
+        return tensor
+
+    def add(self, tensors: Iterable[Tensor | None]) -> None:
+        for tensor in tensors:
+            if tensor is not None:
+                self.seen.setdefault(_key(tensor), _nbytes(tensor))
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        if self.user_hooks is None:
+            return torch.autograd.graph.saved_tensors_hooks(self.pack, _identity)
+        user_pack, user_unpack = self.user_hooks
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: user_pack(self.pack(t)), user_unpack)
+
+
+def _identity(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+_phase = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True while the calling thread re-runs a checkpointed forward before its backward.
+
+    Modules with side effects in ``forward`` (counters, running statistics,
+    caches) check it so that the recompute does not apply them twice.
+    """
+    return getattr(_phase, "recomputing", False)
+
+
+def is_checkpointing() -> bool:
+    """True while the calling thread runs a checkpointed forward for the first time.
+
+    That run has no autograd graph (``torch.no_grad``); its backward will
+    recompute it, with :func:`is_recomputing` true. A forward that is not
+    checkpointed has both false. (torchgpipe's flags of the same names.)
+    """
+    return getattr(_phase, "checkpointing", False)
+
+
+@contextlib.contextmanager
+def _phase_scope(flag: str) -> Iterator[None]:
+    """Set ``flag`` for the calling thread, restoring the previous value on exit (scopes nest)."""
+    previous = getattr(_phase, flag, False)
+    setattr(_phase, flag, True)
+    try:
+        yield
+    finally:
+        setattr(_phase, flag, previous)
+
+
+def _recomputing_scope() -> contextlib.AbstractContextManager[None]:
+    return _phase_scope("recomputing")
+
+
+def _checkpointing_scope() -> contextlib.AbstractContextManager[None]:
+    return _phase_scope("checkpointing")
+
+
+@dataclass
+class Held:
+    """What one (stage, micro-batch) keeps between its forward and its backward."""
+
+    inputs: tuple[Tensor, ...]
+    result: Any  # the forward's result with its graph, or None when checkpointed
+    nbytes: int
+    saved: frozenset[int] = frozenset()  # data pointers of what autograd saved (kept graphs)
+
+
+@dataclass
+class RankMemory:
+    """Running and peak activation bytes and in-flight micro-batches of one rank."""
+
+    held_bytes: int = 0
+    peak_bytes: int = 0
+    inflight: int = 0
+    peak_inflight: int = 0
+
+    def grow(self, nbytes: int, microbatches: int = 0) -> None:
+        self.held_bytes += nbytes
+        self.inflight += microbatches
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+
+
+@dataclass
+class CheckpointManager:
+    """Runs forwards and backward-time recomputes for one step and accounts their memory.
+
+    ``exclude[stage]`` holds the data pointers of the stage's parameters and
+    buffers (not activations). Each rank's worker only touches its own
+    stages' entries and its own :class:`RankMemory`, so no lock is needed.
+    Random draws go through ``random`` (:mod:`pipesched.runtime.rng`): a forward and
+    its recompute run on the same (stage, micro-batch) stream, so no
+    generator state is kept in between.
+    """
+
+    policy: Callable[[int, int, int], bool]
+    num_microbatches: int
+    random: StepRandom
+    exclude: list[frozenset[int]]
+    memory: list[RankMemory]
+    user_hooks: SavedTensorHooks | None = None
+    held: dict[tuple[int, int], Held] = field(default_factory=dict)
+
+    def forward(
+        self, stage: int, microbatch: int, rank: int, inputs: tuple[Tensor, ...], run: Callable[[], Any], keep: bool
+    ) -> Any:
+        """Run ``run()`` (the stage forward on ``inputs``) for the first time.
+
+        With ``keep`` false (no backward will follow) nothing is held. Else the
+        policy decides: checkpointed runs under ``no_grad`` and keeps only
+        ``inputs``; otherwise the graph is kept and its saved tensors metered.
+        """
+        if not keep:
+            return self.random.run(stage, microbatch, run)
+        checkpointed = self.policy(stage, microbatch, self.num_microbatches)
+        meter = _SavedTensorMeter(self.exclude[stage], self.user_hooks)
+        meter.add(inputs)
+        if checkpointed:
+            with torch.no_grad(), _checkpointing_scope():
+                result = self.random.run(stage, microbatch, run)
+            kept = None
+        else:
+            with meter.hooks():
+                result = self.random.run(stage, microbatch, run)
+            kept = result
+        saved = frozenset(key[0] for key in meter.seen) if kept is not None else frozenset()
+        self.held[(stage, microbatch)] = Held(inputs, kept, meter.total, saved)
+        self.memory[rank].grow(meter.total, microbatches=1)
+        return result
+
+    def saved_for_backward(self, stage: int, microbatch: int, tensor: Tensor) -> bool:
+        """Whether (stage, micro-batch)'s kept graph saved ``tensor``'s data (it must stay)."""
+        held = self.held.get((stage, microbatch))
+        return held is not None and tensor.data_ptr() in held.saved
+
+    def for_backward(self, stage: int, microbatch: int, rank: int, run: Callable[[tuple[Tensor, ...]], Any]) -> tuple[tuple[Tensor, ...], Any]:
+        """The inputs and graph-carrying result of a forward, recomputing it if checkpointed.
+
+        ``run(inputs)`` repeats the forward, on the same random stream as the
+        first run. Call :meth:`release` once the backward is done.
+        """
+        held = self.held[(stage, microbatch)]
+        if held.result is not None:
+            return held.inputs, held.result
+        inputs = tuple(_fresh_leaf(x) for x in held.inputs)
+        meter = _SavedTensorMeter(self.exclude[stage] | {x.data_ptr() for x in held.inputs}, self.user_hooks)
+        with torch.enable_grad(), meter.hooks(), _recomputing_scope():
+            result = self.random.run(stage, microbatch, lambda: run(inputs))
+        held.nbytes += meter.total
+        self.memory[rank].grow(meter.total)
+        return inputs, result
+
+    def release(self, stage: int, microbatch: int, rank: int) -> None:
+        """Forget everything (stage, micro-batch) held; its backward is done."""
+        held = self.held.pop((stage, microbatch))
+        self.memory[rank].grow(-held.nbytes, microbatches=-1)
+
+
+def _fresh_leaf(tensor: Tensor) -> Tensor:
+    """A new leaf on the same data, requiring grad like the original input did."""
+    return tensor.detach().requires_grad_(tensor.requires_grad)

@@ -1,0 +1,292 @@
+"""Run one rank's actions for one step: the F and B task bodies.
+
+Everything here runs on a rank's worker thread. A rank walks its action list
+in plan order; each action waits for its inputs in the step's
+:class:`~pipesched.runtime.mailbox.Mailbox`, computes, and posts its outputs for the
+next rank. The event loop is not involved between two actions.
+
+Autograd is cut at every stage boundary: a stage's input is a fresh leaf
+(``detach().requires_grad_()``) and its backward is an explicit
+``torch.autograd.backward(outputs, grad_outputs)``, whose input gradients are
+the next upstream stage's ``grad_outputs``. That is what lets schedules
+interleave forwards and backwards of different micro-batches freely.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipesched.plan.action import Action
+from pipesched.runtime.batchnorm import frozen_running_stats
+from pipesched.runtime.caller_state import CallerState
+from pipesched.runtime.checkpoint import CheckpointManager, is_recomputing
+from pipesched.runtime.loss_normalizer import weighted_loss
+from pipesched.runtime.mailbox import Mailbox, StepAborted
+from pipesched.plan.record import TaskRecord
+from pipesched.runtime.stream import TaskClock
+from pipesched.runtime.structure import Structure, flatten, unflatten
+from pipesched.runtime.transport import Transport
+
+#: A value crossing a stage boundary: its tensors, and the structure that rebuilds it.
+Boundary = tuple[tuple[Tensor, ...], Structure]
+
+
+@dataclass
+class StepContext:
+    """Everything the workers of one step share. Written per micro-batch slot, never racing."""
+
+    mode: str  # "train" (step), "forward" (pipe(x)), "backward" (backward half of pipe(x))
+    stages: Sequence[nn.Module]
+    placement: Sequence[int]
+    devices: Sequence[torch.device]
+    transport: Transport
+    mailbox: Mailbox
+    checkpoint: CheckpointManager
+    keep: bool  # hold activations for a backward (grad enabled)
+    caller: CallerState = field(default_factory=CallerState)
+    schedule: str = ""  # the schedule's name, for the timeline events
+    log_tasks: bool = True  # emit one structlog "task" event per task (when structlog is configured)
+    clock_offset: float = 0.0  # this process's clock minus rank 0's (multi-process timelines)
+    training: list[bool] = field(default_factory=list)  # per stage, read once per step
+    inputs: list[Boundary] = field(default_factory=list)
+    targets: list[Any] = field(default_factory=list)
+    loss_fn: Callable[..., Tensor] | None = None
+    loss_weights: list[float] = field(default_factory=list)
+    grad_outputs: list[tuple[Tensor | None, ...]] = field(default_factory=list)
+    # results
+    losses: dict[int, Tensor] = field(default_factory=dict)
+    outputs: dict[int, Boundary] = field(default_factory=dict)
+    input_grads: dict[int, tuple[Tensor | None, ...]] = field(default_factory=dict)
+    input_structure: dict[tuple[int, int], Structure] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.training:
+            self.training = training_flags(self.stages)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+
+def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: list[TaskRecord]) -> None:
+    """Run ``actions`` in order on the calling (worker) thread, appending a record per task.
+
+    Records are appended as tasks finish (the watchdog counts them); on a
+    CUDA rank they are rewritten with device times once the rank is done
+    (:class:`~pipesched.runtime.stream.TaskClock`).
+    """
+    device = ctx.devices[rank]
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    clock = TaskClock(stream)
+    first = len(records)
+    for action in actions:
+        if ctx.mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
+            raise StepAborted(ctx.mailbox.abort_reason)
+        task = _forward if action.kind == "F" else _backward
+        start, end = task(ctx, rank, action.stage, action.microbatch, clock)
+        records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))
+    clock.finish(records, first)
+
+
+def _as_boundary(value: object, stage: int) -> Boundary:
+    return flatten(value, f"stage {stage}")
+
+
+def _unwrap(tensors: tuple[Any, ...], structure: Structure) -> Any:
+    return unflatten(tensors, structure)
+
+
+def _leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
+    leaf = tensor.detach()
+    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
+        leaf.requires_grad_(True)
+    return leaf
+
+
+def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: Structure) -> Callable[[tuple[Tensor, ...]], Any]:
+    """The forward of (stage, micro-batch) as a function of its input leaves.
+
+    On the last stage of a training step it also computes the weighted loss,
+    so a recompute rebuilds the loss's graph too. A recompute leaves the
+    running statistics of the stage's norms alone: the first run applied them.
+    """
+    module = ctx.stages[stage]
+    last = stage == ctx.num_stages - 1
+    call_scope = ctx.caller.call_scope
+
+    def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None]:
+        with call_scope(), frozen_running_stats(module if is_recomputing() else None):
+            out = _as_boundary(module(_unwrap(inputs, structure)), stage)
+            if not (last and ctx.mode == "train"):
+                return out, None
+            loss = ctx.loss_fn(_unwrap(*out), _to_device(ctx.targets[microbatch], out[0][0].device))  # type: ignore[misc]
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"loss_fn must return a scalar tensor, got "
+                f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}; "
+                f"use a mean- or sum-reduced loss"
+            )
+        return out, weighted_loss(loss, ctx.loss_weights[microbatch])
+
+    return run
+
+
+def training_flags(stages: Sequence[nn.Module | None]) -> list[bool]:
+    """Per stage, whether it runs in training mode (``False`` for a stage not in this process)."""
+    return [stage is not None and _training(stage) for stage in stages]
+
+
+def _training(stage: nn.Module) -> bool:
+    """Whether any layer of the stage is in training mode.
+
+    The stage wrapper itself is not a submodule of the user's model, so
+    ``model.eval()`` reaches its layers but not its own ``training`` flag.
+    """
+    return any(layer.training for layer in stage.children())
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    return tuple(v.to(device, non_blocking=True) for v in value)
+
+
+def _forward(
+    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: TaskClock
+) -> tuple[float, float]:
+    """Run F(stage, micro-batch); return its start and end times.
+
+    The end is taken *before* the output is posted: once posted, the consumer
+    may start, and a task must not appear to end after its successor began.
+    """
+    device = ctx.devices[rank]
+    if stage == 0:
+        tensors, structure = ctx.inputs[microbatch]
+        start = clock.start()
+        tensors = tuple(t.to(device, non_blocking=True) for t in tensors)
+        leaves = tuple(_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
+    else:
+        packet, structure = ctx.mailbox.activations[(stage - 1, microbatch)].get()
+        received = ctx.transport.receive(packet, rank)
+        start = clock.start()
+        leaves = tuple(_leaf(t, ctx.keep) for t in received)
+    ctx.input_structure[(stage, microbatch)] = structure
+    run = _stage_function(ctx, stage, microbatch, structure)
+    (outputs, out_structure), loss = ctx.checkpoint.forward(
+        stage, microbatch, rank, leaves, lambda: run(leaves), ctx.keep
+    )
+    if stage == ctx.num_stages - 1:
+        if loss is not None:
+            ctx.losses[microbatch] = loss.detach()
+        else:
+            ctx.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_structure)
+        return start, clock.end()
+    packet = ctx.transport.send(outputs, rank, ctx.placement[stage + 1])
+    _drop_sent_outputs(outputs, lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t))
+    end = clock.end()
+    ctx.mailbox.activations[(stage, microbatch)].put((packet, out_structure))
+    return start, end
+
+
+def _run_backward(roots: list[Tensor], grads: list[Tensor | None]) -> None:
+    """``torch.autograd.backward(roots, grads)`` for roots whose data was dropped after sending.
+
+    ``torch.autograd.backward`` compares each gradient's shape with its root's
+    current shape, which :func:`_drop_sent_outputs` emptied; the engine itself
+    checks gradients against the shapes its graph recorded, so it is called
+    directly (as Megatron-LM's ``custom_backward`` does).
+    """
+    if any(g is None for g in grads):  # only the loss: a scalar root seeded with 1
+        torch.autograd.backward(roots, grads)
+        return
+    torch.autograd.Variable._execution_engine.run_backward(  # type: ignore[attr-defined]
+        tuple(roots), tuple(grads), False, False, (), True, True
+    )
+
+
+#: References to a stage output that only the engine holds, as seen inside
+#: :func:`_drop_sent_outputs`: the outputs tuple (kept by the checkpoint
+#: manager), the loop variable, and ``sys.getrefcount``'s own argument.
+_PRIVATE_REFERENCES = 3
+
+
+def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bool]) -> None:
+    """Let the producer forget the data of outputs it has sent; keep their autograd nodes.
+
+    The backward of (stage, micro-batch) needs its outputs' ``grad_fn`` (the
+    roots of its graph), not their values, unless the graph saved an output
+    itself (a final ReLU or tanh saves its result: ``saved`` says so, from
+    the checkpoint manager's saved-tensor meter); those keep their data.
+    The sent copy (on the CPU: the same storage, as the consumer's input) is
+    the consumer's to keep, so the storage dies with the consumer's backward
+    instead of living until the producer's (Megatron-LM frees pipeline outputs
+    the same way). Leaves and views keep their data: a leaf has no node to
+    keep, and a view's storage belongs to its base. An output the user's code
+    still references (a forward hook that collects features, a module that
+    caches its last output) keeps its data too: emptying it would change
+    what the user sees.
+    """
+    for output in outputs:
+        if output.grad_fn is None or output._base is not None or saved(output):
+            continue
+        if sys.getrefcount(output) > _PRIVATE_REFERENCES:
+            continue  # someone else holds this tensor (a hook, a module attribute): leave it whole
+        output.data = torch.empty(0, dtype=output.dtype, device=output.device)
+
+
+def _backward(
+    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: TaskClock
+) -> tuple[float, float]:
+    """Run B(stage, micro-batch); return its start and end times (end before posting).
+
+    A checkpointed forward is recomputed *before* waiting for the incoming
+    gradient: the recompute needs only the stage input, which is already
+    here, so it fills time the rank would otherwise spend waiting instead of
+    delaying the critical path (torchgpipe splits Checkpoint and Recompute for
+    the same reason). The record starts at the later of the recompute's start
+    and the gradient's arrival, so no task appears to start before its
+    input's producer ended; recompute time spent while waiting is bubble put
+    to use. (On CUDA the device start is when the rank's stream has both.)
+    """
+    last = stage == ctx.num_stages - 1
+    run = _stage_function(ctx, stage, microbatch, ctx.input_structure[(stage, microbatch)])
+    began = clock.start() if last else time.perf_counter()
+    inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(stage, microbatch, rank, run)
+    if last:
+        start = began
+        grads: tuple[Tensor | None, ...] = ()
+        if ctx.mode != "train":
+            grads = tuple(
+                None if g is None else g.to(ctx.devices[rank], non_blocking=True)
+                for g in ctx.grad_outputs[microbatch]
+            )
+    else:
+        slot = ctx.mailbox.gradients[(stage + 1, microbatch)]
+        grads = ctx.transport.receive(slot.get(), rank)
+        start = clock.start(host=max(began, slot.filled_at))
+    if last and ctx.mode == "train":
+        roots, root_grads = ([loss], [None]) if loss is not None and loss.requires_grad else ([], [])
+    else:
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
+        roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
+    del outputs, loss, grads
+    if roots:
+        _run_backward(roots, root_grads)
+    del roots, root_grads
+    input_grads = tuple(x.grad if x.requires_grad else None for x in inputs)
+    del inputs
+    ctx.checkpoint.release(stage, microbatch, rank)
+    if stage == 0:
+        ctx.input_grads[microbatch] = input_grads
+        return start, clock.end()
+    packet = ctx.transport.send(input_grads, rank, ctx.placement[stage - 1])
+    end = clock.end()
+    ctx.mailbox.gradients[(stage, microbatch)].put(packet)
+    return start, end
