@@ -23,36 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pipesched.observe.report import StepReport
+from pipesched.plan.schedule import Schedule, validate_placement
 from pipesched.runtime.backward_half import BackwardHalf, BackwardSession, backward_into_inputs
-from pipesched.runtime.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
-from pipesched.runtime.caller_state import CallerState
-from pipesched.runtime.checkpoint import (
-    CheckpointManager,
-    CheckpointPolicy,
-    RankMemory,
-    make_policy,
-    parameter_pointers,
-)
+from pipesched.runtime.batchnorm import convert_deferred_batch_norm
+from pipesched.runtime.checkpoint import CheckpointPolicy
 from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
-from pipesched.runtime.tasks import StepContext, training_flags
-from pipesched.runtime.loss_normalizer import (
-    LossNormalizer,
-    batch_loss,
-    check_loss_normalizer,
-    loss_weights,
-)
-from pipesched.runtime.mailbox import Mailbox
-from pipesched.runtime.microbatch import as_tensors, batch_size, gather, scatter, split_sizes
-from pipesched.runtime.options import (
-    check_chunks,
-    check_flag,
-    check_loss_fn,
-    check_stall_timeout,
-    grad_disabled,
-    missing_loss_fn,
-    resolve_schedule,
-)
-from pipesched.runtime.orchestrator import Orchestrator
+from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
+from pipesched.runtime.microbatch import gather
+from pipesched.runtime.options import grad_disabled, missing_loss_fn
 from pipesched.runtime.partition import (
     check_balance,
     check_shared_parameters,
@@ -61,13 +40,10 @@ from pipesched.runtime.partition import (
     resolve_device,
     split_module,
 )
-from pipesched.observe.report import StepReport, TaskRecord
-from pipesched.runtime.rng import RandomStreams
-from pipesched.plan.schedule import Plan, PlanCache, Schedule, validate_placement
+from pipesched.runtime.runner import StepOptions, StepRunner
 from pipesched.runtime.state_dict import route_to_layers
-from pipesched.runtime.structure import TENSOR, TUPLE, Structure, unflatten
-from pipesched.runtime.step_effects import StepEffects
-from pipesched.runtime.transport import Transport
+from pipesched.runtime.tasks import StepInputs
+from pipesched.runtime.structure import unflatten
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -144,42 +120,44 @@ class Pipeline(nn.Module):
             )
         if len(module) == 0:
             raise ValueError("module is an empty nn.Sequential; give it at least one layer")
-        check_chunks(chunks)
-        stall_timeout = check_stall_timeout(stall_timeout)
-        check_flag("deferred_batch_norm", deferred_batch_norm)
-        check_loss_fn(loss_fn)
-        self.loss_normalizer = check_loss_normalizer(loss_normalizer, loss_fn)
-        self.log_tasks = check_flag("log_tasks", log_tasks)
-        self._policy = make_policy(checkpoint)
-        schedule = resolve_schedule(schedule)
-
+        options = StepOptions.check(
+            schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
+            loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
+            stall_timeout=stall_timeout, log_tasks=log_tasks,
+        )
+        schedule = options.schedule
         self.module = module
         self.schedule = schedule
         self.chunks = chunks
         self.checkpoint = checkpoint
         self.loss_fn = loss_fn
+        self.loss_normalizer = options.loss_normalizer
         self.devices, self.balance = self._resolve_shape(module, schedule, balance, devices)
         self.num_ranks = len(self.devices)
         self.num_stages = len(self.balance)
         self.placement = validate_placement(
             schedule.placement(self.num_stages, self.num_ranks), self.num_stages, self.num_ranks
         )
-        self._plan = PlanCache(schedule, self.num_stages, self.num_ranks, self.placement)
-        self._plan(chunks)  # refuse a shape the schedule cannot run before building anything
-
-        # before the module is changed in place (batch norms converted, stages moved)
-        check_shared_parameters(split_module(module, self.balance), self.placement, self.devices)
+        self._stages = split_module(module, self.balance)
+        # refuse weights shared across devices, and a shape the schedule cannot run (the
+        # runner validates its plan first), before the module is changed in place
+        check_shared_parameters(self._stages, self.placement, self.devices)
+        self._runner = StepRunner(options, self._stages, self.placement, self.devices)
+        self._finalizer = weakref.finalize(self, self._runner.close)
         if deferred_batch_norm:
             convert_deferred_batch_norm(module)
-        self._batch_norms = [m for m in module.modules() if isinstance(m, DeferredBatchNorm)]
-        self._stages = split_module(module, self.balance)
         for stage, rank in zip(self._stages, self.placement):
             stage.to(self.devices[rank])
-        self._random = RandomStreams()
-        self._orchestrator = Orchestrator(self.devices, stall_timeout)
-        self._transport = Transport(self.devices, self._orchestrator.compute_streams)
-        self._finalizer = weakref.finalize(self, self._orchestrator.close)
         self.last_report: StepReport | None = None
+
+    @property
+    def log_tasks(self) -> bool:
+        """Emit one structlog ``"task"`` event per task; may be switched between steps."""
+        return self._runner.log_tasks
+
+    @log_tasks.setter
+    def log_tasks(self, value: bool) -> None:
+        self._runner.log_tasks = bool(value)
 
     # ------------------------------------------------------------------ shape
 
@@ -218,67 +196,13 @@ class Pipeline(nn.Module):
 
     # -------------------------------------------------------------- execution
 
-    def _context(self, mode: str, num_microbatches: int, keep: bool) -> StepContext:
-        exclude = parameter_pointers(self._stages)
-        memory = [RankMemory() for _ in range(self.num_ranks)]
-        caller = CallerState.capture()
-        training = training_flags(self._stages)
-        devices = [self.devices[rank] for rank in self.placement]
-        random = self._random.step(self._stages, devices, training)
-        manager = CheckpointManager(
-            self._policy, num_microbatches, random, exclude, memory, caller.saved_tensor_hooks
-        )
-        return StepContext(
-            mode=mode,
-            stages=self._stages,
-            placement=self.placement,
-            devices=self.devices,
-            transport=self._transport,
-            mailbox=Mailbox(self.num_stages, num_microbatches),
-            checkpoint=manager,
-            keep=keep,
-            caller=caller,
-            schedule=self.schedule.name,
-            training=training,
-            log_tasks=self.log_tasks,
-        )
+    @property
+    def _orchestrator(self) -> Any:  # tests and tools reach the workers through it
+        return self._runner.orchestrator
 
-    def _run(self, plan: Plan, ctx: StepContext, *, gradients: bool, statistics: bool) -> list[TaskRecord]:
-        """Run ``plan``; on any failure leave ``.grad`` and batch-norm statistics as they were.
-
-        ``gradients``: the plan accumulates into ``.grad``. ``statistics``: the
-        plan runs every forward of the batch, so deferred batch norms commit
-        their statistics once it succeeds (see :mod:`pipesched.runtime.step_effects`).
-        """
-        effects = StepEffects(self.module.parameters() if gradients else (), self._batch_norms)
-        try:
-            records = self._orchestrator.run(plan, ctx)
-        except BaseException:
-            effects.rollback()
-            raise
-        effects.commit(statistics)
-        return records
-
-    def _split(self, inputs: Any) -> tuple[tuple[Tensor, ...], list[int], list[tuple[tuple[Tensor, ...], Structure]]]:
-        tensors = as_tensors(inputs, "inputs")
-        sizes = split_sizes(batch_size(tensors, "inputs"), self.chunks)
-        structure = TENSOR if isinstance(inputs, Tensor) else TUPLE
-        return tensors, sizes, [(mb, structure) for mb in scatter(tensors, sizes)]
-
-    def _report(self, ctx: StepContext, records: list[TaskRecord], num_microbatches: int) -> StepReport:
-        memory = ctx.checkpoint.memory
-        self.last_report = StepReport(
-            schedule=self.schedule.name,
-            num_stages=self.num_stages,
-            num_ranks=self.num_ranks,
-            num_microbatches=num_microbatches,
-            placement=list(self.placement),
-            tasks=records,
-            peak_inflight=[m.peak_inflight for m in memory],
-            peak_activation_bytes=[m.peak_bytes for m in memory],
-            held_activation_bytes=[m.held_bytes for m in memory],
-        )
-        return self.last_report
+    @property
+    def _random(self) -> Any:
+        return self._runner.random
 
     def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor | tuple[Tensor, ...]) -> Tensor:
         """Forward and backward of the whole batch under the schedule; returns the detached loss.
@@ -293,24 +217,17 @@ class Pipeline(nn.Module):
             raise missing_loss_fn()
         if not torch.is_grad_enabled():
             raise grad_disabled()
-        tensors, sizes, microbatches = self._split(inputs)
-        target_tensors = as_tensors(targets, "targets")
-        rows = batch_size(target_tensors, "targets")
-        if rows != sum(sizes):
-            raise ValueError(
-                f"targets hold {rows} rows but inputs hold {sum(sizes)}; they must match row for row"
-            )
-        plan = self._plan(len(sizes))
-        ctx = self._context("train", len(sizes), keep=True)
-        ctx.inputs = microbatches
-        target_single = isinstance(targets, Tensor)
-        ctx.targets = [mb[0] if target_single else mb for mb in scatter(target_tensors, sizes)]
-        ctx.loss_fn = self.loss_fn
-        ctx.loss_weights = loss_weights(self.loss_fn, ctx.targets, self.loss_normalizer)
-        records = self._run(plan, ctx, gradients=True, statistics=True)
-        self._report(ctx, records, len(sizes))
-        backward_into_inputs(tensors, ctx, sizes)
-        return batch_loss([ctx.losses[m] for m in range(len(sizes))], ctx.loss_weights)
+        runner = self._runner
+        split = runner.split_inputs(inputs)
+        targets_mb, weights = runner.split_targets(targets, split.sizes)
+        count = len(split.sizes)
+        plan, lowering = runner.plan(count)
+        io = StepInputs(split.microbatches, targets_mb, self.loss_fn, weights)
+        ctx = runner.context(lowering, keep=True, io=io)
+        records = runner.run(plan, ctx, self.module.parameters(), statistics=True)
+        self.last_report = runner.report(count, records, ctx.checkpoint.memory)
+        backward_into_inputs(split.tensors, ctx, split.sizes)
+        return batch_loss([ctx.results.losses[m] for m in range(count)], weights)
 
     def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Any:
         """Forward half only; the output is gathered on the last rank's device.
@@ -325,22 +242,27 @@ class Pipeline(nn.Module):
         """
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
             raise compile_refused("Pipeline")  # inline on purpose: see pipesched.runtime.compiling
-        tensors, sizes, microbatches = self._split(inputs)
+        runner = self._runner
+        split = runner.split_inputs(inputs)
         keep = torch.is_grad_enabled()
-        full_plan = self._plan(len(sizes))
+        count = len(split.sizes)
+        full_plan, lowering = runner.plan(count)
         plan = [[a for a in row if a.kind == "F"] for row in full_plan]
-        ctx = self._context("forward", len(sizes), keep=keep)
-        ctx.inputs = microbatches
-        records = self._run(plan, ctx, gradients=False, statistics=True)
-        self._report(ctx, records, len(sizes))
-        parts = [ctx.outputs[m][0] for m in range(len(sizes))]
-        structure = ctx.outputs[0][1]
+        ctx = runner.context(lowering, keep=keep, io=StepInputs(split.microbatches))
+        records = runner.run(plan, ctx, (), statistics=True)
+        self.last_report = runner.report(count, records, ctx.checkpoint.memory)
+        parts = [ctx.results.outputs[m][0] for m in range(count)]
+        structure = ctx.results.outputs[0][1]
         if not keep:
             return unflatten(gather(parts), structure)
-        session = BackwardSession(self, ctx, full_plan, tensors, sizes, records)
+        session = BackwardSession(runner, ctx, full_plan, split, records, list(self.module.parameters()),
+                                  self._keep_report)
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
         return unflatten(tuple(outputs), structure)
+
+    def _keep_report(self, report: StepReport) -> None:
+        self.last_report = report
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """Compile every stage in place with ``torch.compile(*args, **kwargs)``.

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -43,10 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipesched.plan.action import Action
+from pipesched.plan.lowering import Lowering, Transfer
 from pipesched.runtime.mailbox import Mailbox, Slot
 from pipesched.observe.report import CommRecord
-from pipesched.runtime.structure import TUPLE, Structure
+from pipesched.runtime.structure import Structure
 from pipesched.runtime.transport import Packet
 from pipesched.distributed.wire import (
     ERROR,
@@ -80,21 +79,10 @@ def lost(peer: int, why: str) -> PeerLost:
 MessageKey = tuple[str, int, int]  # the producing action: (kind, stage, microbatch)
 
 
-def consumer_stage(key: MessageKey) -> int:
-    kind, stage, _ = key
-    return stage + 1 if kind == "F" else stage - 1
-
-
-def messages(plan: Sequence[Sequence[Action]], placement: Sequence[int], num_stages: int,
-             src: int, dst: int) -> list[MessageKey]:
-    """The messages ``src`` sends to ``dst`` in one step, in ``src``'s production order."""
-    out = []
-    for action in plan[src]:
-        key = (action.kind, action.stage, action.microbatch)
-        target = consumer_stage(key)
-        if 0 <= target < num_stages and placement[target] == dst != src:
-            out.append(key)
-    return out
+def message_key(transfer: Transfer) -> MessageKey:
+    """The name of a transfer on the wire: the action that produced it (tags derive from it)."""
+    producer = transfer.producer
+    return (producer.kind, producer.stage, producer.microbatch)
 
 
 @dataclass
@@ -169,18 +157,21 @@ class Communicator:
 
     # -------------------------------------------------------------------- steps
 
-    def begin(self, step: int, plan: Sequence[Sequence[Action]], placement: Sequence[int],
-              num_stages: int, num_microbatches: int, mailbox: Mailbox) -> StepLink:
-        """Start receiving this step's messages; return the link sends go through."""
-        link = StepLink(step, num_stages, num_microbatches, {
-            peer: messages(plan, placement, num_stages, self.rank, peer) for peer in self._receivers
+    def begin(self, step: int, lowering: Lowering, mailbox: Mailbox) -> StepLink:
+        """Start receiving this step's messages; return the link sends go through.
+
+        What this rank sends each peer, and receives from it, in which order,
+        is the plan's lowering (:meth:`~pipesched.plan.lowering.Lowering.messages`):
+        every process computes the same plan, so both ends agree without a handshake.
+        """
+        link = StepLink(step, lowering.num_stages, lowering.num_microbatches, {
+            peer: [message_key(t) for t in lowering.messages(self.rank, peer)] for peer in self._receivers
         })
-        for keys in link.outgoing.values():
-            for key in keys:
-                slots = mailbox.activations if key[0] == "F" else mailbox.gradients
-                slots[(key[1], key[2])] = SendSlot(mailbox, self, link, key)
+        for peer in self._receivers:
+            for transfer in lowering.messages(self.rank, peer):
+                mailbox.replace(transfer, SendSlot(mailbox, self, link, message_key(transfer)))
         for peer, receiver in self._receivers.items():
-            expected = messages(plan, placement, num_stages, peer, self.rank)
+            expected = lowering.messages(peer, self.rank)
             done = threading.Event()
             link.receivers_done[peer] = done
             receiver.submit(lambda p=peer, e=expected, d=done: self._receive(link, mailbox, p, e, d))
@@ -258,10 +249,11 @@ class Communicator:
         peer = min(link.lost)
         return lost(peer, link.lost[peer])
 
-    def _receive(self, link: StepLink, mailbox: Mailbox, peer: int, expected: list[MessageKey],
+    def _receive(self, link: StepLink, mailbox: Mailbox, peer: int, expected: list[Transfer],
                  done: threading.Event) -> None:
         try:
-            for key in expected:
+            for transfer in expected:
+                key = message_key(transfer)
                 header = torch.empty(HEADER_SLOTS, dtype=torch.int64)
                 self._recv(header, peer, link.tag(key, 0))
                 start = time.perf_counter()
@@ -281,10 +273,7 @@ class Communicator:
                     description = torch.empty(parsed.description_length, dtype=torch.uint8)
                     self._recv(description, peer, link.tag(key, parsed.description_part))
                 values = tuple(None if b is None else b.to(self.device) for b in buffers)
-                _slot(mailbox, key).put(
-                    (Packet(values, None), parsed.structure(description)) if key[0] == "F"
-                    else Packet(values, None)
-                )
+                mailbox.slot(transfer).put((Packet(values, None), parsed.structure(description)))
                 link.records.append(CommRecord(
                     self.rank, peer, "recv", "%s%d.%d" % key, start, time.perf_counter(),
                     sum(b.numel() * b.element_size() for b in (*buffers, description) if b is not None)))
@@ -304,23 +293,13 @@ class Communicator:
             receiver.close(timeout=timeout)
 
 
-def _slot(mailbox: Mailbox, key: MessageKey) -> Slot:
-    kind, stage, microbatch = key
-    slots = mailbox.activations if kind == "F" else mailbox.gradients
-    return slots[(stage, microbatch)]
-
-
 class SendSlot(Slot):
     """A mailbox slot whose consumer lives in another process: ``put`` sends it."""
 
     def __init__(self, mailbox: Mailbox, communicator: Communicator, link: StepLink, key: MessageKey):
         super().__init__(mailbox)
         self._send = lambda values, structure: communicator.send(link, key, values, structure)
-        self._is_activation = key[0] == "F"
 
     def put(self, value: Any) -> None:
-        if self._is_activation:
-            packet, structure = value
-            self._send(packet.values, structure)
-        else:
-            self._send(value.values, TUPLE)
+        packet, structure = value
+        self._send(packet.values, structure)

@@ -33,44 +33,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipesched.runtime.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
-from pipesched.runtime.caller_state import CallerState
-from pipesched.runtime.checkpoint import (
-    CheckpointManager,
-    CheckpointPolicy,
-    RankMemory,
-    make_policy,
-    parameter_pointers,
-)
-from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
 from pipesched.distributed.comm import Communicator, PeerLost, RemoteStepError
-from pipesched.runtime.tasks import StepContext, training_flags
-from pipesched.runtime.loss_normalizer import (
-    LossNormalizer,
-    batch_loss,
-    check_loss_normalizer,
-    loss_weights,
-)
-from pipesched.runtime.mailbox import Mailbox
-from pipesched.runtime.microbatch import as_tensors, batch_size, scatter, split_sizes
-from pipesched.runtime.options import (
-    check_chunks,
-    check_flag,
-    check_loss_fn,
-    check_stall_timeout,
-    grad_disabled,
-    missing_loss_fn,
-    resolve_schedule,
-)
-from pipesched.runtime.orchestrator import Orchestrator, StepStalled
+from pipesched.observe.report import CommRecord, StepReport
+from pipesched.plan.action import Plan
+from pipesched.plan.record import TaskRecord
+from pipesched.plan.schedule import Schedule, validate_placement
+from pipesched.runtime.batchnorm import convert_deferred_batch_norm
+from pipesched.runtime.checkpoint import CheckpointPolicy, RankMemory
+from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
+from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
+from pipesched.runtime.microbatch import as_tensors, batch_size
+from pipesched.runtime.options import grad_disabled, missing_loss_fn
+from pipesched.runtime.orchestrator import StepStalled
 from pipesched.runtime.partition import check_balance, check_shared_parameters, even_balance, split_module
-from pipesched.observe.report import CommRecord, StepReport, TaskRecord
-from pipesched.runtime.rng import RandomStreams
-from pipesched.plan.schedule import PlanCache, Schedule, validate_placement
+from pipesched.runtime.runner import SplitBatch, StepOptions, StepRunner
 from pipesched.runtime.state_dict import route_to_layers, without_layers
 from pipesched.runtime.step_effects import StepEffects
-from pipesched.runtime.structure import TENSOR, TUPLE
-from pipesched.runtime.transport import Transport
+from pipesched.runtime.tasks import StepContext, StepInputs
 
 
 class DistributedPipeline(nn.Module):
@@ -122,42 +101,50 @@ class DistributedPipeline(nn.Module):
                 f"DistributedPipeline supports the gloo backend (tensors staged through host "
                 f"memory); the process group uses {backend!r}. Initialise it with 'gloo'"
             )
-        self.chunks = check_chunks(chunks)
-        stall_timeout = check_stall_timeout(stall_timeout)
-        self._stall_timeout = stall_timeout
-        check_flag("deferred_batch_norm", deferred_batch_norm)
-        check_loss_fn(loss_fn)
-        self.loss_normalizer = check_loss_normalizer(loss_normalizer, loss_fn)
-        self.log_tasks = check_flag("log_tasks", log_tasks)
-        self._policy = make_policy(checkpoint)
-        self.schedule = resolve_schedule(schedule)
+        options = StepOptions.check(
+            schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
+            loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
+            stall_timeout=stall_timeout, log_tasks=log_tasks,
+        )
+        self.chunks = options.chunks
+        self._stall_timeout = options.stall_timeout
+        self.schedule = options.schedule
         self.loss_fn = loss_fn
+        self.loss_normalizer = options.loss_normalizer
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.device = torch.device(device)
 
         own = self._own_stages(module, balance, num_stages)
+        self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
+        self._runner = StepRunner(options, self._stages, self.placement, [self.device] * self.num_ranks,
+                                  ranks=[self.rank])
         if deferred_batch_norm:
             for stage in own.values():
                 convert_deferred_batch_norm(stage)
         for stage in own.values():
             stage.to(self.device)
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
-        self._batch_norms = [m for m in self.local_stages.modules() if isinstance(m, DeferredBatchNorm)]
-        self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
-        self._plan = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement)
-        self._plan(self.chunks)
-        self._random = RandomStreams()
-        self._orchestrator = Orchestrator([self.device], stall_timeout, ranks=[self.rank])
-        streams = [self._orchestrator.workers[0].stream] * self.num_ranks
-        self._transport = Transport([self.device] * self.num_ranks, streams)
         self._comm = Communicator(group, self.rank, self.num_ranks, self.device)
         self.clock_offset = self._comm.measure_clock_offset()
         self._steps = 0
         self._broken: str | None = None
         self.last_report: StepReport | None = None
         self.last_comm: list[CommRecord] = []
+
+    @property
+    def log_tasks(self) -> bool:
+        """Emit the ``"task"`` and ``"comm"`` structlog events; may be switched between steps."""
+        return self._runner.log_tasks
+
+    @log_tasks.setter
+    def log_tasks(self, value: bool) -> None:
+        self._runner.log_tasks = bool(value)
+
+    @property
+    def _orchestrator(self) -> Any:
+        return self._runner.orchestrator
 
     def _own_stages(self, module: Any, balance: Any, num_stages: Any) -> dict[int, nn.Module]:
         """This rank's stages; with a full ``nn.Sequential`` also which layers it owns.
@@ -222,6 +209,11 @@ class DistributedPipeline(nn.Module):
         A rank that dies or stops answering raises
         :class:`~pipesched.distributed.comm.PeerLost` within about ``stall_timeout``,
         and the pipeline is then unusable.
+
+        Three phases, each its own method: agree on the batch size
+        (a broadcast from stage 0's rank), run this rank's share of the plan
+        (sending and receiving as the lowering says), share every rank's
+        outcome (an all-gather, so errors and the loss reach every rank).
         """
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
             raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.runtime.compiling
@@ -229,13 +221,24 @@ class DistributedPipeline(nn.Module):
             raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
         if not torch.is_grad_enabled():
             raise grad_disabled()
-        first, last = self.placement[0], self.placement[-1]
-        if self.rank == last and self.loss_fn is None:
-            local_error: BaseException | None = missing_loss_fn()
-        else:
-            local_error = None
+        last = self.placement[-1]
+        local_error = missing_loss_fn() if self.rank == last and self.loss_fn is None else None
+        split, local_error = self._agree_on_batch(inputs, local_error)
+        count = len(split.sizes)
+        plan, lowering = self._runner.plan(count)
+        io, local_error = self._step_inputs(split, targets, local_error)
+        ctx = self._runner.context(lowering, keep=True, io=io, clock_offset=self.clock_offset)
+        effects = self._runner.effects(self.parameters())
+        records, local_error, comm = self._run_plan(plan, ctx, effects, local_error)
+        statuses = self._share_outcome(ctx, records, local_error, effects)
+        effects.commit()
+        self._record(statuses, count, comm)
+        value, dtype = statuses[last]["loss"]
+        return torch.tensor(value, dtype=getattr(torch, dtype))
 
-        # 1. every rank learns the batch size from stage 0's rank
+    def _agree_on_batch(self, inputs: Any, local_error: BaseException | None) -> tuple[SplitBatch, BaseException | None]:
+        """Every rank learns the batch size from stage 0's rank, which also splits the inputs."""
+        first = self.placement[0]
         announced: list[Any] = [None]
         tensors: tuple[Tensor, ...] = ()
         if self.rank == first:
@@ -253,38 +256,29 @@ class DistributedPipeline(nn.Module):
             if self.rank == first:
                 raise local_error  # type: ignore[misc]
             raise RemoteStepError(f"rank {first} (stage 0) refused the inputs: {announced[0]}")
-        rows = announced[0]
-        sizes = split_sizes(rows, self.chunks)
-        count = len(sizes)
-        plan = self._plan(count)
+        return self._runner.split_rows(tensors, announced[0], isinstance(inputs, Tensor)), local_error
 
-        ctx = self._context(count)
-        if self.rank == first:
-            structure = TENSOR if isinstance(inputs, Tensor) else TUPLE
-            ctx.inputs = [(mb, structure) for mb in scatter(tensors, sizes)]
-        if self.rank == last and local_error is None:
+    def _step_inputs(self, split: SplitBatch, targets: Any, local_error: BaseException | None
+                     ) -> tuple[StepInputs, BaseException | None]:
+        """This rank's inputs: micro-batches on stage 0's rank, targets and loss weights on the last's."""
+        io = StepInputs(split.microbatches if self.rank == self.placement[0] else [])
+        if self.rank == self.placement[-1] and local_error is None:
             try:
-                target_tensors = as_tensors(targets, "targets")
-                if batch_size(target_tensors, "targets") != rows:
-                    raise ValueError(
-                        f"targets hold {target_tensors[0].shape[0]} rows but inputs hold {rows}; "
-                        f"they must match row for row"
-                    )
-                single = isinstance(targets, Tensor)
-                ctx.targets = [mb[0] if single else mb for mb in scatter(target_tensors, sizes)]
-                ctx.loss_fn = self.loss_fn
-                ctx.loss_weights = loss_weights(self.loss_fn, ctx.targets, self.loss_normalizer)
+                io.targets, io.loss_weights = self._runner.split_targets(targets, split.sizes)
+                io.loss_fn = self.loss_fn
             except Exception as error:  # noqa: BLE001 - incl. a user loss_normalizer's; raised on every rank
                 local_error = error
+        return io, local_error
 
-        # 2. run the plan; a failure anywhere is sent on as error headers
-        link = self._comm.begin(self._steps, plan, self.placement, self.num_stages, count, ctx.mailbox)
-        effects = StepEffects(self.parameters(), self._batch_norms)
+    def _run_plan(self, plan: Plan, ctx: StepContext, effects: StepEffects, local_error: BaseException | None
+                  ) -> tuple[list[TaskRecord], BaseException | None, list[CommRecord]]:
+        """Run this rank's actions; a failure anywhere is sent on as error headers."""
+        link = self._comm.begin(self._steps, ctx.mailbox.lowering, ctx.mailbox)
         records: list[TaskRecord] = []
         try:
             if local_error is not None:
                 raise local_error
-            records = self._orchestrator.run(plan, ctx)
+            records = self._runner.orchestrator.run(plan, ctx)
         except StepStalled as error:
             self._broken = f"a stalled step ({error})"
             effects.rollback()
@@ -304,8 +298,11 @@ class DistributedPipeline(nn.Module):
             if local_error is not None and not isinstance(local_error, RemoteStepError):
                 raise local_error  # this rank's own error comes first, as for any failed step
             raise gone  # type: ignore[misc]
+        return records, local_error, link.records
 
-        # 3. share the outcome: errors everywhere, the loss on every rank
+    def _share_outcome(self, ctx: StepContext, records: list[TaskRecord], local_error: BaseException | None,
+                       effects: StepEffects) -> list[Any]:
+        """Every rank's status; raises (after rolling back) if any rank failed."""
         memory = ctx.checkpoint.memory[self.rank]
         status = {
             "ok": local_error is None,
@@ -317,8 +314,9 @@ class DistributedPipeline(nn.Module):
             "peak_bytes": memory.peak_bytes,
             "held_bytes": memory.held_bytes,
         }
-        if local_error is None and self.rank == last:
-            loss = batch_loss([ctx.losses[m] for m in range(count)], ctx.loss_weights)
+        if local_error is None and self.rank == self.placement[-1]:
+            count = ctx.mailbox.lowering.num_microbatches
+            loss = batch_loss([ctx.results.losses[m] for m in range(count)], ctx.io.loss_weights)
             status["loss"] = (loss.item(), str(loss.dtype).removeprefix("torch."))
         statuses: list[Any] = [None] * self.num_ranks
         try:
@@ -326,63 +324,25 @@ class DistributedPipeline(nn.Module):
         except RuntimeError as error:  # a rank died after its last message
             effects.rollback()
             raise self._lose(PeerLost(f"a rank is gone (end-of-step exchange failed: {error})")) from error
-
         if local_error is not None or not all(s["ok"] for s in statuses):
             effects.rollback()
             if local_error is not None and not isinstance(local_error, RemoteStepError):
                 raise local_error
             origin = next((s for s in statuses if not s["ok"] and not s["remote"]), None)
             raise RemoteStepError(origin["error"] if origin else statuses_error(statuses)) from local_error
-        effects.commit()
-        self._record(statuses, count, link.records)
-        value, dtype = statuses[last]["loss"]
-        return torch.tensor(value, dtype=getattr(torch, dtype))
+        return statuses
 
     def _lose(self, error: PeerLost) -> PeerLost:
         """Mark the pipeline unusable: a rank is gone, messages of this step may be lost."""
         self._broken = f"losing a rank ({error})"
         return error
 
-    def _context(self, count: int) -> StepContext:
-        exclude = parameter_pointers(self._stages)
-        caller = CallerState.capture()
-        training = training_flags(self._stages)
-        random = self._random.step(self._stages, [self.device] * self.num_stages, training)
-        manager = CheckpointManager(
-            self._policy, count, random, exclude, [RankMemory() for _ in range(self.num_ranks)],
-            caller.saved_tensor_hooks,
-        )
-        return StepContext(
-            mode="train",
-            stages=self._stages,  # type: ignore[arg-type]
-            placement=self.placement,
-            devices=[self.device] * self.num_ranks,
-            transport=self._transport,
-            mailbox=Mailbox(self.num_stages, count),
-            checkpoint=manager,
-            keep=True,
-            caller=caller,
-            schedule=self.schedule.name,
-            log_tasks=self.log_tasks,
-            clock_offset=self.clock_offset,
-            training=training,
-        )
-
     def _record(self, statuses: list[Any], count: int, comm: list[CommRecord]) -> None:
         tasks = sorted(
             (TaskRecord(**t) for s in statuses for t in s["tasks"]), key=lambda r: (r.start, r.rank)
         )
-        self.last_report = StepReport(
-            schedule=self.schedule.name,
-            num_stages=self.num_stages,
-            num_ranks=self.num_ranks,
-            num_microbatches=count,
-            placement=list(self.placement),
-            tasks=tasks,
-            peak_inflight=[s["peak_inflight"] for s in statuses],
-            peak_activation_bytes=[s["peak_bytes"] for s in statuses],
-            held_activation_bytes=[s["held_bytes"] for s in statuses],
-        )
+        memory = [RankMemory(s["held_bytes"], s["peak_bytes"], 0, s["peak_inflight"]) for s in statuses]
+        self.last_report = self._runner.report(count, tasks, memory)
         self.last_comm = [_shift_comm(c, self.clock_offset) for c in comm]
         if self.log_tasks:
             step = self._orchestrator.steps - 1
@@ -443,7 +403,7 @@ class DistributedPipeline(nn.Module):
 
     def close(self) -> None:
         """Stop this rank's threads (the process group stays yours to destroy)."""
-        self._orchestrator.close()
+        self._runner.close()
         # after a lost rank a receiver may be blocked for good on it: don't wait for it
         self._comm.close(timeout=0 if self._broken else 5)
 

@@ -106,6 +106,8 @@ class Lowering:
 
     def __init__(self, plan: Sequence[Sequence[Action]], num_stages: int):
         self.num_stages = num_stages
+        self.num_ranks = len(plan)
+        self.num_microbatches = 1 + max((a.microbatch for actions in plan for a in actions), default=-1)
         self.rank_of: dict[Action, int] = {a: r for r, actions in enumerate(plan) for a in actions}
         self._into: dict[Action, tuple[Transfer, ...]] = {}
         self._out_of: dict[Action, list[Transfer]] = {}

@@ -10,20 +10,21 @@ interleave, the backward raises and points to ``pipe.step()``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from pipesched.runtime.tasks import StepContext
+from pipesched.observe.report import StepReport
+from pipesched.plan.action import Plan
+from pipesched.plan.record import TaskRecord
 from pipesched.runtime.mailbox import Mailbox
 from pipesched.runtime.microbatch import gather
-from pipesched.plan.record import TaskRecord
-from pipesched.plan.schedule import Plan
+from pipesched.runtime.tasks import StepContext, StepInputs
 
-if TYPE_CHECKING:
-    from pipesched.pipeline import Pipeline
+if TYPE_CHECKING:  # the runner imports nothing of this module: no cycle
+    from pipesched.runtime.runner import SplitBatch, StepRunner
 
 
 def is_fill_drain(plan: Plan) -> bool:
@@ -44,7 +45,7 @@ def input_gradients(
     grads: list[Tensor | None] = []
     for position in positions:
         tensor = tensors[position]
-        parts = [ctx.input_grads[m][position] for m in range(len(sizes))]
+        parts = [ctx.results.input_grads[m][position] for m in range(len(sizes))]
         if all(p is None for p in parts):
             grads.append(None)
             continue
@@ -69,33 +70,39 @@ def backward_into_inputs(tensors: tuple[Tensor, ...], ctx: StepContext, sizes: l
 
 
 class BackwardSession:
-    """State kept between ``pipe(x)`` and ``output.backward()``."""
+    """State kept between ``pipe(x)`` and ``output.backward()``.
+
+    ``runner`` runs the backward plan; ``on_report`` receives the report of
+    the whole forward-and-backward (the pipeline keeps it as ``last_report``).
+    """
 
     def __init__(
         self,
-        pipe: Pipeline,
+        runner: StepRunner,
         ctx: StepContext,
         plan: Plan,
-        inputs: tuple[Tensor, ...],
-        sizes: list[int],
+        split: SplitBatch,
         records: list[TaskRecord],
+        parameters: Sequence[Tensor],
+        on_report: Callable[[StepReport], None],
     ):
-        self.pipe = pipe
+        self.runner = runner
         self.ctx = ctx
         self.plan = plan
-        self.sizes = sizes
+        self.sizes = split.sizes
         self.records = records
-        self.inputs = inputs
-        self.input_positions = [i for i, t in enumerate(inputs) if t.requires_grad]
-        self.inputs_requiring_grad = [inputs[i] for i in self.input_positions]
-        self.outputs = gather([ctx.outputs[m][0] for m in range(len(sizes))])
+        self.parameters = parameters
+        self.on_report = on_report
+        self.inputs = split.tensors
+        self.input_positions = [i for i, t in enumerate(self.inputs) if t.requires_grad]
+        self.inputs_requiring_grad = [self.inputs[i] for i in self.input_positions]
+        self.outputs = gather([ctx.results.outputs[m][0] for m in range(len(self.sizes))])
         self.used = False
 
     def backward(self, grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
-        pipe = self.pipe
         if not is_fill_drain(self.plan):
             raise RuntimeError(
-                f"schedule {pipe.schedule.name!r} interleaves forwards and backwards, so the "
+                f"schedule {self.runner.schedule.name!r} interleaves forwards and backwards, so the "
                 f"backward cannot start from pipe(inputs)'s output; use "
                 f"pipe.step(inputs, targets) with loss_fn=... instead"
             )
@@ -106,14 +113,14 @@ class BackwardSession:
         per_output = [
             [None] * count if g is None else list(torch.split(g, self.sizes)) for g in grad_outputs
         ]
-        self.ctx.grad_outputs = [tuple(column[m] for column in per_output) for m in range(count)]
-        self.ctx.mode = "backward"
-        self.ctx.mailbox = Mailbox(pipe.num_stages, count)
+        ctx = self.ctx
+        ctx.io = StepInputs(grad_outputs=[tuple(column[m] for column in per_output) for m in range(count)])
+        ctx.mailbox = Mailbox(ctx.mailbox.lowering)
         plan = [[a for a in row if a.kind == "B"] for row in self.plan]
-        records = pipe._run(plan, self.ctx, gradients=True, statistics=False)
-        pipe._report(self.ctx, sorted(self.records + records, key=lambda r: (r.start, r.rank)), count)
-        grads = input_gradients(self.ctx, self.inputs, self.input_positions, self.sizes)
-        return tuple(grads)
+        records = self.runner.run(plan, ctx, self.parameters, statistics=False)
+        everything = sorted(self.records + records, key=lambda r: (r.start, r.rank))
+        self.on_report(self.runner.report(count, everything, ctx.checkpoint.memory))
+        return tuple(input_gradients(ctx, self.inputs, self.input_positions, self.sizes))
 
 
 class BackwardHalf(torch.autograd.Function):

@@ -15,6 +15,9 @@ import threading
 import time
 from typing import Any
 
+from pipesched.plan.action import Action
+from pipesched.plan.lowering import Edge, Lowering, Transfer
+
 
 class StepAborted(Exception):
     """Raised in a worker whose step was aborted because another task failed."""
@@ -69,17 +72,39 @@ class Slot:
 
 
 class Mailbox:
-    """The slots of one step: activations ``(stage, mb)`` → stage+1, gradients → stage-1."""
+    """The slots of one step: one per transfer of the plan's lowering.
 
-    def __init__(self, num_stages: int, num_microbatches: int):
+    A slot carries ``(packet, structure)``: the values, already on their way
+    to the consumer's device, and how to rebuild them (a gradient is a plain
+    tuple). Which slot an action reads and fills comes from the
+    :class:`~pipesched.plan.lowering.Lowering`, the one place that knows what
+    flows where.
+    """
+
+    def __init__(self, lowering: Lowering):
+        self.lowering = lowering
         self.aborted = False
         self.abort_reason: BaseException | None = None
-        self.activations = {
-            (s, m): Slot(self) for s in range(num_stages - 1) for m in range(num_microbatches)
-        }
-        self.gradients = {
-            (s, m): Slot(self) for s in range(1, num_stages) for m in range(num_microbatches)
-        }
+        self._slots: dict[Edge, Slot] = {t.edge: Slot(self) for t in lowering.transfers}
+
+    def slot(self, transfer: Transfer) -> Slot:
+        return self._slots[transfer.edge]
+
+    def replace(self, transfer: Transfer, slot: Slot) -> None:
+        """Use ``slot`` for ``transfer`` (a multi-process pipeline sends instead of storing)."""
+        self._slots[transfer.edge] = slot
+
+    def incoming(self, action: Action) -> list[tuple[Transfer, Slot]]:
+        """The transfers ``action`` consumes, with their slots."""
+        return [(t, self._slots[t.edge]) for t in self.lowering.receives(action)]
+
+    def outgoing(self, action: Action) -> list[tuple[Transfer, Slot]]:
+        """The transfers ``action`` produces, with their slots."""
+        return [(t, self._slots[t.edge]) for t in self.lowering.sends(action)]
+
+    def delivered(self, transfer: Transfer) -> bool:
+        """Whether ``transfer``'s value reached its slot (it may already have been taken)."""
+        return self._slots[transfer.edge].ready
 
     def abort(self, reason: BaseException | None = None) -> None:
         """Wake every waiting worker; each will raise :class:`StepAborted`.
@@ -90,5 +115,5 @@ class Mailbox:
         if reason is not None and self.abort_reason is None:
             self.abort_reason = reason
         self.aborted = True
-        for slot in (*self.activations.values(), *self.gradients.values()):
+        for slot in self._slots.values():
             slot._open()

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import torch
 
-from pipesched.plan.action import Action, dependencies
+from pipesched.plan.action import Action
 from pipesched.runtime.tasks import StepContext, run_rank
 from pipesched.runtime.mailbox import StepAborted
 from pipesched.plan.record import TaskRecord
@@ -223,11 +223,12 @@ class Orchestrator:
 
     def _log(self, ctx: StepContext, records: list[TaskRecord]) -> None:
         """One ``"task"`` event per record, from the caller's thread (its structlog context applies)."""
-        if not ctx.log_tasks:
+        labels = ctx.labels
+        if not labels.log_tasks:
             return
         self.events.emit("task", (
-            {"step": self.steps, "schedule": ctx.schedule, **record.as_dict(),
-             "start": record.start - ctx.clock_offset, "end": record.end - ctx.clock_offset}
+            {"step": self.steps, "schedule": labels.schedule, **record.as_dict(),
+             "start": record.start - labels.clock_offset, "end": record.end - labels.clock_offset}
             for record in records
         ))
 
@@ -282,7 +283,7 @@ class Orchestrator:
         worker thread the moment the task returns.
         """
         parameters = [
-            p for stage, owner in zip(ctx.stages, ctx.placement)
+            p for stage, owner in zip(ctx.layout.stages, ctx.layout.placement)
             if owner == rank and stage is not None for p in stage.parameters()
         ]
         outcome.when_returned(GradientFence(parameters, task).lift)
@@ -330,14 +331,12 @@ def _diagnose(
     plan: Sequence[Sequence[Action]], ctx: StepContext, outcomes: dict[int, _RankOutcome], quiet: float
 ) -> StepStalled:
     """Say, per unfinished rank, what its current action waits for, or that it is running."""
-    num_stages = len(ctx.stages)
     at = {rank: plan[rank][len(o.records)] for rank, o in outcomes.items()
           if not o.done.is_set() and len(o.records) < len(plan[rank])}
     waiting, parts = [], []
     for rank, action in sorted(at.items()):
         blockers = tuple(
-            dep for dep in dependencies(action, num_stages)
-            if dep.stage != action.stage and not _delivered(ctx, dep)
+            transfer.producer for transfer, slot in ctx.mailbox.incoming(action) if not slot.ready
         )
         waiting.append((rank, action, blockers))
         if blockers:
@@ -349,13 +348,6 @@ def _diagnose(
         + ". A task that legitimately takes longer needs a larger stall_timeout."
     )
     return StepStalled(message, waiting)
-
-
-def _delivered(ctx: StepContext, action: Action) -> bool:
-    """Whether ``action``'s output reached the mailbox (cross-stage inputs only)."""
-    slots = ctx.mailbox.activations if action.kind == "F" else ctx.mailbox.gradients
-    slot = slots.get((action.stage, action.microbatch))
-    return slot is not None and slot.ready
 
 
 def _annotate(error: BaseException, action: Action | None, rank: int) -> None:

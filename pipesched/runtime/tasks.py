@@ -31,48 +31,88 @@ from pipesched.runtime.loss_normalizer import weighted_loss
 from pipesched.runtime.mailbox import Mailbox, StepAborted
 from pipesched.plan.record import TaskRecord
 from pipesched.runtime.stream import TaskClock
-from pipesched.runtime.structure import Structure, flatten, unflatten
+from pipesched.runtime.structure import TUPLE, Structure, flatten, unflatten
 from pipesched.runtime.transport import Transport
 
 #: A value crossing a stage boundary: its tensors, and the structure that rebuilds it.
 Boundary = tuple[tuple[Tensor, ...], Structure]
 
 
-@dataclass
-class StepContext:
-    """Everything the workers of one step share. Written per micro-batch slot, never racing."""
+@dataclass(frozen=True)
+class PipelineLayout:
+    """Where things run, fixed for a pipeline's life: stages, the rank of each, devices, transport.
 
-    mode: str  # "train" (step), "forward" (pipe(x)), "backward" (backward half of pipe(x))
-    stages: Sequence[nn.Module]
+    ``stages[s]`` is ``None`` for a stage another process runs.
+    """
+
+    stages: Sequence[nn.Module | None]
     placement: Sequence[int]
-    devices: Sequence[torch.device]
+    devices: Sequence[torch.device]  # one per rank
     transport: Transport
-    mailbox: Mailbox
-    checkpoint: CheckpointManager
-    keep: bool  # hold activations for a backward (grad enabled)
-    caller: CallerState = field(default_factory=CallerState)
-    schedule: str = ""  # the schedule's name, for the timeline events
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+
+@dataclass(frozen=True)
+class StepLabels:
+    """What the step's timeline events carry: the schedule's name, whether to log, the clock shift."""
+
+    schedule: str = ""
     log_tasks: bool = True  # emit one structlog "task" event per task (when structlog is configured)
     clock_offset: float = 0.0  # this process's clock minus rank 0's (multi-process timelines)
-    training: list[bool] = field(default_factory=list)  # per stage, read once per step
-    inputs: list[Boundary] = field(default_factory=list)
+
+
+@dataclass
+class StepInputs:
+    """What a call feeds its tasks.
+
+    ``step()``: micro-batches, targets, the loss and its weights (the last
+    stage computes the loss). ``pipe(x)``: micro-batches only (the last stage
+    hands out its output). The backward half of ``pipe(x)``: the gradients of
+    the gathered output, split per micro-batch (the last stage's backward
+    starts from them).
+    """
+
+    microbatches: list[Boundary] = field(default_factory=list)
     targets: list[Any] = field(default_factory=list)
     loss_fn: Callable[..., Tensor] | None = None
     loss_weights: list[float] = field(default_factory=list)
     grad_outputs: list[tuple[Tensor | None, ...]] = field(default_factory=list)
-    # results
+
+    @property
+    def computes_loss(self) -> bool:
+        return self.loss_fn is not None
+
+
+@dataclass
+class StepResults:
+    """What tasks leave for the caller, one entry per micro-batch (each written by one worker)."""
+
     losses: dict[int, Tensor] = field(default_factory=dict)
     outputs: dict[int, Boundary] = field(default_factory=dict)
     input_grads: dict[int, tuple[Tensor | None, ...]] = field(default_factory=dict)
     input_structure: dict[tuple[int, int], Structure] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if not self.training:
-            self.training = training_flags(self.stages)
+
+@dataclass
+class StepContext:
+    """Everything the workers of one step share."""
+
+    layout: PipelineLayout
+    mailbox: Mailbox
+    checkpoint: CheckpointManager
+    keep: bool  # hold activations for a backward (grad enabled)
+    training: list[bool]  # per stage, read once per step
+    caller: CallerState = field(default_factory=CallerState)
+    labels: StepLabels = field(default_factory=StepLabels)
+    io: StepInputs = field(default_factory=StepInputs)
+    results: StepResults = field(default_factory=StepResults)
 
     @property
     def num_stages(self) -> int:
-        return len(self.stages)
+        return self.layout.num_stages
 
 
 def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: list[TaskRecord]) -> None:
@@ -82,7 +122,7 @@ def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: li
     CUDA rank they are rewritten with device times once the rank is done
     (:class:`~pipesched.runtime.stream.TaskClock`).
     """
-    device = ctx.devices[rank]
+    device = ctx.layout.devices[rank]
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     clock = TaskClock(stream)
     first = len(records)
@@ -90,7 +130,7 @@ def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: li
         if ctx.mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
             raise StepAborted(ctx.mailbox.abort_reason)
         task = _forward if action.kind == "F" else _backward
-        start, end = task(ctx, rank, action.stage, action.microbatch, clock)
+        start, end = task(ctx, rank, action, clock)
         records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))
     clock.finish(records, first)
 
@@ -117,23 +157,24 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: St
     so a recompute rebuilds the loss's graph too. A recompute leaves the
     running statistics of the stage's norms alone: the first run applied them.
     """
-    module = ctx.stages[stage]
-    last = stage == ctx.num_stages - 1
+    module = ctx.layout.stages[stage]
+    computes_loss = stage == ctx.num_stages - 1 and ctx.io.computes_loss
     call_scope = ctx.caller.call_scope
+    io = ctx.io
 
     def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None]:
         with call_scope(), frozen_running_stats(module if is_recomputing() else None):
             out = _as_boundary(module(_unwrap(inputs, structure)), stage)
-            if not (last and ctx.mode == "train"):
+            if not computes_loss:
                 return out, None
-            loss = ctx.loss_fn(_unwrap(*out), _to_device(ctx.targets[microbatch], out[0][0].device))  # type: ignore[misc]
+            loss = io.loss_fn(_unwrap(*out), _to_device(io.targets[microbatch], out[0][0].device))  # type: ignore[misc]
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar tensor, got "
                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}; "
                 f"use a mean- or sum-reduced loss"
             )
-        return out, weighted_loss(loss, ctx.loss_weights[microbatch])
+        return out, weighted_loss(loss, io.loss_weights[microbatch])
 
     return run
 
@@ -158,40 +199,44 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return tuple(v.to(device, non_blocking=True) for v in value)
 
 
-def _forward(
-    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: TaskClock
-) -> tuple[float, float]:
+def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> tuple[float, float]:
     """Run F(stage, micro-batch); return its start and end times.
 
     The end is taken *before* the output is posted: once posted, the consumer
     may start, and a task must not appear to end after its successor began.
     """
-    device = ctx.devices[rank]
-    if stage == 0:
-        tensors, structure = ctx.inputs[microbatch]
+    stage, microbatch = action.stage, action.microbatch
+    layout, results = ctx.layout, ctx.results
+    device = layout.devices[rank]
+    incoming = ctx.mailbox.incoming(action)
+    if not incoming:  # the first stage: the caller's micro-batch
+        tensors, structure = ctx.io.microbatches[microbatch]
         start = clock.start()
         tensors = tuple(t.to(device, non_blocking=True) for t in tensors)
         leaves = tuple(_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
     else:
-        packet, structure = ctx.mailbox.activations[(stage - 1, microbatch)].get()
-        received = ctx.transport.receive(packet, rank)
+        ((_, slot),) = incoming
+        packet, structure = slot.get()
+        received = layout.transport.receive(packet, rank)
         start = clock.start()
         leaves = tuple(_leaf(t, ctx.keep) for t in received)
-    ctx.input_structure[(stage, microbatch)] = structure
+    results.input_structure[(stage, microbatch)] = structure
     run = _stage_function(ctx, stage, microbatch, structure)
     (outputs, out_structure), loss = ctx.checkpoint.forward(
         stage, microbatch, rank, leaves, lambda: run(leaves), ctx.keep
     )
-    if stage == ctx.num_stages - 1:
+    outgoing = ctx.mailbox.outgoing(action)
+    if not outgoing:  # the last stage: a loss, or the output for the caller
         if loss is not None:
-            ctx.losses[microbatch] = loss.detach()
+            results.losses[microbatch] = loss.detach()
         else:
-            ctx.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_structure)
+            results.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_structure)
         return start, clock.end()
-    packet = ctx.transport.send(outputs, rank, ctx.placement[stage + 1])
+    packets = [(layout.transport.send(outputs, rank, transfer.dst), slot) for transfer, slot in outgoing]
     _drop_sent_outputs(outputs, lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t))
     end = clock.end()
-    ctx.mailbox.activations[(stage, microbatch)].put((packet, out_structure))
+    for packet, slot in packets:
+        slot.put((packet, out_structure))
     return start, end
 
 
@@ -241,9 +286,7 @@ def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bo
         output.data = torch.empty(0, dtype=output.dtype, device=output.device)
 
 
-def _backward(
-    ctx: StepContext, rank: int, stage: int, microbatch: int, clock: TaskClock
-) -> tuple[float, float]:
+def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> tuple[float, float]:
     """Run B(stage, micro-batch); return its start and end times (end before posting).
 
     A checkpointed forward is recomputed *before* waiting for the incoming
@@ -255,23 +298,24 @@ def _backward(
     input's producer ended; recompute time spent while waiting is bubble put
     to use. (On CUDA the device start is when the rank's stream has both.)
     """
-    last = stage == ctx.num_stages - 1
-    run = _stage_function(ctx, stage, microbatch, ctx.input_structure[(stage, microbatch)])
-    began = clock.start() if last else time.perf_counter()
+    stage, microbatch = action.stage, action.microbatch
+    layout, results = ctx.layout, ctx.results
+    run = _stage_function(ctx, stage, microbatch, results.input_structure[(stage, microbatch)])
+    incoming = ctx.mailbox.incoming(action)
+    began = time.perf_counter() if incoming else clock.start()
     inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(stage, microbatch, rank, run)
-    if last:
-        start = began
-        grads: tuple[Tensor | None, ...] = ()
-        if ctx.mode != "train":
-            grads = tuple(
-                None if g is None else g.to(ctx.devices[rank], non_blocking=True)
-                for g in ctx.grad_outputs[microbatch]
-            )
-    else:
-        slot = ctx.mailbox.gradients[(stage + 1, microbatch)]
-        grads = ctx.transport.receive(slot.get(), rank)
+    if incoming:  # the next stage's input gradient
+        ((_, slot),) = incoming
+        packet, _ = slot.get()
+        grads: tuple[Tensor | None, ...] = layout.transport.receive(packet, rank)
         start = clock.start(host=max(began, slot.filled_at))
-    if last and ctx.mode == "train":
+    else:  # the last stage: from the loss, or from the gradients of pipe(x)'s output
+        start = began
+        grads = () if ctx.io.computes_loss else tuple(
+            None if g is None else g.to(layout.devices[rank], non_blocking=True)
+            for g in ctx.io.grad_outputs[microbatch]
+        )
+    if not incoming and ctx.io.computes_loss:
         roots, root_grads = ([loss], [None]) if loss is not None and loss.requires_grad else ([], [])
     else:
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
@@ -283,10 +327,12 @@ def _backward(
     input_grads = tuple(x.grad if x.requires_grad else None for x in inputs)
     del inputs
     ctx.checkpoint.release(stage, microbatch, rank)
-    if stage == 0:
-        ctx.input_grads[microbatch] = input_grads
+    outgoing = ctx.mailbox.outgoing(action)
+    if not outgoing:  # the first stage: gradients of the caller's inputs
+        results.input_grads[microbatch] = input_grads
         return start, clock.end()
-    packet = ctx.transport.send(input_grads, rank, ctx.placement[stage - 1])
+    packets = [(layout.transport.send(input_grads, rank, transfer.dst), slot) for transfer, slot in outgoing]
     end = clock.end()
-    ctx.mailbox.gradients[(stage, microbatch)].put(packet)
+    for packet, slot in packets:
+        slot.put((packet, TUPLE))
     return start, end

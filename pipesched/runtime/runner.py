@@ -1,0 +1,235 @@
+"""The part of a step both pipelines share: one runner for the ranks this process runs.
+
+``Pipeline`` (every rank in one process) and ``DistributedPipeline`` (one rank
+per process) differ in how a step *begins and ends*: one process splits and
+gathers the batch itself, many processes first agree on the batch size and
+afterwards exchange their outcomes. Everything in between is the same and
+lives here, so the two cannot drift apart:
+
+* the user's options, checked once (:class:`StepOptions`);
+* the validated plan and its lowering for each micro-batch count;
+* splitting inputs into micro-batches and targets into theirs, with the loss
+  weights of each (:mod:`pipesched.runtime.loss_normalizer`);
+* the step context: layout, mailbox, checkpoint manager with this step's
+  random streams, caller state, labels;
+* running a plan on the orchestrator, with ``.grad`` and deferred batch-norm
+  statistics held back until the step succeeds (:class:`StepEffects`);
+* the step report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipesched.observe.report import StepReport
+from pipesched.plan.action import Plan
+from pipesched.plan.lowering import Lowering
+from pipesched.plan.record import TaskRecord
+from pipesched.plan.schedule import PlanCache, Schedule
+from pipesched.runtime.batchnorm import DeferredBatchNorm
+from pipesched.runtime.caller_state import CallerState
+from pipesched.runtime.checkpoint import CheckpointManager, CheckpointPolicy, RankMemory, make_policy, parameter_pointers
+from pipesched.runtime.loss_normalizer import LossNormalizer, check_loss_normalizer, loss_weights
+from pipesched.runtime.mailbox import Mailbox
+from pipesched.runtime.microbatch import as_tensors, batch_size, scatter, split_sizes
+from pipesched.runtime.options import check_chunks, check_flag, check_loss_fn, check_stall_timeout, resolve_schedule
+from pipesched.runtime.orchestrator import Orchestrator
+from pipesched.runtime.rng import RandomStreams
+from pipesched.runtime.step_effects import StepEffects
+from pipesched.runtime.structure import TENSOR, TUPLE
+from pipesched.runtime.tasks import (
+    Boundary,
+    PipelineLayout,
+    StepContext,
+    StepInputs,
+    StepLabels,
+    training_flags,
+)
+from pipesched.runtime.transport import Transport
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The user's step options, checked once; each bad value names the argument and the fix."""
+
+    schedule: Schedule
+    chunks: int
+    checkpoint: CheckpointPolicy
+    loss_fn: Any
+    loss_normalizer: LossNormalizer | None
+    deferred_batch_norm: bool
+    stall_timeout: float | None
+    log_tasks: bool
+
+    @classmethod
+    def check(
+        cls, *, schedule: Any, chunks: Any, checkpoint: Any, loss_fn: Any, loss_normalizer: Any,
+        deferred_batch_norm: Any, stall_timeout: Any, log_tasks: Any,
+    ) -> StepOptions:
+        check_loss_fn(loss_fn)
+        make_policy(checkpoint)  # refuses an unknown policy now
+        return cls(
+            schedule=resolve_schedule(schedule),
+            chunks=check_chunks(chunks),
+            checkpoint=checkpoint,
+            loss_fn=loss_fn,
+            loss_normalizer=check_loss_normalizer(loss_normalizer, loss_fn),
+            deferred_batch_norm=check_flag("deferred_batch_norm", deferred_batch_norm),
+            stall_timeout=check_stall_timeout(stall_timeout),
+            log_tasks=check_flag("log_tasks", log_tasks),
+        )
+
+
+@dataclass(frozen=True)
+class SplitBatch:
+    """A batch cut into micro-batches: the tensors, the rows of each part, the parts."""
+
+    tensors: tuple[Tensor, ...]
+    sizes: list[int]
+    microbatches: list[Boundary]
+
+
+class StepRunner:
+    """Plans, contexts, runs and reports steps for the ranks ``ranks`` of a pipeline.
+
+    ``stages[s]`` is ``None`` for a stage another process runs; ``devices[r]``
+    is rank r's device (a multi-process pipeline gives every rank its own
+    device, since each process sees only its own).
+    """
+
+    def __init__(
+        self,
+        options: StepOptions,
+        stages: Sequence[nn.Module | None],
+        placement: Sequence[int],
+        devices: Sequence[torch.device],
+        ranks: Sequence[int] | None = None,
+    ):
+        self.options = options
+        self.schedule = options.schedule
+        self.stages = list(stages)
+        self.placement = list(placement)
+        self.devices = list(devices)
+        self.num_stages = len(self.stages)
+        self.num_ranks = len(self.devices)
+        self.ranks = list(range(self.num_ranks)) if ranks is None else list(ranks)
+        self.log_tasks = options.log_tasks
+        self._policy = make_policy(options.checkpoint)
+        self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement)
+        self._lowerings: dict[int, Lowering] = {}
+        self.plan(options.chunks)  # refuse a shape the schedule cannot run before building anything
+        self.random = RandomStreams()
+        self.orchestrator = Orchestrator([self.devices[r] for r in self.ranks], options.stall_timeout, self.ranks)
+        local = dict(zip(self.ranks, self.orchestrator.compute_streams))
+        streams = [local.get(r, local[self.ranks[0]]) for r in range(self.num_ranks)]
+        self.layout = PipelineLayout(self.stages, self.placement, self.devices, Transport(self.devices, streams))
+
+    def batch_norms(self) -> list[DeferredBatchNorm]:
+        """The deferred batch norms of this process's stages (looked up per step: converting
+        happens in place, possibly after the runner was built)."""
+        return [m for stage in self.stages if stage is not None for m in stage.modules()
+                if isinstance(m, DeferredBatchNorm)]
+
+    # ---------------------------------------------------------------- plans
+
+    def plan(self, num_microbatches: int) -> tuple[Plan, Lowering]:
+        """The validated plan for ``num_microbatches`` and its lowering (both computed once)."""
+        plan = self._plans(num_microbatches)
+        lowering = self._lowerings.get(num_microbatches)
+        if lowering is None:
+            lowering = self._lowerings[num_microbatches] = Lowering(plan, self.num_stages)
+        return plan, lowering
+
+    # ------------------------------------------------------------- batches
+
+    def split_inputs(self, inputs: Any) -> SplitBatch:
+        """``inputs`` (a Tensor or a tuple of them) as ``chunks`` near-equal micro-batches."""
+        tensors = as_tensors(inputs, "inputs")
+        return self.split_rows(tensors, batch_size(tensors, "inputs"), isinstance(inputs, Tensor))
+
+    def split_rows(self, tensors: tuple[Tensor, ...], rows: int, single: bool) -> SplitBatch:
+        sizes = split_sizes(rows, self.options.chunks)
+        structure = TENSOR if single else TUPLE
+        return SplitBatch(tensors, sizes, [(mb, structure) for mb in scatter(tensors, sizes)])
+
+    def split_targets(self, targets: Any, sizes: list[int]) -> tuple[list[Any], list[float]]:
+        """``targets`` cut like the inputs, and each micro-batch's loss weight."""
+        target_tensors = as_tensors(targets, "targets")
+        rows = batch_size(target_tensors, "targets")
+        if rows != sum(sizes):
+            raise ValueError(
+                f"targets hold {rows} rows but inputs hold {sum(sizes)}; they must match row for row"
+            )
+        single = isinstance(targets, Tensor)
+        parts = [mb[0] if single else mb for mb in scatter(target_tensors, sizes)]
+        return parts, loss_weights(self.options.loss_fn, parts, self.options.loss_normalizer)
+
+    # ------------------------------------------------------------- context
+
+    def context(self, lowering: Lowering, *, keep: bool, io: StepInputs | None = None,
+                clock_offset: float = 0.0) -> StepContext:
+        """A fresh step context: mailbox, checkpoint manager and random streams for this step.
+
+        Reads the caller's thread state (grad mode, autocast, saved-tensor
+        hooks) and draws the step's random seed, so call it on the caller's thread.
+        """
+        caller = CallerState.capture()
+        training = training_flags(self.stages)
+        random = self.random.step(self.stages, [self.devices[r] for r in self.placement], training)
+        checkpoint = CheckpointManager(
+            self._policy, lowering.num_microbatches, random, parameter_pointers(self.stages),
+            [RankMemory() for _ in range(self.num_ranks)], caller.saved_tensor_hooks,
+        )
+        return StepContext(
+            layout=self.layout,
+            mailbox=Mailbox(lowering),
+            checkpoint=checkpoint,
+            keep=keep,
+            training=training,
+            caller=caller,
+            labels=StepLabels(self.schedule.name, self.log_tasks, clock_offset),
+            io=io or StepInputs(),
+        )
+
+    # ----------------------------------------------------------------- run
+
+    def effects(self, parameters: Iterable[Tensor], statistics: bool = True) -> StepEffects:
+        """Hold ``.grad`` of ``parameters`` (and, with ``statistics``, batch-norm updates) until commit."""
+        return StepEffects(parameters, self.batch_norms() if statistics else ())
+
+    def run(self, plan: Plan, ctx: StepContext, parameters: Iterable[Tensor], *, statistics: bool) -> list[TaskRecord]:
+        """Run ``plan``; on any failure leave ``.grad`` and batch-norm statistics as they were.
+
+        ``parameters``: those the plan accumulates gradients into (none for a
+        forward-only call). ``statistics``: the plan runs every forward of the
+        batch, so deferred batch norms apply their update once it succeeds.
+        """
+        effects = self.effects(parameters)
+        try:
+            records = self.orchestrator.run(plan, ctx)
+        except BaseException:
+            effects.rollback()
+            raise
+        effects.commit(statistics)
+        return records
+
+    def report(self, num_microbatches: int, records: list[TaskRecord], memory: Sequence[RankMemory]) -> StepReport:
+        return StepReport(
+            schedule=self.schedule.name,
+            num_stages=self.num_stages,
+            num_ranks=self.num_ranks,
+            num_microbatches=num_microbatches,
+            placement=list(self.placement),
+            tasks=records,
+            peak_inflight=[m.peak_inflight for m in memory],
+            peak_activation_bytes=[m.peak_bytes for m in memory],
+            held_activation_bytes=[m.held_bytes for m in memory],
+        )
+
+    def close(self) -> None:
+        self.orchestrator.close()
