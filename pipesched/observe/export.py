@@ -11,12 +11,28 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+from pipesched.observe.report import CommRecord
 from pipesched.observe.units import seconds
+from pipesched.plan.record import TaskRecord
 
-if TYPE_CHECKING:
-    from pipesched.observe.timeline import Timeline
+
+class Drawable(Protocol):
+    """What the exports read of a timeline (:class:`~pipesched.observe.timeline.Timeline` has it).
+
+    Stated here rather than imported, so the exports depend on data, not on
+    the analysis module that uses them.
+    """
+
+    tasks: Sequence[TaskRecord]
+    comm: Sequence[CommRecord]
+    num_ranks: int
+    schedule: str | None
+
+    @property
+    def makespan(self) -> float: ...
 
 #: Chrome-trace thread id of rank r's communication track: COMM_TRACK + r.
 COMM_TRACK = 1000
@@ -26,7 +42,7 @@ _MISSING_MATPLOTLIB = (
 )
 
 
-def chrome_trace(timeline: Timeline, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def chrome_trace(timeline: Drawable, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Chrome/Perfetto trace: one complete (``"X"``) event per task, one track per rank.
 
     Times are microseconds from the first task's start. Written to ``path``
@@ -75,7 +91,7 @@ def chrome_trace(timeline: Timeline, path: str | os.PathLike[str] | None = None)
     return trace
 
 
-def gantt_png(timeline: Timeline, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
+def gantt_png(timeline: Drawable, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
     """Draw one row per rank, one bar per task (F blue, B orange), and save a PNG.
 
     Needs matplotlib (``pip install pipesched[plot]``); imported here so the
