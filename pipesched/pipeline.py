@@ -40,6 +40,7 @@ from pipesched.runtime.partition import (
     resolve_device,
     split_module,
 )
+from pipesched.runtime.placed import PlacedModule
 from pipesched.runtime.runner import StepOptions, StepRunner
 from pipesched.runtime.state_dict import route_to_layers
 from pipesched.runtime.tasks import StepInputs
@@ -48,7 +49,7 @@ from pipesched.runtime.structure import unflatten
 LossFn = Callable[[Any, Any], Tensor]
 
 
-class Pipeline(nn.Module):
+class Pipeline(PlacedModule):
     """Run an ``nn.Sequential`` as a pipeline of stages on ranks under a pluggable schedule.
 
     Args:
@@ -246,8 +247,7 @@ class Pipeline(nn.Module):
         split = runner.split_inputs(inputs)
         keep = torch.is_grad_enabled()
         count = len(split.sizes)
-        full_plan, lowering = runner.plan(count)
-        plan = [[a for a in row if a.kind == "F"] for row in full_plan]
+        plan, lowering = runner.plan(count, "F")
         ctx = runner.context(lowering, keep=keep, io=StepInputs(split.microbatches))
         records = runner.run(plan, ctx, (), statistics=True)
         self.last_report = runner.report(count, records, ctx.checkpoint.memory)
@@ -255,7 +255,7 @@ class Pipeline(nn.Module):
         structure = ctx.results.outputs[0][1]
         if not keep:
             return unflatten(gather(parts), structure)
-        session = BackwardSession(runner, ctx, full_plan, split, records, list(self.module.parameters()),
+        session = BackwardSession(runner, ctx, count, split, records, list(self.module.parameters()),
                                   self._keep_report)
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
@@ -311,26 +311,3 @@ class Pipeline(nn.Module):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def to(self, *args: Any, **kwargs: Any) -> Pipeline:
-        """Only ``.to(dtype)`` (and ``memory_format=``): the pipeline placed its stages itself.
-
-        The device is looked for in the arguments directly, not by parsing them
-        as ``torch`` does: parsing ``"cuda"`` or ``0`` fails on a machine
-        without CUDA with an error that hides this one.
-        """
-        device = kwargs.get("device")
-        if device is None and args and not isinstance(args[0], torch.dtype):
-            device = args[0]  # a device, a device string or index, or a tensor to match
-        if device is not None:
-            raise TypeError(
-                "a Pipeline places its stages on its devices itself; moving it with .to(device) "
-                "would undo that. Pass devices=[...] when building it instead"
-            )
-        return super().to(*args, **kwargs)
-
-    def cuda(self, device: Any = None) -> Pipeline:
-        raise TypeError("a Pipeline places its stages itself; pass devices=[...] instead of .cuda()")
-
-    def cpu(self) -> Pipeline:
-        raise TypeError("a Pipeline places its stages itself; pass devices=[...] instead of .cpu()")

@@ -116,6 +116,44 @@ def scenario_gradients(rank: int, world: int, out: dict) -> None:
                 }
 
 
+def scenario_forward_and_placement(rank: int, world: int, out: dict) -> None:
+    """What the single-process pipeline had and this one lacked: forward(), the .to() guard,
+    device checks and a finalizer."""
+    import gc
+    import threading
+
+    from pipesched.distributed import DistributedPipeline
+
+    model = mlp(layers=2 * world)
+    x, _ = data(10)
+    with torch.no_grad():
+        expected = model(x)
+    pipe = DistributedPipeline(model, schedule="1f1b", chunks=3)
+    output = pipe(x if rank == 0 else None)
+    last = pipe.placement[-1]
+    verdict = {"forward_ok": (output is None) if rank != last else
+               bool((output - expected).abs().max() < 1e-12)}
+    try:
+        pipe.to("cuda:0")
+        verdict["to"] = None
+    except TypeError as error:
+        verdict["to"] = str(error)
+    try:
+        DistributedPipeline(mlp(layers=2 * world), device="cuda:7")
+        verdict["device"] = None
+    except ValueError as error:
+        verdict["device"] = str(error)
+    before = {t.name for t in threading.enumerate() if t.name.startswith("pipesched-")}
+    del pipe, output
+    gc.collect()
+    for thread in threading.enumerate():
+        if thread.name.startswith("pipesched-"):
+            thread.join(timeout=5)
+    after = {t.name for t in threading.enumerate() if t.name.startswith("pipesched-")}
+    verdict["threads_before"], verdict["threads_after"] = len(before), len(after)
+    out["forward"] = verdict
+
+
 def scenario_tokens(rank: int, world: int, out: dict) -> None:
     """CE with ignore_index on padded targets: micro-batches weighted by tokens on the last rank.
 
@@ -449,6 +487,7 @@ def scenario_state_dict(rank: int, world: int, out: dict) -> None:
 
 SCENARIOS = {
     "gradients": scenario_gradients,
+    "forward": scenario_forward_and_placement,
     "tuples": scenario_tuples_and_own_stages,
     "tokens": scenario_tokens,
     "failure": scenario_failure,

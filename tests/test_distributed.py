@@ -61,7 +61,7 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
-    names = ["gradients", "tuples", "tokens", "failure", "tied", "state_dict", "timeline", "stall"]
+    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "state_dict", "timeline", "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -85,6 +85,17 @@ def test_tuple_activations_with_only_own_stages_built(world):
     _, results, _ = world
     for rank, result in enumerate(results):
         assert result["tuples"]["ok"], f"rank {rank}: {result['tuples']}"
+
+
+def test_distributed_pipeline_has_forward_the_to_guard_device_checks_and_a_finalizer(world):
+    """Regression: the multi-process pipeline had drifted from the single-process one."""
+    _, results, _ = world
+    for rank, result in enumerate(results):
+        verdict = result["forward"]
+        assert verdict["forward_ok"], f"rank {rank}: {verdict}"
+        assert verdict["to"] and "places its stages on its devices itself" in verdict["to"]
+        assert verdict["device"] and "device = 'cuda:7'" in verdict["device"] and "use 'cpu'" in verdict["device"]
+        assert verdict["threads_before"] > 0 and verdict["threads_after"] == 0, f"rank {rank}: {verdict}"
 
 
 def test_ignore_index_padding_weighted_by_tokens_across_processes(world):

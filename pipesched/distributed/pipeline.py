@@ -26,6 +26,7 @@ error anywhere is raised everywhere, and the loss reaches every rank).
 from __future__ import annotations
 
 import traceback
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,17 +43,20 @@ from pipesched.runtime.batchnorm import convert_deferred_batch_norm
 from pipesched.runtime.checkpoint import CheckpointPolicy, RankMemory
 from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
-from pipesched.runtime.microbatch import as_tensors, batch_size
+from pipesched.runtime.microbatch import as_tensors, batch_size, gather
+from pipesched.runtime.structure import unflatten
 from pipesched.runtime.options import grad_disabled, missing_loss_fn
 from pipesched.runtime.orchestrator import StepStalled
 from pipesched.runtime.partition import check_balance, check_shared_parameters, even_balance, split_module
+from pipesched.runtime.partition import resolve_device
+from pipesched.runtime.placed import PlacedModule
 from pipesched.runtime.runner import SplitBatch, StepOptions, StepRunner
 from pipesched.runtime.state_dict import route_to_layers, without_layers
 from pipesched.runtime.step_effects import StepEffects
 from pipesched.runtime.tasks import StepContext, StepInputs
 
 
-class DistributedPipeline(nn.Module):
+class DistributedPipeline(PlacedModule):
     """One rank of a multi-process pipeline. ``parameters()`` are this rank's stages' only.
 
     Args:
@@ -114,7 +118,7 @@ class DistributedPipeline(nn.Module):
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
 
         own = self._own_stages(module, balance, num_stages)
         self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
@@ -127,6 +131,7 @@ class DistributedPipeline(nn.Module):
             stage.to(self.device)
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
         self._comm = Communicator(group, self.rank, self.num_ranks, self.device)
+        self._finalizer = weakref.finalize(self, _close, self._runner, self._comm)
         self.clock_offset = self._comm.measure_clock_offset()
         self._steps = 0
         self._broken: str | None = None
@@ -236,6 +241,34 @@ class DistributedPipeline(nn.Module):
         value, dtype = statuses[last]["loss"]
         return torch.tensor(value, dtype=getattr(torch, dtype))
 
+    def forward(self, inputs: Tensor | tuple[Tensor, ...] | None = None) -> Any:
+        """Forward half only, on every rank; the output comes back on the last stage's rank.
+
+        Call it on every rank (``inputs`` matter on stage 0's rank). Returns
+        the gathered output (a Tensor, tuple or mapping, as the last stage
+        returns it) on the rank owning the last stage and ``None`` elsewhere.
+        Nothing is kept for a backward: train with :meth:`step`.
+        """
+        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
+            raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.runtime.compiling
+        if self._broken is not None:
+            raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
+        split, local_error = self._agree_on_batch(inputs, None)
+        count = len(split.sizes)
+        plan, lowering = self._runner.plan(count, "F")
+        io = StepInputs(split.microbatches if self.rank == self.placement[0] else [])
+        with torch.no_grad():
+            ctx = self._runner.context(lowering, keep=False, io=io, clock_offset=self.clock_offset)
+            effects = self._runner.effects(())
+            records, local_error, comm = self._run_plan(plan, ctx, effects, local_error)
+        statuses = self._share_outcome(ctx, records, local_error, effects, with_loss=False)
+        effects.commit()  # deferred batch norms in training mode, as for Pipeline's pipe(x)
+        self._record(statuses, count, comm)
+        if self.rank != self.placement[-1]:
+            return None
+        parts = [ctx.results.outputs[m][0] for m in range(count)]
+        return unflatten(gather(parts), ctx.results.outputs[0][1])
+
     def _agree_on_batch(self, inputs: Any, local_error: BaseException | None) -> tuple[SplitBatch, BaseException | None]:
         """Every rank learns the batch size from stage 0's rank, which also splits the inputs."""
         first = self.placement[0]
@@ -301,7 +334,7 @@ class DistributedPipeline(nn.Module):
         return records, local_error, link.records
 
     def _share_outcome(self, ctx: StepContext, records: list[TaskRecord], local_error: BaseException | None,
-                       effects: StepEffects) -> list[Any]:
+                       effects: StepEffects, with_loss: bool = True) -> list[Any]:
         """Every rank's status; raises (after rolling back) if any rank failed."""
         memory = ctx.checkpoint.memory[self.rank]
         status = {
@@ -314,7 +347,7 @@ class DistributedPipeline(nn.Module):
             "peak_bytes": memory.peak_bytes,
             "held_bytes": memory.held_bytes,
         }
-        if local_error is None and self.rank == self.placement[-1]:
+        if with_loss and local_error is None and self.rank == self.placement[-1]:
             count = ctx.mailbox.lowering.num_microbatches
             loss = batch_loss([ctx.results.losses[m] for m in range(count)], ctx.io.loss_weights)
             status["loss"] = (loss.item(), str(loss.dtype).removeprefix("torch."))
@@ -402,16 +435,24 @@ class DistributedPipeline(nn.Module):
     # ------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Stop this rank's threads (the process group stays yours to destroy)."""
-        self._runner.close()
-        # after a lost rank a receiver may be blocked for good on it: don't wait for it
-        self._comm.close(timeout=0 if self._broken else 5)
+        """Stop this rank's threads (the process group stays yours to destroy). Idempotent.
+
+        A pipeline that is garbage-collected stops them too.
+        """
+        if self._broken:  # after a lost rank a receiver may be blocked for good on it: don't wait
+            self._comm.close(timeout=0)
+        self._finalizer()
 
     def __enter__(self) -> DistributedPipeline:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _close(runner: StepRunner, comm: Communicator) -> None:
+    runner.close()
+    comm.close()
 
 
 def _describe(error: BaseException, rank: int) -> str:

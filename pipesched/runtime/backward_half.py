@@ -80,7 +80,7 @@ class BackwardSession:
         self,
         runner: StepRunner,
         ctx: StepContext,
-        plan: Plan,
+        num_microbatches: int,
         split: SplitBatch,
         records: list[TaskRecord],
         parameters: Sequence[Tensor],
@@ -88,7 +88,8 @@ class BackwardSession:
     ):
         self.runner = runner
         self.ctx = ctx
-        self.plan = plan
+        self.plan, self.lowering = runner.plan(num_microbatches, "B")
+        self.full_plan, _ = runner.plan(num_microbatches)
         self.sizes = split.sizes
         self.records = records
         self.parameters = parameters
@@ -100,7 +101,7 @@ class BackwardSession:
         self.used = False
 
     def backward(self, grad_outputs: tuple[Tensor | None, ...]) -> tuple[Tensor | None, ...]:
-        if not is_fill_drain(self.plan):
+        if not is_fill_drain(self.full_plan):
             raise RuntimeError(
                 f"schedule {self.runner.schedule.name!r} interleaves forwards and backwards, so the "
                 f"backward cannot start from pipe(inputs)'s output; use "
@@ -115,9 +116,8 @@ class BackwardSession:
         ]
         ctx = self.ctx
         ctx.io = StepInputs(grad_outputs=[tuple(column[m] for column in per_output) for m in range(count)])
-        ctx.mailbox = Mailbox(ctx.mailbox.lowering)
-        plan = [[a for a in row if a.kind == "B"] for row in self.plan]
-        records = self.runner.run(plan, ctx, self.parameters, statistics=False)
+        ctx.mailbox = Mailbox(self.lowering)
+        records = self.runner.run(self.plan, ctx, self.parameters, statistics=False)
         everything = sorted(self.records + records, key=lambda r: (r.start, r.rank))
         self.on_report(self.runner.report(count, everything, ctx.checkpoint.memory))
         return tuple(input_gradients(ctx, self.inputs, self.input_positions, self.sizes))

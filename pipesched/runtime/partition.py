@@ -62,13 +62,13 @@ def split_module(module: nn.Sequential, balance: Sequence[int]) -> list[nn.Seque
     return stages
 
 
-def resolve_device(device: object, index: int) -> torch.device:
-    """``devices[index]`` as a ``torch.device`` that exists on this machine.
+def resolve_device(device: object, index: int | None = None) -> torch.device:
+    """``devices[index]`` (or, with no index, the argument ``device``) as a ``torch.device`` that exists here.
 
     An int is a CUDA device index (``0`` is ``"cuda:0"``). Every refusal names
     the fix.
     """
-    where = f"devices[{index}] = {device!r}"
+    where = f"devices[{index}] = {device!r}" if index is not None else f"device = {device!r}"
     if isinstance(device, int) and not isinstance(device, bool):
         if device < 0:
             raise ValueError(f"{where}: a CUDA device index must be >= 0; use 'cpu' or 'cuda:<index>'")

@@ -121,7 +121,7 @@ class StepRunner:
         self.log_tasks = options.log_tasks
         self._policy = make_policy(options.checkpoint)
         self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement)
-        self._lowerings: dict[int, Lowering] = {}
+        self._parts: dict[tuple[int, str], tuple[Plan, Lowering]] = {}
         self.plan(options.chunks)  # refuse a shape the schedule cannot run before building anything
         self.random = RandomStreams()
         self.orchestrator = Orchestrator([self.devices[r] for r in self.ranks], options.stall_timeout, self.ranks)
@@ -137,13 +137,21 @@ class StepRunner:
 
     # ---------------------------------------------------------------- plans
 
-    def plan(self, num_microbatches: int) -> tuple[Plan, Lowering]:
-        """The validated plan for ``num_microbatches`` and its lowering (both computed once)."""
-        plan = self._plans(num_microbatches)
-        lowering = self._lowerings.get(num_microbatches)
-        if lowering is None:
-            lowering = self._lowerings[num_microbatches] = Lowering(plan, self.num_stages)
-        return plan, lowering
+    def plan(self, num_microbatches: int, kinds: str = "") -> tuple[Plan, Lowering]:
+        """The validated plan for ``num_microbatches`` and its lowering (computed once each).
+
+        ``kinds`` keeps only those action kinds, in plan order (``"F"``: the
+        forward half of ``pipe(x)``); its lowering then lists only their
+        transfers, so no rank waits for a message the half never sends.
+        """
+        key = (num_microbatches, kinds)
+        part = self._parts.get(key)
+        if part is None:
+            plan = self._plans(num_microbatches)
+            if kinds:
+                plan = [[a for a in row if a.kind in kinds] for row in plan]
+            part = self._parts[key] = (plan, Lowering(plan, self.num_stages))
+        return part
 
     # ------------------------------------------------------------- batches
 

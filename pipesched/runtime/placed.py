@@ -1,0 +1,43 @@
+"""A module that placed its stages on devices itself, and refuses to be moved as a whole.
+
+``nn.Module.to(device)`` would move every stage onto one device and undo the
+pipeline's placement (or, in a multi-process pipeline, move this rank's
+stages off the device its transport expects). Both pipelines therefore
+accept only ``.to(dtype)`` and refuse the device forms with one clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+_MOVED = (
+    "a pipeline places its stages on its devices itself; moving it with {how} would undo that. "
+    "Pass the devices when building it instead (Pipeline(devices=[...]), DistributedPipeline(device=...))"
+)
+
+
+class PlacedModule(nn.Module):
+    """``nn.Module`` whose ``.to(device)``, ``.cuda()`` and ``.cpu()`` raise ``TypeError``."""
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """Only ``.to(dtype)`` (and ``memory_format=``): the pipeline placed its stages itself.
+
+        The device is looked for in the arguments directly, not by parsing them
+        as ``torch`` does: parsing ``"cuda"`` or ``0`` fails on a machine
+        without CUDA with an error that hides this one.
+        """
+        device = kwargs.get("device")
+        if device is None and args and not isinstance(args[0], torch.dtype):
+            device = args[0]  # a device, a device string or index, or a tensor to match
+        if device is not None:
+            raise TypeError(_MOVED.format(how=".to(device)"))
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: Any = None) -> Any:
+        raise TypeError(_MOVED.format(how=".cuda()"))
+
+    def cpu(self) -> Any:
+        raise TypeError(_MOVED.format(how=".cpu()"))
