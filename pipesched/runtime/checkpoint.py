@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from pipesched.runtime.caller_state import SavedTensorHooks
+from pipesched.plan.action import Action
 from pipesched.runtime.rng import StepRandom
 
 CheckpointPolicy = Union[str, Callable[[int, int], bool]]
@@ -155,6 +156,7 @@ class Held:
     result: Any  # the forward's result with its graph, or None when checkpointed
     nbytes: int
     saved: frozenset[int] = frozenset()  # data pointers of what autograd saved (kept graphs)
+    run: Callable[[tuple[Tensor, ...]], Any] | None = None  # the forward, to recompute from ``inputs``
 
 
 @dataclass
@@ -194,29 +196,33 @@ class CheckpointManager:
     held: dict[tuple[int, int], Held] = field(default_factory=dict)
 
     def forward(
-        self, stage: int, microbatch: int, rank: int, inputs: tuple[Tensor, ...], run: Callable[[], Any], keep: bool
+        self, action: Action, rank: int, inputs: tuple[Tensor, ...], run: Callable[[tuple[Tensor, ...]], Any],
+        *, keep: bool,
     ) -> Any:
-        """Run ``run()`` (the stage forward on ``inputs``) for the first time.
+        """Run ``run(inputs)`` (``action``, a stage's forward on one micro-batch) for the first time.
 
         With ``keep`` false (no backward will follow) nothing is held. Else the
         policy decides: checkpointed runs under ``no_grad`` and keeps only
         ``inputs``; otherwise the graph is kept and its saved tensors metered.
+        ``run`` is kept to repeat the forward for a checkpointed backward.
         """
+        stage, microbatch = action.stage, action.microbatch
+        first = lambda: run(inputs)  # noqa: E731 - the forward on its own inputs
         if not keep:
-            return self.random.run(stage, microbatch, run)
+            return self.random.run(stage, microbatch, first)
         checkpointed = self.policy(stage, microbatch, self.num_microbatches)
         meter = _SavedTensorMeter(self.exclude[stage], self.user_hooks)
         meter.add(inputs)
         if checkpointed:
             with torch.no_grad(), _checkpointing_scope():
-                result = self.random.run(stage, microbatch, run)
+                result = self.random.run(stage, microbatch, first)
             kept = None
         else:
             with meter.hooks():
-                result = self.random.run(stage, microbatch, run)
+                result = self.random.run(stage, microbatch, first)
             kept = result
         saved = frozenset(key[0] for key in meter.seen) if kept is not None else frozenset()
-        self.held[(stage, microbatch)] = Held(inputs, kept, meter.total, saved)
+        self.held[(stage, microbatch)] = Held(inputs, kept, meter.total, saved, run)
         self.memory[rank].grow(meter.total, microbatches=1)
         return result
 
@@ -225,13 +231,15 @@ class CheckpointManager:
         held = self.held.get((stage, microbatch))
         return held is not None and tensor.data_ptr() in held.saved
 
-    def for_backward(self, stage: int, microbatch: int, rank: int, run: Callable[[tuple[Tensor, ...]], Any]) -> tuple[tuple[Tensor, ...], Any]:
-        """The inputs and graph-carrying result of a forward, recomputing it if checkpointed.
+    def for_backward(self, action: Action, rank: int) -> tuple[tuple[Tensor, ...], Any]:
+        """The inputs and graph-carrying result of ``action``'s forward, recomputing it if checkpointed.
 
-        ``run(inputs)`` repeats the forward, on the same random stream as the
-        first run. Call :meth:`release` once the backward is done.
+        The recompute repeats the forward's ``run`` on the same random stream
+        as the first run. Call :meth:`release` once the backward is done.
         """
+        stage, microbatch = action.stage, action.microbatch
         held = self.held[(stage, microbatch)]
+        run = held.run
         if held.result is not None:
             return held.inputs, held.result
         inputs = tuple(_fresh_leaf(x) for x in held.inputs)
@@ -242,9 +250,9 @@ class CheckpointManager:
         self.memory[rank].grow(meter.total)
         return inputs, result
 
-    def release(self, stage: int, microbatch: int, rank: int) -> None:
-        """Forget everything (stage, micro-batch) held; its backward is done."""
-        held = self.held.pop((stage, microbatch))
+    def release(self, action: Action, rank: int) -> None:
+        """Forget everything ``action``'s (stage, micro-batch) held; its backward is done."""
+        held = self.held.pop((action.stage, action.microbatch))
         self.memory[rank].grow(-held.nbytes, microbatches=-1)
 
 

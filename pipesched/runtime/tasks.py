@@ -222,9 +222,7 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
         leaves = tuple(_leaf(t, ctx.keep) for t in received)
     results.input_structure[(stage, microbatch)] = structure
     run = _stage_function(ctx, stage, microbatch, structure)
-    (outputs, out_structure), loss = ctx.checkpoint.forward(
-        stage, microbatch, rank, leaves, lambda: run(leaves), ctx.keep
-    )
+    (outputs, out_structure), loss = ctx.checkpoint.forward(action, rank, leaves, run, keep=ctx.keep)
     outgoing = ctx.mailbox.outgoing(action)
     if not outgoing:  # the last stage: a loss, or the output for the caller
         if loss is not None:
@@ -300,10 +298,9 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     """
     stage, microbatch = action.stage, action.microbatch
     layout, results = ctx.layout, ctx.results
-    run = _stage_function(ctx, stage, microbatch, results.input_structure[(stage, microbatch)])
     incoming = ctx.mailbox.incoming(action)
     began = time.perf_counter() if incoming else clock.start()
-    inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(stage, microbatch, rank, run)
+    inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(action, rank)
     if incoming:  # the next stage's input gradient
         ((_, slot),) = incoming
         packet, _ = slot.get()
@@ -326,7 +323,7 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     del roots, root_grads
     input_grads = tuple(x.grad if x.requires_grad else None for x in inputs)
     del inputs
-    ctx.checkpoint.release(stage, microbatch, rank)
+    ctx.checkpoint.release(action, rank)
     outgoing = ctx.mailbox.outgoing(action)
     if not outgoing:  # the first stage: gradients of the caller's inputs
         results.input_grads[microbatch] = input_grads
