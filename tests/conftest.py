@@ -3,11 +3,56 @@
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
+import sys
 import threading
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+import pipesched
+from pipesched.plan.registry import ENTRY_POINT_GROUP, register_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _test_this_checkout() -> None:
+    """Make the schedule plug-ins the ones of this checkout, as its ``pipesched`` is.
+
+    With ``PYTHONPATH=$PWD`` in a second worktree, ``pipesched`` comes from the
+    worktree but an editable install still maps ``pipesched.schedules`` to its
+    own checkout, and its entry-point metadata lists the schedules declared when
+    it was installed. So: take ``pipesched.schedules`` from this checkout's
+    ``schedules/``, and register the entry points this checkout's pyproject.toml
+    declares that the installed metadata lacks (re-running ``pip install -e .``
+    lists them for real).
+    """
+    if Path(pipesched.__file__).resolve().parent != ROOT / "pipesched":
+        return  # testing an installed pipesched, plug-ins and all
+    if "pipesched.schedules" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "pipesched.schedules", ROOT / "schedules" / "__init__.py",
+            submodule_search_locations=[str(ROOT / "schedules")],
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["pipesched.schedules"] = module
+        spec.loader.exec_module(module)
+        pipesched.schedules = module  # type: ignore[attr-defined]
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    installed = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    for name, target in declared.items():
+        if name not in installed:
+            module_name, _, attribute = target.partition(":")
+            register_schedule(name, getattr(importlib.import_module(module_name), attribute), replace=True)
+
+
+_test_this_checkout()
 
 
 def mlp(layers: int = 6, width: int = 12, dropout: float = 0.0, seed: int = 0) -> nn.Sequential:
