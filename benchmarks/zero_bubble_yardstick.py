@@ -169,7 +169,7 @@ def equal_cost_rows(quick: bool = False) -> list[Row]:
 
 
 def off_bound_rows(quick: bool = False) -> list[Row]:
-    """The cases where torch's order is off the bound, and ours given the costs."""
+    """Shapes and costs away from F = B = W with m >= 2p, where torch's order may be off the bound."""
     rows = []
     ranks = (4,) if quick else (4, 8)
     for name in ("zb-v", "dualpipe-v"):
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {entry['schedule']:<15} {entry['shapes']:>4} shapes, faster on {entry['faster']:>3}, "
                   f"{'all as fast with no more in flight' if not failing else f'{len(failing)} FAIL'}")  # type: ignore[arg-type]
         print()
-        print("Where torch's order is off the bound (ours given the costs):")
+        print("Off the papers' point (m < 2p, a heavy last stage, link latency), ours given the costs:")
         print(format_rows(off))
     failures = [r for r in equal + off if not r.ok]
     return 1 if failures else 0

@@ -27,6 +27,7 @@ fastest is kept (:func:`pipesched.plan.greedy.tune_order`).
 from __future__ import annotations
 
 from pipesched.plan.greedy import check_tuning, tune_order
+from pipesched.plan.simulate import Costs
 from pipesched.plan.schedule import (
     Action,
     Plan,
@@ -40,7 +41,7 @@ from pipesched.plan.schedule import (
 class InterleavedZB(Schedule):
     name = "interleaved-zb"
 
-    def __init__(self, virtual_stages: int = 2, costs=None, comm: float = 0.0):
+    def __init__(self, virtual_stages: int = 2, costs: Costs | None = None, comm: float = 0.0):
         if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 2:
             raise ValueError(
                 f"virtual_stages (stages per rank) must be an int >= 2, got {virtual_stages!r}; "

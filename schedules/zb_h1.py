@@ -25,6 +25,7 @@ and keeps the fastest in simulation.
 from __future__ import annotations
 
 from pipesched.plan.greedy import check_tuning, tune_order
+from pipesched.plan.simulate import Costs
 from pipesched.plan.schedule import (
     Action,
     Plan,
@@ -38,7 +39,7 @@ from pipesched.plan.schedule import (
 class ZBH1(Schedule):
     name = "zb-h1"
 
-    def __init__(self, costs=None, comm: float = 0.0):
+    def __init__(self, costs: Costs | None = None, comm: float = 0.0):
         self.costs, self.comm = check_tuning(costs, comm)
 
     def plan(self, num_stages: int, num_microbatches: int, num_ranks: int) -> Plan:

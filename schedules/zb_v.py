@@ -29,13 +29,14 @@ other costs than F = B = W.
 from __future__ import annotations
 
 from pipesched.plan.greedy import check_tuning, tune_order
+from pipesched.plan.simulate import Costs
 from pipesched.plan.schedule import Action, Plan, Schedule, require_v_shape, v_shape_placement
 
 
 class ZBV(Schedule):
     name = "zb-v"
 
-    def __init__(self, costs=None, comm: float = 0.0):
+    def __init__(self, costs: Costs | None = None, comm: float = 0.0):
         self.costs, self.comm = check_tuning(costs, comm)
 
     def default_num_stages(self, num_ranks: int) -> int:
