@@ -37,6 +37,11 @@ class Drawable(Protocol):
 #: Chrome-trace thread id of rank r's communication track: COMM_TRACK + r.
 COMM_TRACK = 1000
 
+#: Trace category and Gantt colour of each task kind: forward blue, backward orange,
+#: a split backward's weight-gradient pass (W) green.
+CATEGORY = {"F": "forward", "B": "backward", "W": "weight"}
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868"}
+
 _MISSING_MATPLOTLIB = (
     "Timeline.to_gantt_png needs matplotlib: install pipesched[plot] or pip install matplotlib"
 )
@@ -59,7 +64,7 @@ def chrome_trace(timeline: Drawable, path: str | os.PathLike[str] | None = None)
     for t in timeline.tasks:
         events.append({
             "name": f"{t.kind}{t.stage}.{t.microbatch}",
-            "cat": "forward" if t.kind == "F" else "backward",
+            "cat": CATEGORY.get(t.kind, t.kind),
             "ph": "X",
             "ts": (t.start - origin) * 1e6,
             "dur": (t.end - t.start) * 1e6,
@@ -92,7 +97,7 @@ def chrome_trace(timeline: Drawable, path: str | os.PathLike[str] | None = None)
 
 
 def gantt_png(timeline: Drawable, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
-    """Draw one row per rank, one bar per task (F blue, B orange), and save a PNG.
+    """Draw one row per rank, one bar per task (F blue, B orange, W green), and save a PNG.
 
     Needs matplotlib (``pip install pipesched[plot]``); imported here so the
     library does not depend on it. Uses the object API, not pyplot, so it
@@ -106,7 +111,7 @@ def gantt_png(timeline: Drawable, path: str | os.PathLike[str], *, title: str | 
 
     origin, span = timeline.tasks[0].start, timeline.makespan
     scale, unit = (1e3, "ms") if span < 1.0 else (1.0, "s")
-    colors = {"F": "#4C72B0", "B": "#DD8452"}
+    colors = COLORS
     inches, dpi = max(6.0, min(16.0, 4.0 + 0.45 * len(timeline.tasks) / timeline.num_ranks)), 120
     figure = Figure(figsize=(inches, 1.0 + 0.5 * timeline.num_ranks), dpi=dpi)
     axes = figure.add_subplot()
@@ -120,7 +125,9 @@ def gantt_png(timeline: Drawable, path: str | os.PathLike[str], *, title: str | 
     axes.set_yticks(range(timeline.num_ranks), [f"rank {r}" for r in range(timeline.num_ranks)])
     axes.set_ylim(timeline.num_ranks - 0.5, -0.5)  # rank 0 on top
     axes.set_xlabel(unit)
-    axes.legend(handles=[Patch(color=colors["F"], label="forward"), Patch(color=colors["B"], label="backward")],
+    split = any(t.kind == "W" for t in timeline.tasks)
+    labels = {"F": "forward", "B": "backward (input grad)" if split else "backward", "W": "weight grad"}
+    axes.legend(handles=[Patch(color=colors[k], label=labels[k]) for k in ("FBW" if split else "FB")],
                 loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     axes.set_title(title or f"{timeline.schedule or 'pipeline'}: makespan {seconds(span)}")
     figure.tight_layout()

@@ -65,10 +65,12 @@ class TimelineAnalysis:
       These four are ``None`` when the tasks are not a self-contained plan (e.g.
       the backward-only half of ``pipe(x)`` then ``output.backward()``).
     * ``replayed``: ``"recorded order"``, or the schedule passed to ``analyze``.
-    * ``stage_work``: seconds of F + B per stage; ``stage_balance = mean / max`` of
-      it (1.0: perfectly balanced; 0.5: the slowest stage does twice the average).
+    * ``stage_work``: seconds of F + B (+ W, where backwards were split) per stage;
+      ``stage_balance = mean / max`` of it (1.0: perfectly balanced; 0.5: the
+      slowest stage does twice the average).
     * ``peak_inflight``: per rank, most micro-batches forwarded and not yet
-      backwarded at once, counted from the records.
+      backwarded at once (for a split backward: not yet through its W),
+      counted from the records.
     * ``peak_activation_bytes``: per rank, from the step report; ``None`` when the
       timeline was read from log events, which do not carry it.
     """

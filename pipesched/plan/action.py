@@ -1,21 +1,31 @@
-"""The unit of work a schedule orders: one forward or backward of one stage on one micro-batch.
+"""The unit of work a schedule orders: one forward, backward or weight-gradient pass of one stage.
 
 An :class:`Action` is a small frozen value so plans are plain data: they can be
 printed, compared, hashed into dicts, written to a file and replayed by the
 simulator. ``str(Action("F", 3, 1)) == "F3.1"`` reads "forward of stage 3 on
-micro-batch 1".
+micro-batch 1"; ``str(Action("W", 2, 3)) == "W2.3"`` reads "weight gradient of
+stage 2 on micro-batch 3".
 
-The dependency rule lives here, next to the value it is about, so the plan
-validator, the simulator and the runtime all wait for exactly the same things.
+A backward is split or whole per (stage, micro-batch), and the plan says which:
+when ``W(s, m)`` is in the plan, ``B(s, m)`` computes only the input gradient
+(what the previous stage waits for) and ``W(s, m)`` the parameter gradients,
+later, on the same rank; without ``W(s, m)``, ``B(s, m)`` is the whole backward.
+Zero-bubble schedules split backwards so that the W passes, which nobody waits
+for, can fill the pipeline's bubbles.
+
+What each action waits for is written once, in
+:func:`pipesched.plan.lowering.inputs_of`; ``dependencies`` here is that rule's
+name kept for older imports (it *is* :func:`pipesched.plan.lowering.dependencies`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-Kind = Literal["F", "B"]
-KINDS: tuple[str, ...] = ("F", "B")
+Kind = Literal["F", "B", "W"]
+#: F forward, B backward (the input-gradient part when the plan also holds W), W weight gradient.
+KINDS: tuple[str, ...] = ("F", "B", "W")
 
 #: A plan: for each rank, the ordered list of actions that rank runs.
 Plan = list[list["Action"]]
@@ -23,34 +33,44 @@ Plan = list[list["Action"]]
 
 @dataclass(frozen=True, slots=True, order=True)
 class Action:
-    """Forward (``"F"``) or backward (``"B"``) of ``stage`` on ``microbatch``."""
+    """Forward (``"F"``), backward (``"B"``) or weight gradient (``"W"``) of ``stage`` on ``microbatch``."""
 
     kind: Kind
     stage: int
     microbatch: int
+    # Plans are walked through dicts keyed by action (replay, validation, tuning, the
+    # runtime), so the hash is computed once. It depends on the process's string-hash
+    # seed, hence __reduce__: a pickled action is rebuilt, and rehashed, where it lands.
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Action kind must be one of {KINDS}, got {self.kind!r}")
-        for field, value in (("stage", self.stage), ("microbatch", self.microbatch)):
+        for name, value in (("stage", self.stage), ("microbatch", self.microbatch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Action {field} must be an int >= 0, got {value!r}")
+                raise ValueError(f"Action {name} must be an int >= 0, got {value!r}")
+        object.__setattr__(self, "_hash", hash((self.kind, self.stage, self.microbatch)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[Any, tuple[str, int, int]]:
+        return (Action, (self.kind, self.stage, self.microbatch))
 
     def __str__(self) -> str:
         return f"{self.kind}{self.stage}.{self.microbatch}"
 
 
-def dependencies(action: Action, num_stages: int) -> tuple[Action, ...]:
-    """The actions whose results ``action`` consumes.
+def split_backwards(actions: Any) -> set[tuple[int, int]]:
+    """The (stage, micro-batch) pairs whose backward ``actions`` splits (those with a W)."""
+    return {(a.stage, a.microbatch) for a in actions if a.kind == "W"}
 
-    ``F(s, m)`` needs ``F(s-1, m)``'s output. ``B(s, m)`` needs its own
-    ``F(s, m)`` (the saved activations, or the input to recompute from) and
-    ``B(s+1, m)``'s gradient; the last stage's backward starts from the loss,
-    which is computed as part of ``F(last, m)``.
-    """
-    s, m = action.stage, action.microbatch
-    if action.kind == "F":
-        return (Action("F", s - 1, m),) if s > 0 else ()
-    if s + 1 < num_stages:
-        return (Action("F", s, m), Action("B", s + 1, m))
-    return (Action("F", s, m),)
+
+def __getattr__(name: str) -> Any:
+    # ``dependencies`` used to be written here; it now lives with the other edges in
+    # lowering (which imports this module, hence the lazy lookup), one rule for all.
+    if name == "dependencies":
+        from pipesched.plan.lowering import dependencies
+
+        return dependencies
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

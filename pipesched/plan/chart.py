@@ -8,8 +8,9 @@ visible as dots::
     rank 0  F0.0 F0.1 .    .    B0.1 B0.0
     rank 1  .    F1.0 F1.1 B1.1 B1.0 .
 
-An action longer than one quantum continues with ``-`` marks. The quantum is
-the greatest common divisor of the costs (forward, backward, comm), so every
+An action longer than one quantum continues with ``-`` marks; a split
+backward's weight-gradient pass shows as ``W2.3``. The quantum is the greatest
+common divisor of the costs (forward, backward, weight, comm), so every
 start and end falls on a column boundary; when that would need more than
 :data:`MAX_COLUMNS` columns the grid coarsens to the smallest cost and times
 are rounded to it (the chart says so).
@@ -54,6 +55,8 @@ class PlanChart:
     backward_cost: float
     comm: float
     plan: Plan
+    #: cost of a W; ``None`` when the plan splits no backward and none was given
+    weight_cost: float | None
     sim: SimResult
     bound: LowerBound
 
@@ -77,8 +80,16 @@ def build_chart(
     forward_cost: float = 1.0,
     backward_cost: float = 1.0,
     comm: float = 0.0,
+    weight_cost: float | None = None,
 ) -> PlanChart:
     """Plan ``name`` for the shape, validate it exactly as the engine would, and simulate it.
+
+    ``weight_cost`` prices W actions; when given, ``backward_cost`` is the
+    input-gradient part of a backward and a backward the plan does not split
+    costs ``backward_cost + weight_cost`` (the simulator's rule). Left out, a
+    plan that splits backwards gets ``weight_cost = backward_cost`` (F = B = W,
+    the zero-bubble papers' setting), and one that does not keeps
+    ``backward_cost`` as its whole backward.
 
     Raises :class:`PlanError` (with the schedule's own advice) for an unknown
     name, a shape the schedule refuses, or a plan that fails validation. Only
@@ -100,8 +111,12 @@ def build_chart(
         raise
     except ValueError as error:
         raise PlanError(str(error)) from error
+    if weight_cost is None and any(a.kind == "W" for row in plan for a in row):
+        weight_cost = backward_cost
     costs = {("F", s): forward_cost for s in range(num_stages)}
     costs.update({("B", s): backward_cost for s in range(num_stages)})
+    if weight_cost is not None:
+        costs.update({("W", s): weight_cost for s in range(num_stages)})
     return PlanChart(
         schedule=schedule.name,
         num_stages=num_stages,
@@ -111,6 +126,7 @@ def build_chart(
         backward_cost=backward_cost,
         comm=comm,
         plan=plan,
+        weight_cost=weight_cost,
         sim=simulate(plan, costs, comm=comm, num_stages=num_stages),
         bound=lower_bound(plan, costs, comm=comm, num_stages=num_stages),
     )
@@ -122,7 +138,7 @@ def _quantum(chart: PlanChart) -> tuple[float, bool]:
     The exact choice is the gcd of the costs (as fractions): every simulated
     time is a sum of costs, hence a whole number of quanta.
     """
-    positive = [c for c in (chart.forward_cost, chart.backward_cost, chart.comm) if c > 0]
+    positive = [c for c in (chart.forward_cost, chart.backward_cost, chart.weight_cost or 0.0, chart.comm) if c > 0]
     if not positive:
         return 1.0, False
     fractions = [Fraction(c).limit_denominator(10_000) for c in positive]
@@ -175,10 +191,11 @@ def _time_label(time: float, width: int) -> str:
 def format_summary(chart: PlanChart) -> str:
     """Makespan, both bubble conventions, lower bound, and a per-rank table."""
     sim, bound = chart.sim, chart.bound
+    weight = "" if chart.weight_cost is None else f" W={chart.weight_cost:g}"
     lines = [
         (f"schedule {chart.schedule}: {chart.num_stages} stages on {chart.num_ranks} ranks, "
          f"{chart.num_microbatches} micro-batches; costs F={chart.forward_cost:g} "
-         f"B={chart.backward_cost:g} comm={chart.comm:g} (time units)"),
+         f"B={chart.backward_cost:g}{weight} comm={chart.comm:g} (time units)"),
         f"simulated makespan    {sim.makespan:g}",
         (f"bubble                {_percent(sim.overall_bubble_over_total)} of total "
          f"(idle / (ranks x makespan)), {_percent(sim.overall_bubble_over_ideal)} of ideal (idle / busy)"),

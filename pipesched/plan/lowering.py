@@ -12,12 +12,14 @@ reasons about waiting reads this one answer:
 * the simulator and plan validation replay the same edges;
 * the watchdog names, for a stuck action, the transfers it still waits for.
 
-A new kind of action or edge (split backward, skip connections) is a change
-to :func:`inputs_of` and nothing else.
+A new kind of action or edge (skip connections, say) is a change to
+:func:`inputs_of` and nothing else; the split backward (W actions) was one.
 
 ::
 
     F(s-1,m) ──activation──► F(s,m) ──state──► B(s,m) ◄──gradient── B(s+1,m)
+                                                  │
+                                                  └──state──► W(s,m)    (when the plan splits it)
 
 ``state`` edges stay on the stage's own rank (what a forward keeps for its
 backward); ``activation`` and ``gradient`` edges cross a stage boundary and
@@ -55,11 +57,16 @@ def inputs_of(action: Action, num_stages: int) -> tuple[Edge, ...]:
     ``F(s, m)`` needs ``F(s-1, m)``'s output. ``B(s, m)`` needs what its own
     ``F(s, m)`` kept (the saved activations, or the input to recompute from)
     and ``B(s+1, m)``'s input gradient; the last stage's backward starts from
-    the loss, computed as part of ``F(last, m)``.
+    the loss, computed as part of ``F(last, m)``. ``W(s, m)``, present when the
+    plan splits that backward, needs what ``B(s, m)`` kept (the output
+    gradient and the saved activations), on the same rank, and nothing else:
+    no other stage waits for a W, which is why W can fill bubbles.
     """
     s, m = action.stage, action.microbatch
     if action.kind == "F":
         return (Edge(Action("F", s - 1, m), action, ACTIVATION),) if s > 0 else ()
+    if action.kind == "W":
+        return (Edge(Action("B", s, m), action, STATE),)
     own = Edge(Action("F", s, m), action, STATE)
     if s + 1 < num_stages:
         return (own, Edge(Action("B", s + 1, m), action, GRADIENT))

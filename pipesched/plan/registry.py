@@ -1,7 +1,8 @@
 """Schedule names → schedule objects, with third-party plug-ins found by entry point.
 
 The built-ins (``gpipe``, ``1f1b``, ``interleaved-1f1b`` and its alias
-``interleaved``) are declared in pyproject.toml under the entry-point group
+``interleaved``, ``looped-bfs``, and the zero-bubble family ``zb-h1``, ``zb-v``,
+``interleaved-zb``, ``dualpipe-v``) are declared in pyproject.toml under the entry-point group
 ``pipesched.schedules``, exactly as a third-party package declares its own, so
 the engine never imports a concrete schedule. :func:`register_schedule` adds
 one at run time (tests, notebooks).

@@ -2,7 +2,7 @@
 
 Plan validation (deadlock detection) and the simulator both call :func:`replay`,
 so "what waits for what" is decided in exactly one place
-(:func:`pipesched.plan.action.dependencies` plus "a rank runs its list in order").
+(:func:`pipesched.plan.lowering.inputs_of` plus "a rank runs its list in order").
 
 The graph has one node per action and two kinds of edges: the previous action
 on the same rank, and the data dependencies. A topological walk (Kahn's
@@ -23,7 +23,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pipesched.plan.action import Action, dependencies
+from pipesched.plan.action import Action
+from pipesched.plan.lowering import dependencies
 
 
 class Deadlock(ValueError):
@@ -83,13 +84,17 @@ def replay(
         for action in actions:
             rank_of[action] = rank
 
+    own = {action: action for action in rank_of}
     waiting_on: dict[Action, int] = {}
     successors: dict[Action, list[Action]] = {action: [] for action in rank_of}
+    inputs: dict[Action, tuple[Action, ...]] = {}
     ready: deque[Action] = deque()
     for actions in plan:
         previous: Action | None = None
         for action in actions:
-            preds = list(dependencies(action, num_stages))
+            # the plan's own objects: later lookups then match by identity, not by __eq__
+            inputs[action] = tuple(own.get(d, d) for d in dependencies(action, num_stages))
+            preds = list(inputs[action])
             if previous is not None:
                 preds.append(previous)
             for pred in preds:
@@ -111,7 +116,7 @@ def replay(
         tail = rank_tail[rank]
         if tail is not None:
             begin, because = end[tail], tail
-        for dep in dependencies(action, num_stages):
+        for dep in inputs[action]:
             arrival = end[dep] + (comm if rank_of[dep] != rank else 0.0)
             if arrival > begin:
                 begin, because = arrival, dep

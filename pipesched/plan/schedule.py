@@ -27,8 +27,12 @@ __all__ = [
     "Plan",
     "PlanCache",
     "Schedule",
+    "defer_weight_passes",
+    "microbatch_groups",
     "one_forward_one_backward",
     "require_one_stage_per_rank",
+    "require_v_shape",
+    "v_shape_placement",
     "validate_placement",
     "validate_plan",
 ]
@@ -51,7 +55,11 @@ class Schedule:
         return [stage % num_ranks for stage in range(num_stages)]
 
     def plan(self, num_stages: int, num_microbatches: int, num_ranks: int) -> Plan:
-        """Per rank, the ordered actions it runs (every F and B exactly once)."""
+        """Per rank, the ordered actions it runs.
+
+        Every F and B exactly once; a W for each backward the schedule splits
+        (after its B, on the same rank). See :func:`validate_plan`.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement plan()")
 
     def default_num_stages(self, num_ranks: int) -> int:
@@ -87,6 +95,65 @@ def one_forward_one_backward(
     return order + list(backwards[len(forwards) - warmup :])
 
 
+def defer_weight_passes(order: Sequence[Action], delay: int) -> list[Action]:
+    """Split every backward of one rank's order, running each W ``delay`` backwards late.
+
+    The W of the k-th B goes right after the (k + ``delay``)-th B; those left
+    go at the end, oldest first. ``delay = 0`` puts each W right after its B
+    (no gain, the split's cost only); a larger delay lets the rank move on to
+    the next forward or backward, the ones other ranks wait for, and keeps the
+    W for a moment nobody waits, at the price of holding ``delay`` more
+    micro-batches' activations. The shape of ZB-H1 and interleaved ZB.
+    """
+    out: list[Action] = []
+    pending: list[Action] = []
+    for action in order:
+        out.append(action)
+        if action.kind == "B":
+            pending.append(Action("W", action.stage, action.microbatch))
+            if len(pending) > delay:
+                out.append(pending.pop(0))
+    return out + pending
+
+
+def microbatch_groups(num_microbatches: int, num_ranks: int) -> list[range]:
+    """Micro-batches in ``max(1, m // p)`` consecutive groups whose sizes differ by at most one, larger first.
+
+    Looped schedules walk a group through all of a rank's stages before the
+    next one; groups of at least ``p`` keep every rank busy (fewer only when
+    ``m < p``), for any ``m``, not only multiples of ``p``.
+    """
+    rounds = max(1, num_microbatches // num_ranks)
+    sizes = [num_microbatches // rounds + (1 if i < num_microbatches % rounds else 0) for i in range(rounds)]
+    groups, first = [], 0
+    for size in sizes:
+        groups.append(range(first, first + size))
+        first += size
+    return groups
+
+
+def v_shape_placement(num_stages: int, num_ranks: int) -> list[int]:
+    """Two stages per rank in a V: stage ``s < p`` on rank ``s``, stage ``s >= p`` on rank ``2p - 1 - s``.
+
+    Rank 0 holds the first and the last stage, so a micro-batch's last forward
+    and first backward run where its first forward did, and each rank's two
+    stages are equally far from the loss on the way down and up: the
+    placement of ZB-V and DualPipeV.
+    """
+    return [stage if stage < num_ranks else 2 * num_ranks - 1 - stage for stage in range(num_stages)]
+
+
+def require_v_shape(name: str, num_stages: int, num_ranks: int) -> None:
+    """Raise the standard error of schedules that need exactly two stages per rank in a V."""
+    if num_stages != 2 * num_ranks:
+        raise ValueError(
+            f"schedule {name!r} runs two stages per rank in a V (rank r holds stages r and "
+            f"2p-1-r), so it needs twice as many stages as ranks; got {num_stages} stages for "
+            f"{num_ranks} ranks: use a balance with {2 * num_ranks} entries"
+            + (f", or {num_stages // 2} devices" if num_stages % 2 == 0 and num_stages > 0 else "")
+        )
+
+
 def validate_placement(placement: Sequence[int], num_stages: int, num_ranks: int) -> list[int]:
     """Check a placement (one rank index per stage) and return it as a list."""
     placement = list(placement)
@@ -109,17 +176,25 @@ def validate_plan(
     num_microbatches: int,
     num_ranks: int,
     placement: Sequence[int],
-    kinds: str = "FB",
+    kinds: str = "FBW",
 ) -> Plan:
     """Check ``plan`` and return it as a list of lists, or raise ``ValueError``.
 
-    Checks: one list per rank; every ``kind`` in ``kinds`` of every
-    (stage, micro-batch) exactly once and nothing else; each action on the rank
-    ``placement`` gives its stage; each F before its B; and no cycle across
-    ranks (:class:`~pipesched.plan.replay.Deadlock`, a ``ValueError`` that names the
-    waiting actions). ``kinds="F"`` checks a forward-only plan.
+    ``kinds`` are the kinds the plan may hold. F and B (when in ``kinds``) are
+    required: each of every (stage, micro-batch) exactly once. W is optional
+    per (stage, micro-batch): where ``W(s, m)`` appears (at most once), it
+    splits that backward, and it must come after ``B(s, m)`` on the same rank.
+    Every action sits on the rank ``placement`` gives its stage, each F comes
+    before its B, and the ranks' orders form no cycle
+    (:class:`~pipesched.plan.replay.Deadlock`, a ``ValueError`` that names the
+    waiting actions). ``kinds="FB"`` refuses split backwards (an engine that
+    cannot run W); ``kinds="F"`` checks a forward-only plan.
     """
     placement = validate_placement(placement, num_stages, num_ranks)
+    if not isinstance(kinds, str) or not kinds or any(k not in "FBW" for k in kinds) or (
+        "W" in kinds and "B" not in kinds
+    ):
+        raise ValueError(f"kinds must be 'FBW', 'FB' or 'F' (W needs B), got {kinds!r}")
     if isinstance(plan, (str, bytes)) or not isinstance(plan, Sequence) or len(plan) != num_ranks:
         got = len(plan) if isinstance(plan, Sequence) else type(plan).__name__
         raise ValueError(f"a plan must hold one action list per rank ({num_ranks}), got {got}")
@@ -136,6 +211,12 @@ def validate_plan(
                     f"expected an Action(kind, stage, microbatch)"
                 )
             if action.kind not in kinds:
+                if action.kind == "W":
+                    raise ValueError(
+                        f"{action} on rank {rank}: this plan may only hold kinds {kinds!r}, and W "
+                        f"(a split backward's weight-gradient pass) is not one of them; use a "
+                        f"schedule that does not split backwards"
+                    )
                 raise ValueError(f"{action} on rank {rank}: this plan may only hold kinds {kinds!r}")
             if action.stage >= num_stages or action.microbatch >= num_microbatches:
                 raise ValueError(
@@ -149,19 +230,24 @@ def validate_plan(
                     f"{action} is on rank {rank}, but stage {action.stage} is placed on "
                     f"rank {placement[action.stage]}"
                 )
-            if action.kind == "B" and Action("F", action.stage, action.microbatch) not in seen:
-                raise ValueError(
-                    f"{action} comes before F{action.stage}.{action.microbatch} on rank {rank}; "
-                    f"a backward needs its forward first"
-                )
+            if action.kind != "F":
+                before = Action("F" if action.kind == "B" else "B", action.stage, action.microbatch)
+                if seen.get(before) != rank:  # same stage, hence the same rank when present
+                    raise ValueError(
+                        f"{action} comes before {before} on rank {rank}; a backward needs its forward first"
+                        if action.kind == "B" else
+                        f"{action} comes before {before} on rank {rank} (or {before} is missing); the "
+                        f"weight-gradient pass W of a split backward runs after its input-gradient part B"
+                    )
             seen[action] = rank
             row.append(action)
         checked.append(row)
-    expected = num_stages * num_microbatches * len(kinds)
-    if len(seen) != expected:
+    required = [k for k in "FB" if k in kinds]
+    present = sum(1 for a in seen if a.kind in required)
+    if present != num_stages * num_microbatches * len(required):
         missing = [
             str(Action(kind, stage, mb))  # type: ignore[arg-type]
-            for kind in kinds
+            for kind in required
             for stage in range(num_stages)
             for mb in range(num_microbatches)
             if Action(kind, stage, mb) not in seen  # type: ignore[arg-type]
@@ -178,19 +264,49 @@ class PlanCache:
     A batch with fewer rows than ``chunks`` runs fewer micro-batches, so a
     pipeline may need several plans; each is validated the first time it is
     asked for, before any task of it runs.
+
+    ``split_backward`` says whether the engine that will run the plans runs W
+    actions. Until it does, a plan that splits a backward is refused here,
+    with the schedule's name, instead of running W as a second backward.
     """
 
-    def __init__(self, schedule: Schedule, num_stages: int, num_ranks: int, placement: Sequence[int]):
+    def __init__(
+        self,
+        schedule: Schedule,
+        num_stages: int,
+        num_ranks: int,
+        placement: Sequence[int],
+        split_backward: bool = False,
+    ):
         self.schedule = schedule
         self.num_stages = num_stages
         self.num_ranks = num_ranks
         self.placement = list(placement)
+        self.split_backward = split_backward
         self._plans: dict[int, Plan] = {}
 
     def __call__(self, num_microbatches: int) -> Plan:
         plan = self._plans.get(num_microbatches)
         if plan is None:
             raw = self.schedule.plan(self.num_stages, num_microbatches, self.num_ranks)
-            plan = validate_plan(raw, self.num_stages, num_microbatches, self.num_ranks, self.placement)
+            if not self.split_backward and _holds_weight_passes(raw):
+                raise ValueError(
+                    f"schedule {self.schedule.name!r} splits backwards into B and W (weight-gradient) "
+                    f"actions, which this engine does not run yet; pick a schedule without W "
+                    f"(gpipe, 1f1b, interleaved-1f1b, looped-bfs), or study this one with "
+                    f"pipesched.simulate / `pipesched schedule show {self.schedule.name}`"
+                )
+            kinds = "FBW" if self.split_backward else "FB"
+            plan = validate_plan(raw, self.num_stages, num_microbatches, self.num_ranks, self.placement, kinds)
             self._plans[num_microbatches] = plan
         return plan
+
+
+def _holds_weight_passes(plan: object) -> bool:
+    """Whether a (not yet validated) plan holds a W action; malformed plans are validate_plan's to name."""
+    if not isinstance(plan, Sequence):
+        return False
+    return any(
+        isinstance(row, Sequence) and any(isinstance(a, Action) and a.kind == "W" for a in row)
+        for row in plan
+    )

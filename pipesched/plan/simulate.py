@@ -21,6 +21,21 @@ Costs come in three shapes:
   ``(kind, stage)``; an action recorded several times (several steps) costs the
   mean of its records.
 
+Split backwards. Kind ``"W"`` prices a weight-gradient pass. Where the plan
+splits a backward (holds ``W(s, m)``), ``("B", s)`` is the input-gradient part
+alone. A backward the plan does not split runs both parts at once, so:
+
+* a mapping that gives ``("W", s)`` prices stage s's unsplit backwards at
+  ``B + W``; one that gives no W for the stage prices them at ``B`` (the whole
+  backward, as before W existed). One mapping ``{F, B, W}`` therefore prices
+  1F1B and ZB-H1 consistently, and so compares them fairly;
+* a callable is asked for each action's own kind: ``("B", s)`` for an unsplit
+  backward too, so it returns the whole backward there (old callables keep
+  their meaning); use a mapping to get ``B + W``;
+* measured records know which backwards ran split (a ``B`` record with a ``W``
+  record of the same stage and micro-batch): an unsplit backward costs its own
+  record, else its measured ``B + W`` parts; a split one needs split records.
+
 Two bubble conventions are in use and they differ by a lot, so both are given
 and named for their denominator: ``bubble_over_total`` is idle / makespan (the
 share of the wall clock a rank waits), ``bubble_over_ideal`` is idle / busy (the
@@ -36,7 +51,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
-from pipesched.plan.action import Action, Plan, dependencies
+from pipesched.plan.action import Action, Plan, split_backwards
+from pipesched.plan.lowering import dependencies, inputs_of
 from pipesched.plan.replay import replay
 from pipesched.plan.record import TaskRecord
 
@@ -83,7 +99,7 @@ class SimResult:
     * ``peak_inflight[r]``: the most micro-batches rank ``r`` had forwarded and not
       yet backwarded at once, counting each of its stages (a micro-batch in
       flight on two stages of the rank counts twice, as it holds two sets of
-      activations).
+      activations). A split backward holds its micro-batch until its W.
     * ``critical_path``: the chain of actions, first to last, each of which could
       not start earlier because of the one before it; its costs (plus ``comm`` on
       every rank change) add up to the makespan.
@@ -128,7 +144,8 @@ class LowerBound:
       one action at a time.
     * ``chain``: the longest single micro-batch chain (``chain_microbatch``),
       ``F(0) .. F(S-1), B(S-1) .. B(0)`` plus ``comm`` for every hop between ranks,
-      since each link waits for the one before.
+      since each link waits for the one before; with split backwards, the
+      longest path through the micro-batch's actions (a W hangs off its B).
 
     ``bound.efficiency(makespan)`` is ``value / makespan``: 1.0 means the plan
     is as fast as these two limits allow.
@@ -166,7 +183,8 @@ def simulate(
         plan: per-rank action lists, as ``Schedule.plan`` returns. Every action's
             inputs must be produced by some action of the plan.
         costs: a callable ``(kind, stage) -> seconds``, a mapping keyed by
-            ``(kind, stage)``, or measured task records (see the module docstring).
+            ``(kind, stage)``, or measured task records (see the module docstring,
+            also for how split and unsplit backwards are priced).
         comm: seconds added to every dependency whose two ends are on different ranks.
         num_stages: the model's stage count; default ``1 + `` the largest stage in
             ``plan``. Only matters for a plan that leaves out the last stages.
@@ -177,7 +195,7 @@ def simulate(
     """
     rows, num_stages = _check_plan(plan, num_stages)
     comm = _check_comm(comm)
-    cost = as_cost_function(costs)
+    cost = as_cost_function(costs, split_backwards(a for row in rows for a in row))
     result = replay(rows, num_stages, cost, comm)
     makespan = result.makespan
 
@@ -216,7 +234,7 @@ def lower_bound(
     """
     rows, num_stages = _check_plan(plan, num_stages)
     comm = _check_comm(comm)
-    cost = as_cost_function(costs)
+    cost = as_cost_function(costs, split_backwards(a for row in rows for a in row))
 
     work, work_rank = 0.0, None
     for rank, row in enumerate(rows):
@@ -231,41 +249,83 @@ def lower_bound(
             chains[action.microbatch].append(action)
     chain, chain_mb = 0.0, None
     for mb in sorted(chains):
-        # F by stage upwards, then B by stage downwards: each link waits for the one before.
-        path = sorted(chains[mb], key=lambda a: (a.kind != "F", a.stage if a.kind == "F" else -a.stage))
-        hops = sum(rank_of[x] != rank_of[y] for x, y in zip(path, path[1:]))
-        length = math.fsum(cost(a) for a in path) + comm * hops
+        length = _longest_path(chains[mb], num_stages, cost, comm, rank_of)
         if chain_mb is None or length > chain:
             chain, chain_mb = length, mb
     return LowerBound(work=work, chain=chain, work_rank=work_rank, chain_microbatch=chain_mb)
 
 
+def _longest_path(
+    actions: list[Action], num_stages: int, cost: Callable[[Action], float], comm: float,
+    rank_of: Mapping[Action, int],
+) -> float:
+    """Longest path through one micro-batch's actions along the dependency rule.
+
+    Every edge of the rule stays within a micro-batch, so this is the chain no
+    order can shorten: F up the stages, B down, each W after its B, plus
+    ``comm`` on each edge between ranks.
+    """
+    finish: dict[Action, float] = {}
+    # F by stage upwards, then B by stage downwards, W last: every producer before its consumer.
+    phase = {"F": 0, "B": 1, "W": 2}
+    for action in sorted(actions, key=lambda a: (phase[a.kind], a.stage if a.kind == "F" else -a.stage)):
+        begin = 0.0
+        for edge in inputs_of(action, num_stages):
+            if edge.producer in finish:
+                hop = comm if rank_of[edge.producer] != rank_of[action] else 0.0
+                begin = max(begin, finish[edge.producer] + hop)
+        finish[action] = begin + cost(action)
+    return max(finish.values(), default=0.0)
+
+
 def peak_inflight(actions: Iterable[Action]) -> int:
-    """Most (stage, micro-batch) pairs forwarded and not yet backwarded along ``actions``.
+    """Most (stage, micro-batch) pairs forwarded and not yet done with along ``actions``.
 
     ``actions`` is one rank's list in the order it runs them; a rank runs one
-    action at a time, so order alone decides the peak.
+    action at a time, so order alone decides the peak. A pair is done with at
+    its B, or, when the list also holds its W (a split backward), at its W:
+    the weight-gradient pass still needs the saved activations.
     """
+    row = list(actions)
+    split = split_backwards(row)
     inflight = peak = 0
-    for action in actions:
-        inflight += 1 if action.kind == "F" else -1
+    for action in row:
+        if action.kind == "F":
+            inflight += 1
+        elif action.kind == "W" or (action.stage, action.microbatch) not in split:
+            inflight -= 1
         peak = max(peak, inflight)
     return peak
 
 
-def as_cost_function(costs: Costs) -> Callable[[Action], float]:
-    """Turn any accepted ``costs`` shape into ``action -> seconds``, checking every value."""
+def as_cost_function(
+    costs: Costs, split: Iterable[tuple[int, int]] = ()
+) -> Callable[[Action], float]:
+    """Turn any accepted ``costs`` shape into ``action -> seconds``, checking every value.
+
+    ``split`` holds the (stage, micro-batch) pairs whose backward the plan
+    splits; every other B is an unsplit backward, priced as the module
+    docstring says.
+    """
+    split = frozenset(split)
     if isinstance(costs, Mapping):
         table = costs
 
-        def lookup(action: Action) -> Any:
-            key = (action.kind, action.stage)
+        def entry(kind: str, action: Action) -> Any:
+            key = (kind, action.stage)
             if key not in table:
                 raise ValueError(
                     f"costs has no entry for {key!r} (needed by {action}); give one per "
                     f"(kind, stage) that the plan runs, e.g. {{('F', 0): 1.0, ('B', 0): 2.0}}"
+                    + ("; W is the weight-gradient pass of a split backward" if kind == "W" else "")
                 )
             return table[key]
+
+        def lookup(action: Action) -> Any:
+            value = entry(action.kind, action)
+            if action.kind == "B" and (action.stage, action.microbatch) not in split and ("W", action.stage) in table:
+                return _checked_value(value, action) + _checked_value(table[("W", action.stage)], action)
+            return value
 
         return _checked(lookup)
     if callable(costs):
@@ -276,13 +336,18 @@ def as_cost_function(costs: Costs) -> Callable[[Action], float]:
             f"costs must be a callable (kind, stage) -> seconds, a dict keyed by (kind, stage), "
             f"or measured task records; got {type(costs).__name__}"
         )
-    return _checked(_measured_costs(costs))
+    return _checked(_measured_costs(costs, split))
 
 
-def _measured_costs(records: Iterable[Any]) -> Callable[[Action], float]:
-    """Per action: the mean of its own records, else the mean of its (kind, stage)."""
-    own: dict[tuple[str, int, int], list[float]] = defaultdict(list)
-    by_stage: dict[tuple[str, int], list[float]] = defaultdict(list)
+def _measured_costs(records: Iterable[Any], split: frozenset[tuple[int, int]]) -> Callable[[Action], float]:
+    """Per action: the mean of its own records, else the mean of its (kind, stage).
+
+    Backwards are told apart by whether they ran split (a W record of the
+    same stage and micro-batch exists): ``"B"`` for a whole backward,
+    ``"B/in"`` for the input-gradient part of a split one. A plan's unsplit
+    backward with only split measurements costs their ``B + W``.
+    """
+    rows: list[tuple[str, int, int, float]] = []
     for index, record in enumerate(records):
         missing = [f for f in _RECORD_FIELDS if not hasattr(record, f)]
         if missing:
@@ -290,18 +355,48 @@ def _measured_costs(records: Iterable[Any]) -> Callable[[Action], float]:
                 f"costs[{index}] is {type(record).__name__}, which lacks {', '.join(missing)}; "
                 f"measured costs must be task records (pipesched.TaskRecord)"
             )
-        duration = float(record.end) - float(record.start)
-        own[(record.kind, record.stage, record.microbatch)].append(duration)
-        by_stage[(record.kind, record.stage)].append(duration)
-    if not own:
+        rows.append((record.kind, record.stage, record.microbatch, float(record.end) - float(record.start)))
+    if not rows:
         raise ValueError("costs is an empty list of task records; give at least one record")
+    measured_split = {(stage, mb) for kind, stage, mb, _ in rows if kind == "W"}
+    own: dict[tuple[str, int, int], list[float]] = defaultdict(list)
+    by_stage: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for kind, stage, mb, duration in rows:
+        if kind == "B" and (stage, mb) in measured_split:
+            kind = "B/in"
+        own[(kind, stage, mb)].append(duration)
+        by_stage[(kind, stage)].append(duration)
     own_mean = {key: math.fsum(v) / len(v) for key, v in own.items()}
     stage_mean = {key: math.fsum(v) / len(v) for key, v in by_stage.items()}
 
+    def sum_of(table: Mapping[Any, float], *keys: Any) -> float | None:
+        values = [table.get(key) for key in keys]
+        return None if any(v is None for v in values) else math.fsum(values)  # type: ignore[arg-type]
+
     def cost(action: Action) -> float:
-        value = own_mean.get((action.kind, action.stage, action.microbatch))
-        if value is None:
-            value = stage_mean.get((action.kind, action.stage))
+        s, m = action.stage, action.microbatch
+        if action.kind != "B":
+            value = own_mean.get((action.kind, s, m))
+            if value is None:
+                value = stage_mean.get((action.kind, s))
+        elif (s, m) in split:
+            value = own_mean.get(("B/in", s, m))
+            if value is None:
+                value = stage_mean.get(("B/in", s))
+            if value is None and ("B", s) in stage_mean:
+                raise ValueError(
+                    f"{action} is the input-gradient part of a split backward, but the records "
+                    f"only hold whole backwards of stage {s} (no W was measured); record a run "
+                    f"of a schedule that splits stage {s}'s backwards"
+                )
+        else:  # unsplit: a whole backward's record, else its measured parts
+            value = own_mean.get(("B", s, m))
+            if value is None:
+                value = sum_of(own_mean, ("B/in", s, m), ("W", s, m))
+            if value is None:
+                value = stage_mean.get(("B", s))
+            if value is None:
+                value = sum_of(stage_mean, ("B/in", s), ("W", s))
         if value is None:
             raise ValueError(
                 f"no task record for {action} nor any other {action.kind} of stage "
@@ -314,16 +409,19 @@ def _measured_costs(records: Iterable[Any]) -> Callable[[Action], float]:
 
 def _checked(cost: Callable[[Action], Any]) -> Callable[[Action], float]:
     def checked(action: Action) -> float:
-        raw = cost(action)
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            value = math.nan
-        if not (math.isfinite(value) and value >= 0.0):
-            raise ValueError(f"costs gave {raw!r} seconds for {action}; every cost must be a finite number >= 0")
-        return value
+        return _checked_value(cost(action), action)
 
     return checked
+
+
+def _checked_value(raw: Any, action: Action) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"costs gave {raw!r} seconds for {action}; every cost must be a finite number >= 0")
+    return value
 
 
 def _check_comm(comm: float) -> float:

@@ -1,0 +1,269 @@
+"""Orders found by simulation: a list scheduler, and the fastest of several candidate plans.
+
+The zero-bubble orders of the papers are drawn for F = B = W and free links.
+Off that point (too few micro-batches to reach the steady state, a heavy last
+stage, slow links) a fixed order leaves bubbles that an order built *for the
+costs* fills. :func:`list_schedule` builds one the way the zero-bubble paper's
+heuristic does (Qi et al., 2024, section 3.2): it plays the step out in time
+and, whenever a rank is free, picks what that rank runs next:
+
+* warm up with as many forwards as the rank's in-flight limit allows;
+* then alternate forward and backward (1F1B's rhythm, which keeps every
+  rank fed and memory flat);
+* when neither is ready, fill the wait with a pending weight-gradient pass
+  (W), oldest first: no other rank waits for a W, so it costs nothing there;
+* at the in-flight limit, run W passes (they release activations) instead of
+  forwards.
+
+The result is a plain plan: per rank, the order in which the simulation ran
+its actions. Any order the simulation could run is free of deadlock, for every
+cost, so a plan tuned for one set of costs stays valid (if slower) for others.
+
+:func:`fastest` simulates candidate plans and keeps the quickest, breaking ties
+by peak in-flight memory and then by candidate order, so a schedule can offer
+its hand-drawn order first and keep it unless a tuned one is strictly better.
+
+Pure Python over :mod:`pipesched.plan`; no torch.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+from pipesched.plan.action import Action, Plan, split_backwards
+from pipesched.plan.lowering import inputs_of
+from pipesched.plan.replay import replay
+from pipesched.plan.simulate import Costs, as_cost_function, peak_inflight, simulate
+
+__all__ = ["check_tuning", "fastest", "list_schedule", "span_bound", "tune_order", "unit_costs"]
+
+
+def unit_costs(num_stages: int) -> dict[tuple[str, int], float]:
+    """F = B = W = 1 on every stage: the zero-bubble papers' setting (an unsplit backward costs 2)."""
+    return {(kind, stage): 1.0 for kind in "FBW" for stage in range(num_stages)}
+
+
+def list_schedule(
+    placement: Sequence[int],
+    num_microbatches: int,
+    limits: Sequence[int],
+    costs: Costs | None = None,
+    comm: float = 0.0,
+    forward_priority: Callable[[Action], object] | None = None,
+    fill_short_gaps: bool = True,
+) -> Plan:
+    """Play a step out in time with ``costs`` and return each rank's order (every backward split).
+
+    Args:
+        placement: rank of each stage (``len(placement)`` is the stage count).
+        num_microbatches: micro-batches in the step.
+        limits: per rank (one entry each), the most (stage, micro-batch) pairs
+            it may hold in flight (forwarded, W not yet run); at least 1.
+        costs, comm: as for :func:`pipesched.plan.simulate.simulate`; default
+            :func:`unit_costs`.
+        forward_priority: sort key among ready forwards (default: earliest
+            micro-batch, then latest stage: depth first, toward the loss).
+        fill_short_gaps: run a pending W in a wait even when a forward or
+            backward arrives before the W would end (else wait for it).
+    """
+    num_stages = len(placement)
+    num_ranks = len(limits)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in limits):
+        raise ValueError(f"limits must give every rank an in-flight limit >= 1, got {list(limits)!r}")
+    if any(not 0 <= rank < num_ranks for rank in placement):
+        raise ValueError(f"placement {list(placement)} names a rank outside 0..{num_ranks - 1} (one limit per rank)")
+    costs = unit_costs(num_stages) if costs is None else costs
+    cost = as_cost_function(costs, {(s, m) for s in range(num_stages) for m in range(num_microbatches)})
+    forward_key = forward_priority or (lambda a: (a.microbatch, -a.stage))
+    actions = [
+        Action(kind, stage, mb)  # type: ignore[arg-type]
+        for stage in range(num_stages) for mb in range(num_microbatches) for kind in "FBW"
+    ]
+    rank_of = {a: placement[a.stage] for a in actions}
+    duration = {a: cost(a) for a in actions}
+    waiting: dict[Action, int] = {}
+    consumers: dict[Action, list[Action]] = {a: [] for a in actions}
+    for a in actions:
+        edges = inputs_of(a, num_stages)
+        waiting[a] = len(edges)
+        for edge in edges:
+            consumers[edge.producer].append(a)
+    arrival: dict[Action, float] = {a: 0.0 for a in actions}
+    # released[r]: actions of rank r whose inputs are all scheduled -> when the last one arrives
+    released: list[dict[Action, float]] = [{} for _ in range(num_ranks)]
+    for a in actions:
+        if waiting[a] == 0:
+            released[rank_of[a]][a] = 0.0
+    free_at = [0.0] * num_ranks
+    inflight = [0] * num_ranks
+    last_kind = [""] * num_ranks
+    order: Plan = [[] for _ in range(num_ranks)]
+    wakeups: list[tuple[float, int]] = [(0.0, r) for r in range(num_ranks)]
+    left = len(actions)
+
+    def run(rank: int, action: Action, start: float) -> None:
+        nonlocal left
+        end = start + duration[action]
+        free_at[rank] = end
+        order[rank].append(action)
+        del released[rank][action]
+        left -= 1
+        if action.kind == "F":
+            inflight[rank] += 1
+        elif action.kind == "W":
+            inflight[rank] -= 1
+        if action.kind != "W":
+            last_kind[rank] = action.kind
+        heapq.heappush(wakeups, (end, rank))
+        for consumer in consumers[action]:
+            target = rank_of[consumer]
+            arrival[consumer] = max(arrival[consumer], end + (comm if target != rank else 0.0))
+            waiting[consumer] -= 1
+            if waiting[consumer] == 0:
+                released[target][consumer] = arrival[consumer]
+                heapq.heappush(wakeups, (arrival[consumer], target))
+
+    while left:
+        if not wakeups:
+            raise ValueError(
+                f"the in-flight limits {list(limits)} leave some rank unable to start the "
+                f"forward it needs; raise them"
+            )
+        now, rank = heapq.heappop(wakeups)
+        if free_at[rank] > now:
+            continue
+        forwards, backwards, weights, upcoming = [], [], [], math.inf
+        for a, t in released[rank].items():
+            if t > now:
+                if a.kind != "W":
+                    upcoming = min(upcoming, t)
+            elif a.kind == "B":
+                backwards.append(a)
+            elif a.kind == "W":
+                weights.append(a)
+            elif inflight[rank] < limits[rank]:
+                forwards.append(a)
+        choice: Action | None = None
+        if forwards and backwards:
+            pick_forward = last_kind[rank] != "F"
+            choice = min(forwards, key=forward_key) if pick_forward else min(backwards, key=_backward_key)
+        elif backwards:
+            choice = min(backwards, key=_backward_key)
+        elif forwards:
+            choice = min(forwards, key=forward_key)
+        elif weights:
+            w = min(weights, key=lambda a: (arrival[a], a.microbatch, -a.stage))
+            at_limit = inflight[rank] >= limits[rank]
+            if fill_short_gaps or at_limit or upcoming >= now + duration[w]:
+                choice = w
+        if choice is not None:
+            run(rank, choice, now)
+    return order
+
+
+def _backward_key(action: Action) -> tuple[int, int]:
+    """Earliest micro-batch first, then the latest stage (the longest backward chain still ahead)."""
+    return (action.microbatch, -action.stage)
+
+
+def fastest(candidates: Sequence[Plan], num_stages: int, costs: Costs, comm: float = 0.0) -> Plan:
+    """The candidate with the shortest simulated makespan; ties go to less memory, then to the earlier one."""
+    if not candidates:
+        raise ValueError("fastest() needs at least one candidate plan")
+    best, best_key = candidates[0], None
+    for index, plan in enumerate(candidates):
+        sim = simulate(plan, costs, comm=comm, num_stages=num_stages)
+        key = (round(sim.makespan, 9), max(sim.peak_inflight, default=0), sum(sim.peak_inflight), index)
+        if best_key is None or key < best_key:
+            best, best_key = plan, key
+    return best
+
+
+def span_bound(plan: Sequence[Sequence[Action]], num_stages: int, costs: Costs, comm: float = 0.0) -> float:
+    """A makespan no order of ``plan``'s actions on the same ranks can beat.
+
+    The larger of the longest dependency chain and the busiest rank's *span*.
+
+    A rank cannot start before the earliest moment any of its actions could
+    (the longest dependency path into it), must then run all its work, and
+    after its last action the longest path out of that action still has to
+    run. So ``max over ranks of (earliest head + work + shortest tail)``
+    bounds every order. It is tighter than the busiest rank's work, which is
+    what lets a schedule tell an order that can still improve from one that
+    cannot (1F1B under F = B is at this bound; so are ZB-H1 and ZB-V with
+    F = B = W and enough micro-batches).
+    """
+    actions = [a for row in plan for a in row]
+    rank_of = {a: r for r, row in enumerate(plan) for a in row}
+    cost = as_cost_function(costs, {(a.stage, a.microbatch) for a in actions if a.kind == "W"})
+    duration = {a: cost(a) for a in actions}
+    # producers before consumers: F by stage up, B by stage down, W last (per micro-batch)
+    phase = {"F": 0, "B": 1, "W": 2}
+    ordered = sorted(actions, key=lambda a: (phase[a.kind], a.stage if a.kind == "F" else -a.stage))
+    edges = {a: inputs_of(a, num_stages) for a in actions}
+    head: dict[Action, float] = {}
+    for a in ordered:
+        head[a] = max(
+            (head[e.producer] + duration[e.producer] + (comm if rank_of[e.producer] != rank_of[a] else 0.0)
+             for e in edges[a]),
+            default=0.0,
+        )
+    tail: dict[Action, float] = {a: 0.0 for a in actions}
+    for a in reversed(ordered):
+        for e in edges[a]:
+            hop = comm if rank_of[e.producer] != rank_of[a] else 0.0
+            tail[e.producer] = max(tail[e.producer], hop + duration[a] + tail[a])
+    chain = max((head[a] + duration[a] for a in actions), default=0.0)
+    spans = (
+        min(head[a] for a in row) + math.fsum(duration[a] for a in row) + min(tail[a] for a in row)
+        for row in plan if row
+    )
+    return max([chain, *spans])
+
+
+def check_tuning(costs: Costs | None, comm: float) -> tuple[Costs | None, float]:
+    """Check a schedule's ``costs`` / ``comm`` options (the costs its order is tuned for)."""
+    if costs is not None and (isinstance(costs, (str, bytes)) or not (callable(costs) or isinstance(costs, Mapping))):
+        raise ValueError(
+            f"costs must be a dict keyed by (kind, stage), e.g. {{('F', 0): 1.0, ('B', 0): 1.0, "
+            f"('W', 0): 1.0}}, or a callable (kind, stage) -> seconds; got {type(costs).__name__}"
+        )
+    try:
+        value = float(comm)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(comm, bool) or not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"comm must be a finite number of seconds >= 0, got {comm!r}")
+    return costs, value
+
+
+def tune_order(
+    handmade: Plan,
+    placement: Sequence[int],
+    num_microbatches: int,
+    costs: Costs | None = None,
+    comm: float = 0.0,
+) -> Plan:
+    """``handmade``, unless a list-scheduled order is strictly faster under ``costs`` and ``comm``.
+
+    The alternatives hold no rank to more micro-batches in flight than
+    ``handmade`` does, so tuning never costs memory. When ``handmade`` already
+    meets :func:`span_bound` nothing can beat it and nothing else is tried.
+    """
+    num_stages = len(placement)
+    costs = unit_costs(num_stages) if costs is None else costs
+    cost = as_cost_function(costs, split_backwards(a for row in handmade for a in row))
+    makespan = replay(handmade, num_stages, cost, comm).makespan
+    if makespan <= span_bound(handmade, num_stages, costs, comm) * (1 + 1e-9):
+        return handmade
+    limits = [peak_inflight(row) for row in handmade]
+    candidates = [handmade]
+    for fill in (True, False):
+        try:
+            candidates.append(list_schedule(placement, num_microbatches, limits, costs, comm,
+                                            fill_short_gaps=fill))
+        except ValueError:  # those limits starve this heuristic; the hand-drawn order stands
+            continue
+    return fastest(candidates, num_stages, costs, comm)
