@@ -27,6 +27,7 @@ BENCHMARKS = {
     "memory": "benchmarks.bench_memory",
     "real_memory": "benchmarks.bench_real_memory",
     "recompute": "benchmarks.bench_recompute",
+    "split_backward": "benchmarks.bench_split_backward",
 }
 
 

@@ -32,6 +32,7 @@ SPECIFIC = {
     "memory": {"part_a", "part_b"},
     "real_memory": {"workload", "rows"},
     "recompute": {"workload", "calibration", "rounds", "rows", "gradients"},
+    "split_backward": {"workload", "rounds", "rows"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -42,6 +43,7 @@ TABLE_MARKS = {
     "memory": "measured/theory",
     "real_memory": "real/meter",
     "recompute": "recompute-first/never",
+    "split_backward": "(B+W)/full",
 }
 
 
@@ -67,6 +69,8 @@ def test_benchmark_tiny_run(name, tmp_path, capsys):
             assert float(diff["relative"]) <= 1e-4, (pair, diff)
     if name == "recompute":  # checkpointing changes when the forward runs, not what the gradients are
         assert all(row["gradients_equal"] for row in document["rows"]), document["gradients"]
+    if name == "split_backward":  # B then W gives the full backward's gradients, bit for bit
+        assert all(row["equal"] for row in document["rows"]), document["rows"]
     assert not [t for t in threading.enumerate() if t.name.startswith("pipesched-")], "pipeline threads left running"
 
 
