@@ -96,7 +96,7 @@ class FailOnce(nn.Module):
 def scenario_gradients(rank: int, world: int, out: dict) -> None:
     from pipesched.distributed import DistributedPipeline
 
-    shapes = [("gpipe", None), ("1f1b", None), ("interleaved-1f1b", None)]
+    shapes = [("gpipe", None), ("1f1b", None), ("interleaved-1f1b", None), ("zb-h1", None)]
     for schedule, balance in shapes:
         for rows, chunks in [(11, 4), (3, 8)]:  # uneven split; fewer rows than chunks
             model = mlp(layers=4 * world if schedule.startswith("interleaved") else 2 * world + 1)

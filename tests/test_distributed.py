@@ -68,7 +68,7 @@ def world(request, tmp_path_factory):
 def test_gradients_and_loss_equal_single_process(world):
     size, results, _ = world
     for rank, result in enumerate(results):
-        for schedule in ["gpipe", "1f1b", "interleaved-1f1b"]:
+        for schedule in ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"]:  # zb-h1: split backwards (W)
             for shape, microbatches in [("11x4", 4), ("3x8", 3)]:
                 verdict = result[f"{schedule}/{shape}"]
                 assert verdict["ok"], f"rank {rank}, {schedule} {shape}: {verdict}"
@@ -78,7 +78,8 @@ def test_gradients_and_loss_equal_single_process(world):
         if "/" in key:
             assert len({r[key]["loss"] for r in results}) == 1
             stages = 2 * size if key.startswith("interleaved") else size
-            assert results[0][key]["tasks"] == 2 * stages * results[0][key]["microbatches"]
+            kinds = 3 if key.startswith("zb-") else 2  # F, B (and W where split)
+            assert results[0][key]["tasks"] == kinds * stages * results[0][key]["microbatches"]
 
 
 def test_tuple_activations_with_only_own_stages_built(world):

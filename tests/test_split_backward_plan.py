@@ -155,13 +155,6 @@ def test_plan_cache_refuses_w_until_the_engine_runs_it():
     assert PlanCache(ZBFlavouredGPipe(), 2, 2, [0, 1], split_backward=True)(2)[0][-1] == W(0, 0)
 
 
-def test_pipeline_refuses_a_split_plan_at_construction_instead_of_running_w_as_a_backward():
-    from conftest import mlp
-
-    with pytest.raises(ValueError, match=r"'split-gpipe' splits backwards .* does not run yet"):
-        Pipeline(mlp(layers=4), schedule=ZBFlavouredGPipe(), balance=[2, 2], chunks=2)
-
-
 # ------------------------------------------------------------------ simulator
 
 

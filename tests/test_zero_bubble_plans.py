@@ -283,12 +283,3 @@ def test_looped_bfs_runs_in_the_engine_with_the_unpipelined_gradients(chunks, po
         assert pipe.last_report.peak_inflight == [2 * chunks, 2 * chunks]  # measured: GPipe-like, v·m
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
     assert_grads_equal(model, ref_grads)
-
-
-@pytest.mark.parametrize("name", ["zb-h1", "zb-v", "interleaved-zb", "dualpipe-v"])
-def test_the_engine_refuses_split_schedules_by_name_until_it_runs_w(name):
-    from conftest import mlp
-    from pipesched import Pipeline
-
-    with pytest.raises(ValueError, match=f"schedule '{name}' splits backwards into B and W"):
-        Pipeline(mlp(layers=8), schedule=name, devices=["cpu", "cpu"], chunks=4)

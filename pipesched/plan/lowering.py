@@ -147,5 +147,9 @@ class Lowering:
         """What rank ``src`` sends rank ``dst`` (``src != dst``), in ``src``'s production order."""
         return [t for t in self.transfers if t.src == src and t.dst == dst and src != dst]
 
+    def splits(self, stage: int, microbatch: int) -> bool:
+        """Whether the plan splits (stage, micro-batch)'s backward: it holds ``W(stage, microbatch)``."""
+        return Action("W", stage, microbatch) in self.rank_of
+
     def dependencies(self, action: Action) -> tuple[Action, ...]:
         return dependencies(action, self.num_stages)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from pipesched.runtime.caller_state import SavedTensorHooks
 from pipesched.plan.action import Action
 from pipesched.runtime.rng import StepRandom
+from pipesched.runtime.split_backward import WeightWork
 
 CheckpointPolicy = Union[str, Callable[[int, int], bool]]
 POLICIES = ("always", "except_last", "never")
@@ -194,6 +195,7 @@ class CheckpointManager:
     memory: list[RankMemory]
     user_hooks: SavedTensorHooks | None = None
     held: dict[tuple[int, int], Held] = field(default_factory=dict)
+    weight_work: dict[tuple[int, int], tuple[WeightWork | None, int]] = field(default_factory=dict)
 
     def forward(
         self, action: Action, rank: int, inputs: tuple[Tensor, ...], run: Callable[[tuple[Tensor, ...]], Any],
@@ -249,6 +251,23 @@ class CheckpointManager:
         held.nbytes += meter.total
         self.memory[rank].grow(meter.total)
         return inputs, result
+
+    def defer_weights(self, action: Action, rank: int, work: WeightWork | None) -> None:
+        """B of a split backward is done: keep only what its W needs, until W.
+
+        The (stage, micro-batch) stays in flight, and the bytes W keeps stay
+        counted, until :meth:`weights` hands the work to W.
+        """
+        held = self.held.pop((action.stage, action.microbatch))
+        kept = 0 if work is None else work.nbytes()
+        self.weight_work[(action.stage, action.microbatch)] = (work, kept)
+        self.memory[rank].grow(kept - held.nbytes)
+
+    def weights(self, action: Action, rank: int) -> WeightWork | None:
+        """W's work for (stage, micro-batch) (``None``: nothing to do); it leaves the books now."""
+        work, kept = self.weight_work.pop((action.stage, action.microbatch))
+        self.memory[rank].grow(-kept, microbatches=-1)
+        return work
 
     def release(self, action: Action, rank: int) -> None:
         """Forget everything ``action``'s (stage, micro-batch) held; its backward is done."""

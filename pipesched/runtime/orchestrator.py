@@ -354,7 +354,7 @@ def _annotate(error: BaseException, action: Action | None, rank: int) -> None:
     if action is None:
         note = f"pipesched: raised on rank {rank}"
     else:
-        kind = "forward" if action.kind == "F" else "backward"
+        kind = {"F": "forward", "B": "backward", "W": "weight-gradient"}.get(action.kind, action.kind)
         note = (
             f"pipesched: raised in {kind} {action} (stage {action.stage}, "
             f"micro-batch {action.microbatch}) on rank {rank}"

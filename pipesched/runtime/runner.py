@@ -120,7 +120,7 @@ class StepRunner:
         self.ranks = list(range(self.num_ranks)) if ranks is None else list(ranks)
         self.log_tasks = options.log_tasks
         self._policy = make_policy(options.checkpoint)
-        self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement)
+        self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement, split_backward=True)
         self._parts: dict[tuple[int, str], tuple[Plan, Lowering]] = {}
         self.plan(options.chunks)  # refuse a shape the schedule cannot run before building anything
         self.random = RandomStreams()

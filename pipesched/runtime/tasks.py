@@ -30,6 +30,7 @@ from pipesched.runtime.checkpoint import CheckpointManager, is_recomputing
 from pipesched.runtime.loss_normalizer import weighted_loss
 from pipesched.runtime.mailbox import Mailbox, StepAborted
 from pipesched.plan.record import TaskRecord
+from pipesched.runtime.split_backward import WeightWork, backward_input
 from pipesched.runtime.stream import TaskClock
 from pipesched.runtime.structure import TUPLE, Structure, flatten, unflatten
 from pipesched.runtime.transport import Transport
@@ -129,7 +130,7 @@ def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: li
     for action in actions:
         if ctx.mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
             raise StepAborted(ctx.mailbox.abort_reason)
-        task = _forward if action.kind == "F" else _backward
+        task = _TASKS[action.kind]
         start, end = task(ctx, rank, action, clock)
         records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))
     clock.finish(records, first)
@@ -318,12 +319,17 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
     del outputs, loss, grads
-    if roots:
-        _run_backward(roots, root_grads)
-    del roots, root_grads
-    input_grads = tuple(x.grad if x.requires_grad else None for x in inputs)
-    del inputs
-    ctx.checkpoint.release(action, rank)
+    if ctx.mailbox.lowering.splits(stage, microbatch):  # B: input gradients only; W later
+        input_grads, work = _backward_inputs(ctx, stage, roots, root_grads, inputs)
+        del roots, root_grads, inputs
+        ctx.checkpoint.defer_weights(action, rank, work)
+    else:
+        if roots:
+            _run_backward(roots, root_grads)
+        del roots, root_grads
+        input_grads = tuple(x.grad if x.requires_grad else None for x in inputs)
+        del inputs
+        ctx.checkpoint.release(action, rank)
     outgoing = ctx.mailbox.outgoing(action)
     if not outgoing:  # the first stage: gradients of the caller's inputs
         results.input_grads[microbatch] = input_grads
@@ -333,3 +339,34 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     for packet, slot in packets:
         slot.put((packet, TUPLE))
     return start, end
+
+
+def _backward_inputs(
+    ctx: StepContext, stage: int, roots: list[Tensor], root_grads: list[Tensor | None], inputs: tuple[Tensor, ...]
+) -> tuple[tuple[Tensor | None, ...], WeightWork | None]:
+    """The B half of a split backward: the inputs' gradients now, the parameters' in W.
+
+    See :mod:`pipesched.runtime.split_backward`: B runs only the input path
+    and keeps exactly what W needs (the layers' inputs and incoming gradients).
+    """
+    if not roots:  # nothing flows back (a micro-batch whose loss weighs 0): W has nothing to do
+        return tuple(None for _ in inputs), None
+    module = ctx.layout.stages[stage]
+    parameters = [] if module is None else [p for p in module.parameters() if p.requires_grad]
+    return backward_input(roots, root_grads, inputs, parameters)
+
+
+def _weight(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> tuple[float, float]:
+    """Run W(stage, micro-batch): the parameter gradients its B left for later, then free what it kept."""
+    start = clock.start()
+    work = ctx.checkpoint.weights(action, rank)
+    if work is not None:
+        with ctx.caller.call_scope():
+            work.run()
+    return start, clock.end()
+
+
+#: The task body of each action kind.
+_TASKS: dict[str, Callable[[StepContext, int, Action, TaskClock], tuple[float, float]]] = {
+    "F": _forward, "B": _backward, "W": _weight,
+}
