@@ -360,9 +360,8 @@ def _weight(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> tu
     """Run W(stage, micro-batch): the parameter gradients its B left for later, then free what it kept."""
     start = clock.start()
     work = ctx.checkpoint.weights(action, rank)
-    if work is not None:
-        with ctx.caller.call_scope():
-            work.run()
+    if work is not None:  # a backward pass: no autocast, as for B (autocast wraps forwards only)
+        work.run()
     return start, clock.end()
 
 
