@@ -28,6 +28,7 @@ BENCHMARKS = {
     "real_memory": "benchmarks.bench_real_memory",
     "recompute": "benchmarks.bench_recompute",
     "split_backward": "benchmarks.bench_split_backward",
+    "zero_bubble": "benchmarks.bench_zero_bubble",
 }
 
 

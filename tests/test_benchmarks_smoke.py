@@ -33,6 +33,7 @@ SPECIFIC = {
     "real_memory": {"workload", "rows"},
     "recompute": {"workload", "calibration", "rounds", "rows", "gradients"},
     "split_backward": {"workload", "rounds", "rows"},
+    "zero_bubble": {"workload", "calibration", "rows", "gradients"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -44,6 +45,7 @@ TABLE_MARKS = {
     "real_memory": "real/meter",
     "recompute": "recompute-first/never",
     "split_backward": "(B+W)/full",
+    "zero_bubble": "predicted/1F1B",
 }
 
 

@@ -10,6 +10,7 @@ status and that no traceback reaches the terminal).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -175,9 +176,15 @@ def test_compare_json_has_one_row_per_schedule_with_matching_gradients() -> None
     result = run_cli("compare", *TINY_COMPARE, "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
-    assert [r["schedule"] for r in rows] == ["gpipe", "1f1b", "interleaved-1f1b"]
-    assert [r["stages"] for r in rows] == [2, 2, 4]
+    # the default: every registered schedule that fits 2 ranks, the split-backward family included
+    assert [r["schedule"] for r in rows] == [
+        "gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zb-v", "interleaved-zb", "dualpipe-v"]
+    assert [r["stages"] for r in rows] == [2, 2, 4, 4, 2, 4, 4, 4]
     for row in rows:
+        # W time: only schedules that split the backward run W tasks
+        splits = row["schedule"] in ("zb-h1", "zb-v", "interleaved-zb", "dualpipe-v")
+        assert (row["weight_time_s"] > 0) == splits, row
+        assert row["backward_time_s"] > 0
         assert row["grads_match"] is True, row
         assert row["samples_per_s"] > 0 and row["step_time_s"] > 0
         assert len(row["peak_inflight"]) == len(row["peak_activation_bytes"]) == 2
@@ -186,12 +193,16 @@ def test_compare_json_has_one_row_per_schedule_with_matching_gradients() -> None
 
 
 def test_compare_table(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_inline(capsys, "compare", *TINY_COMPARE, "--schedules", "1f1b")
+    code, out, err = run_inline(capsys, "compare", *TINY_COMPARE, "--schedules", "1f1b,zb-h1")
     assert code == 0
     header = next(line for line in out.splitlines() if line.startswith("schedule"))
-    assert "samples/s" in header and "grads match" in header
+    assert "samples/s" in header and "grads match" in header and "B / W ms" in header
     row = next(line for line in out.splitlines() if line.startswith("1f1b"))
     assert row.split()[-1] == "yes"
+    assert re.search(r"[0-9.]+ / -", row), row  # 1F1B runs no W
+    split = next(line for line in out.splitlines() if line.startswith("zb-h1"))
+    assert split.split()[-1] == "yes"
+    assert re.search(r"[0-9.]+ / [0-9.]+", split), split  # ZB-H1's W time is shown
     assert "1f1b:" in err  # progress goes to stderr, leaving stdout to the table
 
 

@@ -36,11 +36,12 @@ from pipesched.distributed import DistributedPipeline
 from pipesched.distributed.launch import init_process_group, launched_world
 from pipesched.cli.models import residual_mlp, synthetic_classification
 from pipesched.pipeline import Pipeline
-from pipesched.plan.registry import get_schedule
+from pipesched.plan.registry import get_schedule, list_schedules
 from pipesched.observe.timeline import Timeline
 
 __all__ = [
     "DEFAULT_SCHEDULES",
+    "default_schedules",
     "GRAD_TOLERANCE",
     "MODELS",
     "BuiltinModel",
@@ -51,7 +52,35 @@ __all__ = [
     "run_compare",
 ]
 
-DEFAULT_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+#: The order of the default list: the classic schedules first, then the split-backward family;
+#: any other registered schedule (a plug-in) follows, by name.
+DEFAULT_SCHEDULES = (
+    "gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zb-v", "interleaved-zb", "dualpipe-v",
+)
+
+
+def default_schedules(ranks: int) -> list[str]:
+    """Every registered schedule (aliases once, by canonical name) whose plan builds on ``ranks`` ranks.
+
+    Why all of them: ``compare`` is where a user sees which schedule wins on
+    their machine, and the zero-bubble family is only worth its memory if it
+    is measured beside 1F1B. Whether the model has enough layers for a
+    schedule's stage count is left to :func:`check_config`, which says which
+    flag to change.
+    """
+    names = []
+    for name in list_schedules():
+        try:
+            schedule = get_schedule(name)
+            if schedule.name != name:
+                continue
+            stages = schedule.default_num_stages(ranks)
+            schedule.plan(stages, max(2 * ranks, 2), ranks)
+        except (ValueError, TypeError):
+            continue
+        names.append(name)
+    known = [n for n in DEFAULT_SCHEDULES if n in names]
+    return known + sorted(n for n in names if n not in DEFAULT_SCHEDULES)
 #: Largest |pipelined - un-pipelined| parameter gradient (float64) that counts as equal.
 GRAD_TOLERANCE = 1e-9
 
@@ -88,7 +117,8 @@ class CompareConfigError(ValueError):
 class CompareConfig:
     """What to compare. Field names match the CLI flags."""
 
-    schedules: Sequence[str] = DEFAULT_SCHEDULES
+    #: None: :func:`default_schedules` for ``ranks``.
+    schedules: Sequence[str] | None = None
     model: str = "mlp"
     ranks: int = 2
     chunks: int = 8
@@ -120,6 +150,10 @@ class CompareRow:
     schedule_efficiency: float | None
     peak_inflight: list[int] = field(default_factory=list)
     peak_activation_bytes: list[int] = field(default_factory=list)
+    #: Summed over ranks, last step: time in backward tasks (B: the whole backward where the
+    #: schedule does not split it, the input-gradient half where it does) and in W tasks.
+    backward_time_s: float = 0.0
+    weight_time_s: float = 0.0
     grads_match: bool = False
     grad_max_abs_diff: float = 0.0
 
@@ -138,7 +172,7 @@ def check_config(config: CompareConfig) -> BuiltinModel:
             f"needs a row: lower --chunks or raise --batch"
         )
     layers = len(model.build())
-    for name in config.schedules:
+    for name in _schedules(config):
         stages = _stages(name, config.ranks)
         if stages > layers:
             raise CompareConfigError(
@@ -147,6 +181,10 @@ def check_config(config: CompareConfig) -> BuiltinModel:
                 f"(e.g. mlp-deep)"
             )
     return model
+
+
+def _schedules(config: CompareConfig) -> list[str]:
+    return list(config.schedules) if config.schedules is not None else default_schedules(config.ranks)
 
 
 def _stages(schedule: str, ranks: int) -> int:
@@ -161,7 +199,7 @@ def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = 
     x, y = synthetic_classification(config.batch, features=spec.features, classes=spec.classes, seed=config.seed)
     reference = _reference_grads(base, x, y)
     rows = []
-    for name in config.schedules:
+    for name in _schedules(config):
         if progress is not None:
             progress(f"{name}: {config.warmup} warm-up + {config.steps} timed steps ...")
         rows.append(_measure(name, config, base, x, y, reference))
@@ -219,6 +257,8 @@ def _measure(
         schedule_efficiency=analysis.schedule_efficiency,
         peak_inflight=list(report.peak_inflight),
         peak_activation_bytes=list(report.peak_activation_bytes),
+        backward_time_s=sum(t.duration for t in report.tasks if t.kind == "B"),
+        weight_time_s=sum(t.duration for t in report.tasks if t.kind == "W"),
         grads_match=matches,
         grad_max_abs_diff=diff,
     )
@@ -264,7 +304,7 @@ def format_compare_table(rows: Sequence[CompareRow], config: CompareConfig) -> s
         f"in {config.chunks} micro-batches, {config.warmup} warm-up + {config.steps} timed steps, "
         f"checkpoint {config.checkpoint}"
     )
-    columns = ["schedule", "stages", "samples/s", "step (median)", "bubble", "runtime eff.",
+    columns = ["schedule", "stages", "samples/s", "step (median)", "B / W ms", "bubble", "runtime eff.",
                "peak in-flight", "peak activations", "grads match"]
     table = [
         [
@@ -272,6 +312,7 @@ def format_compare_table(rows: Sequence[CompareRow], config: CompareConfig) -> s
             str(row.stages),
             f"{row.samples_per_s:,.0f}",
             f"{row.step_time_s * 1e3:.1f} ms",
+            f"{row.backward_time_s * 1e3:.1f} / " + (f"{row.weight_time_s * 1e3:.1f}" if row.weight_time_s else "-"),
             _percent(row.bubble_over_total),
             _percent(row.runtime_efficiency),
             ",".join(map(str, row.peak_inflight)),
@@ -287,6 +328,9 @@ def format_compare_table(rows: Sequence[CompareRow], config: CompareConfig) -> s
     ]
     lines += [
         "",
+        ("B / W ms: time in backward tasks / in weight-gradient (W) tasks, summed over ranks, last step; "
+         "a schedule that splits the backward runs input gradients in B and parameter gradients in W, "
+         "the others run the whole backward in B (W: -);"),
         ("bubble: idle / (ranks x makespan) of the last step; runtime eff.: the same plan replayed on the "
          "measured task times / measured makespan;"),
         ("peak in-flight and peak activations: per rank (rank 0 first); grads match: float64 pipelined "
@@ -338,13 +382,15 @@ def add_command(commands: Any) -> None:
         description="Same model, weights, batch and CPU ranks under each schedule: warm-up steps, "
                     "then timed steps; one row per schedule.",
     )
-    compare.add_argument("--schedules", type=schedule_list, default=list(DEFAULT_SCHEDULES), metavar="LIST",
-                         help=f"comma-separated schedule names (default {','.join(DEFAULT_SCHEDULES)})")
+    compare.add_argument("--schedules", type=schedule_list, default=None, metavar="LIST",
+                         help="comma-separated schedule names (default: every registered schedule that fits "
+                              "--ranks, e.g. " + ",".join(DEFAULT_SCHEDULES) + ")")
     compare.add_argument("--model", choices=list(MODELS), default="mlp",
                          help="built-in model: " + "; ".join(f"{m.name}: {m.description}" for m in MODELS.values())
                          + " (default mlp)")
     compare.add_argument("--ranks", type=positive, default=None, metavar="R",
-                         help="CPU ranks (default 2); interleaved-1f1b uses 2 stages per rank")
+                         help="CPU ranks (default 2); interleaved-1f1b, looped-bfs, zb-v, interleaved-zb and "
+                              "dualpipe-v use 2 stages per rank")
     compare.add_argument("--chunks", type=positive, default=8, metavar="M", help="micro-batches per batch (default 8)")
     compare.add_argument("--batch", type=positive, default=128, metavar="B", help="batch size (default 128)")
     compare.add_argument("--steps", type=positive, default=10, metavar="N", help="timed steps per schedule (default 10)")
