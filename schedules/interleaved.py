@@ -17,38 +17,15 @@ other ``m``) deadlock for ``v >= 3``, which the plan validator catches.
 
 from __future__ import annotations
 
-from pipesched.plan.schedule import Action, Plan, Schedule, one_forward_one_backward
+from pipesched.plan.schedule import Action, LoopedSchedule, Plan, one_forward_one_backward
 
 
-class Interleaved1F1B(Schedule):
+class Interleaved1F1B(LoopedSchedule):
     name = "interleaved-1f1b"
-
-    def __init__(self, virtual_stages: int = 2):
-        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 2:
-            raise ValueError(
-                f"virtual_stages (stages per rank) must be an int >= 2, got {virtual_stages!r}"
-            )
-        self.virtual_stages = virtual_stages
-
-    def default_num_stages(self, num_ranks: int) -> int:
-        return self.virtual_stages * num_ranks
-
-    def _chunks(self, num_stages: int, num_ranks: int) -> int:
-        if num_stages % num_ranks or num_stages < 2 * num_ranks:
-            raise ValueError(
-                f"schedule {self.name!r} needs the number of stages to be a multiple >= 2 of "
-                f"the number of ranks, got {num_stages} stages for {num_ranks} ranks: use a "
-                f"balance with {2 * num_ranks} (or {3 * num_ranks}, ...) entries, or "
-                f"schedule='1f1b' for one stage per rank"
-            )
-        return num_stages // num_ranks
-
-    def placement(self, num_stages: int, num_ranks: int) -> list[int]:
-        self._chunks(num_stages, num_ranks)
-        return [stage % num_ranks for stage in range(num_stages)]
+    one_stage_per_rank = "1f1b"
 
     def plan(self, num_stages: int, num_microbatches: int, num_ranks: int) -> Plan:
-        chunks = self._chunks(num_stages, num_ranks)
+        chunks = self.stages_per_rank(num_stages, num_ranks)
         p, m = num_ranks, num_microbatches
         rounds = max(1, m // p)
         sizes = [m // rounds + (1 if i < m % rounds else 0) for i in range(rounds)]

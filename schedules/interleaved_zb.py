@@ -30,45 +30,24 @@ from pipesched.plan.greedy import check_tuning, tune_order
 from pipesched.plan.simulate import Costs
 from pipesched.plan.schedule import (
     Action,
+    LoopedSchedule,
     Plan,
-    Schedule,
     defer_weight_passes,
     microbatch_groups,
     one_forward_one_backward,
 )
 
 
-class InterleavedZB(Schedule):
+class InterleavedZB(LoopedSchedule):
+    one_stage_per_rank = "zb-h1"
     name = "interleaved-zb"
 
     def __init__(self, virtual_stages: int = 2, costs: Costs | None = None, comm: float = 0.0):
-        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 2:
-            raise ValueError(
-                f"virtual_stages (stages per rank) must be an int >= 2, got {virtual_stages!r}; "
-                f"for one stage per rank use 'zb-h1'"
-            )
-        self.virtual_stages = virtual_stages
+        super().__init__(virtual_stages)
         self.costs, self.comm = check_tuning(costs, comm)
 
-    def default_num_stages(self, num_ranks: int) -> int:
-        return self.virtual_stages * num_ranks
-
-    def _chunks(self, num_stages: int, num_ranks: int) -> int:
-        if num_stages % num_ranks or num_stages < 2 * num_ranks:
-            raise ValueError(
-                f"schedule {self.name!r} needs the number of stages to be a multiple >= 2 of the "
-                f"number of ranks, got {num_stages} stages for {num_ranks} ranks: use a balance with "
-                f"{2 * num_ranks} (or {3 * num_ranks}, ...) entries, or schedule='zb-h1' for one "
-                f"stage per rank"
-            )
-        return num_stages // num_ranks
-
-    def placement(self, num_stages: int, num_ranks: int) -> list[int]:
-        self._chunks(num_stages, num_ranks)
-        return [stage % num_ranks for stage in range(num_stages)]
-
     def plan(self, num_stages: int, num_microbatches: int, num_ranks: int) -> Plan:
-        chunks = self._chunks(num_stages, num_ranks)
+        chunks = self.stages_per_rank(num_stages, num_ranks)
         p = num_ranks
         groups = microbatch_groups(num_microbatches, p)
 

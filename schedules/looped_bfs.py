@@ -24,39 +24,15 @@ the order torch's ScheduleLoopedBFS runs.
 
 from __future__ import annotations
 
-from pipesched.plan.schedule import Action, Plan, Schedule
+from pipesched.plan.schedule import Action, LoopedSchedule, Plan
 
 
-class LoopedBFS(Schedule):
+class LoopedBFS(LoopedSchedule):
     name = "looped-bfs"
-
-    def __init__(self, virtual_stages: int = 2):
-        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 2:
-            raise ValueError(
-                f"virtual_stages (stages per rank) must be an int >= 2, got {virtual_stages!r}; "
-                f"for one stage per rank use 'gpipe'"
-            )
-        self.virtual_stages = virtual_stages
-
-    def default_num_stages(self, num_ranks: int) -> int:
-        return self.virtual_stages * num_ranks
-
-    def _chunks(self, num_stages: int, num_ranks: int) -> int:
-        if num_stages % num_ranks or num_stages < 2 * num_ranks:
-            raise ValueError(
-                f"schedule {self.name!r} needs the number of stages to be a multiple >= 2 of the "
-                f"number of ranks, got {num_stages} stages for {num_ranks} ranks: use a balance with "
-                f"{2 * num_ranks} (or {3 * num_ranks}, ...) entries, or schedule='gpipe' for one "
-                f"stage per rank"
-            )
-        return num_stages // num_ranks
-
-    def placement(self, num_stages: int, num_ranks: int) -> list[int]:
-        self._chunks(num_stages, num_ranks)
-        return [stage % num_ranks for stage in range(num_stages)]
+    one_stage_per_rank = "gpipe"
 
     def plan(self, num_stages: int, num_microbatches: int, num_ranks: int) -> Plan:
-        chunks = self._chunks(num_stages, num_ranks)
+        chunks = self.stages_per_rank(num_stages, num_ranks)
         mbs = range(num_microbatches)
         return [
             [Action("F", chunk * num_ranks + rank, mb) for chunk in range(chunks) for mb in mbs]

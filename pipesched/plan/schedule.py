@@ -154,6 +154,44 @@ def require_v_shape(name: str, num_stages: int, num_ranks: int) -> None:
         )
 
 
+
+class LoopedSchedule(Schedule):
+    """Stage s on rank ``s mod p``, ``virtual_stages`` (v ≥ 2) stages per rank: the looped placement.
+
+    Interleaved 1F1B, interleaved zero bubble and looped BFS share it; each
+    names in ``one_stage_per_rank`` the schedule to use instead with one stage
+    per rank, so the errors say what to change.
+    """
+
+    one_stage_per_rank = "gpipe"
+
+    def __init__(self, virtual_stages: int = 2):
+        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 2:
+            raise ValueError(
+                f"virtual_stages (stages per rank) must be an int >= 2, got {virtual_stages!r}; "
+                f"for one stage per rank use {self.one_stage_per_rank!r}"
+            )
+        self.virtual_stages = virtual_stages
+
+    def default_num_stages(self, num_ranks: int) -> int:
+        return self.virtual_stages * num_ranks
+
+    def stages_per_rank(self, num_stages: int, num_ranks: int) -> int:
+        """``num_stages / num_ranks``, refused unless a whole number ≥ 2."""
+        if num_stages % num_ranks or num_stages < 2 * num_ranks:
+            raise ValueError(
+                f"schedule {self.name!r} needs the number of stages to be a multiple >= 2 of the "
+                f"number of ranks, got {num_stages} stages for {num_ranks} ranks: use a balance with "
+                f"{2 * num_ranks} (or {3 * num_ranks}, ...) entries, or schedule={self.one_stage_per_rank!r} "
+                f"for one stage per rank"
+            )
+        return num_stages // num_ranks
+
+    def placement(self, num_stages: int, num_ranks: int) -> list[int]:
+        self.stages_per_rank(num_stages, num_ranks)
+        return [stage % num_ranks for stage in range(num_stages)]
+
+
 def validate_placement(placement: Sequence[int], num_stages: int, num_ranks: int) -> list[int]:
     """Check a placement (one rank index per stage) and return it as a list."""
     placement = list(placement)
