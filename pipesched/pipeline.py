@@ -40,7 +40,7 @@ from pipesched.runtime.partition import (
     resolve_device,
     split_module,
 )
-from pipesched.runtime.placed import PlacedModule
+from pipesched.runtime.pipeline_module import PipelineModule
 from pipesched.runtime.runner import StepOptions, StepRunner
 from pipesched.runtime.state_dict import route_to_layers
 from pipesched.runtime.tasks import StepInputs
@@ -49,7 +49,7 @@ from pipesched.runtime.structure import unflatten
 LossFn = Callable[[Any, Any], Tensor]
 
 
-class Pipeline(PlacedModule):
+class Pipeline(PipelineModule):
     """Run an ``nn.Sequential`` as a pipeline of stages on ranks under a pluggable schedule.
 
     Args:
@@ -151,15 +151,6 @@ class Pipeline(PlacedModule):
             stage.to(self.devices[rank])
         self.last_report: StepReport | None = None
 
-    @property
-    def log_tasks(self) -> bool:
-        """Emit one structlog ``"task"`` event per task; may be switched between steps."""
-        return self._runner.log_tasks
-
-    @log_tasks.setter
-    def log_tasks(self, value: bool) -> None:
-        self._runner.log_tasks = bool(value)
-
     # ------------------------------------------------------------------ shape
 
     @staticmethod
@@ -196,10 +187,6 @@ class Pipeline(PlacedModule):
         return list(self._stages)
 
     # -------------------------------------------------------------- execution
-
-    @property
-    def _orchestrator(self) -> Any:  # tests and tools reach the workers through it
-        return self._runner.orchestrator
 
     @property
     def _random(self) -> Any:

@@ -49,14 +49,14 @@ from pipesched.runtime.options import grad_disabled, missing_loss_fn
 from pipesched.runtime.orchestrator import StepStalled
 from pipesched.runtime.partition import check_balance, check_shared_parameters, even_balance, split_module
 from pipesched.runtime.partition import resolve_device
-from pipesched.runtime.placed import PlacedModule
+from pipesched.runtime.pipeline_module import PipelineModule
 from pipesched.runtime.runner import SplitBatch, StepOptions, StepRunner
 from pipesched.runtime.state_dict import route_to_layers, without_layers
 from pipesched.runtime.step_effects import StepEffects
 from pipesched.runtime.tasks import StepContext, StepInputs
 
 
-class DistributedPipeline(PlacedModule):
+class DistributedPipeline(PipelineModule):
     """One rank of a multi-process pipeline. ``parameters()`` are this rank's stages' only.
 
     Args:
@@ -137,19 +137,6 @@ class DistributedPipeline(PlacedModule):
         self._broken: str | None = None
         self.last_report: StepReport | None = None
         self.last_comm: list[CommRecord] = []
-
-    @property
-    def log_tasks(self) -> bool:
-        """Emit the ``"task"`` and ``"comm"`` structlog events; may be switched between steps."""
-        return self._runner.log_tasks
-
-    @log_tasks.setter
-    def log_tasks(self, value: bool) -> None:
-        self._runner.log_tasks = bool(value)
-
-    @property
-    def _orchestrator(self) -> Any:
-        return self._runner.orchestrator
 
     def _own_stages(self, module: Any, balance: Any, num_stages: Any) -> dict[int, nn.Module]:
         """This rank's stages; with a full ``nn.Sequential`` also which layers it owns.
