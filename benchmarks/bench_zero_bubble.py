@@ -44,7 +44,7 @@ from benchmarks.stats import fmt, summary
 from benchmarks.table import format_table
 from benchmarks.targets import Target
 from pipesched import Pipeline, simulate
-from pipesched.plan.registry import get_schedule, list_schedules
+from pipesched.plan.registry import schedules_for
 from pipesched.runtime.split_backward import backward_input
 
 NAME = "zero_bubble"
@@ -135,22 +135,8 @@ def calibrate(f: float, b: float, w: float, samples: int) -> dict[str, dict[str,
 
 
 def fitting_schedules(ranks: int) -> list[tuple[str, int]]:
-    """Every registered schedule with its default stage count on ``ranks`` ranks, if its plan builds.
-
-    Aliases (``interleaved`` for ``interleaved-1f1b``) are listed once, by their canonical name.
-    """
-    fits = []
-    for name in list_schedules():
-        try:
-            schedule = get_schedule(name)
-            if schedule.name != name:
-                continue
-            stages = schedule.default_num_stages(ranks)
-            schedule.plan(stages, 2 * ranks, ranks)
-        except (ValueError, TypeError):
-            continue
-        fits.append((name, stages))
-    return fits
+    """Every registered schedule with its default stage count on ``ranks`` ranks, if its plan builds."""
+    return schedules_for(ranks)
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

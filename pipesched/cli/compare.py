@@ -36,7 +36,7 @@ from pipesched.distributed import DistributedPipeline
 from pipesched.distributed.launch import init_process_group, launched_world
 from pipesched.cli.models import residual_mlp, synthetic_classification
 from pipesched.pipeline import Pipeline
-from pipesched.plan.registry import get_schedule, list_schedules
+from pipesched.plan.registry import get_schedule, schedules_for
 from pipesched.observe.timeline import Timeline
 
 __all__ = [
@@ -68,17 +68,7 @@ def default_schedules(ranks: int) -> list[str]:
     schedule's stage count is left to :func:`check_config`, which says which
     flag to change.
     """
-    names = []
-    for name in list_schedules():
-        try:
-            schedule = get_schedule(name)
-            if schedule.name != name:
-                continue
-            stages = schedule.default_num_stages(ranks)
-            schedule.plan(stages, max(2 * ranks, 2), ranks)
-        except (ValueError, TypeError):
-            continue
-        names.append(name)
+    names = [name for name, _ in schedules_for(ranks)]
     known = [n for n in DEFAULT_SCHEDULES if n in names]
     return known + sorted(n for n in names if n not in DEFAULT_SCHEDULES)
 #: Largest |pipelined - un-pipelined| parameter gradient (float64) that counts as equal.

@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pipesched.plan.action import Action, Plan, split_backwards
 from pipesched.plan.lowering import inputs_of
 from pipesched.plan.replay import replay
-from pipesched.plan.simulate import Costs, as_cost_function, peak_inflight, simulate
+from pipesched.plan.simulate import Costs, as_cost_function, check_comm, peak_inflight, simulate
 
 __all__ = ["check_tuning", "fastest", "list_schedule", "span_bound", "tune_order", "unit_costs"]
 
@@ -230,13 +230,7 @@ def check_tuning(costs: Costs | None, comm: float) -> tuple[Costs | None, float]
             f"costs must be a dict keyed by (kind, stage), e.g. {{('F', 0): 1.0, ('B', 0): 1.0, "
             f"('W', 0): 1.0}}, or a callable (kind, stage) -> seconds; got {type(costs).__name__}"
         )
-    try:
-        value = float(comm)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(comm, bool) or not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"comm must be a finite number of seconds >= 0, got {comm!r}")
-    return costs, value
+    return costs, check_comm(comm)
 
 
 def tune_order(

@@ -83,3 +83,23 @@ def get_schedule(name: str, **options: Any) -> Schedule:
             f"expected a pipesched.Schedule"
         )
     return schedule
+
+
+def schedules_for(num_ranks: int) -> list[tuple[str, int]]:
+    """Every registered schedule whose plan builds on ``num_ranks`` ranks, with its default stage count.
+
+    Aliases (``interleaved`` for ``interleaved-1f1b``) are listed once, by
+    their canonical name, in registry order.
+    """
+    fits = []
+    for name in list_schedules():
+        try:
+            schedule = get_schedule(name)
+            if schedule.name != name:
+                continue
+            stages = schedule.default_num_stages(num_ranks)
+            schedule.plan(stages, max(2 * num_ranks, 2), num_ranks)
+        except (ValueError, TypeError):
+            continue
+        fits.append((name, stages))
+    return fits

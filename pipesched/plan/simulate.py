@@ -194,7 +194,7 @@ def simulate(
             :class:`pipesched.Deadlock` (a ``ValueError``) when the plan deadlocks.
     """
     rows, num_stages = _check_plan(plan, num_stages)
-    comm = _check_comm(comm)
+    comm = check_comm(comm)
     cost = as_cost_function(costs, split_backwards(a for row in rows for a in row))
     result = replay(rows, num_stages, cost, comm)
     makespan = result.makespan
@@ -233,7 +233,7 @@ def lower_bound(
     placement (which rank runs which stage), not the order.
     """
     rows, num_stages = _check_plan(plan, num_stages)
-    comm = _check_comm(comm)
+    comm = check_comm(comm)
     cost = as_cost_function(costs, split_backwards(a for row in rows for a in row))
 
     work, work_rank = 0.0, None
@@ -424,7 +424,8 @@ def _checked_value(raw: Any, action: Action) -> float:
     return value
 
 
-def _check_comm(comm: float) -> float:
+def check_comm(comm: float) -> float:
+    """``comm`` (seconds added on every cross-rank edge) as a float, or a ValueError naming it."""
     try:
         value = float(comm)
     except (TypeError, ValueError):
