@@ -30,19 +30,12 @@ A rank holds at most ``2p + 1`` (stage, micro-batch) pairs.
 
 from __future__ import annotations
 
-from pipesched.plan.schedule import Action, Plan, Schedule, require_v_shape, v_shape_placement
+from pipesched.plan.schedule import Action, Plan, VShapeSchedule
 from pipesched.plan.registry import get_schedule
 
 
-class DualPipeV(Schedule):
+class DualPipeV(VShapeSchedule):
     name = "dualpipe-v"
-
-    def default_num_stages(self, num_ranks: int) -> int:
-        return 2 * num_ranks
-
-    def placement(self, num_stages: int, num_ranks: int) -> list[int]:
-        require_v_shape(self.name, num_stages, num_ranks)
-        return v_shape_placement(num_stages, num_ranks)
 
     def plan(self, num_stages: int, num_microbatches: int, num_ranks: int) -> Plan:
         self.placement(num_stages, num_ranks)

@@ -30,21 +30,14 @@ from __future__ import annotations
 
 from pipesched.plan.greedy import check_tuning, tune_order
 from pipesched.plan.simulate import Costs
-from pipesched.plan.schedule import Action, Plan, Schedule, require_v_shape, v_shape_placement
+from pipesched.plan.schedule import Action, Plan, VShapeSchedule
 
 
-class ZBV(Schedule):
+class ZBV(VShapeSchedule):
     name = "zb-v"
 
     def __init__(self, costs: Costs | None = None, comm: float = 0.0):
         self.costs, self.comm = check_tuning(costs, comm)
-
-    def default_num_stages(self, num_ranks: int) -> int:
-        return 2 * num_ranks
-
-    def placement(self, num_stages: int, num_ranks: int) -> list[int]:
-        require_v_shape(self.name, num_stages, num_ranks)
-        return v_shape_placement(num_stages, num_ranks)
 
     def plan(self, num_stages: int, num_microbatches: int, num_ranks: int) -> Plan:
         placement = self.placement(num_stages, num_ranks)

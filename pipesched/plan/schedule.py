@@ -192,6 +192,18 @@ class LoopedSchedule(Schedule):
         return [stage % num_ranks for stage in range(num_stages)]
 
 
+
+class VShapeSchedule(Schedule):
+    """Two stages per rank in a V: rank r owns stages r and 2p−1−r (ZB-V, DualPipeV)."""
+
+    def default_num_stages(self, num_ranks: int) -> int:
+        return 2 * num_ranks
+
+    def placement(self, num_stages: int, num_ranks: int) -> list[int]:
+        require_v_shape(self.name, num_stages, num_ranks)
+        return v_shape_placement(num_stages, num_ranks)
+
+
 def validate_placement(placement: Sequence[int], num_stages: int, num_ranks: int) -> list[int]:
     """Check a placement (one rank index per stage) and return it as a list."""
     placement = list(placement)
