@@ -132,9 +132,11 @@ def test_demo_trains_and_writes_its_outputs(demo_run) -> None:
     assert "step    3/3" in result.stdout  # the plain progress lines (no terminal here)
     log = out / "timeline.jsonl"
     assert f"wrote {log}" in result.stdout and f"wrote {out / 'trace.json'}" in result.stdout
-    tasks = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(tasks) == 2 * 4 * 2 and {t["event"] for t in tasks} == {"task"}  # 2 stages x 4 mbs x F/B
-    assert len({t["step"] for t in tasks}) == 1  # --log-steps 1: only the last step
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    tasks = [e for e in events if e["event"] == "task"]
+    assert len(tasks) == 2 * 4 * 2  # 2 stages x 4 mbs x F/B
+    assert {e["event"] for e in events} == {"task", "memory"}  # and each rank's peak bytes
+    assert len({e["step"] for e in events}) == 1  # --log-steps 1: only the last step
     if cli.matplotlib_missing():
         assert "skipped the Gantt chart" in result.stdout
     else:

@@ -19,6 +19,7 @@ from pipesched import Action, Pipeline, TaskRecord
 from pipesched.plan.action import dependencies
 from pipesched.plan.simulate import simulate
 from pipesched.observe.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
+from pipesched.observe.units import nbytes
 
 CHUNKS = 4
 
@@ -94,9 +95,28 @@ def test_jsonl_round_trip_matches_the_reports(pipe, tmp_path):
         assert analysis.measured_makespan == pytest.approx(measured, rel=1e-12)
         assert analysis.busy_fraction == pytest.approx([b / measured for b in expected_busy])
         assert analysis.peak_inflight == [2, 1]  # 1F1B: min(m, p - r)
-        assert analysis.peak_activation_bytes is None  # logs do not carry it
+        # the log carries the report's memory figures: the table read back is the live one
+        assert analysis.peak_activation_bytes == report.peak_activation_bytes
+        assert analysis.format_table() == Timeline.from_report(report).analyze().format_table()
     # Other lines in the file (none here) and the level field do not disturb parsing.
-    assert all(json.loads(line)["event"] == "task" for line in log.read_text().splitlines())
+    assert {json.loads(line)["event"] for line in log.read_text().splitlines()} == {"task", "memory"}
+
+
+def test_timeline_from_a_log_shows_the_peak_activation_bytes_not_n_a(pipe, tmp_path):
+    """The bug: `pipesched timeline LOG` printed "n/a" for the peak activations the live report showed."""
+    log = tmp_path / "run.jsonl"
+    file = configure_jsonl_logging(log)
+    try:
+        pipe.step(*batch())
+    finally:
+        structlog.reset_defaults()
+        file.close()
+    report = pipe.last_report
+    assert min(report.peak_activation_bytes) > 0
+    logged = Timeline.from_jsonl(log).analyze()
+    assert logged.peak_activation_bytes == report.peak_activation_bytes
+    last_row = logged.format_table().splitlines()[-1]
+    assert "n/a" not in last_row and last_row.endswith(nbytes(report.peak_activation_bytes[1]))
 
 
 def test_from_events_of_captured_logs(pipe):
@@ -202,11 +222,34 @@ def test_what_if_replay_of_another_schedule():
     # The same task times under 1F1B: rank 0 F0.0 [0,1] F0.1 [1,2] B0.0 [5,7] B0.1 [9,11];
     # rank 1 F1.0 [1,4] B1.0 [4,5] F1.1 [5,8] B1.1 [8,9].
     analysis = Timeline(synthetic()).analyze(schedule="1f1b")
-    assert analysis.replayed == "1f1b plan"
-    assert analysis.replay_makespan == pytest.approx(11.0)
+    assert analysis.what_if == "1f1b"
+    assert analysis.predicted_makespan == pytest.approx(11.0)
+    assert analysis.predicted_speedup == pytest.approx(12.0 / 11.0)  # recorded-order replay / 1F1B replay
+    # the measured run's own figures are untouched by the what-if
+    assert analysis.replayed == "recorded order"
+    assert analysis.replay_makespan == pytest.approx(12.0)
+    assert analysis.runtime_efficiency == pytest.approx(12 / 14)
     assert analysis.peak_inflight == [2, 2]  # still what the records show
     with pytest.raises(ValueError, match="different actions"):
         Timeline(synthetic()[:4] + synthetic()[4:7]).analyze(schedule="1f1b")
+
+
+def test_what_if_is_a_prediction_not_a_runtime_efficiency_over_100_percent():
+    """The bug: replaying another schedule printed "runtime efficiency 111 %" for a run with no overhead."""
+    from pipesched import get_schedule
+
+    costs = {("F", 0): 1.0, ("F", 1): 3.0, ("B", 0): 2.0, ("B", 1): 1.0}
+    sim = simulate(get_schedule("gpipe").plan(2, 4, 2), costs)
+    analysis = Timeline(sim.records(), schedule="gpipe").analyze(schedule="1f1b")
+    assert analysis.runtime_efficiency == pytest.approx(1.0)  # the measured (here: simulated) run is perfect
+    assert analysis.predicted_makespan < analysis.replay_makespan  # 1F1B would be shorter on these times
+    table = analysis.format_table()
+    efficiency = next(line for line in table.splitlines() if line.startswith("runtime efficiency"))
+    assert "100.0 %" in efficiency
+    assert "PREDICTED" in table and "not measured" in table
+    percents = [float(word) for line in table.splitlines() for word, unit in zip(line.split(), line.split()[1:])
+                if unit == "%" and word.replace(".", "").isdigit()]
+    assert max(percents) <= 100.0 + 1e-9
 
 
 def test_simulated_records_have_perfect_runtime_efficiency():
@@ -306,7 +349,7 @@ def test_log_tasks_false_keeps_task_events_out_of_the_applications_log():
         assert len(quiet.last_report.tasks) == 2 * 2 * CHUNKS  # the report does not depend on logging
         quiet.log_tasks = True  # a switch, not a construction-time choice
         quiet.step(*batch())
-    assert [e["event"] for e in events] == ["epoch"] + ["task"] * (2 * 2 * CHUNKS)
+    assert [e["event"] for e in events] == ["epoch"] + ["task"] * (2 * 2 * CHUNKS) + ["memory"] * 2
 
 
 def test_construction_errors():
