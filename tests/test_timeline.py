@@ -19,7 +19,8 @@ from pipesched import Action, Pipeline, TaskRecord
 from pipesched.plan.action import dependencies
 from pipesched.plan.simulate import simulate
 from pipesched.observe.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
-from pipesched.observe.units import nbytes
+from pipesched.observe.export import STEP_TRACK, chrome_trace_steps
+from pipesched.observe.units import nbytes, seconds
 
 CHUNKS = 4
 
@@ -172,7 +173,7 @@ def test_chrome_trace_of_a_real_step(pipe, tmp_path):
         assert event["dur"] == pytest.approx((task.end - task.start) * 1e6)
         assert event["args"] == {"stage": task.stage, "microbatch": task.microbatch, "kind": task.kind}
     names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
-    assert names == {0: "rank 0", 1: "rank 1"}
+    assert names == {0: "rank 0", 1: "rank 1", STEP_TRACK: "steps"}
 
 
 # ------------------------------------------------------------ synthetic, by hand
@@ -389,3 +390,110 @@ def test_busy_helper_matches_independent_sum():
         expected[t.rank] += t.end - t.start
     assert Timeline(tasks).busy() == [expected[0], expected[1]]
     assert math.isclose(Timeline(tasks).makespan, 14.0)
+
+
+# ------------------------------------------------------ every logged step, one trace
+
+
+def logged_steps_of(pipe, tmp_path, count):
+    """``count`` steps logged to a JSON-lines file, with a pause between them (the "optimizer")."""
+    import time
+
+    log = tmp_path / "run.jsonl"
+    file = configure_jsonl_logging(log)
+    reports = []
+    try:
+        for _ in range(count):
+            pipe.step(*batch())
+            reports.append(pipe.last_report)
+            time.sleep(0.002)  # the training loop's own work between steps
+    finally:
+        structlog.reset_defaults()
+        file.close()
+    return log, reports
+
+
+def spans(events, category):
+    """(name, begin µs, end µs, args) of the steps track's B/E pairs of ``category``."""
+    begins = [e for e in events if e.get("cat") == category and e["ph"] == "B"]
+    ends = [e for e in events if e.get("cat") == category and e["ph"] == "E"]
+    assert [b["name"] for b in begins] == [e["name"] for e in ends]
+    assert all(e["tid"] == STEP_TRACK for e in begins + ends)
+    return [(b["name"], b["ts"], e["ts"], b["args"]) for b, e in zip(begins, ends)]
+
+
+def test_chrome_trace_of_every_logged_step(pipe, tmp_path):
+    log, reports = logged_steps_of(pipe, tmp_path, 3)
+    timelines = Timeline.steps_from_jsonl(log)
+    assert [len(t.tasks) for t in timelines] == [16, 16, 16]
+    assert [t.peak_activation_bytes for t in timelines] == [r.peak_activation_bytes for r in reports]
+    trace = json.loads(json.dumps(chrome_trace_steps(timelines, tmp_path / "trace.json")))
+    assert trace == json.loads((tmp_path / "trace.json").read_text())
+    events = trace["traceEvents"]
+    origin = min(t.start for t in reports[0].tasks)
+    # one complete event per task of every step, at its logged time
+    complete = [e for e in events if e["ph"] == "X"]
+    assert len(complete) == 3 * 16
+    expected = sorted(((t.start - origin) * 1e6, t.rank, f"{t.kind}{t.stage}.{t.microbatch}")
+                      for r in reports for t in r.tasks)
+    got = sorted((e["ts"], e["tid"], e["name"]) for e in complete)
+    assert [g[1:] for g in got] == [x[1:] for x in expected]
+    assert [g[0] for g in got] == pytest.approx([x[0] for x in expected])
+    # each step a slice on the steps track, holding exactly its own tasks, boundaries marked
+    steps = spans(events, "step")
+    assert len(steps) == 3
+    for (name, begin, end, args), report in zip(steps, reports):
+        first, last = min(t.start for t in report.tasks), max(t.end for t in report.tasks)
+        assert begin == pytest.approx((first - origin) * 1e6) and end == pytest.approx((last - origin) * 1e6)
+        assert name.startswith(f"step {args['step']} ")
+        assert args["peak_activation_bytes"] == report.peak_activation_bytes
+        inside = [e for e in complete if begin - 1e-3 <= e["ts"] and e["ts"] + e["dur"] <= end + 1e-3]
+        assert len(inside) == 16
+    instants = [(e["name"], e["ts"]) for e in events if e["ph"] == "i"]
+    assert len(instants) == 6 and all(e["s"] == "g" for e in events if e["ph"] == "i")
+    # the gaps between steps (optimizer, data loading) are visible, and nothing else is
+    gaps = spans(events, "gap")
+    assert len(gaps) == 2
+    for (_, begin, end, args), before, after in zip(gaps, steps, steps[1:]):
+        assert begin == before[2] and end == after[1]
+        assert args["seconds"] >= 0.002 - 1e-9  # at least the pause between the steps
+    assert [e["args"]["name"] for e in events if e.get("name") == "thread_name"] == ["steps", "rank 0", "rank 1"]
+
+
+def test_timeline_command_writes_every_logged_step_or_the_one_asked_for(pipe, tmp_path, capsys):
+    from pipesched.cli.main import main
+
+    log, reports = logged_steps_of(pipe, tmp_path, 3)
+    trace = tmp_path / "all.json"
+    assert main(["timeline", str(log), "--chrome", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "the last of 3 logged steps" in out and "trace of 3 steps" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert len([e for e in events if e["ph"] == "X"]) == 48
+    assert len(spans(events, "step")) == 3 and len(spans(events, "gap")) == 2
+    # the analysis table stays the last step's: the live report's figures
+    assert Timeline.from_report(reports[-1]).analyze().format_table() in out
+
+    first = json.loads(log.read_text().splitlines()[0])["step"]
+    one = tmp_path / "one.json"
+    assert main(["timeline", str(log), "--step", str(first), "--chrome", str(one)]) == 0
+    out = capsys.readouterr().out
+    assert Timeline.from_report(reports[0]).analyze().format_table() in out
+    events = json.loads(one.read_text())["traceEvents"]
+    assert sorted(e["name"] for e in events if e["ph"] == "X") == sorted(
+        f"{t.kind}{t.stage}.{t.microbatch}" for t in reports[0].tasks)
+    assert [name for name, *_ in spans(events, "step")] == [f"step {first} ({seconds(reports[0].makespan)})"]
+    assert spans(events, "gap") == []
+
+
+def test_timeline_command_what_if_is_labelled_a_prediction(pipe, tmp_path, capsys):
+    from pipesched.cli.main import main
+
+    log, _ = logged_steps_of(pipe, tmp_path, 1)
+    assert main(["timeline", str(log), "--what-if", "gpipe"]) == 0
+    out = capsys.readouterr().out
+    assert "what-if gpipe" in out and "PREDICTED" in out
+    assert main(["timeline", str(log), "--what-if", "gpipe", "--json"]) == 0
+    analysis = json.loads(capsys.readouterr().out)
+    assert analysis["what_if"] == "gpipe" and analysis["predicted_makespan"] > 0
+    assert analysis["runtime_efficiency"] <= 1.0 + 1e-9

@@ -83,15 +83,24 @@ def schedule_list(text: str) -> list[str]:
     return list(dict.fromkeys(schedule_name(name) for name in names))
 
 
-def export_timeline(timeline: Any, chrome: Path | None, gantt: Path | None) -> list[str]:
-    """Write the requested files; returns one "wrote ..." line for each."""
+def export_timeline(timeline: Any, chrome: Path | None, gantt: Path | None, steps: list[Any] | None = None) -> list[str]:
+    """Write the requested files; returns one "wrote ..." line for each.
+
+    The Chrome trace holds ``steps`` (timelines of several steps, on one
+    clock) when given, else ``timeline``; the Gantt chart is ``timeline``'s.
+    """
+    from pipesched.observe.export import chrome_trace_steps
+
     lines = []
     if chrome is not None:
-        write_file(lambda: timeline.to_chrome_trace(chrome), chrome)
-        lines.append(f"wrote {chrome}  (Chrome/Perfetto trace: open it at https://ui.perfetto.dev)")
+        traced = steps or [timeline]
+        write_file(lambda: chrome_trace_steps(traced, chrome), chrome)
+        what = "1 step" if len(traced) == 1 else f"{len(traced)} steps and the gaps between them"
+        lines.append(f"wrote {chrome}  (Chrome/Perfetto trace of {what}: open it at https://ui.perfetto.dev)")
     if gantt is not None:
         write_file(lambda: timeline.to_gantt_png(gantt), gantt)
-        lines.append(f"wrote {gantt}  (Gantt chart, one row per rank)")
+        lines.append(f"wrote {gantt}  (Gantt chart of step {timeline.step if timeline.step is not None else '?'}, "
+                     f"one row per rank)")
     return lines
 
 

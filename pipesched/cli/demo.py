@@ -200,6 +200,7 @@ def _write_outputs(report: Any, out: Path, logs: list[Path], log_steps: int) -> 
     from pipesched.observe.timeline import Timeline
 
     timeline = Timeline.from_report(report) if len(logs) == 1 else Timeline.from_jsonl(logs)
+    steps = Timeline.steps_from_jsonl(logs[0] if len(logs) == 1 else logs)  # the trace shows every logged step
     print()
     print(timeline.analyze().format_table())
     print()
@@ -207,7 +208,7 @@ def _write_outputs(report: Any, out: Path, logs: list[Path], log_steps: int) -> 
     print(f"wrote {named}  (the last {log_steps} step(s) as JSON lines; "
           f"analyse again with: pipesched timeline {named})")
     gantt = None if matplotlib_missing() else out / "gantt.png"
-    for line in export_timeline(timeline, out / "trace.json", gantt):
+    for line in export_timeline(timeline, out / "trace.json", gantt, steps):
         print(line)
     if gantt is None:
         print(f"skipped the Gantt chart: matplotlib is not installed; {PLOT_HINT}")

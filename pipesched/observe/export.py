@@ -30,12 +30,16 @@ class Drawable(Protocol):
     comm: Sequence[CommRecord]
     num_ranks: int
     schedule: str | None
+    step: int | None
+    peak_activation_bytes: Sequence[int] | None
 
     @property
     def makespan(self) -> float: ...
 
 #: Chrome-trace thread id of rank r's communication track: COMM_TRACK + r.
 COMM_TRACK = 1000
+#: Chrome-trace thread id of the "steps" track (step slices, the gaps between steps), drawn on top.
+STEP_TRACK = 999_999
 
 #: Trace category and Gantt colour of each task kind: forward blue, backward orange,
 #: a split backward's weight-gradient pass (W) green.
@@ -48,19 +52,80 @@ _MISSING_MATPLOTLIB = (
 
 
 def chrome_trace(timeline: Drawable, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Chrome/Perfetto trace: one complete (``"X"``) event per task, one track per rank.
+    """Chrome/Perfetto trace of one step: :func:`chrome_trace_steps` of ``[timeline]``."""
+    return chrome_trace_steps([timeline], path)
 
-    Times are microseconds from the first task's start. Written to ``path``
-    as JSON when given (open it at ui.perfetto.dev or chrome://tracing);
-    returned either way.
+
+def chrome_trace_steps(
+    timelines: Sequence[Drawable], path: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """Chrome/Perfetto trace of several steps on one clock: every task, the step boundaries, the gaps.
+
+    * one complete (``"X"``) event per task, on its rank's track (and one per
+      transfer on the rank's communication track): the ``"X"`` events are
+      exactly the tasks and transfers;
+    * a "steps" track on top: a slice per step (``"B"``/``"E"``: its makespan,
+      peak activation bytes per rank when known) and a slice for each gap
+      between consecutive steps, where the training loop's own work runs
+      (optimizer step, data loading, logging);
+    * a global instant (``"i"``, a vertical line across every track) where each
+      step begins and ends.
+
+    Times are microseconds from the first step's first task; ``timelines`` in
+    the order they ran. Written to ``path`` as JSON when given (open it at
+    ui.perfetto.dev or chrome://tracing); returned either way.
     """
-    origin = timeline.tasks[0].start
+    if not timelines:
+        raise ValueError("chrome_trace_steps needs at least one timeline")
+    origin = min(t.tasks[0].start for t in timelines)
+    schedules = list(dict.fromkeys(t.schedule for t in timelines if t.schedule))
+    ranks = max(t.num_ranks for t in timelines)
     events: list[dict[str, Any]] = [
-        {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": f"pipesched {timeline.schedule or ''}".strip()}}
+        {"name": "process_name", "ph": "M", "pid": 0, "args": {"name": " ".join(["pipesched", *schedules])}},
+        {"name": "thread_name", "ph": "M", "pid": 0, "tid": STEP_TRACK, "args": {"name": "steps"}},
+        {"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": STEP_TRACK, "args": {"sort_index": -1}},
     ]
-    for rank in range(timeline.num_ranks):
+    for rank in range(ranks):
         events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": rank, "args": {"name": f"rank {rank}"}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": rank, "args": {"sort_index": rank}})
+    for rank in sorted({c.rank for t in timelines for c in t.comm}):
+        tid = COMM_TRACK + rank
+        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid,
+                       "args": {"name": f"rank {rank} comm"}})
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": tid,
+                       "args": {"sort_index": rank + 0.5}})
+    previous_end: float | None = None
+    for index, timeline in enumerate(timelines):
+        first, last = timeline.tasks[0].start, max(t.end for t in timeline.tasks)
+        label = f"step {timeline.step if timeline.step is not None else index}"
+        if previous_end is not None and first > previous_end:
+            events += _span(f"between steps ({seconds(first - previous_end)})", "gap", previous_end, first, origin,
+                            {"seconds": first - previous_end,
+                             "what": "the training loop's own work: optimizer step, data loading, logging"})
+        args: dict[str, Any] = {"step": timeline.step, "makespan_s": timeline.makespan, "tasks": len(timeline.tasks)}
+        if timeline.peak_activation_bytes is not None:
+            args["peak_activation_bytes"] = list(timeline.peak_activation_bytes)
+        events += _span(f"{label} ({seconds(timeline.makespan)})", "step", first, last, origin, args)
+        for name, at in ((f"{label} begins", first), (f"{label} ends", last)):
+            events.append({"name": name, "cat": "step", "ph": "i", "s": "g", "ts": (at - origin) * 1e6,
+                           "pid": 0, "tid": STEP_TRACK})
+        previous_end = last if previous_end is None else max(previous_end, last)
+        events += _task_events(timeline, origin)
+    trace = {"traceEvents": events, "displayTimeUnit": "ms"}
+    if path is not None:
+        Path(path).write_text(json.dumps(trace), encoding="utf-8")
+    return trace
+
+
+def _span(name: str, category: str, start: float, end: float, origin: float, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """A slice on the steps track as a begin/end pair, so the complete events stay exactly the tasks."""
+    common = {"name": name, "cat": category, "pid": 0, "tid": STEP_TRACK}
+    return [{**common, "ph": "B", "ts": (start - origin) * 1e6, "args": args},
+            {**common, "ph": "E", "ts": (end - origin) * 1e6}]
+
+
+def _task_events(timeline: Drawable, origin: float) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
     for t in timeline.tasks:
         events.append({
             "name": f"{t.kind}{t.stage}.{t.microbatch}",
@@ -72,12 +137,6 @@ def chrome_trace(timeline: Drawable, path: str | os.PathLike[str] | None = None)
             "tid": t.rank,
             "args": {"stage": t.stage, "microbatch": t.microbatch, "kind": t.kind},
         })
-    for rank in sorted({c.rank for c in timeline.comm}):
-        tid = COMM_TRACK + rank
-        events.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid,
-                       "args": {"name": f"rank {rank} comm"}})
-        events.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": tid,
-                       "args": {"sort_index": rank + 0.5}})
     for c in timeline.comm:
         arrow = "to" if c.kind == "send" else "from"
         events.append({
@@ -90,10 +149,7 @@ def chrome_trace(timeline: Drawable, path: str | os.PathLike[str] | None = None)
             "tid": COMM_TRACK + c.rank,
             "args": {"peer": c.peer, "action": c.action, "bytes": c.nbytes},
         })
-    trace = {"traceEvents": events, "displayTimeUnit": "ms"}
-    if path is not None:
-        Path(path).write_text(json.dumps(trace), encoding="utf-8")
-    return trace
+    return events
 
 
 def gantt_png(timeline: Drawable, path: str | os.PathLike[str], *, title: str | None = None) -> Path:
