@@ -497,3 +497,65 @@ def test_timeline_command_what_if_is_labelled_a_prediction(pipe, tmp_path, capsy
     analysis = json.loads(capsys.readouterr().out)
     assert analysis["what_if"] == "gpipe" and analysis["predicted_makespan"] > 0
     assert analysis["runtime_efficiency"] <= 1.0 + 1e-9
+
+
+# ------------------------------------------------------------------- Gantt chart
+
+
+def interleaved_timeline():
+    from pipesched import get_schedule
+
+    plan = get_schedule("interleaved-1f1b").plan(4, 8, 2)  # rank 0: stages 0, 2; rank 1: stages 1, 3
+    costs = {("F", s): 1.0 for s in range(4)} | {("B", s): 2.0 for s in range(4)}
+    costs[("F", 3)] = 0.05  # a sliver: too narrow for any label
+    return Timeline(simulate(plan, costs).records(), schedule="interleaved-1f1b")
+
+
+def test_each_stage_of_a_rank_gets_its_own_shade():
+    from pipesched.observe.export import COLORS, shade, stage_shades
+
+    shades = stage_shades(interleaved_timeline().tasks)
+    assert shades[0] == shades[1] == 0.0 and shades[2] == shades[3] > 0.0  # a rank's first stage, then lighter
+    assert len({shade(COLORS["F"], shades[s]) for s in (0, 2)}) == 2
+    assert stage_shades(Timeline(synthetic()).tasks) == {0: 0.0, 1: 0.0}  # one stage per rank: plain colours
+
+
+def test_bar_labels_shrink_to_fit_the_bar():
+    from pipesched.observe.export import bar_label
+
+    task = TaskRecord(0, 12, 7, "F", 0.0, 1.0)
+    assert bar_label(task, 200.0) == "F12.7"
+    assert bar_label(task, 20.0) == "7"
+    assert bar_label(task, 4.0) == ""
+
+
+def test_gantt_chart_shades_stages_and_every_label_fits_its_bar():
+    """The bug: every stage of a rank had one colour, and labels were all-or-nothing."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.patches import Rectangle
+
+    from pipesched.observe.export import gantt_figure
+
+    timeline = interleaved_timeline()
+    figure = gantt_figure(timeline)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    axes = figure.axes[0]
+    bars = [p for p in axes.patches if isinstance(p, Rectangle)]
+    assert len(bars) == len(timeline.tasks)
+    by_task = dict(zip(timeline.tasks, bars))  # drawn in task order
+    colour = {(t.kind, t.stage): bar.get_facecolor() for t, bar in by_task.items()}
+    assert colour[("F", 0)] != colour[("F", 2)] and colour[("B", 1)] != colour[("B", 3)]
+    origin = timeline.tasks[0].start  # the makespan is over 1 s: the axis is in seconds
+    at = {text.get_position(): text for text in axes.texts}
+    shown = {}
+    for task, bar in by_task.items():
+        text = at.get((task.start - origin + (task.end - task.start) / 2, task.rank))
+        if text is not None:
+            shown[task] = text.get_text()
+            assert text.get_window_extent(renderer).width <= bar.get_window_extent(renderer).width, text.get_text()
+    assert "B0.0" in shown.values() and "B1.0" in shown.values()  # long bars: the full name
+    assert any(label.isdigit() for label in shown.values())  # narrower: the micro-batch alone
+    assert not any(t.kind == "F" and t.stage == 3 for t in shown)  # slivers: nothing
+    legend = [t.get_text() for t in axes.get_legend().get_texts()]
+    assert "stages 0, 1" in legend and "stages 2, 3" in legend
