@@ -30,6 +30,7 @@ BENCHMARKS = {
     "recompute": "benchmarks.bench_recompute",
     "split_backward": "benchmarks.bench_split_backward",
     "zero_bubble": "benchmarks.bench_zero_bubble",
+    "cpu_pays": "benchmarks.bench_cpu_pays",
 }
 
 

@@ -129,6 +129,21 @@ def require_matplotlib(flag: str) -> None:
         raise CliError(f"{flag} needs matplotlib, which is not installed: {PLOT_HINT}")
 
 
+def intra_op_threads(requested: int | None, ranks_here: int) -> int:
+    """The intra-op thread count for a CPU pipeline with ``ranks_here`` ranks in this process.
+
+    ``requested`` when given; else the cores per rank (this process's ranks
+    and the other local processes of a torchrun job share the cores): on CPU,
+    ranks with torch's default thread count fight for the same cores, which
+    measured about 0.6x as fast as one thread per rank (README, "Performance").
+    """
+    if requested is not None:
+        return requested
+    from pipesched.runtime.cpu_threads import cores_per_rank, local_processes
+
+    return cores_per_rank(ranks_here * local_processes())
+
+
 def json_dumps(value: object) -> str:
     import json
 
