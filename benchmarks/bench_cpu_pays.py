@@ -13,7 +13,9 @@ by side in alternating rounds, on the cores this process may use (C):
   per rank on 2 cores), what ``pipesched compare``/``demo`` pick.
 
 Speed is plain-C's step time ÷ the contender's (1.0: as fast as plain
-training; below: slower). Memory is per rank: the pipeline's peak activation
+training; below: slower). CPU ms/step is the process's CPU time per step (all
+threads): on a shared machine the wall time depends on what else runs, the CPU
+time is what the contender itself burnt, spinning OpenMP threads included. Memory is per rank: the pipeline's peak activation
 bytes (the engine's meter) and parameter bytes against the plain model's on
 one device, the reason to pipeline on CPU at all. Each pipeline's worker
 threads are built under their thread count (a thread reads it at its first
@@ -34,7 +36,7 @@ from torch import nn
 from benchmarks.config import RunConfig
 from benchmarks.gpt import GPTWorkload
 from benchmarks.rounds import alternating_rounds
-from benchmarks.stats import fmt
+from benchmarks.stats import fmt, summary
 from benchmarks.table import format_table
 from benchmarks.threads import intra_op_threads
 from pipesched import Pipeline
@@ -45,14 +47,20 @@ TITLE = "11. When a CPU pipeline pays: GPT-style model, 2 ranks vs plain trainin
 RANKS = 2
 
 
-def _contender(threads: int, step: Callable[[], object]) -> Callable[[int], float]:
-    """``k`` steps with the calling thread's intra-op count at ``threads``; returns the seconds."""
+def _contender(threads: int, step: Callable[[], object], cpu: list[float]) -> Callable[[int], float]:
+    """``k`` steps with the calling thread's intra-op count at ``threads``; returns the wall seconds.
+
+    Appends the process's CPU seconds per step to ``cpu``: on a shared machine
+    wall time depends on what others run, CPU time is the work (and spinning)
+    the contender itself did.
+    """
 
     def run(k: int) -> float:
         torch.set_num_threads(threads)
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), time.process_time()
         for _ in range(k):
             step()
+        cpu.append((time.process_time() - busy) / k)
         return time.perf_counter() - start
 
     return run
@@ -110,7 +118,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     rows, table_rows, threads_seen, memory_rows = [], [], {}, []
     for m in chunk_counts:
         pipes: dict[str, Pipeline] = {}
-        contenders = {f"plain {cores} thr": _contender(cores, plain), "plain 1 thr": _contender(1, plain)}
+        cpu: dict[str, list[float]] = {f"plain {cores} thr": [], "plain 1 thr": []}
+        contenders = {f"plain {cores} thr": _contender(cores, plain, cpu[f"plain {cores} thr"]),
+                      "plain 1 thr": _contender(1, plain, cpu["plain 1 thr"])}
         try:
             for per_rank in dict.fromkeys([cores, share]):
                 name = f"pipe {per_rank} thr/rank"
@@ -124,7 +134,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                         pipe.step(x, y)
 
                     threads_seen[f"m={m} {name}"] = _threads_used(model, step)  # the workers' first ops: here
-                contenders[name] = _contender(share, step)
+                cpu[name] = []
+                contenders[name] = _contender(share, step, cpu[name])
             result = alternating_rounds(contenders, rounds=rounds, steps=cfg.pick(tiny=1, quick=2, full=2), warmup=1)
             for name, pipe in pipes.items():
                 report = pipe.last_report
@@ -136,15 +147,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         baseline = f"plain {cores} thr"
         for name in contenders:
             speed = result.ratio(baseline, name)
+            cpu_seconds = summary(cpu[name][1:] or cpu[name])  # the first entry is the warm-up
             rows.append({"microbatches": m, "contender": name, "speed_vs_plain": speed,
-                         "seconds_per_step": result.seconds(name)})
-            table_rows.append([m, name, fmt(result.seconds(name), 1, 1e3), fmt(speed)])
+                         "seconds_per_step": result.seconds(name), "cpu_seconds_per_step": cpu_seconds})
+            table_rows.append([m, name, fmt(result.seconds(name), 1, 1e3), fmt(cpu_seconds, 1, 1e3), fmt(speed)])
         rows.append({"microbatches": m, "rounds": result.as_dict()})
         cfg.log(f"m={m}: " + ", ".join(f"{r['contender']} {fmt(r['speed_vs_plain'])}" for r in rows
                                       if r.get("microbatches") == m and "contender" in r))
     pipe_rows = [r for r in rows if str(r.get("contender", "")).startswith("pipe")]
     best = max(pipe_rows, key=lambda r: float(r["speed_vs_plain"]["median"]))
-    table = format_table(["m", "contender", "ms/step", "speed vs plain"], table_rows, title=TITLE)
+    table = format_table(["m", "contender", "ms/step", "CPU ms/step", "speed vs plain"], table_rows, title=TITLE)
     table += "\n\n" + format_table(
         ["m", "pipeline", "rank 0 act. MiB", "rank 1 act. MiB", "max rank / plain"], memory_rows,
         title=f"activation memory per rank (plain model, whole batch: {plain_activations / 2**20:.2f} MiB)",

@@ -226,17 +226,18 @@ class StepRunner:
             effects.rollback()
             raise
         effects.commit(statistics)
-        self._log_memory(ctx)
+        self.log_memory(ctx.checkpoint.memory)
         return records
 
-    def _log_memory(self, ctx: StepContext) -> None:
+    def log_memory(self, memory: Sequence[RankMemory]) -> None:
         """One ``"memory"`` event per rank of this process, tagged like the step's task events just logged.
 
-        It carries the report's peak activation bytes and in-flight count, so a
-        timeline read back from the log shows what ``pipe.last_report`` showed.
+        It carries the report's peak activation bytes and in-flight count
+        (``memory[r]`` for rank r), so a timeline read back from the log shows
+        what ``pipe.last_report`` showed.
         """
         if self.log_tasks:
-            step, memory = self.orchestrator.steps - 1, ctx.checkpoint.memory
+            step = self.orchestrator.steps - 1
             self.orchestrator.events.emit("memory", (
                 {"step": step, "schedule": self.schedule.name, "rank": rank,
                  "peak_activation_bytes": memory[rank].peak_bytes, "peak_inflight": memory[rank].peak_inflight}
