@@ -1,6 +1,8 @@
 """pipesched benchmark suite: ``python -m benchmarks`` (or ``python benchmarks/run_all.py``).
 
-Six benchmarks, each printing a table and writing ``<out>/<name>.json``:
+Benchmarks, each printing a table and writing ``<out>/<name>.json`` (the six
+first ones here, then cpu_pays; the full list is ``python -m benchmarks --list``
+and benchmarks/README.md):
 
 =================  ==========================================================
 name               what it measures
@@ -16,7 +18,13 @@ torch_pipelining   pipesched vs ``torch.distributed.pipelining`` (2 gloo
 ddp                pipesched vs ``DistributedDataParallel`` (2 gloo processes)
 memory             peak activation bytes per rank vs theory; the largest
                    model under an activation budget, per schedule
+cpu_pays           a GPT-style model: 2 CPU ranks vs plain training on the
+                   same cores, with torch's default and one intra-op thread
+                   per rank; memory per rank
 =================  ==========================================================
+
+``--profile DIR`` runs each under ``torch.profiler`` (every thread) and writes
+``DIR/<name>.trace.json`` (:mod:`benchmarks.profiling`).
 
 Every comparison is a ratio of contenders measured side by side in the same
 run, in several rounds whose order alternates (the machine may be shared);

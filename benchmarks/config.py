@@ -27,6 +27,8 @@ class RunConfig:
     out_dir: Path = field(default_factory=lambda: DEFAULT_OUT)
     rounds: int | None = None  # overrides every benchmark's own round count
     verbose: bool = True
+    #: ``--profile DIR``: run each benchmark under torch.profiler, trace to DIR/<name>.trace.json.
+    profile_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:

@@ -13,6 +13,7 @@ from typing import Any
 
 from benchmarks.config import DEFAULT_OUT, RunConfig
 from benchmarks.load import LoadMonitor, describe
+from benchmarks.profiling import profiled
 from benchmarks.results import machine, write_json
 from benchmarks.targets import Target, format_targets
 from benchmarks.threads import intra_op_threads
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "recompute": "benchmarks.bench_recompute",
     "split_backward": "benchmarks.bench_split_backward",
     "zero_bubble": "benchmarks.bench_zero_bubble",
+    "cpu_pays": "benchmarks.bench_cpu_pays",
 }
 
 
@@ -47,12 +49,15 @@ def run_one(name: str, cfg: RunConfig) -> dict[str, Any]:
     print(f"\n=== {name}: {module.TITLE}", flush=True)
     gc.collect()
     monitor = LoadMonitor()
-    with intra_op_threads(1):
+    with intra_op_threads(1), profiled(name, cfg.profile_dir) as trace:
         payload = module.run(cfg)
     load = monitor.finish()
     elapsed = float(load["wall_seconds"])  # type: ignore[arg-type]
     targets: list[Target] = payload.get("targets", [])
     print(payload["table"])
+    if trace is not None:
+        print(f"profiled: figures include torch.profiler's overhead; trace written to {trace}")
+        payload = {**payload, "profile_trace": str(trace)}
     print(describe(load))
     if targets:
         print(format_targets(targets))
@@ -82,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory (default {DEFAULT_OUT})")
     parser.add_argument("--rounds", type=int, default=None, help="override every benchmark's round count")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="run each benchmark under torch.profiler (every thread) and write "
+                             "DIR/<name>.trace.json (open it at ui.perfetto.dev); figures then include "
+                             "the profiler's overhead")
     args = parser.parse_args(argv)
     if args.list:
         for name in BENCHMARKS:
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     level = "tiny" if args.tiny else "quick" if args.quick else "full"
-    cfg = RunConfig(level=level, out_dir=args.out, rounds=args.rounds)
+    cfg = RunConfig(level=level, out_dir=args.out, rounds=args.rounds, profile_dir=args.profile)
     info = machine()
     print(
         f"pipesched benchmarks ({level}) on {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "

@@ -281,7 +281,8 @@ def scenario_timeline(rank: int, world: int, out: dict, directory: str) -> None:
                                  loss_fn=nn.CrossEntropyLoss()) as pipe:
             pipe.step(x, y)
             out["timeline"] = {"ok": True, "tasks": len(pipe.last_report.tasks),
-                               "offset": pipe.clock_offset, "comm": len(pipe.last_comm)}
+                               "offset": pipe.clock_offset, "comm": len(pipe.last_comm),
+                               "peak_activation_bytes": pipe.last_report.peak_activation_bytes}
     finally:
         structlog.reset_defaults()
         log.close()

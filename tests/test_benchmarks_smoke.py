@@ -34,6 +34,7 @@ SPECIFIC = {
     "recompute": {"workload", "calibration", "rounds", "rows", "gradients"},
     "split_backward": {"workload", "rounds", "rows"},
     "zero_bubble": {"workload", "calibration", "rows", "gradients"},
+    "cpu_pays": {"workload", "cores", "balance", "rows", "threads_seen", "best_pipeline", "memory"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -46,6 +47,7 @@ TABLE_MARKS = {
     "recompute": "recompute-first/never",
     "split_backward": "(B+W)/full",
     "zero_bubble": "predicted/1F1B",
+    "cpu_pays": "speed vs plain",
 }
 
 
@@ -103,3 +105,17 @@ def test_command_line(tmp_path, capsys):
     assert main(["--tiny", "--only", "memory,pipeline1", "--out", str(tmp_path), "--rounds", "1"]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"memory.json", "pipeline1.json"}
     assert "summary (tiny" in capsys.readouterr().out
+
+
+def test_profile_flag_writes_a_torch_profiler_trace_of_every_thread(tmp_path, capsys):
+    """``--profile DIR``: the benchmark runs under torch.profiler and its trace holds the workers' ops."""
+    traces = tmp_path / "traces"
+    assert main(["--tiny", "--only", "pipeline1", "--out", str(tmp_path), "--rounds", "1",
+                 "--profile", str(traces)]) == 0
+    assert "include torch.profiler's overhead" in capsys.readouterr().out
+    trace = traces / "pipeline1.trace.json"
+    events = json.loads(trace.read_text())["traceEvents"]
+    ops = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("aten::")]
+    # the main thread (naive-1 runs there) and the pipeline's worker thread (pipeline-1's ops)
+    assert len({e["tid"] for e in ops}) >= 2
+    assert json.loads((tmp_path / "pipeline1.json").read_text())["profile_trace"] == str(trace)

@@ -22,6 +22,7 @@ import structlog
 from pipesched.cli import common as cli
 from pipesched.cli.main import main
 from pipesched.cli.demo import Progress, train
+from pipesched.runtime.cpu_threads import cores_per_rank
 
 #: Small enough that a whole command takes about as long as importing torch.
 TINY_COMPARE = ["--steps", "2", "--warmup", "1", "--batch", "16", "--chunks", "4"]
@@ -130,11 +131,15 @@ def test_demo_trains_and_writes_its_outputs(demo_run) -> None:
     result, out = demo_run
     assert result.returncode == 0, result.stderr
     assert "step    3/3" in result.stdout  # the plain progress lines (no terminal here)
+    assert f"{cores_per_rank(2)} intra-op thread(s) per rank" in result.stdout
+    assert "intra-op threads each" not in result.stderr  # no oversubscription warning
     log = out / "timeline.jsonl"
     assert f"wrote {log}" in result.stdout and f"wrote {out / 'trace.json'}" in result.stdout
-    tasks = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(tasks) == 2 * 4 * 2 and {t["event"] for t in tasks} == {"task"}  # 2 stages x 4 mbs x F/B
-    assert len({t["step"] for t in tasks}) == 1  # --log-steps 1: only the last step
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    tasks = [e for e in events if e["event"] == "task"]
+    assert len(tasks) == 2 * 4 * 2  # 2 stages x 4 mbs x F/B
+    assert {e["event"] for e in events} == {"task", "memory"}  # and each rank's peak bytes
+    assert len({e["step"] for e in events}) == 1  # --log-steps 1: only the last step
     if cli.matplotlib_missing():
         assert "skipped the Gantt chart" in result.stdout
     else:
@@ -175,7 +180,9 @@ def test_timeline_json_is_the_analysis(demo_run, capsys: pytest.CaptureFixture[s
 def test_compare_json_has_one_row_per_schedule_with_matching_gradients() -> None:
     result = run_cli("compare", *TINY_COMPARE, "--json")
     assert result.returncode == 0, result.stderr
+    assert "intra-op threads each" not in result.stderr  # it picked the thread count: no oversubscription
     rows = json.loads(result.stdout)
+    assert {r["threads_per_rank"] for r in rows} == {cores_per_rank(2)}
     # the default: every registered schedule that fits 2 ranks, the split-backward family included
     assert [r["schedule"] for r in rows] == [
         "gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zb-v", "interleaved-zb", "dualpipe-v"]
@@ -337,3 +344,13 @@ def test_progress_prints_lines_without_a_terminal(capsys, monkeypatch: pytest.Mo
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "  step    1/20  loss 0.2500"
     assert len(lines) == 11  # step 1, then every 2nd step (10 %)
+
+
+def test_compare_threads_flag_sets_each_ranks_intra_op_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    code, out, _ = run_inline(capsys, "compare", *TINY_COMPARE, "--schedules", "1f1b", "--threads", "3", "--json")
+    assert code == 0
+    assert [row["threads_per_rank"] for row in json.loads(out)] == [3]
+    assert torch.get_num_threads() == before  # the process is left as it was

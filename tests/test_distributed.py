@@ -213,6 +213,9 @@ def test_per_rank_logs_merge_into_one_timeline(world):
     assert len(timeline.tasks) == results[0]["timeline"]["tasks"] == 2 * size * 4
     assert {t.rank for t in timeline.tasks} == set(range(size))
     assert len(timeline.comm) == sum(r["timeline"]["comm"] for r in results) > 0
+    # each process logged its rank's "memory" event: the merged timeline shows the report's peaks
+    assert timeline.peak_activation_bytes == results[0]["timeline"]["peak_activation_bytes"]
+    assert min(timeline.peak_activation_bytes) > 0
     trace = timeline.to_chrome_trace()
     comm_tracks = {e["tid"] for e in trace["traceEvents"] if e.get("cat") == "comm"}
     task_tracks = {e["tid"] for e in trace["traceEvents"] if e.get("cat") in ("forward", "backward")}

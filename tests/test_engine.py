@@ -193,6 +193,7 @@ def test_unconfigured_application_sees_no_output():
         import torch
         from torch import nn
         from pipesched import Pipeline
+        torch.set_num_threads(1)  # one core per rank: no oversubscription warning (not what this test is about)
         model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
         with Pipeline(model, schedule="1f1b", chunks=2, loss_fn=nn.MSELoss()) as pipe:
             pipe.step(torch.randn(4, 4), torch.randn(4, 2))

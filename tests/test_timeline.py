@@ -19,6 +19,8 @@ from pipesched import Action, Pipeline, TaskRecord
 from pipesched.plan.action import dependencies
 from pipesched.plan.simulate import simulate
 from pipesched.observe.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
+from pipesched.observe.export import STEP_TRACK, chrome_trace_steps
+from pipesched.observe.units import nbytes, seconds
 
 CHUNKS = 4
 
@@ -94,9 +96,28 @@ def test_jsonl_round_trip_matches_the_reports(pipe, tmp_path):
         assert analysis.measured_makespan == pytest.approx(measured, rel=1e-12)
         assert analysis.busy_fraction == pytest.approx([b / measured for b in expected_busy])
         assert analysis.peak_inflight == [2, 1]  # 1F1B: min(m, p - r)
-        assert analysis.peak_activation_bytes is None  # logs do not carry it
+        # the log carries the report's memory figures: the table read back is the live one
+        assert analysis.peak_activation_bytes == report.peak_activation_bytes
+        assert analysis.format_table() == Timeline.from_report(report).analyze().format_table()
     # Other lines in the file (none here) and the level field do not disturb parsing.
-    assert all(json.loads(line)["event"] == "task" for line in log.read_text().splitlines())
+    assert {json.loads(line)["event"] for line in log.read_text().splitlines()} == {"task", "memory"}
+
+
+def test_timeline_from_a_log_shows_the_peak_activation_bytes_not_n_a(pipe, tmp_path):
+    """The bug: `pipesched timeline LOG` printed "n/a" for the peak activations the live report showed."""
+    log = tmp_path / "run.jsonl"
+    file = configure_jsonl_logging(log)
+    try:
+        pipe.step(*batch())
+    finally:
+        structlog.reset_defaults()
+        file.close()
+    report = pipe.last_report
+    assert min(report.peak_activation_bytes) > 0
+    logged = Timeline.from_jsonl(log).analyze()
+    assert logged.peak_activation_bytes == report.peak_activation_bytes
+    last_row = logged.format_table().splitlines()[-1]
+    assert "n/a" not in last_row and last_row.endswith(nbytes(report.peak_activation_bytes[1]))
 
 
 def test_from_events_of_captured_logs(pipe):
@@ -152,7 +173,7 @@ def test_chrome_trace_of_a_real_step(pipe, tmp_path):
         assert event["dur"] == pytest.approx((task.end - task.start) * 1e6)
         assert event["args"] == {"stage": task.stage, "microbatch": task.microbatch, "kind": task.kind}
     names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "thread_name"}
-    assert names == {0: "rank 0", 1: "rank 1"}
+    assert names == {0: "rank 0", 1: "rank 1", STEP_TRACK: "steps"}
 
 
 # ------------------------------------------------------------ synthetic, by hand
@@ -202,11 +223,34 @@ def test_what_if_replay_of_another_schedule():
     # The same task times under 1F1B: rank 0 F0.0 [0,1] F0.1 [1,2] B0.0 [5,7] B0.1 [9,11];
     # rank 1 F1.0 [1,4] B1.0 [4,5] F1.1 [5,8] B1.1 [8,9].
     analysis = Timeline(synthetic()).analyze(schedule="1f1b")
-    assert analysis.replayed == "1f1b plan"
-    assert analysis.replay_makespan == pytest.approx(11.0)
+    assert analysis.what_if == "1f1b"
+    assert analysis.predicted_makespan == pytest.approx(11.0)
+    assert analysis.predicted_speedup == pytest.approx(12.0 / 11.0)  # recorded-order replay / 1F1B replay
+    # the measured run's own figures are untouched by the what-if
+    assert analysis.replayed == "recorded order"
+    assert analysis.replay_makespan == pytest.approx(12.0)
+    assert analysis.runtime_efficiency == pytest.approx(12 / 14)
     assert analysis.peak_inflight == [2, 2]  # still what the records show
     with pytest.raises(ValueError, match="different actions"):
         Timeline(synthetic()[:4] + synthetic()[4:7]).analyze(schedule="1f1b")
+
+
+def test_what_if_is_a_prediction_not_a_runtime_efficiency_over_100_percent():
+    """The bug: replaying another schedule printed "runtime efficiency 111 %" for a run with no overhead."""
+    from pipesched import get_schedule
+
+    costs = {("F", 0): 1.0, ("F", 1): 3.0, ("B", 0): 2.0, ("B", 1): 1.0}
+    sim = simulate(get_schedule("gpipe").plan(2, 4, 2), costs)
+    analysis = Timeline(sim.records(), schedule="gpipe").analyze(schedule="1f1b")
+    assert analysis.runtime_efficiency == pytest.approx(1.0)  # the measured (here: simulated) run is perfect
+    assert analysis.predicted_makespan < analysis.replay_makespan  # 1F1B would be shorter on these times
+    table = analysis.format_table()
+    efficiency = next(line for line in table.splitlines() if line.startswith("runtime efficiency"))
+    assert "100.0 %" in efficiency
+    assert "PREDICTED" in table and "not measured" in table
+    percents = [float(word) for line in table.splitlines() for word, unit in zip(line.split(), line.split()[1:])
+                if unit == "%" and word.replace(".", "").isdigit()]
+    assert max(percents) <= 100.0 + 1e-9
 
 
 def test_simulated_records_have_perfect_runtime_efficiency():
@@ -306,7 +350,7 @@ def test_log_tasks_false_keeps_task_events_out_of_the_applications_log():
         assert len(quiet.last_report.tasks) == 2 * 2 * CHUNKS  # the report does not depend on logging
         quiet.log_tasks = True  # a switch, not a construction-time choice
         quiet.step(*batch())
-    assert [e["event"] for e in events] == ["epoch"] + ["task"] * (2 * 2 * CHUNKS)
+    assert [e["event"] for e in events] == ["epoch"] + ["task"] * (2 * 2 * CHUNKS) + ["memory"] * 2
 
 
 def test_construction_errors():
@@ -346,3 +390,172 @@ def test_busy_helper_matches_independent_sum():
         expected[t.rank] += t.end - t.start
     assert Timeline(tasks).busy() == [expected[0], expected[1]]
     assert math.isclose(Timeline(tasks).makespan, 14.0)
+
+
+# ------------------------------------------------------ every logged step, one trace
+
+
+def logged_steps_of(pipe, tmp_path, count):
+    """``count`` steps logged to a JSON-lines file, with a pause between them (the "optimizer")."""
+    import time
+
+    log = tmp_path / "run.jsonl"
+    file = configure_jsonl_logging(log)
+    reports = []
+    try:
+        for _ in range(count):
+            pipe.step(*batch())
+            reports.append(pipe.last_report)
+            time.sleep(0.002)  # the training loop's own work between steps
+    finally:
+        structlog.reset_defaults()
+        file.close()
+    return log, reports
+
+
+def spans(events, category):
+    """(name, begin µs, end µs, args) of the steps track's B/E pairs of ``category``."""
+    begins = [e for e in events if e.get("cat") == category and e["ph"] == "B"]
+    ends = [e for e in events if e.get("cat") == category and e["ph"] == "E"]
+    assert [b["name"] for b in begins] == [e["name"] for e in ends]
+    assert all(e["tid"] == STEP_TRACK for e in begins + ends)
+    return [(b["name"], b["ts"], e["ts"], b["args"]) for b, e in zip(begins, ends)]
+
+
+def test_chrome_trace_of_every_logged_step(pipe, tmp_path):
+    log, reports = logged_steps_of(pipe, tmp_path, 3)
+    timelines = Timeline.steps_from_jsonl(log)
+    assert [len(t.tasks) for t in timelines] == [16, 16, 16]
+    assert [t.peak_activation_bytes for t in timelines] == [r.peak_activation_bytes for r in reports]
+    trace = json.loads(json.dumps(chrome_trace_steps(timelines, tmp_path / "trace.json")))
+    assert trace == json.loads((tmp_path / "trace.json").read_text())
+    events = trace["traceEvents"]
+    origin = min(t.start for t in reports[0].tasks)
+    # one complete event per task of every step, at its logged time
+    complete = [e for e in events if e["ph"] == "X"]
+    assert len(complete) == 3 * 16
+    expected = sorted(((t.start - origin) * 1e6, t.rank, f"{t.kind}{t.stage}.{t.microbatch}")
+                      for r in reports for t in r.tasks)
+    got = sorted((e["ts"], e["tid"], e["name"]) for e in complete)
+    assert [g[1:] for g in got] == [x[1:] for x in expected]
+    assert [g[0] for g in got] == pytest.approx([x[0] for x in expected])
+    # each step a slice on the steps track, holding exactly its own tasks, boundaries marked
+    steps = spans(events, "step")
+    assert len(steps) == 3
+    for (name, begin, end, args), report in zip(steps, reports):
+        first, last = min(t.start for t in report.tasks), max(t.end for t in report.tasks)
+        assert begin == pytest.approx((first - origin) * 1e6) and end == pytest.approx((last - origin) * 1e6)
+        assert name.startswith(f"step {args['step']} ")
+        assert args["peak_activation_bytes"] == report.peak_activation_bytes
+        inside = [e for e in complete if begin - 1e-3 <= e["ts"] and e["ts"] + e["dur"] <= end + 1e-3]
+        assert len(inside) == 16
+    instants = [(e["name"], e["ts"]) for e in events if e["ph"] == "i"]
+    assert len(instants) == 6 and all(e["s"] == "g" for e in events if e["ph"] == "i")
+    # the gaps between steps (optimizer, data loading) are visible, and nothing else is
+    gaps = spans(events, "gap")
+    assert len(gaps) == 2
+    for (_, begin, end, args), before, after in zip(gaps, steps, steps[1:]):
+        assert begin == before[2] and end == after[1]
+        assert args["seconds"] >= 0.002 - 1e-9  # at least the pause between the steps
+    assert [e["args"]["name"] for e in events if e.get("name") == "thread_name"] == ["steps", "rank 0", "rank 1"]
+
+
+def test_timeline_command_writes_every_logged_step_or_the_one_asked_for(pipe, tmp_path, capsys):
+    from pipesched.cli.main import main
+
+    log, reports = logged_steps_of(pipe, tmp_path, 3)
+    trace = tmp_path / "all.json"
+    assert main(["timeline", str(log), "--chrome", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "the last of 3 logged steps" in out and "trace of 3 steps" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert len([e for e in events if e["ph"] == "X"]) == 48
+    assert len(spans(events, "step")) == 3 and len(spans(events, "gap")) == 2
+    # the analysis table stays the last step's: the live report's figures
+    assert Timeline.from_report(reports[-1]).analyze().format_table() in out
+
+    first = json.loads(log.read_text().splitlines()[0])["step"]
+    one = tmp_path / "one.json"
+    assert main(["timeline", str(log), "--step", str(first), "--chrome", str(one)]) == 0
+    out = capsys.readouterr().out
+    assert Timeline.from_report(reports[0]).analyze().format_table() in out
+    events = json.loads(one.read_text())["traceEvents"]
+    assert sorted(e["name"] for e in events if e["ph"] == "X") == sorted(
+        f"{t.kind}{t.stage}.{t.microbatch}" for t in reports[0].tasks)
+    assert [name for name, *_ in spans(events, "step")] == [f"step {first} ({seconds(reports[0].makespan)})"]
+    assert spans(events, "gap") == []
+
+
+def test_timeline_command_what_if_is_labelled_a_prediction(pipe, tmp_path, capsys):
+    from pipesched.cli.main import main
+
+    log, _ = logged_steps_of(pipe, tmp_path, 1)
+    assert main(["timeline", str(log), "--what-if", "gpipe"]) == 0
+    out = capsys.readouterr().out
+    assert "what-if gpipe" in out and "PREDICTED" in out
+    assert main(["timeline", str(log), "--what-if", "gpipe", "--json"]) == 0
+    analysis = json.loads(capsys.readouterr().out)
+    assert analysis["what_if"] == "gpipe" and analysis["predicted_makespan"] > 0
+    assert analysis["runtime_efficiency"] <= 1.0 + 1e-9
+
+
+# ------------------------------------------------------------------- Gantt chart
+
+
+def interleaved_timeline():
+    from pipesched import get_schedule
+
+    plan = get_schedule("interleaved-1f1b").plan(4, 8, 2)  # rank 0: stages 0, 2; rank 1: stages 1, 3
+    costs = {("F", s): 1.0 for s in range(4)} | {("B", s): 2.0 for s in range(4)}
+    costs[("F", 3)] = 0.05  # a sliver: too narrow for any label
+    return Timeline(simulate(plan, costs).records(), schedule="interleaved-1f1b")
+
+
+def test_each_stage_of_a_rank_gets_its_own_shade():
+    from pipesched.observe.export import COLORS, shade, stage_shades
+
+    shades = stage_shades(interleaved_timeline().tasks)
+    assert shades[0] == shades[1] == 0.0 and shades[2] == shades[3] > 0.0  # a rank's first stage, then lighter
+    assert len({shade(COLORS["F"], shades[s]) for s in (0, 2)}) == 2
+    assert stage_shades(Timeline(synthetic()).tasks) == {0: 0.0, 1: 0.0}  # one stage per rank: plain colours
+
+
+def test_bar_labels_shrink_to_fit_the_bar():
+    from pipesched.observe.export import bar_label
+
+    task = TaskRecord(0, 12, 7, "F", 0.0, 1.0)
+    assert bar_label(task, 200.0) == "F12.7"
+    assert bar_label(task, 20.0) == "7"
+    assert bar_label(task, 4.0) == ""
+
+
+def test_gantt_chart_shades_stages_and_every_label_fits_its_bar():
+    """The bug: every stage of a rank had one colour, and labels were all-or-nothing."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.patches import Rectangle
+
+    from pipesched.observe.export import gantt_figure
+
+    timeline = interleaved_timeline()
+    figure = gantt_figure(timeline)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    axes = figure.axes[0]
+    bars = [p for p in axes.patches if isinstance(p, Rectangle)]
+    assert len(bars) == len(timeline.tasks)
+    by_task = dict(zip(timeline.tasks, bars))  # drawn in task order
+    colour = {(t.kind, t.stage): bar.get_facecolor() for t, bar in by_task.items()}
+    assert colour[("F", 0)] != colour[("F", 2)] and colour[("B", 1)] != colour[("B", 3)]
+    origin = timeline.tasks[0].start  # the makespan is over 1 s: the axis is in seconds
+    at = {text.get_position(): text for text in axes.texts}
+    shown = {}
+    for task, bar in by_task.items():
+        text = at.get((task.start - origin + (task.end - task.start) / 2, task.rank))
+        if text is not None:
+            shown[task] = text.get_text()
+            assert text.get_window_extent(renderer).width <= bar.get_window_extent(renderer).width, text.get_text()
+    assert "B0.0" in shown.values() and "B1.0" in shown.values()  # long bars: the full name
+    assert any(label.isdigit() for label in shown.values())  # narrower: the micro-batch alone
+    assert not any(t.kind == "F" and t.stage == 3 for t in shown)  # slivers: nothing
+    legend = [t.get_text() for t in axes.get_legend().get_texts()]
+    assert "stages 0, 1" in legend and "stages 2, 3" in legend

@@ -83,15 +83,24 @@ def schedule_list(text: str) -> list[str]:
     return list(dict.fromkeys(schedule_name(name) for name in names))
 
 
-def export_timeline(timeline: Any, chrome: Path | None, gantt: Path | None) -> list[str]:
-    """Write the requested files; returns one "wrote ..." line for each."""
+def export_timeline(timeline: Any, chrome: Path | None, gantt: Path | None, steps: list[Any] | None = None) -> list[str]:
+    """Write the requested files; returns one "wrote ..." line for each.
+
+    The Chrome trace holds ``steps`` (timelines of several steps, on one
+    clock) when given, else ``timeline``; the Gantt chart is ``timeline``'s.
+    """
+    from pipesched.observe.export import chrome_trace_steps
+
     lines = []
     if chrome is not None:
-        write_file(lambda: timeline.to_chrome_trace(chrome), chrome)
-        lines.append(f"wrote {chrome}  (Chrome/Perfetto trace: open it at https://ui.perfetto.dev)")
+        traced = steps or [timeline]
+        write_file(lambda: chrome_trace_steps(traced, chrome), chrome)
+        what = "1 step" if len(traced) == 1 else f"{len(traced)} steps and the gaps between them"
+        lines.append(f"wrote {chrome}  (Chrome/Perfetto trace of {what}: open it at https://ui.perfetto.dev)")
     if gantt is not None:
         write_file(lambda: timeline.to_gantt_png(gantt), gantt)
-        lines.append(f"wrote {gantt}  (Gantt chart, one row per rank)")
+        lines.append(f"wrote {gantt}  (Gantt chart of step {timeline.step if timeline.step is not None else '?'}, "
+                     f"one row per rank)")
     return lines
 
 
@@ -118,6 +127,21 @@ def matplotlib_missing() -> bool:
 def require_matplotlib(flag: str) -> None:
     if matplotlib_missing():
         raise CliError(f"{flag} needs matplotlib, which is not installed: {PLOT_HINT}")
+
+
+def intra_op_threads(requested: int | None, ranks_here: int) -> int:
+    """The intra-op thread count for a CPU pipeline with ``ranks_here`` ranks in this process.
+
+    ``requested`` when given; else the cores per rank (this process's ranks
+    and the other local processes of a torchrun job share the cores): on CPU,
+    ranks with torch's default thread count fight for the same cores, which
+    measured about 0.6x as fast as one thread per rank (README, "Performance").
+    """
+    if requested is not None:
+        return requested
+    from pipesched.runtime.cpu_threads import cores_per_rank, local_processes
+
+    return cores_per_rank(ranks_here * local_processes())
 
 
 def json_dumps(value: object) -> str:

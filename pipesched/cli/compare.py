@@ -31,7 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipesched.cli.common import CliError, json_dumps, non_negative, positive, resolve_ranks, schedule_list
+from pipesched.cli.common import (
+    CliError,
+    intra_op_threads,
+    json_dumps,
+    non_negative,
+    positive,
+    resolve_ranks,
+    schedule_list,
+)
 from pipesched.distributed import DistributedPipeline
 from pipesched.distributed.launch import init_process_group, launched_world
 from pipesched.cli.models import residual_mlp, synthetic_classification
@@ -119,6 +127,8 @@ class CompareConfig:
     #: set by the recompute, not by how many micro-batches the schedule keeps in flight.
     checkpoint: str = "never"
     seed: int = 0
+    #: Intra-op threads per CPU rank; None: the cores per rank (what wins on CPU, see the README).
+    threads: int | None = None
 
 
 @dataclass
@@ -146,6 +156,8 @@ class CompareRow:
     weight_time_s: float = 0.0
     grads_match: bool = False
     grad_max_abs_diff: float = 0.0
+    #: Intra-op threads each rank's worker used.
+    threads_per_rank: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -184,6 +196,23 @@ def _stages(schedule: str, ranks: int) -> int:
 def run_compare(config: CompareConfig, progress: Callable[[str], None] | None = None) -> list[CompareRow]:
     """Measure every schedule of ``config``; ``progress`` hears one line per schedule."""
     spec = check_config(config)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads_per_rank(config))  # before the pipelines: their workers read it
+    try:
+        return _run(config, spec, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def threads_per_rank(config: CompareConfig) -> int:
+    """``config.threads``, else the cores each rank gets (all ranks are threads of this process
+    outside torchrun; one per process under it)."""
+    return intra_op_threads(config.threads, 1 if launched_world() > 1 else config.ranks)
+
+
+def _run(
+    config: CompareConfig, spec: BuiltinModel, progress: Callable[[str], None] | None
+) -> list[CompareRow]:
     torch.manual_seed(config.seed)
     base = spec.build()
     x, y = synthetic_classification(config.batch, features=spec.features, classes=spec.classes, seed=config.seed)
@@ -251,6 +280,7 @@ def _measure(
         weight_time_s=sum(t.duration for t in report.tasks if t.kind == "W"),
         grads_match=matches,
         grad_max_abs_diff=diff,
+        threads_per_rank=torch.get_num_threads(),
     )
 
 
@@ -292,7 +322,7 @@ def format_compare_table(rows: Sequence[CompareRow], config: CompareConfig) -> s
     header = (
         f"model {spec.name} ({spec.description}), {config.ranks} CPU ranks, batch {config.batch} "
         f"in {config.chunks} micro-batches, {config.warmup} warm-up + {config.steps} timed steps, "
-        f"checkpoint {config.checkpoint}"
+        f"checkpoint {config.checkpoint}, {threads_per_rank(config)} intra-op thread(s) per rank"
     )
     columns = ["schedule", "stages", "samples/s", "step (median)", "B / W ms", "bubble", "runtime eff.",
                "peak in-flight", "peak activations", "grads match"]
@@ -351,6 +381,7 @@ def _run_command(args: argparse.Namespace) -> int:
     config = CompareConfig(
         schedules=args.schedules, model=args.model, ranks=args.ranks, chunks=args.chunks,
         batch=args.batch, steps=args.steps, warmup=args.warmup, checkpoint=args.checkpoint, seed=args.seed,
+        threads=args.threads,
     )
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if lead else (lambda line: None)
     try:
@@ -389,5 +420,8 @@ def add_command(commands: Any) -> None:
                          help="activation checkpointing policy (default never: the memory column then shows "
                               "each schedule's own profile and step times hold no recomputation)")
     compare.add_argument("--seed", type=int, default=0, metavar="N", help="random seed for weights and data (default 0)")
+    compare.add_argument("--threads", type=positive, default=None, metavar="N",
+                         help="intra-op threads per rank (default: cores // ranks, at least 1: ranks with more "
+                              "threads than their share of the cores slow each other down)")
     compare.add_argument("--json", action="store_true", help="print a JSON list of row objects")
     compare.set_defaults(run=_run_command)

@@ -18,6 +18,7 @@ from pipesched.cli.common import (
     PLOT_HINT,
     CliError,
     export_timeline,
+    intra_op_threads,
     matplotlib_missing,
     positive,
     resolve_ranks,
@@ -95,6 +96,16 @@ def run_demo(args: argparse.Namespace) -> int:
     """
     import torch
 
+    previous = torch.get_num_threads()
+    try:
+        return _run_demo(args)
+    finally:
+        torch.set_num_threads(previous)  # the caller's process is left as it was found
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from pipesched.cli.models import residual_mlp, synthetic_classification
 
     lead = resolve_ranks(args)
@@ -104,11 +115,13 @@ def run_demo(args: argparse.Namespace) -> int:
     x, y = synthetic_classification(args.samples, seed=args.seed)
     model = residual_mlp(blocks=args.blocks)
     distributed = launched_world() > 1
+    threads = intra_op_threads(args.threads, 1 if distributed else args.ranks)
+    torch.set_num_threads(threads)  # before the pipeline: each rank's worker reads it at its first op
     say = print if lead else (lambda *a, **k: None)
     say(
         f"pipesched demo: residual MLP ({args.blocks} blocks), schedule {args.schedule}, "
         f"{args.ranks} CPU ranks{' (one process each)' if distributed else ''}, "
-        f"{args.chunks} micro-batches, {args.steps} steps"
+        f"{threads} intra-op thread(s) per rank, {args.chunks} micro-batches, {args.steps} steps"
     )
     began = time.perf_counter()
     with _demo_pipeline(model, args, distributed) as pipe:
@@ -200,6 +213,7 @@ def _write_outputs(report: Any, out: Path, logs: list[Path], log_steps: int) -> 
     from pipesched.observe.timeline import Timeline
 
     timeline = Timeline.from_report(report) if len(logs) == 1 else Timeline.from_jsonl(logs)
+    steps = Timeline.steps_from_jsonl(logs[0] if len(logs) == 1 else logs)  # the trace shows every logged step
     print()
     print(timeline.analyze().format_table())
     print()
@@ -207,7 +221,7 @@ def _write_outputs(report: Any, out: Path, logs: list[Path], log_steps: int) -> 
     print(f"wrote {named}  (the last {log_steps} step(s) as JSON lines; "
           f"analyse again with: pipesched timeline {named})")
     gantt = None if matplotlib_missing() else out / "gantt.png"
-    for line in export_timeline(timeline, out / "trace.json", gantt):
+    for line in export_timeline(timeline, out / "trace.json", gantt, steps):
         print(line)
     if gantt is None:
         print(f"skipped the Gantt chart: matplotlib is not installed; {PLOT_HINT}")
@@ -231,6 +245,8 @@ def add_command(commands: Any) -> None:
     demo.add_argument("--blocks", type=positive, default=8, metavar="N", help="residual blocks (default 8)")
     demo.add_argument("--samples", type=positive, default=4096, metavar="N", help="dataset size (default 4096)")
     demo.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    demo.add_argument("--threads", type=positive, default=None, metavar="N",
+                      help="intra-op threads per rank (default: cores // ranks, at least 1)")
     demo.add_argument("--out", type=Path, default=Path("pipesched-out"), metavar="DIR",
                       help="directory for timeline.jsonl, trace.json, gantt.png (default ./pipesched-out)")
     demo.add_argument("--log-steps", type=positive, default=1, metavar="N",

@@ -364,6 +364,7 @@ class DistributedPipeline(PipelineModule):
         memory = [RankMemory(s["held_bytes"], s["peak_bytes"], 0, s["peak_inflight"]) for s in statuses]
         self.last_report = self._runner.report(count, tasks, memory)
         self.last_comm = [_shift_comm(c, self.clock_offset) for c in comm]
+        self._runner.log_memory(memory)  # this rank's "memory" event, beside its "task" events
         if self.log_tasks:
             step = self._orchestrator.steps - 1
             self._orchestrator.events.emit("comm", (

@@ -38,6 +38,7 @@ from pipesched.plan.action import Action, Plan
 from pipesched.observe.report import CommRecord, StepReport, TaskRecord
 from pipesched.plan.schedule import Schedule
 from pipesched.plan.simulate import IncompletePlan, lower_bound, peak_inflight, simulate
+from pipesched.observe.logread import LoggedStep, logged_steps, pick_step
 from pipesched.observe.tasklog import configure_jsonl_logging, read_jsonl
 from pipesched.observe.export import chrome_trace, gantt_png
 from pipesched.observe.units import nbytes, percent, seconds
@@ -64,15 +65,20 @@ class TimelineAnalysis:
       ``schedule_efficiency = lower_bound / replay_makespan``.
       These four are ``None`` when the tasks are not a self-contained plan (e.g.
       the backward-only half of ``pipe(x)`` then ``output.backward()``).
-    * ``replayed``: ``"recorded order"``, or the schedule passed to ``analyze``.
+    * ``replayed``: ``"recorded order"``: the figures above are about the run that was measured.
+    * ``what_if``, ``predicted_makespan``, ``predicted_speedup``: set when ``analyze(schedule=...)``
+      asked for another schedule's plan, replayed on the same measured task times:
+      a prediction, not a measurement. ``predicted_speedup = replay_makespan /
+      predicted_makespan`` compares two replays (both without overhead), so
+      above 1.0 means that schedule would be faster with these task times.
     * ``stage_work``: seconds of F + B (+ W, where backwards were split) per stage;
       ``stage_balance = mean / max`` of it (1.0: perfectly balanced; 0.5: the
       slowest stage does twice the average).
     * ``peak_inflight``: per rank, most micro-batches forwarded and not yet
       backwarded at once (for a split backward: not yet through its W),
       counted from the records.
-    * ``peak_activation_bytes``: per rank, from the step report; ``None`` when the
-      timeline was read from log events, which do not carry it.
+    * ``peak_activation_bytes``: per rank, from the step report, or from the
+      step's ``"memory"`` log events; ``None`` for a log that lacks them.
     """
 
     schedule: str | None
@@ -95,6 +101,9 @@ class TimelineAnalysis:
     stage_balance: float
     peak_inflight: list[int]
     peak_activation_bytes: list[int] | None
+    what_if: str | None = None
+    predicted_makespan: float | None = None
+    predicted_speedup: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (lists, numbers, strings, ``None``)."""
@@ -115,6 +124,13 @@ class TimelineAnalysis:
             f"{percent(self.bubble_over_ideal)} of ideal  (idle / (ranks x makespan), idle / busy)",
             f"stage balance         {percent(self.stage_balance)}  (mean / max stage work)",
         ]
+        if self.what_if is not None:
+            header += [
+                f"what-if {self.what_if:13s} {seconds(self.predicted_makespan)}  PREDICTED: the {self.what_if} plan "
+                f"replayed on these task times, not measured",
+                f"predicted speed-up    {_times(self.predicted_speedup)}  (recorded-order replay / {self.what_if} "
+                f"replay; > 1: {self.what_if} would be faster)",
+            ]
         columns = ["rank", "busy", "busy %", "idle %", "peak in-flight", "peak activations"]
         rows = [
             [
@@ -214,38 +230,18 @@ class Timeline:
     def from_events(cls, events: Iterable[Mapping[str, Any]], step: int | None = None) -> Timeline:
         """The timeline of one step from structlog event dicts.
 
-        Events whose ``"event"`` is not ``"task"`` are ignored. The engine logs
-        a step's tasks together, tagged with ``"step"``; ``step=None`` takes the
-        last step logged, ``step=k`` the last run of events tagged ``k``.
+        Events whose ``"event"`` is not ``"task"``, ``"comm"`` or ``"memory"``
+        are ignored. The engine logs a step's events together, tagged with
+        ``"step"``; ``step=None`` takes the last step logged, ``step=k`` the
+        last run of events tagged ``k``. The step's ``"memory"`` events give
+        the peak activation bytes the live report showed.
         """
-        runs: list[tuple[Any, list[Mapping[str, Any]]]] = []
-        for event in events:
-            if not isinstance(event, Mapping) or event.get("event") not in ("task", "comm"):
-                continue
-            tag = event.get("step")
-            if not runs or runs[-1][0] != tag:
-                runs.append((tag, []))
-            runs[-1][1].append(event)
-        if not runs:
-            raise ValueError(
-                "no task events found: configure structlog before pipe.step() "
-                "(pipesched.observe.timeline.configure_jsonl_logging does it in one call)"
-            )
-        if step is None:
-            tag, chosen = runs[-1]
-        else:
-            matching = [run for run in runs if run[0] == step]
-            if not matching:
-                present = ", ".join(str(t) for t in dict.fromkeys(t for t, _ in runs))
-                raise ValueError(f"step={step!r} is not among the logged steps ({present}); pick one of those")
-            tag, chosen = matching[-1]
-        schedule = next((e["schedule"] for e in chosen if e.get("schedule")), None)
-        return cls(
-            [_record(e) for e in chosen if e["event"] == "task"],
-            step=tag if isinstance(tag, int) else None,
-            schedule=schedule,
-            comm=[_comm_record(e) for e in chosen if e["event"] == "comm"],
-        )
+        return cls._from_logged(pick_step(logged_steps(events), step))
+
+    @classmethod
+    def steps_from_events(cls, events: Iterable[Mapping[str, Any]]) -> list[Timeline]:
+        """Every logged step, in log order, one timeline each (see :meth:`from_events`)."""
+        return [cls._from_logged(run) for run in logged_steps(events)]
 
     @classmethod
     def from_jsonl(
@@ -255,13 +251,13 @@ class Timeline:
 
         ``path`` is one log, or several: one per process of a multi-process
         pipeline, merged into one timeline (their times are already on rank
-        0's clock). Blank lines and lines whose event is neither ``"task"``
-        nor ``"comm"`` are skipped; a line that is not JSON is an error naming
+        0's clock). Blank lines and lines whose event is not one of the
+        engine's are skipped; a line that is not JSON is an error naming
         it. ``step`` as in :meth:`from_events`, applied to each log.
         """
         if isinstance(path, (str, os.PathLike)):
             return cls.from_events(read_jsonl(path), step=step)
-        parts = [cls.from_events(read_jsonl(p), step=step) for p in path]
+        parts = [pick_step(logged_steps(read_jsonl(p)), step) for p in path]
         if not parts:
             raise ValueError("from_jsonl needs at least one log path")
         steps = {part.step for part in parts}
@@ -269,11 +265,32 @@ class Timeline:
             raise ValueError(
                 f"the logs end at different steps ({sorted(map(str, steps))}); pass step=... to pick one"
             )
+        return cls._from_logged(_merged(parts))
+
+    @classmethod
+    def steps_from_jsonl(cls, path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Timeline]:
+        """Every logged step of one log, or of several per-process logs merged step by step.
+
+        With several logs, a step is kept when every log holds it (matched by
+        step tag, the last run of each tag), in the first log's order.
+        """
+        if isinstance(path, (str, os.PathLike)):
+            return cls.steps_from_events(read_jsonl(path))
+        logs = [logged_steps(read_jsonl(p)) for p in path]
+        if not logs:
+            raise ValueError("steps_from_jsonl needs at least one log path")
+        by_tag = [{run.tag: run for run in runs} for runs in logs]
+        tags = [tag for tag in dict.fromkeys(run.tag for run in logs[0]) if all(tag in other for other in by_tag)]
+        if not tags:
+            raise ValueError("the logs share no step; pass them one at a time")
+        return [cls._from_logged(_merged([other[tag] for other in by_tag])) for tag in tags]
+
+    @classmethod
+    def _from_logged(cls, run: LoggedStep) -> Timeline:
+        num_ranks = 1 + max(t.rank for t in run.tasks)
         return cls(
-            [t for part in parts for t in part.tasks],
-            step=parts[0].step,
-            schedule=next((part.schedule for part in parts if part.schedule), None),
-            comm=[c for part in parts for c in part.comm],
+            run.tasks, step=run.step, schedule=run.schedule, comm=run.comm,
+            peak_activation_bytes=run.peak_activation_bytes(num_ranks),
         )
 
     # ---------------------------------------------------------------- analysis
@@ -300,22 +317,21 @@ class Timeline:
     def analyze(self, schedule: str | Schedule | None = None) -> TimelineAnalysis:
         """Where the time went; see :class:`TimelineAnalysis` for every figure.
 
-        ``schedule`` (a name or a :class:`~pipesched.Schedule`) replays that
-        schedule's plan for the same shape instead of the recorded order: a
-        what-if ("how long would 1F1B take with these task times?"), in which
-        ``runtime_efficiency`` compares that plan's ideal with this measured run.
+        ``schedule`` (a name or a :class:`~pipesched.Schedule`) adds a what-if:
+        that schedule's plan for the same shape, replayed on these task times
+        ("how long would 1F1B take?"). Its makespan is a *prediction*
+        (``predicted_makespan``, ``predicted_speedup``), kept apart from the
+        figures of the run that was measured, which stay those of the recorded order.
         """
         measured = self.makespan
         busy = self.busy()
         idle = [max(0.0, measured - b) for b in busy]
-        plan, replayed = self._plan_for(schedule)
-        try:
-            sim = simulate(plan, self.tasks, num_stages=self.num_stages)
-            bound = lower_bound(plan, self.tasks, num_stages=self.num_stages).value
-            replay_makespan: float | None = sim.makespan
-        except IncompletePlan:
-            replay_makespan = bound = None  # type: ignore[assignment]
-
+        plan, replayed = self._plan_for(None)
+        replay_makespan, bound = self._replay(plan)
+        what_if = predicted = None
+        if schedule is not None:
+            other, what_if = self._plan_for(schedule)
+            predicted, _ = self._replay(other)
         stage_work = [0.0] * self.num_stages
         for t in self.tasks:
             stage_work[t.stage] += t.end - t.start
@@ -341,7 +357,19 @@ class Timeline:
             stage_balance=_share(math.fsum(stage_work) / self.num_stages, heaviest, 1.0),
             peak_inflight=[peak_inflight(row) for row in self.plan()],
             peak_activation_bytes=self.peak_activation_bytes,
+            what_if=what_if,
+            predicted_makespan=predicted,
+            predicted_speedup=None if predicted is None or replay_makespan is None
+            else _share(replay_makespan, predicted, 1.0),
         )
+
+    def _replay(self, plan: Plan) -> tuple[float | None, float | None]:
+        """The plan's makespan and lower bound on the measured task times; ``None`` for a partial plan."""
+        try:
+            sim = simulate(plan, self.tasks, num_stages=self.num_stages)
+            return sim.makespan, lower_bound(plan, self.tasks, num_stages=self.num_stages).value
+        except IncompletePlan:
+            return None, None
 
     def _plan_for(self, schedule: str | Schedule | None) -> tuple[Plan, str]:
         recorded = self.plan()
@@ -363,7 +391,7 @@ class Timeline:
                 f"({', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} in only one of them); "
                 f"a what-if replay needs the same stages, micro-batches and kinds"
             )
-        return plan, f"{schedule.name} plan"
+        return plan, schedule.name
 
     # ----------------------------------------------------------------- exports
 
@@ -383,21 +411,11 @@ class Timeline:
         return gantt_png(self, path, title=title)
 
 
-def _comm_record(event: Mapping[str, Any]) -> CommRecord:
-    return CommRecord(
-        int(event["rank"]), int(event["peer"]), str(event["kind"]), str(event["action"]),
-        float(event["start"]), float(event["end"]), int(event.get("bytes", 0)),
-    )
-
-
-def _record(event: Mapping[str, Any]) -> TaskRecord:
-    missing = [k for k in ("rank", "stage", "microbatch", "kind", "start", "end") if k not in event]
-    if missing:
-        raise ValueError(f"task event {dict(event)!r} lacks {', '.join(missing)}; was it written by pipesched?")
-    return TaskRecord(
-        int(event["rank"]), int(event["stage"]), int(event["microbatch"]), str(event["kind"]),
-        float(event["start"]), float(event["end"]),
-    )
+def _merged(parts: Sequence[LoggedStep]) -> LoggedStep:
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part)
+    return merged
 
 
 def _at_least(name: str, given: int | None, needed: int) -> int:
@@ -406,6 +424,10 @@ def _at_least(name: str, given: int | None, needed: int) -> int:
     if isinstance(given, bool) or not isinstance(given, int) or given < needed:
         raise ValueError(f"{name} must be an int >= {needed} (what the tasks use), got {given!r}; or leave it out")
     return given
+
+
+def _times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}x"
 
 
 def _share(part: float, whole: float, empty: float = 0.0) -> float:

@@ -33,6 +33,7 @@ from pipesched.plan.record import TaskRecord
 from pipesched.plan.schedule import PlanCache, Schedule
 from pipesched.runtime.batchnorm import DeferredBatchNorm
 from pipesched.runtime.caller_state import CallerState
+from pipesched.runtime.cpu_threads import warn_if_oversubscribed
 from pipesched.runtime.checkpoint import CheckpointManager, CheckpointPolicy, RankMemory, make_policy, parameter_pointers
 from pipesched.runtime.loss_normalizer import LossNormalizer, check_loss_normalizer, loss_weights
 from pipesched.runtime.mailbox import Mailbox
@@ -124,6 +125,7 @@ class StepRunner:
         self._parts: dict[tuple[int, str], tuple[Plan, Lowering]] = {}
         self.plan(options.chunks)  # refuse a shape the schedule cannot run before building anything
         self.random = RandomStreams()
+        warn_if_oversubscribed([self.devices[r] for r in self.ranks])
         self.orchestrator = Orchestrator([self.devices[r] for r in self.ranks], options.stall_timeout, self.ranks)
         local = dict(zip(self.ranks, self.orchestrator.compute_streams))
         streams = [local.get(r, local[self.ranks[0]]) for r in range(self.num_ranks)]
@@ -224,7 +226,23 @@ class StepRunner:
             effects.rollback()
             raise
         effects.commit(statistics)
+        self.log_memory(ctx.checkpoint.memory)
         return records
+
+    def log_memory(self, memory: Sequence[RankMemory]) -> None:
+        """One ``"memory"`` event per rank of this process, tagged like the step's task events just logged.
+
+        It carries the report's peak activation bytes and in-flight count
+        (``memory[r]`` for rank r), so a timeline read back from the log shows
+        what ``pipe.last_report`` showed.
+        """
+        if self.log_tasks:
+            step = self.orchestrator.steps - 1
+            self.orchestrator.events.emit("memory", (
+                {"step": step, "schedule": self.schedule.name, "rank": rank,
+                 "peak_activation_bytes": memory[rank].peak_bytes, "peak_inflight": memory[rank].peak_inflight}
+                for rank in self.ranks
+            ))
 
     def report(self, num_microbatches: int, records: list[TaskRecord], memory: Sequence[RankMemory]) -> StepReport:
         return StepReport(
