@@ -53,6 +53,8 @@ def list_schedule(
     comm: float = 0.0,
     forward_priority: Callable[[Action], object] | None = None,
     fill_short_gaps: bool = True,
+    footprint: Sequence[float] | None = None,
+    prefer: str = "alternate",
 ) -> Plan:
     """Play a step out in time with ``costs`` and return each rank's order (every backward split).
 
@@ -67,11 +69,25 @@ def list_schedule(
             micro-batch, then latest stage: depth first, toward the loss).
         fill_short_gaps: run a pending W in a wait even when a forward or
             backward arrives before the W would end (else wait for it).
+        footprint: per stage, what one of its in-flight pairs weighs against
+            ``limits`` (e.g. activation bytes); default 1 each, so ``limits``
+            count pairs.
+        prefer: when a forward and a backward are both ready, ``"alternate"``
+            (1F1B's rhythm: the other kind than the rank's last), ``"backward"``
+            (free memory and feed the ranks below first) or ``"forward"``
+            (fill the pipeline first).
     """
     num_stages = len(placement)
     num_ranks = len(limits)
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in limits):
+    weight = [1.0] * num_stages if footprint is None else [float(x) for x in footprint]
+    if len(weight) != num_stages or any(not (math.isfinite(x) and x >= 0.0) for x in weight):
+        raise ValueError(f"footprint must give each of the {num_stages} stages a finite weight >= 0, got {footprint!r}")
+    if footprint is None and any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in limits):
         raise ValueError(f"limits must give every rank an in-flight limit >= 1, got {list(limits)!r}")
+    if any(isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0 for n in limits):
+        raise ValueError(f"limits must give every rank an in-flight limit > 0, got {list(limits)!r}")
+    if prefer not in ("alternate", "backward", "forward"):
+        raise ValueError(f"prefer must be 'alternate', 'backward' or 'forward', got {prefer!r}")
     if any(not 0 <= rank < num_ranks for rank in placement):
         raise ValueError(f"placement {list(placement)} names a rank outside 0..{num_ranks - 1} (one limit per rank)")
     costs = unit_costs(num_stages) if costs is None else costs
@@ -97,7 +113,7 @@ def list_schedule(
         if waiting[a] == 0:
             released[rank_of[a]][a] = 0.0
     free_at = [0.0] * num_ranks
-    inflight = [0] * num_ranks
+    inflight = [0.0] * num_ranks
     last_kind = [""] * num_ranks
     order: Plan = [[] for _ in range(num_ranks)]
     wakeups: list[tuple[float, int]] = [(0.0, r) for r in range(num_ranks)]
@@ -111,9 +127,9 @@ def list_schedule(
         del released[rank][action]
         left -= 1
         if action.kind == "F":
-            inflight[rank] += 1
+            inflight[rank] += weight[action.stage]
         elif action.kind == "W":
-            inflight[rank] -= 1
+            inflight[rank] -= weight[action.stage]
         if action.kind != "W":
             last_kind[rank] = action.kind
         heapq.heappush(wakeups, (end, rank))
@@ -134,7 +150,7 @@ def list_schedule(
         now, rank = heapq.heappop(wakeups)
         if free_at[rank] > now:
             continue
-        forwards, backwards, weights, upcoming = [], [], [], math.inf
+        forwards, backwards, weights, upcoming, blocked = [], [], [], math.inf, False
         for a, t in released[rank].items():
             if t > now:
                 if a.kind != "W":
@@ -143,11 +159,13 @@ def list_schedule(
                 backwards.append(a)
             elif a.kind == "W":
                 weights.append(a)
-            elif inflight[rank] < limits[rank]:
+            elif inflight[rank] + weight[a.stage] <= limits[rank] * (1 + 1e-9):
                 forwards.append(a)
+            else:
+                blocked = True  # a ready forward that memory holds back
         choice: Action | None = None
         if forwards and backwards:
-            pick_forward = last_kind[rank] != "F"
+            pick_forward = prefer == "forward" or (prefer == "alternate" and last_kind[rank] != "F")
             choice = min(forwards, key=forward_key) if pick_forward else min(backwards, key=_backward_key)
         elif backwards:
             choice = min(backwards, key=_backward_key)
@@ -155,7 +173,7 @@ def list_schedule(
             choice = min(forwards, key=forward_key)
         elif weights:
             w = min(weights, key=lambda a: (arrival[a], a.microbatch, -a.stage))
-            at_limit = inflight[rank] >= limits[rank]
+            at_limit = blocked or inflight[rank] >= limits[rank]
             if fill_short_gaps or at_limit or upcoming >= now + duration[w]:
                 choice = w
         if choice is not None:
