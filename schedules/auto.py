@@ -129,19 +129,26 @@ class Auto(Schedule):
                 return warm
             costs, comm = {(k, s): 1.0 for k in "FBW" for s in range(num_stages)}, 0.0
         found = synthesise(placement, num_microbatches, costs, comm=comm, memory_limit=self.memory_limit,
-                           seeds=self._seeds(num_stages, num_microbatches, num_ranks))
+                           seeds=self._seeds(costs, comm, num_stages, num_microbatches, num_ranks))
         self.synthesis[num_microbatches] = found
         return found.plan
 
-    def _seeds(self, num_stages: int, num_microbatches: int, num_ranks: int) -> list[tuple[str, Plan]]:
-        """The built-ins of the placement, as drawn; the synthesis also tries each one's own tuning."""
+    def _seeds(self, costs: Any, comm: float, num_stages: int, num_microbatches: int,
+               num_ranks: int) -> list[tuple[str, Plan]]:
+        """The built-ins of the placement as a user gets them for these costs: tuned for them where
+        the schedule takes costs (the zero-bubble family), else as drawn."""
         options: dict[str, Any] = {"virtual_stages": self.virtual_stages} if self.kind == "looped" else {}
         seeds = []
         for name in BUILT_INS[self.kind]:
-            try:
-                seeds.append((name, get_schedule(name, **options).plan(num_stages, num_microbatches, num_ranks)))
-            except ValueError:  # a shape this one refuses
-                continue
+            for tuning in ({"costs": costs, "comm": comm}, {}):
+                try:
+                    plan = get_schedule(name, **tuning, **options).plan(num_stages, num_microbatches, num_ranks)
+                except TypeError:  # takes no costs: plan it as drawn
+                    continue
+                except ValueError:  # cannot tune for these costs (no W costs), or refuses the shape
+                    continue
+                seeds.append((name, plan))
+                break
         return seeds
 
     def _warm_up(self, num_stages: int, num_microbatches: int, num_ranks: int) -> Plan | None:

@@ -235,13 +235,14 @@ def synthesise(
         return best is not None and best[0][0] <= bound * (1 + 1e-9)
 
     if not at_bound():
-        for limits, weights, prefer, fill in _variants(placement, num_microbatches, footprint, caps, seeds, best):
+        for limits, weights, prefer, fill, reserve in _variants(
+                placement, num_microbatches, footprint, caps, seeds, best):
             try:
                 plan = list_schedule(placement, num_microbatches, limits, search_costs, comm,
-                                     fill_short_gaps=fill, footprint=weights, prefer=prefer)
+                                     fill_short_gaps=fill, footprint=weights, prefer=prefer, reserve=reserve)
             except ValueError:  # these limits starve the greedy rule; try the next
                 continue
-            rule = f"{prefer} F/B{'' if fill else ', W only in long gaps'}"
+            rule = f"{prefer} F/B{'' if fill else ', W only in long gaps'}{', reserving' if reserve else ''}"
             consider(_strip(plan, unsplit), f"list schedule ({rule}; limits {_show(limits)})")
             if at_bound():
                 break
@@ -313,23 +314,25 @@ def _variants(
     caps: list[float] | None,
     seeds: Sequence[tuple[str, Plan]],
     best: tuple[Any, Plan, str, list[float]] | None,
-) -> list[tuple[list[float], list[float] | None, str, bool]]:
-    """List-scheduler settings to try, the likeliest first: (limits, footprint, F/B rule, fill short gaps).
+) -> list[tuple[list[float], list[float] | None, str, bool, bool]]:
+    """List-scheduler settings to try: (limits, footprint, F/B rule, fill short gaps, reserve).
 
     First each seed's own per-rank pair counts (the orders
     :func:`~pipesched.plan.greedy.tune_order` tries, so the result is never
     worse than a built-in tuned for the same costs), then limits from the
-    best plan so far up through 1.5x and 2x to everything or the cap.
+    best plan so far up through 1.5x and 2x to everything or the cap. With
+    several stages per rank each limit is also tried reserving room for a
+    micro-batch's later stages (which a tight cap needs to avoid starving).
     """
     num_ranks = len(caps) if caps is not None else 1 + max(placement)
-    variants: list[tuple[list[float], list[float] | None, str, bool]] = []
+    variants: list[tuple[list[float], list[float] | None, str, bool, bool]] = []
     pairs = all(w == 1.0 for w in footprint)  # the cap counts pairs: one rule for both kinds of limits
     weights = None if pairs else list(footprint)
     for _, plan in seeds:
         limits = [max(1, peak_inflight(row)) for row in plan]
         for fill in (True, False):
-            if (limits, None, "alternate", fill) not in variants:
-                variants.append((limits, None, "alternate", fill))
+            if (limits, None, "alternate", fill, False) not in variants:
+                variants.append((limits, None, "alternate", fill, False))
     everything = [
         num_microbatches * sum(footprint[s] for s in range(len(placement)) if placement[s] == r)
         for r in range(num_ranks)
@@ -347,8 +350,10 @@ def _variants(
         if pairs:
             limits = [max(1, int(limit)) for limit in limits]
         for prefer in ("alternate", "backward"):
-            if (limits, weights, prefer, True) not in variants:
-                variants.append((limits, weights, prefer, True))
+            if (limits, weights, prefer, True, False) not in variants:
+                variants.append((limits, weights, prefer, True, False))
+        if len(placement) > num_ranks:
+            variants.append((limits, weights, "alternate", True, True))
     return variants
 
 
