@@ -43,7 +43,7 @@ from benchmarks.rounds import alternating_rounds, timed
 from benchmarks.stats import fmt, summary
 from benchmarks.table import format_table
 from benchmarks.targets import Target
-from pipesched import Pipeline, simulate
+from pipesched import Action, Pipeline, simulate
 from pipesched.plan.registry import schedules_for
 from pipesched.runtime.split_backward import backward_input
 
@@ -134,6 +134,14 @@ def calibrate(f: float, b: float, w: float, samples: int) -> dict[str, dict[str,
     return {k: summary(v) for k, v in out.items()}
 
 
+def ran_plan(report: Any) -> list[list[Action]]:
+    """Per rank, the actions of a step's report in the order they ran (a rank runs one at a time)."""
+    rows: list[list[Any]] = [[] for _ in range(report.num_ranks)]
+    for t in sorted(report.tasks, key=lambda t: t.start):
+        rows[t.rank].append(Action(t.kind, t.stage, t.microbatch))
+    return rows
+
+
 def fitting_schedules(ranks: int) -> list[tuple[str, int]]:
     """Every registered schedule with its default stage count on ``ranks`` ranks, if its plan builds."""
     return schedules_for(ranks)
@@ -186,6 +194,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 return step
 
             result = alternating_rounds({n: timed(stepper(n)) for n in names}, rounds=rounds, steps=1, warmup=1)
+            for name, stages in schedules:  # a schedule may re-plan from measured costs ("auto"): price what ran
+                c = cost[stages // RANKS]
+                table = {(k, s): c[k] for k in ("F", "B", "W") for s in range(stages)}
+                predicted[name] = simulate(ran_plan(pipes[name].last_report), table).makespan
             # gradients after one more step each: every schedule's equal 1F1B's (input's too)
             grads = {}
             for name in names:

@@ -31,6 +31,7 @@ BENCHMARKS = {
     "split_backward": "benchmarks.bench_split_backward",
     "zero_bubble": "benchmarks.bench_zero_bubble",
     "cpu_pays": "benchmarks.bench_cpu_pays",
+    "auto": "benchmarks.bench_auto",
 }
 
 

@@ -214,6 +214,7 @@ class Pipeline(PipelineModule):
         ctx = runner.context(lowering, keep=True, io=io)
         records = runner.run(plan, ctx, self.module.parameters(), statistics=True)
         self.last_report = runner.report(count, records, ctx.checkpoint.memory)
+        runner.learn(records)
         backward_into_inputs(split.tensors, ctx, split.sizes)
         return batch_loss([ctx.results.losses[m] for m in range(count)], weights)
 

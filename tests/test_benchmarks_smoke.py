@@ -35,6 +35,7 @@ SPECIFIC = {
     "split_backward": {"workload", "rounds", "rows"},
     "zero_bubble": {"workload", "calibration", "rows", "gradients"},
     "cpu_pays": {"workload", "cores", "balance", "rows", "threads_seen", "best_pipeline", "memory"},
+    "auto": {"workload", "rows"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -48,6 +49,7 @@ TABLE_MARKS = {
     "split_backward": "(B+W)/full",
     "zero_bubble": "predicted/1F1B",
     "cpu_pays": "speed vs plain",
+    "auto": "auto makespan / best built-in's",
 }
 
 

@@ -63,7 +63,7 @@ __all__ = [
 #: The order of the default list: the classic schedules first, then the split-backward family;
 #: any other registered schedule (a plug-in) follows, by name.
 DEFAULT_SCHEDULES = (
-    "gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zb-v", "interleaved-zb", "dualpipe-v",
+    "gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "zb-h1", "zb-v", "interleaved-zb", "dualpipe-v", "auto",
 )
 
 

@@ -36,6 +36,9 @@ class StepReport:
     * ``held_activation_bytes[r]``: bytes rank ``r`` still held when the call
       returned: 0 after ``step()``; after ``pipe(x)`` with grad enabled, what
       waits for ``output.backward()``.
+    * ``plan``: which plan of the schedule ran (``Schedule.describe_plan``): the
+      schedule's name, or for ``"auto"`` whether it was the warm-up or the plan
+      synthesised from measured costs.
     """
 
     schedule: str
@@ -47,6 +50,7 @@ class StepReport:
     peak_inflight: list[int] = field(default_factory=list)
     peak_activation_bytes: list[int] = field(default_factory=list)
     held_activation_bytes: list[int] = field(default_factory=list)
+    plan: str = ""
 
     @property
     def makespan(self) -> float:

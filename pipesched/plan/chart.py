@@ -105,6 +105,11 @@ def build_chart(
                     f"pass --ranks"
                 )
         placement = validate_placement(schedule.placement(num_stages, num_ranks), num_stages, num_ranks)
+        if schedule.wants_costs:  # a schedule built for the costs (auto): these are the ones charted
+            priced = {(kind, s): cost for s in range(num_stages) for kind, cost in (
+                ("F", forward_cost), ("B", backward_cost),
+                ("W", backward_cost if weight_cost is None else weight_cost))}
+            schedule.use_costs(priced, comm)
         raw = schedule.plan(num_stages, num_microbatches, num_ranks)
         plan = validate_plan(raw, num_stages, num_microbatches, num_ranks, placement)
     except PlanError:

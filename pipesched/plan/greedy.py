@@ -28,6 +28,7 @@ Pure Python over :mod:`pipesched.plan`; no torch.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +54,9 @@ def list_schedule(
     comm: float = 0.0,
     forward_priority: Callable[[Action], object] | None = None,
     fill_short_gaps: bool = True,
+    footprint: Sequence[float] | None = None,
+    prefer: str = "alternate",
+    reserve: bool = False,
 ) -> Plan:
     """Play a step out in time with ``costs`` and return each rank's order (every backward split).
 
@@ -67,29 +71,40 @@ def list_schedule(
             micro-batch, then latest stage: depth first, toward the loss).
         fill_short_gaps: run a pending W in a wait even when a forward or
             backward arrives before the W would end (else wait for it).
+        footprint: per stage, what one of its in-flight pairs weighs against
+            ``limits`` (e.g. activation bytes); default 1 each, so ``limits``
+            count pairs.
+        prefer: when a forward and a backward are both ready, ``"alternate"``
+            (1F1B's rhythm: the other kind than the rank's last), ``"backward"``
+            (free memory and feed the ranks below first) or ``"forward"``
+            (fill the pipeline first).
+        reserve: admit a micro-batch to a rank (its forward through the rank's
+            first stage) only when the limit has room for it on *all* the
+            rank's stages at once. A looped or V rank holds a micro-batch's
+            first stage until it has come back through the later ones, so
+            without the reserve a tight limit can fill up with new micro-batches
+            and starve; with it, any limit that fits one micro-batch works.
     """
     num_stages = len(placement)
     num_ranks = len(limits)
-    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in limits):
+    weight = [1.0] * num_stages if footprint is None else [float(x) for x in footprint]
+    if len(weight) != num_stages or any(not (math.isfinite(x) and x >= 0.0) for x in weight):
+        raise ValueError(f"footprint must give each of the {num_stages} stages a finite weight >= 0, got {footprint!r}")
+    if footprint is None and any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in limits):
         raise ValueError(f"limits must give every rank an in-flight limit >= 1, got {list(limits)!r}")
+    if any(isinstance(n, bool) or not isinstance(n, (int, float)) or not n > 0 for n in limits):
+        raise ValueError(f"limits must give every rank an in-flight limit > 0, got {list(limits)!r}")
+    if prefer not in ("alternate", "backward", "forward"):
+        raise ValueError(f"prefer must be 'alternate', 'backward' or 'forward', got {prefer!r}")
     if any(not 0 <= rank < num_ranks for rank in placement):
         raise ValueError(f"placement {list(placement)} names a rank outside 0..{num_ranks - 1} (one limit per rank)")
     costs = unit_costs(num_stages) if costs is None else costs
     cost = as_cost_function(costs, {(s, m) for s in range(num_stages) for m in range(num_microbatches)})
     forward_key = forward_priority or (lambda a: (a.microbatch, -a.stage))
-    actions = [
-        Action(kind, stage, mb)  # type: ignore[arg-type]
-        for stage in range(num_stages) for mb in range(num_microbatches) for kind in "FBW"
-    ]
+    actions, consumers, inputs = _split_graph(num_stages, num_microbatches)
     rank_of = {a: placement[a.stage] for a in actions}
     duration = {a: cost(a) for a in actions}
-    waiting: dict[Action, int] = {}
-    consumers: dict[Action, list[Action]] = {a: [] for a in actions}
-    for a in actions:
-        edges = inputs_of(a, num_stages)
-        waiting[a] = len(edges)
-        for edge in edges:
-            consumers[edge.producer].append(a)
+    waiting = dict(inputs)
     arrival: dict[Action, float] = {a: 0.0 for a in actions}
     # released[r]: actions of rank r whose inputs are all scheduled -> when the last one arrives
     released: list[dict[Action, float]] = [{} for _ in range(num_ranks)]
@@ -97,7 +112,11 @@ def list_schedule(
         if waiting[a] == 0:
             released[rank_of[a]][a] = 0.0
     free_at = [0.0] * num_ranks
-    inflight = [0] * num_ranks
+    inflight = [0.0] * num_ranks
+    # with reserve: what each rank has promised to micro-batches it admitted (held, or still to come)
+    committed = [0.0] * num_ranks
+    whole = [math.fsum(weight[s] for s in range(num_stages) if placement[s] == r) for r in range(num_ranks)]
+    entry = [min((s for s in range(num_stages) if placement[s] == r), default=-1) for r in range(num_ranks)]
     last_kind = [""] * num_ranks
     order: Plan = [[] for _ in range(num_ranks)]
     wakeups: list[tuple[float, int]] = [(0.0, r) for r in range(num_ranks)]
@@ -111,9 +130,12 @@ def list_schedule(
         del released[rank][action]
         left -= 1
         if action.kind == "F":
-            inflight[rank] += 1
+            inflight[rank] += weight[action.stage]
+            if action.stage == entry[rank]:
+                committed[rank] += whole[rank]
         elif action.kind == "W":
-            inflight[rank] -= 1
+            inflight[rank] -= weight[action.stage]
+            committed[rank] -= weight[action.stage]
         if action.kind != "W":
             last_kind[rank] = action.kind
         heapq.heappush(wakeups, (end, rank))
@@ -134,7 +156,7 @@ def list_schedule(
         now, rank = heapq.heappop(wakeups)
         if free_at[rank] > now:
             continue
-        forwards, backwards, weights, upcoming = [], [], [], math.inf
+        forwards, backwards, weights, upcoming, blocked = [], [], [], math.inf, False
         for a, t in released[rank].items():
             if t > now:
                 if a.kind != "W":
@@ -143,11 +165,15 @@ def list_schedule(
                 backwards.append(a)
             elif a.kind == "W":
                 weights.append(a)
-            elif inflight[rank] < limits[rank]:
+            elif (inflight[rank] + weight[a.stage] <= limits[rank] * (1 + 1e-9)) if not reserve else (
+                a.stage != entry[rank] or committed[rank] + whole[rank] <= limits[rank] * (1 + 1e-9)
+            ):
                 forwards.append(a)
+            else:
+                blocked = True  # a ready forward that memory holds back
         choice: Action | None = None
         if forwards and backwards:
-            pick_forward = last_kind[rank] != "F"
+            pick_forward = prefer == "forward" or (prefer == "alternate" and last_kind[rank] != "F")
             choice = min(forwards, key=forward_key) if pick_forward else min(backwards, key=_backward_key)
         elif backwards:
             choice = min(backwards, key=_backward_key)
@@ -155,12 +181,35 @@ def list_schedule(
             choice = min(forwards, key=forward_key)
         elif weights:
             w = min(weights, key=lambda a: (arrival[a], a.microbatch, -a.stage))
-            at_limit = inflight[rank] >= limits[rank]
+            at_limit = blocked or inflight[rank] >= limits[rank]
             if fill_short_gaps or at_limit or upcoming >= now + duration[w]:
                 choice = w
         if choice is not None:
             run(rank, choice, now)
     return order
+
+
+@functools.lru_cache(maxsize=16)
+def _split_graph(
+    num_stages: int, num_microbatches: int
+) -> tuple[tuple[Action, ...], dict[Action, tuple[Action, ...]], dict[Action, int]]:
+    """Every action of a step with every backward split, who consumes each, and how many inputs each has.
+
+    The same for every call with the same shape, and the costly part of a
+    list schedule's set-up, so searches that try many rules share it.
+    """
+    actions = tuple(
+        Action(kind, stage, mb)  # type: ignore[arg-type]
+        for stage in range(num_stages) for mb in range(num_microbatches) for kind in "FBW"
+    )
+    consumers: dict[Action, list[Action]] = {a: [] for a in actions}
+    inputs: dict[Action, int] = {}
+    for a in actions:
+        edges = inputs_of(a, num_stages)
+        inputs[a] = len(edges)
+        for edge in edges:
+            consumers[edge.producer].append(a)
+    return actions, {a: tuple(c) for a, c in consumers.items()}, inputs
 
 
 def _backward_key(action: Action) -> tuple[int, int]:

@@ -16,7 +16,7 @@ broken plug-in is refused with a ``ValueError`` instead of hanging a job.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pipesched.plan.action import Action, Plan
 from pipesched.plan.replay import Deadlock, replay
@@ -50,6 +50,12 @@ class Schedule:
     #: Registry name; set by subclasses for readable errors and reports.
     name: str = "custom"
 
+    #: Whether :meth:`plan` is built for the costs of the model it runs. If so, a
+    #: pipeline hands it, after every full step, the median measured seconds per
+    #: ``(kind, stage)`` through :meth:`use_costs` (and ``pipesched schedule show``
+    #: hands it the costs it charts). The engine asks this, never the name.
+    wants_costs: bool = False
+
     def placement(self, num_stages: int, num_ranks: int) -> list[int]:
         """Rank of each stage. Default: stage ``s`` on rank ``s % num_ranks``."""
         return [stage % num_ranks for stage in range(num_stages)]
@@ -65,6 +71,19 @@ class Schedule:
     def default_num_stages(self, num_ranks: int) -> int:
         """How many stages to cut the model into for ``num_ranks`` ranks."""
         return num_ranks
+
+    def use_costs(self, costs: Mapping[tuple[str, int], float], comm: float = 0.0) -> bool:
+        """Take ``costs`` (seconds per ``(kind, stage)``, as the simulator reads them) for later plans.
+
+        Returns ``True`` when the plans built so far are stale: whoever cached
+        them (the pipeline's plan cache) drops them and asks :meth:`plan` again.
+        Only called when :attr:`wants_costs` is true; the default ignores them.
+        """
+        return False
+
+    def describe_plan(self, num_microbatches: int) -> str:
+        """What a step report calls the plan :meth:`plan` last gave for ``num_microbatches`` (default: the name)."""
+        return self.name
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from pipesched.observe.report import StepReport
 from pipesched.plan.action import Plan
 from pipesched.plan.lowering import Lowering
+from pipesched.plan.measured import median_costs
 from pipesched.plan.record import TaskRecord
 from pipesched.plan.schedule import PlanCache, Schedule
 from pipesched.runtime.batchnorm import DeferredBatchNorm
@@ -244,9 +245,19 @@ class StepRunner:
                 for rank in self.ranks
             ))
 
+    def learn(self, records: Sequence[TaskRecord]) -> None:
+        """Hand a schedule that wants measured costs this step's median task times (the generic
+        ``wants_costs`` hook); when it says its plans are stale, plan every micro-batch count again."""
+        if not self.schedule.wants_costs or not records:
+            return
+        if self.schedule.use_costs(median_costs(records)):
+            self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement, split_backward=True)
+            self._parts.clear()
+
     def report(self, num_microbatches: int, records: list[TaskRecord], memory: Sequence[RankMemory]) -> StepReport:
         return StepReport(
             schedule=self.schedule.name,
+            plan=self.schedule.describe_plan(num_microbatches),
             num_stages=self.num_stages,
             num_ranks=self.num_ranks,
             num_microbatches=num_microbatches,
