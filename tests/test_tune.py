@@ -162,9 +162,9 @@ def test_balance_refuses_bad_arguments():
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b"])
 @pytest.mark.parametrize("checkpoint", ["never", "except_last", "always"])
-@pytest.mark.parametrize("chunks", [4, 3])
-def test_predicted_peak_bytes_equal_the_measured_for_unsplit_backwards(schedule, checkpoint, chunks):
-    """Activation bytes walked along the plan are the checkpoint manager's measured peak, byte for byte."""
+def test_predicted_peak_bytes_equal_the_measured_for_unsplit_backwards(schedule, checkpoint, chunks=3):
+    """Activation bytes walked along the plan are the checkpoint manager's measured peak, byte for byte
+    (3 micro-batches of 32 rows: uneven sizes, each priced from its own profile)."""
     model, x, y, loss = mlp(), torch.randn(32, 16), torch.randint(0, 8, (32,)), nn.CrossEntropyLoss()
     plan_schedule = get_schedule(schedule)
     stages = plan_schedule.default_num_stages(2)
@@ -179,8 +179,7 @@ def test_predicted_peak_bytes_equal_the_measured_for_unsplit_backwards(schedule,
         assert guess.peak_bytes == measured_peak_bytes(pipe)
 
 
-@pytest.mark.parametrize("schedule", ["zb-h1", "zb-v", "interleaved-zb"])
-@pytest.mark.parametrize("checkpoint", ["never", "always"])
+@pytest.mark.parametrize("schedule, checkpoint", [("zb-h1", "never"), ("zb-v", "always"), ("interleaved-zb", "never")])
 def test_predicted_peak_bytes_bound_the_measured_for_split_backwards(schedule, checkpoint):
     """A split backward's B frees part of what W does not need: the prediction is an upper bound, within 1.6x."""
     model, x, y, loss = mlp(), torch.randn(32, 16), torch.randint(0, 8, (32,)), nn.CrossEntropyLoss()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,7 +74,35 @@ def _profile(
     module: nn.Sequential, inputs: Any, targets: Any, loss_fn: Any, *, device: Any, repeat: int,
     timeout: float | None, progress: Progress,
 ) -> Profile:
-    """:func:`profile`, optionally repeating each layer until ``timeout`` seconds are spent on it."""
+    """:func:`profile`, optionally repeating each layer until ``timeout`` seconds are spent on it.
+
+    The measuring runs on a thread of its own, as a pipeline runs its tasks on
+    worker threads: on a CPU, torch's intra-op thread pool behaves differently
+    on the main thread (under load, its OpenMP team can make small ops take
+    ten times longer there than on a worker), and the profile must time what
+    the pipeline will see.
+    """
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["profile"] = _profile_here(module, inputs, targets, loss_fn, device=device, repeat=repeat,
+                                               timeout=timeout, progress=progress)
+        except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=work, name="pipesched-profile", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["profile"]
+
+
+def _profile_here(
+    module: nn.Sequential, inputs: Any, targets: Any, loss_fn: Any, *, device: Any, repeat: int,
+    timeout: float | None, progress: Progress,
+) -> Profile:
     if not isinstance(module, nn.Sequential) or len(module) == 0:
         raise TypeError(f"module must be a non-empty nn.Sequential, got {type(module).__name__}")
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
@@ -274,19 +303,18 @@ def progress_reporter(progress: Progress, *, total: int, what: str) -> Callable[
     """
     if not progress:
         return lambda line: None
+    count = [0]
+
+    def numbered(line: str) -> str:
+        count[0] += 1
+        return f"{what} [{count[0]}/{total}] {line}"
+
     if callable(progress) and progress is not True:
-        return lambda line: None if line is None else progress(line)
+        return lambda line: None if line is None else progress(numbered(line))
     try:
         from tqdm import tqdm  # optional: a nicer bar where it is installed
     except ImportError:
-        count = [0]
-
-        def plain(line: str | None) -> None:
-            if line is not None:
-                count[0] += 1
-                print(f"{what} [{count[0]}/{total}] {line}", file=sys.stderr, flush=True)
-
-        return plain
+        return lambda line: None if line is None else print(numbered(line), file=sys.stderr, flush=True)
     bar = tqdm(total=total, desc=what, file=sys.stderr)
 
     def tick(line: str | None) -> None:
