@@ -107,7 +107,7 @@ def _profile_here(
         raise TypeError(f"module must be a non-empty nn.Sequential, got {type(module).__name__}")
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat must be an int >= 1 (timed runs per layer), got {repeat!r}")
-    if (targets is None) != (loss_fn is None) and loss_fn is not None:
+    if loss_fn is not None and targets is None:
         raise ValueError("loss_fn needs targets: pass targets=... for the micro-batch, or leave both out")
     tensors = as_tensors(inputs, "inputs")
     rows = batch_size(tensors, "inputs")
