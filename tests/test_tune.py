@@ -40,17 +40,16 @@ def mlp() -> nn.Sequential:
 
 
 def test_profile_measures_each_half_of_the_backward_of_sleep_layers():
-    """F, B and W of a layer sleeping 2/8/4 ms per row are told apart (ratios 2x and more; medians of 3)."""
-    model = nn.Sequential(SleepLayer(0.25e-3, 0.25e-3, 0.25e-3), SleepLayer(2e-3, 8e-3, 4e-3))
+    """F, B and W of a layer sleeping 1/16/4 ms per row are told apart (4x ratios; medians of 3)."""
+    model = nn.Sequential(SleepLayer(0.0, 0.0, 4e-3), SleepLayer(1e-3, 16e-3, 4e-3))
     x = torch.zeros(2, 1)
     profile = pipesched.profile(model, x, repeat=3)
     light, heavy = profile.layers
     assert profile.rows == 2 and len(profile) == 2 and not profile.input_requires_grad
-    assert heavy.backward_input_s > 1.4 * heavy.backward_weight_s > 1.4 * heavy.forward_s
-    assert heavy.backward_s > 1.2 * heavy.backward_input_s  # the whole backward runs both halves (B + W = 1.5 B)
-    assert heavy.forward_s > 2 * light.forward_s  # 8x nominal
+    assert heavy.backward_input_s > 2 * heavy.backward_weight_s > 2 * heavy.forward_s  # 32 : 8 : 2 ms
+    assert heavy.backward_s > 2 * heavy.backward_weight_s  # the whole backward runs both halves: 40 ms
     # the first layer's input needs no gradient: its B has no input path, its W is the whole backward
-    assert light.backward_input_s < 0.5 * light.backward_weight_s
+    assert light.backward_input_s < 0.25 * light.backward_weight_s  # nothing : 8 ms
     first = profile.stage(0, 2)
     assert first.backward_input_s == 0.0 and first.backward_weight_s == pytest.approx(first.backward_s)
 
@@ -113,24 +112,24 @@ def test_profile_on_cuda_uses_events_and_the_allocator():
 
 
 def test_balance_by_time_isolates_a_heavy_head():
-    """Seven layers of 1 ms and a head of 16 ms: two stages cut before the head, whatever the noise."""
-    model = sleep_model([1.0] * 7 + [16.0])
+    """Seven layers that do not sleep and a head of 3 x 20 ms: two stages cut before the head, whatever the noise."""
+    model = sleep_model([0.0] * 7 + [20.0])
     assert balance_by_time(2, model, torch.zeros(1, 1), timeout=0.0, device="cpu") == [7, 1]
 
 
 def test_balance_by_time_torchgpipe_case():
-    """torchgpipe's own test: delays of 1..6 (here 8x apart at the ends) in two partitions: [4, 2]."""
-    model = sleep_model([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    """torchgpipe's own test: delays of 1..6 units in two partitions: [4, 2] (10 | 11 units; the next best
+    cut's larger part is 15). A unit is 3 sleeps of 4 ms, large against a loaded machine's wake-up delays."""
+    model = sleep_model([4.0, 8.0, 12.0, 16.0, 20.0, 24.0])
     assert balance_by_time(2, model, torch.zeros(1, 1), timeout=0.0, device="cpu") == [4, 2]
 
 
 def test_balance_by_time_per_rank_for_a_v_schedule():
-    """ZB-V puts stages 0 and 3 on rank 0: with a heavy first layer, rank 0's second stage is one light layer.
+    """ZB-V puts stages 0 and 3 on rank 0: with a heavy first layer, rank 0's stages are it and one light layer.
 
-    (The first layer's input needs no gradient, so its backward sleeps only W: it costs 2 x 24 ms
-    against 3 x 1 ms for each other layer.)
+    (The light layers do not sleep: any extra layer on rank 0 only adds to the busiest rank.)
     """
-    model = sleep_model([24.0] + [1.0] * 11)
+    model = sleep_model([24.0] + [0.0] * 11)
     balance = balance_by_time(2, model, torch.zeros(1, 1), timeout=0.0, device="cpu", schedule="zb-v")
     assert len(balance) == 4 and sum(balance) == 12
     assert balance[0] == 1 and balance[3] == 1  # rank 0: the head + one light layer; rank 1: ten
@@ -228,12 +227,12 @@ def test_tune_respects_a_memory_budget_that_gpipe_at_many_micro_batches_exceeds(
 
 
 def test_tune_ranks_a_balanced_split_of_a_heavy_head_first_and_pipeline_kwargs_run():
-    model = sleep_model([0.5] * 6 + [8.0], fixed_ms=0.2)
+    model = sleep_model([0.0] * 6 + [4.0])
     x, y = torch.zeros(8, 1), torch.zeros(8, 1)
     result = pipesched.tune(model, x, y, nn.MSELoss(), devices=["cpu"] * 2, schedules=["gpipe", "1f1b"],
                             chunks=[2, 4], checkpoint=["never"], repeat=3)
     assert [c.predicted_step_s for c in result.candidates] == sorted(c.predicted_step_s for c in result.candidates)
-    # per row: 6 light layers of 3 x 0.5 ms (the first 2 x: no input gradient) against a head of 3 x 8 ms
+    # 6 light layers that do not sleep, and a head of 3 x 4 ms per row
     assert [c.balance for c in result.candidates] == [[6, 1]] * len(result.candidates)
     kwargs = result.best.pipeline_kwargs()
     assert set(kwargs) == {"schedule", "balance", "devices", "chunks", "checkpoint"}
