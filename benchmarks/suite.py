@@ -32,6 +32,7 @@ BENCHMARKS = {
     "zero_bubble": "benchmarks.bench_zero_bubble",
     "cpu_pays": "benchmarks.bench_cpu_pays",
     "auto": "benchmarks.bench_auto",
+    "tune": "benchmarks.bench_tune",
 }
 
 

@@ -40,6 +40,10 @@ _EXPORTS = {
     "StepStalled": "pipesched.runtime.orchestrator",
     "Pipeline": "pipesched.pipeline",
     "DistributedPipeline": "pipesched.distributed",
+    "Profile": "pipesched.tune.costs",
+    "TuneResult": "pipesched.tune.search",
+    "profile": "pipesched.tune.measure",
+    "tune": "pipesched.tune",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -73,3 +77,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from pipesched.runtime.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
     from pipesched.runtime.checkpoint import is_checkpointing, is_recomputing
     from pipesched.runtime.orchestrator import StepStalled
+    from pipesched.tune import tune
+    from pipesched.tune.costs import Profile
+    from pipesched.tune.measure import profile
+    from pipesched.tune.search import TuneResult

@@ -36,6 +36,7 @@ SPECIFIC = {
     "zero_bubble": {"workload", "calibration", "rows", "gradients"},
     "cpu_pays": {"workload", "cores", "balance", "rows", "threads_seen", "best_pipeline", "memory"},
     "auto": {"workload", "rows"},
+    "tune": {"workload", "rows", "chosen_over_best"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -50,6 +51,7 @@ TABLE_MARKS = {
     "zero_bubble": "predicted/1F1B",
     "cpu_pays": "speed vs plain",
     "auto": "auto makespan / best built-in's",
+    "tune": "|pred-meas|/meas",
 }
 
 

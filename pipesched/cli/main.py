@@ -1,4 +1,4 @@
-"""The command line: ``pipesched schedule show|list``, ``timeline``, ``compare``, ``demo``.
+"""The command line: ``pipesched schedule show|list``, ``timeline``, ``compare``, ``demo``, ``tune``.
 
 One module per command (:mod:`~pipesched.cli.schedule`, :mod:`~pipesched.cli.timeline`,
 :mod:`~pipesched.cli.compare`, :mod:`~pipesched.cli.demo`), each adding its
@@ -24,6 +24,7 @@ COMMANDS = {
     "timeline": "pipesched.cli.timeline",
     "compare": "pipesched.cli.compare",
     "demo": "pipesched.cli.demo",
+    "tune": "pipesched.cli.tune",
 }
 
 def build_parser() -> argparse.ArgumentParser:
