@@ -72,7 +72,9 @@ class Env:
         return torch.cuda.max_memory_allocated(self.device)
 
     def is_oom(self, error: BaseException) -> bool:
-        return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+        kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if k is not None)
+        return isinstance(error, kinds) or "out of memory" in str(error).lower()
 
     @contextlib.contextmanager
     def memory_cap(self, cap_bytes: int) -> Iterator[float | None]:
