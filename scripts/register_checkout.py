@@ -20,7 +20,6 @@ Undo with ``rm -r SITE/pipesched-*.dist-info pipesched/schedules``.
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +29,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(__doc__, file=sys.stderr)
         return 2
+    import tomllib  # Python >= 3.11, as on the GPU image (3.12)
+
     site = Path(argv[0]).resolve()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     name, version = project["name"], project["version"]

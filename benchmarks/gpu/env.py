@@ -32,11 +32,11 @@ class Env:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def timed(self, fn: Callable[[], Any]) -> tuple[float, Any]:
-        """Wall-clock seconds of ``fn()`` with the device idle before and after."""
+    def timed(self, fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
+        """Wall-clock seconds of ``fn(*args)`` with the device idle before and after."""
         self.sync()
         start = time.perf_counter()
-        value = fn()
+        value = fn(*args)
         self.sync()
         return time.perf_counter() - start, value
 
@@ -157,19 +157,19 @@ def layer_costs(env: Env, model: nn.Sequential, sample: torch.Tensor, autocast: 
     The second of two timed runs counts (the first warms kernels up). Used
     only to balance stages; nothing is asserted on it.
     """
+    def forward_backward(layer: nn.Module, inp: torch.Tensor) -> torch.Tensor:
+        with env.autocast(autocast):
+            out = layer(inp)
+        if out.requires_grad:
+            out.float().sum().backward()
+        return out
+
     costs = []
     x = sample
     for layer in model:
         inp = x.detach().requires_grad_(x.is_floating_point())
-        elapsed = 0.0
-        for _ in range(2):
-            def run() -> torch.Tensor:
-                with env.autocast(autocast):
-                    out = layer(inp)
-                if out.requires_grad:
-                    out.float().sum().backward()
-                return out
-            elapsed, out = env.timed(run)
+        env.timed(forward_backward, layer, inp)
+        elapsed, out = env.timed(forward_backward, layer, inp)
         costs.append(elapsed)
         x = out.detach()
     model.zero_grad(set_to_none=True)

@@ -46,7 +46,7 @@ from pipesched.runtime.rng import draw_step_seed, forward_seed
 NAME = "gradients"
 TITLE = "2. Gradients on the device vs the un-pipelined model on the same device"
 COLUMNS = [("variant", "variant"), ("p", "p"), ("m", "m"), ("schedule", "schedule"), ("policy", "checkpoint"),
-           ("max_abs_diff", "max |Δ|"), ("tolerance", "tolerance"), ("ok", "equal"), ("seconds", "s")]
+           ("max_abs_diff", "max abs diff"), ("tolerance", "tolerance"), ("ok", "equal"), ("seconds", "s")]
 OPTIONS = ("corrupt_gradient",)
 POLICIES: dict[str, Any] = {"never": "never", "always": "always", "except_last": "except_last",
                             "alternate": lambda stage, microbatch: (stage + microbatch) % 2 == 0}
@@ -259,7 +259,7 @@ def run(env: Env, results: Results, budget: ItemBudget, corrupt_gradient: bool =
         chunks = 4 if case.p == 2 else 8
         try:
             with _no_tf32() if case.variant == "float32" else contextlib.nullcontext():
-                seconds, (grads, _) = env.timed(lambda: run_case(env, work, case, busy))
+                seconds, (grads, _) = env.timed(run_case, env, work, case, busy)
         except Exception as error:  # noqa: BLE001 - recorded, the run goes on
             results.fail(item, f"{label}: raised {type(error).__name__}: {error}")
             continue
@@ -268,7 +268,7 @@ def run(env: Env, results: Results, budget: ItemBudget, corrupt_gradient: bool =
             grads[0] = grads[0] + 1.0  # the failure path's own test (tests/test_gpu_script.py)
         diff, where = _distance(grads, work.reference(case.stages, chunks), work.relative)
         ok = diff <= work.tolerance
-        tolerance = f"{work.tolerance:g}{' × max|ref|' if work.relative else ''}"
+        tolerance = f"{work.tolerance:g}{' × max abs ref' if work.relative else ''}"
         results.row(item, variant=case.variant, p=case.p, m=chunks, schedule=case.schedule, policy=case.policy,
                     max_abs_diff=diff, tolerance=tolerance, ok=ok, seconds=seconds)
         if not ok:

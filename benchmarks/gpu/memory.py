@@ -53,12 +53,23 @@ GIB = 2**30
 
 def sizes(env: Env) -> dict[str, Any]:
     if env.dry_run:
-        return dict(seed=[("naive-1", 3, 4, 1), ("pipeline-2", 3, 8, 2)],
-                    image=32, batch=8, D=4, ladder=[3, 6, 12, 24], ranks=(2,), dry_cap=1_000_000)
-    return dict(seed=[("naive-1", 6, 208, 1), ("pipeline-1", 6, 416, 1), ("pipeline-2", 6, 544, 2),
-                      ("pipeline-4", 12, 544, 4), ("pipeline-8", 24, 512, 8)],
-                image=224, batch=32, D=256, ladder=[3, 6, 9, 12, 18, 24, 36, 48, 72, 96, 144, 192],
-                ranks=(4, 8, 2, 1), dry_cap=0)
+        return {"seed": [("naive-1", 3, 4, 1), ("pipeline-2", 3, 8, 2)],
+                "image": 32, "batch": 8, "D": 4, "ladder": [3, 6, 12, 24], "ranks": (2,), "dry_cap": 1_000_000}
+    return {"seed": [("naive-1", 6, 208, 1), ("pipeline-1", 6, 416, 1), ("pipeline-2", 6, 544, 2),
+                     ("pipeline-4", 12, 544, 4), ("pipeline-8", 24, 512, 8)],
+            "image": 224, "batch": 32, "D": 256, "ladder": [3, 6, 9, 12, 18, 24, 36, 48, 72, 96, 144, 192],
+            "ranks": (4, 8, 2, 1), "dry_cap": 0}
+
+
+_PARAMS: dict[tuple[int, int], float] = {}
+
+
+def _params_m(L: int, D: int) -> float:
+    """Millions of parameters of AmoebaNet-D (L, D), counted on the meta device (no memory)."""
+    if (L, D) not in _PARAMS:
+        with torch.device("meta"):
+            _PARAMS[L, D] = parameter_count(amoebanet_d(L, D)) / 1e6
+    return _PARAMS[L, D]
 
 
 def chunks_for(p: int) -> int:
@@ -72,33 +83,36 @@ def measure(env: Env, L: int, D: int, p: int, schedule: str | None, stages: int,
     ``capped``: part B's search, where in the dry run a fit is a meter sum under ``size["dry_cap"]``.
     """
     env.free()
-    g = torch.Generator(device=env.device).manual_seed(0)
-    x = torch.randn(size["batch"], 3, size["image"], size["image"], device=env.device, generator=g)
-    y = torch.randint(0, 1000, (size["batch"],), device=env.device, generator=g)
-    torch.manual_seed(0)
-    with torch.device(env.device):
-        model = amoebanet_d(L, D)
     loss_fn = nn.CrossEntropyLoss()
-    out: dict[str, Any] = {"params_m": parameter_count(model) / 1e6, "m": 1 if schedule is None else chunks_for(p)}
-    try:
+    out: dict[str, Any] = {"m": 1 if schedule is None else chunks_for(p), "params_m": _params_m(L, D)}
+    held: dict[str, Any] = {}  # everything on the device, dropped in one place whatever fails
+    try:  # building the model under the cap can run out of memory too
+        g = torch.Generator(device=env.device).manual_seed(0)
+        held["x"] = torch.randn(size["batch"], 3, size["image"], size["image"], device=env.device, generator=g)
+        held["y"] = torch.randint(0, 1000, (size["batch"],), device=env.device, generator=g)
+        torch.manual_seed(0)
+        with torch.device(env.device):
+            held["model"] = model = amoebanet_d(L, D)
         if schedule is None:
             start = env.reset_peak()
-            loss_fn(model(x), y).backward()
+            loss_fn(model(held["x"]), held["y"]).backward()
             out.update(peak=env.peak(), start=start, meter=[])
         else:
             with Pipeline(model, schedule=schedule, balance=even_balance(len(model), stages),
                           devices=[env.device] * p, chunks=chunks_for(p), checkpoint="never",
                           loss_fn=loss_fn) as pipe:
                 start = env.reset_peak()
-                pipe.step(x, y)
+                pipe.step(held["x"], held["y"])
                 out.update(peak=env.peak(), start=start, meter=list(pipe.last_report.peak_activation_bytes))
+            del pipe
         out["fits"] = True
-    except Exception as error:  # noqa: BLE001 - out of memory is a result here
+    except Exception as error:  # out of memory is a result here; anything else is raised
         if not env.is_oom(error):
             raise
         out.update(fits=False, oom=str(error).splitlines()[0][:160])
     finally:
-        del model, x, y
+        held.clear()
+        model = None
         env.free()
     if capped and out["fits"] and not env.cuda:
         out["fits"] = sum(out["meter"]) <= size["dry_cap"]
@@ -116,7 +130,7 @@ def _row(out: dict[str, Any]) -> dict[str, Any]:
 def run(env: Env, results: Results, budget: ItemBudget, mem_cap_gb: float = 24.0) -> ItemResult:
     item = results.add_item(NAME, TITLE, COLUMNS)
     size = sizes(env)
-    item.extra["sizes"] = {k: v for k, v in size.items()}
+    item.extra["sizes"] = dict(size)
     part_a_until = budget.left() * 0.6  # part A may use the first 40 % of the item's time
     estimate, done = 1.0, 0
     for experiment, L, D, p in size["seed"]:
@@ -126,7 +140,7 @@ def run(env: Env, results: Results, budget: ItemBudget, mem_cap_gb: float = 24.0
             if done and budget.left() - estimate < part_a_until:  # the first runs whatever the budget
                 results.skip(item, label, "part A's share of the item budget is spent")
                 continue
-            seconds, out = env.timed(lambda: measure(env, L, D, p, schedule, stages, size))
+            seconds, out = env.timed(measure, env, L, D, p, schedule, stages, size)
             estimate, done = max(estimate, seconds), done + 1
             results.row(item, part="A", experiment=experiment, L=L, D=D, p=p, m=out["m"], schedule=schedule or "-",
                         params_m=out["params_m"], seconds=seconds, **_row(out), oom=out.get("oom"))
@@ -159,39 +173,44 @@ def search(ladder: list[int], start: int, trial: Any, more: Any) -> tuple[int, d
 
 def _largest(env: Env, results: Results, item: ItemResult, budget: ItemBudget, size: dict[str, Any],
              mem_cap_gb: float, estimate: float) -> None:
-    D = size["D"]
     with env.memory_cap(int(mem_cap_gb * 1e9)) as fraction:
         results.note(item, f"part B cap: {mem_cap_gb:g} GB for the whole process (fraction {fraction})"
                      if env.cuda else f"part B (dry run): a fit is a meter sum <= {size['dry_cap']} bytes")
         for p in size["ranks"]:
             start_L = 0  # where the previous schedule's search ended: a good first guess
             for schedule, stages in schedules(env, p, PRIORITY):
-                label = f"B p={p} {schedule}"
-                ladder = [L for L in size["ladder"] if amoeba_layers(L) >= stages]
-                outs: dict[int, dict[str, Any]] = {}
+                start_L, estimate = _largest_one(env, results, item, budget, size, p, schedule, stages, start_L,
+                                                 estimate)
 
-                def trial(L: int) -> bool:
-                    nonlocal estimate
-                    seconds, outs[L] = env.timed(lambda: measure(env, L, D, p, schedule, stages, size,
-                                                                      capped=True))
-                    estimate = max(estimate, seconds)
-                    return bool(outs[L]["fits"])
 
-                def more() -> bool:  # part B's first trial runs whatever the budget
-                    return not (outs or any(r["part"] == "B" for r in item.rows)) or budget.fits(1.5 * estimate)
+def _largest_one(env: Env, results: Results, item: ItemResult, budget: ItemBudget, size: dict[str, Any], p: int,
+                 schedule: str, stages: int, start_L: int, estimate: float) -> tuple[int, float]:
+    """Part B for one (p, schedule): record the largest L that fits; returns it and the updated estimate."""
+    D = size["D"]
+    ladder = [L for L in size["ladder"] if amoeba_layers(L) >= stages]
+    outs: dict[int, dict[str, Any]] = {}
+    first = not any(r["part"] == "B" for r in item.rows)
 
-                start = max([i for i, L in enumerate(ladder) if L <= start_L], default=0)
-                lo, tried, complete = search(ladder, start, trial, more)
-                if not tried:
-                    results.skip(item, label, f"item budget ({budget.left():.0f} s left)")
-                    continue
-                best = ladder[lo] if lo >= 0 else 0
-                note = "" if complete else " (search cut short)"
-                if lo == len(ladder) - 1:
-                    note += " (the ladder's top)"
-                start_L = best
-                out = outs.get(best, {"fits": False})
-                results.row(item, part="B", experiment=f"pipeline-{p}", L=best, D=D, p=p, m=chunks_for(p),
-                            schedule=schedule, params_m=out.get("params_m"), largest_L=f"{best}{note}",
-                            trials=",".join(f"{L}{'' if ok else 'x'}" for L, ok in sorted(tried.items())),
-                            **_row(out))
+    def trial(L: int) -> bool:
+        nonlocal estimate
+        seconds, outs[L] = env.timed(measure, env, L, D, p, schedule, stages, size, True)
+        estimate = max(estimate, seconds)
+        return bool(outs[L]["fits"])
+
+    def more() -> bool:  # part B's first trial runs whatever the budget
+        return (first and not outs) or budget.fits(1.5 * estimate)
+
+    start = max([i for i, L in enumerate(ladder) if L <= start_L], default=0)
+    lo, tried, complete = search(ladder, start, trial, more)
+    if not tried:
+        results.skip(item, f"B p={p} {schedule}", f"item budget ({budget.left():.0f} s left)")
+        return start_L, estimate
+    best = ladder[lo] if lo >= 0 else 0
+    note = "" if complete else " (search cut short)"
+    if lo == len(ladder) - 1:
+        note += " (the ladder's top)"
+    out = outs.get(best, {"fits": False})
+    results.row(item, part="B", experiment=f"pipeline-{p}", L=best, D=D, p=p, m=chunks_for(p), schedule=schedule,
+                params_m=out.get("params_m"), largest_L=f"{best}{note}",
+                trials=",".join(f"{L}{'' if ok else 'x'}" for L, ok in sorted(tried.items())), **_row(out))
+    return best, estimate

@@ -46,9 +46,9 @@ PRIORITY = ("1f1b", "gpipe", "zb-h1", "zb-v", "interleaved-1f1b", "dualpipe-v", 
 
 def sizes(env: Env) -> dict[str, Any]:
     if env.dry_run:
-        return dict(vocab=64, width=32, heads=2, blocks=8, seq=16, rows=1, grid=[(4, 4)], steps=1)
-    return dict(vocab=8192, width=2048, heads=16, blocks=8, seq=1024, rows=2,
-                grid=[(4, 8), (4, 32), (2, 8), (2, 32), (4, 16), (2, 16)], steps=3)
+        return {"vocab": 64, "width": 32, "heads": 2, "blocks": 8, "seq": 16, "rows": 1, "grid": [(4, 4)], "steps": 1}
+    return {"vocab": 8192, "width": 2048, "heads": 16, "blocks": 8, "seq": 1024, "rows": 2,
+            "grid": [(4, 8), (4, 32), (2, 8), (2, 32), (4, 16), (2, 16)], "steps": 3}
 
 
 def _tokens(env: Env, rows: int, seq: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,14 +75,8 @@ def run(env: Env, results: Results, budget: ItemBudget) -> ItemResult:
             results.skip(item, f"p={p} m={m}", f"item budget ({budget.left():.0f} s left)")
             continue
 
-        def naive() -> None:
-            model.zero_grad(set_to_none=True)
-            with env.autocast(torch.bfloat16):
-                loss = loss_fn(model(x), y)
-            loss.backward()
-
-        env.timed(naive)
-        naive_s = statistics.median(env.timed(naive)[0] for _ in range(size["steps"]))
+        env.timed(_naive, env, model, loss_fn, x, y)
+        naive_s = statistics.median(env.timed(_naive, env, model, loss_fn, x, y)[0] for _ in range(size["steps"]))
         estimate = max(estimate, naive_s)
         for schedule, stages in order:
             if item.rows and not budget.fits(estimate * (size["steps"] + 1)):
@@ -91,10 +85,17 @@ def run(env: Env, results: Results, budget: ItemBudget) -> ItemResult:
             row = _one(env, model, loss_fn, x, y, p, m, schedule, stages, costs, size["steps"])
             estimate = max(estimate, row["step_ms"] / 1e3)
             results.row(item, **row, naive_ms=naive_s * 1e3, naive_over_step=naive_s / (row["step_ms"] / 1e3))
-        del x, y
         model.zero_grad(set_to_none=True)
         env.free()
     return item
+
+
+def _naive(env: Env, model: nn.Sequential, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The plain model on the whole batch, under the same autocast."""
+    model.zero_grad(set_to_none=True)
+    with env.autocast(torch.bfloat16):
+        loss = loss_fn(model(x), y)
+    loss.backward()
 
 
 def _one(env: Env, model: nn.Sequential, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor, p: int, m: int,

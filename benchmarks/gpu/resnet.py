@@ -46,9 +46,10 @@ COLUMNS = [("experiment", "experiment"), ("schedule", "schedule"), ("checkpoint"
 
 def sizes(env: Env) -> dict[str, Any]:
     if env.dry_run:
-        return dict(width=8, blocks=(1, 1, 1, 1), image=16, batch=8, big=(16, 8), bigger=(32, 16), rounds=2, steps=1)
-    return dict(width=64, blocks=(3, 4, 23, 3), image=224, batch=96, big=(1024, 64), bigger=(4096, 256), rounds=15,
-                steps=3)
+        return {"width": 8, "blocks": (1, 1, 1, 1), "image": 16, "batch": 8, "big": (16, 8), "bigger": (32, 16),
+                "rounds": 2, "steps": 1}
+    return {"width": 64, "blocks": (3, 4, 23, 3), "image": 224, "batch": 96, "big": (1024, 64),
+            "bigger": (4096, 256), "rounds": 15, "steps": 3}
 
 
 def _step(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
@@ -176,7 +177,7 @@ def _pipeline_k(env: Env, results: Results, item: ItemResult, budget: ItemBudget
                 steps = []
                 while len(steps) < size["steps"] and (not (steps or done) or budget.fits(max([first, *steps]))):
                     steps.append(env.timed(step)[0])
-        except Exception as error:  # noqa: BLE001 - out of memory and the like: report, go on
+        except Exception as error:  # out of memory: reported as skipped; anything else is raised
             if not env.is_oom(error):
                 raise
             results.skip(item, label, f"out of memory ({str(error).splitlines()[0][:120]})")

@@ -126,12 +126,12 @@ def _item_dict(item: ItemResult) -> dict[str, Any]:
 
 
 def _item_markdown(item: ItemResult) -> list[str]:
-    lines = [f"## {item.title}", "",
-             f"status: {item.status}, {item.seconds:.1f} s of a {item.budget_s:.0f} s share; "
-             f"{len(item.rows)} rows, {len(item.skipped)} skipped, {len(item.failures)} wrong, "
-             f"{len(item.errors)} errors", ""]
+    status = (f"status: {item.status}, {item.seconds:.1f} s of a {item.budget_s:.0f} s share; "
+              f"{len(item.rows)} rows, {len(item.skipped)} skipped, {len(item.failures)} wrong, "
+              f"{len(item.errors)} errors")
+    lines = [f"## {item.title}", "", status, ""]
     if item.rows:
-        lines.append("| " + " | ".join(header for _, header in item.columns) + " |")
+        lines.append("| " + " | ".join(_cell(header) for _, header in item.columns) + " |")
         lines.append("|" + "---|" * len(item.columns))
         for row in item.rows:
             lines.append("| " + " | ".join(_cell(row.get(key, "")) for key, _ in item.columns) + " |")
