@@ -14,7 +14,7 @@
 #            entry points exactly as installed (no library code is touched). Then checks that
 #            pipesched, its schedules, structlog and CUDA are all there.
 #   cuda     pytest -m cuda -rA                       (cap GPU_CHECK_CUDA_S, default 90 s)
-#   suite    pytest -m "not cuda", CUDA visible       (cap GPU_CHECK_SUITE_S, default 150 s; in 4
+#   suite    pytest -m "not cuda", CUDA visible       (cap GPU_CHECK_SUITE_S, default 150 s; in 6
 #            pytest-xdist workers, --dist loadfile, where xdist is installed: GPU_CHECK_SUITE_WORKERS)
 #   bench    python -m benchmarks.gpu --out OUTDIR    (budget: min(480, what is left - 45) s)
 # GPU_CHECK_TOTAL_S (default 560) is the whole script's budget: keep it under the run's timeout_s.
@@ -92,8 +92,8 @@ if ! python3 -m pytest -p no:cacheprovider -q --co tests/test_gpu_script.py >/de
     PYTEST+=(-p no:asyncio)
 fi
 python3 -c "import pytest_timeout" 2>/dev/null && HAVE_TIMEOUT=1 || HAVE_TIMEOUT=0
-# the suite in GPU_CHECK_SUITE_WORKERS (default 4) pytest-xdist processes, one test file each at a time
-WORKERS=${GPU_CHECK_SUITE_WORKERS:-4}
+# the suite in GPU_CHECK_SUITE_WORKERS (default 6) pytest-xdist processes, one test file each at a time
+WORKERS=${GPU_CHECK_SUITE_WORKERS:-6}
 SUITE_PARALLEL=()
 if ((WORKERS > 1)) && python3 -c "import xdist" 2>/dev/null; then
     SUITE_PARALLEL=(-n "$WORKERS" --dist loadfile)
@@ -136,7 +136,7 @@ if want bench; then
         t0=$(date +%s)
         # shellcheck disable=SC2086  # GPU_CHECK_BENCH_ARGS: extra words, e.g. --cpu-dry-run to rehearse
         timeout -k 10 $((budget + 40)) python3 -m benchmarks.gpu --out "$OUTDIR" --budget-s "$budget" \
-            --grace-s 30 ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$OUTDIR/bench.log" | grep -E "^gpu check:|FAILED|Error" 
+            --grace-s 30 ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee "$OUTDIR/bench.log" | grep -E "^gpu check:|FAILED|Error"
         rc=${PIPESTATUS[0]}
         record bench "$rc" $(($(date +%s) - t0))
     fi
