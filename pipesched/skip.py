@@ -3,6 +3,13 @@
 See :mod:`pipesched.runtime.skip` (and the README, "Skip connections").
 """
 
-from pipesched.runtime.skip import Namespace, Skippable, pop, skippable, stash, verify_skippables
+from pipesched.runtime.skip import (
+    Namespace,
+    Skippable,
+    pop,
+    skippable,
+    stash,
+    verify_skippables,
+)
 
 __all__ = ["Namespace", "Skippable", "pop", "skippable", "stash", "verify_skippables"]

@@ -8,6 +8,12 @@
 """
 
 from pipesched.runtime.skip.namespace import Namespace
-from pipesched.runtime.skip.skippable import Skippable, pop, skippable, stash, verify_skippables
+from pipesched.runtime.skip.skippable import (
+    Skippable,
+    pop,
+    skippable,
+    stash,
+    verify_skippables,
+)
 
 __all__ = ["Namespace", "Skippable", "pop", "skippable", "stash", "verify_skippables"]

@@ -30,7 +30,7 @@ class Namespace:
     def __hash__(self) -> int:
         return hash(self.id)
 
-    def __eq__(self, other: Any) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Namespace) and self.id == other.id
 
     def __lt__(self, other: Any) -> bool:

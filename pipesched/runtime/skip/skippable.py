@@ -28,7 +28,7 @@ a :class:`~pipesched.runtime.skip.namespace.Namespace` per use.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, ClassVar, Optional, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
@@ -40,17 +40,17 @@ __all__ = ["Skippable", "pop", "skippable", "stash", "verify_skippables"]
 T = TypeVar("T", bound="Skippable")
 
 
-class stash:  # noqa: N801 - torchgpipe's name
+class stash:
     """The command ``yield stash(name, tensor)``: hand ``tensor`` (or ``None``) to the layer that pops ``name``."""
 
     __slots__ = ("name", "tensor")
 
-    def __init__(self, name: str, tensor: Optional[Tensor]) -> None:
+    def __init__(self, name: str, tensor: Tensor | None) -> None:
         self.name = name
         self.tensor = tensor
 
 
-class pop:  # noqa: N801 - torchgpipe's name
+class pop:
     """The command ``tensor = yield pop(name)``: take the tensor an earlier layer stashed as ``name``."""
 
     __slots__ = ("name",)
@@ -89,7 +89,7 @@ class Skippable(nn.Module):
         """The full names this layer pops (sorted by name)."""
         return [self.namespaced(name) for name in sorted(self.poppable_names)]
 
-    def isolate(self: T, ns: Namespace, *, only: Iterable[str] | None = None) -> T:
+    def isolate(self: T, ns: Namespace, *, only: Iterable[str] | None = None) -> T:  # noqa: PYI019 - Python 3.10
         """Put this layer's skip names (or just those in ``only``) into namespace ``ns``; returns ``self``.
 
         Two layers of one model may stash the same name only if isolated into
@@ -108,8 +108,8 @@ class Skippable(nn.Module):
     def dispatch(
         self,
         input: Any,
-        handle_stash: Callable[[str, Optional[Tensor]], None],
-        handle_pop: Callable[[str], Optional[Tensor]],
+        handle_stash: Callable[[str, Tensor | None], None],
+        handle_pop: Callable[[str], Tensor | None],
     ) -> Any:
         """Run the wrapped module's forward, serving each ``stash`` and ``pop`` it yields."""
         generator = self.module(input)
@@ -136,7 +136,7 @@ class Skippable(nn.Module):
         not declare, or when a name to pop was never stashed.
         """
         tracker = current_skip_tracker()
-        poppable: dict[str, Optional[Tensor]] = {}
+        poppable: dict[str, Tensor | None] = {}
         for key in self.poppable():
             try:
                 poppable[key[1]] = tracker.load(key)
@@ -145,14 +145,14 @@ class Skippable(nn.Module):
                     f"'{key[1]}' has not been stashed: a layer before {type(self.module).__name__} must "
                     f"stash it in the same call (pipesched.skip.verify_skippables checks a model)"
                 ) from None
-        stashed: dict[str, Optional[Tensor]] = {}
+        stashed: dict[str, Tensor | None] = {}
 
-        def handle_stash(name: str, tensor: Optional[Tensor]) -> None:
+        def handle_stash(name: str, tensor: Tensor | None) -> None:
             if name not in self.stashable_names:
                 raise RuntimeError(f"'{name}' has not been declared as stashable: add it to @skippable(stash=[...])")
             stashed[name] = tensor
 
-        def handle_pop(name: str) -> Optional[Tensor]:
+        def handle_pop(name: str) -> Tensor | None:
             if name not in self.poppable_names:
                 raise RuntimeError(f"'{name}' has not been declared as poppable: add it to @skippable(pop=[...])")
             if name not in poppable:

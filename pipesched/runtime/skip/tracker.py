@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Optional
 
 from torch import Tensor
 
 from pipesched.runtime.skip.namespace import Namespace
 
 #: A skip tensor's full name: its namespace (``None``: the default one) and its name.
-SkipKey = tuple[Optional[Namespace], str]
+SkipKey = tuple[Namespace | None, str]
 
 
 class SkipTracker:
