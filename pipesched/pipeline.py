@@ -42,6 +42,8 @@ from pipesched.runtime.partition import (
 )
 from pipesched.runtime.pipeline_module import PipelineModule
 from pipesched.runtime.runner import StepOptions, StepRunner
+from pipesched.runtime.skip.layout import inspect_skip_layout
+from pipesched.runtime.skip.skippable import verify_skippables
 from pipesched.runtime.state_dict import route_to_layers
 from pipesched.runtime.tasks import StepInputs
 from pipesched.runtime.structure import unflatten
@@ -121,6 +123,7 @@ class Pipeline(PipelineModule):
             )
         if len(module) == 0:
             raise ValueError("module is an empty nn.Sequential; give it at least one layer")
+        verify_skippables(module)  # every skip name stashed once and popped once after, as torchgpipe's GPipe
         options = StepOptions.check(
             schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
             loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
@@ -143,7 +146,8 @@ class Pipeline(PipelineModule):
         # refuse weights shared across devices, and a shape the schedule cannot run (the
         # runner validates its plan first), before the module is changed in place
         check_shared_parameters(self._stages, self.placement, self.devices)
-        self._runner = StepRunner(options, self._stages, self.placement, self.devices)
+        self._runner = StepRunner(options, self._stages, self.placement, self.devices,
+                                  skips=inspect_skip_layout(self._stages))
         self._finalizer = weakref.finalize(self, self._runner.close)
         if deferred_batch_norm:
             convert_deferred_batch_norm(module)

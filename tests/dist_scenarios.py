@@ -486,7 +486,52 @@ def scenario_state_dict(rank: int, world: int, out: dict) -> None:
         }
 
 
+def scenario_skips(rank: int, world: int, out: dict) -> None:
+    """A U-Net whose skips cross 1, 2 and 3 stages (tests/skip_models.py), 4 stages on 2 or 4 processes."""
+    from skip_models import UNET_BALANCE, unet, unet_data
+
+    from pipesched.distributed import DistributedPipeline
+    from pipesched.plan.lowering import SKIP
+
+    shapes = {2: [("zb-v", "always"), ("interleaved-1f1b", "except_last")],
+              4: [("1f1b", "always"), ("zb-h1", "except_last")]}[world]
+    for schedule, policy in shapes:
+        model = unet()
+        x, y = unet_data(rows=7)
+        reference = copy.deepcopy(model)
+        ref_loss = nn.MSELoss()(reference(x), y)
+        ref_loss.backward()
+        with DistributedPipeline(model, schedule=schedule, balance=UNET_BALANCE, chunks=3, checkpoint=policy,
+                                 loss_fn=nn.MSELoss(), stall_timeout=60) as pipe:
+            loss = pipe.step(x if rank == 0 else None, y)
+            _, lowering = pipe._runner.plan(3)
+            crossing = [t for t in lowering.transfers if t.carries == SKIP and t.src == rank and t.dst != rank]
+            sent = [c for c in pipe.last_comm if c.kind == "send" and c.action.startswith("S")]
+            error = grad_error(pipe, reference)
+            out[f"skips:{schedule}"] = {
+                "ok": abs(loss.item() - ref_loss.item()) < 1e-12 and error < 1e-12,
+                "loss": loss.item(), "ref": ref_loss.item(), "grad_error": error,
+                "skip_sends": len(sent), "expected_skip_sends": len(crossing),
+                "peers": sorted({c.peer for c in sent}), "expected_peers": sorted({t.dst for t in crossing}),
+            }
+    placement = {2: [0, 1, 1, 0], 4: [0, 1, 2, 3]}[world]
+    stages = dict(enumerate(Pipeline_stages(unet(), UNET_BALANCE)))
+    try:
+        DistributedPipeline({s: m for s, m in stages.items() if placement[s] == rank}, num_stages=4,
+                            schedule="zb-v" if world == 2 else "1f1b", loss_fn=nn.MSELoss())
+        out["skips:dict"] = "accepted"
+    except ValueError as error:
+        out["skips:dict"] = str(error)
+
+
+def Pipeline_stages(model: nn.Sequential, balance: list[int]) -> list[nn.Module]:  # noqa: N802
+    from pipesched.runtime.partition import split_module
+
+    return split_module(model, balance)
+
+
 SCENARIOS = {
+    "skips": scenario_skips,
     "gradients": scenario_gradients,
     "forward": scenario_forward_and_placement,
     "tuples": scenario_tuples_and_own_stages,

@@ -61,7 +61,8 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
-    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "state_dict", "timeline", "stall"]
+    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "state_dict", "skips", "timeline",
+             "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -117,6 +118,23 @@ def test_mapping_activations_cross_processes_with_keys_and_type(world):
     for rank, result in enumerate(results):
         assert result["mappings"]["ok"], f"rank {rank}: {result['mappings']}"
     assert results[1]["mappings"]["seen"][0] == ["Features", ["hidden", "count"]]  # stage 1 is on rank 1
+
+
+def test_skip_connections_cross_processes_straight_and_exactly(world):
+    """Gradients equal the plain model's; each rank sends each skip tensor once, straight to the
+    popping stage's rank (checkpointed forwards re-stash without re-sending); a dict of stages
+    linked by skips is refused on every rank, before any collective."""
+    size, results, _ = world
+    for rank, result in enumerate(results):
+        verdicts = {k: v for k, v in result.items() if k.startswith("skips:") and k != "skips:dict"}
+        assert len(verdicts) == 2
+        for key, verdict in verdicts.items():
+            assert verdict["ok"], f"rank {rank}, {key}: {verdict}"
+            assert verdict["skip_sends"] == verdict["expected_skip_sends"], (rank, key, verdict)
+            assert verdict["peers"] == verdict["expected_peers"], (rank, key, verdict)
+        assert "skip connections across processes need the full nn.Sequential" in result["skips:dict"] or (
+            "pass the full nn.Sequential instead of a dict" in result["skips:dict"]), result["skips:dict"]
+    assert sum(r[k]["skip_sends"] for r in results for k in r if k.startswith("skips:") and k != "skips:dict") > 0
 
 
 def test_exception_on_one_rank_surfaces_on_every_rank(world):

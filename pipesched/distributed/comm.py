@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -42,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipesched.plan.lowering import Lowering, Transfer
+from pipesched.plan.lowering import SKIP, Lowering, SkipEdge, Transfer
 from pipesched.runtime.mailbox import Mailbox, Slot
 from pipesched.observe.report import CommRecord
 from pipesched.runtime.structure import Structure
@@ -79,9 +80,17 @@ def lost(peer: int, why: str) -> PeerLost:
 MessageKey = tuple[str, int, int]  # the producing action: (kind, stage, microbatch)
 
 
-def message_key(transfer: Transfer) -> MessageKey:
-    """The name of a transfer on the wire: the action that produced it (tags derive from it)."""
+def message_key(transfer: Transfer, skips: Sequence[SkipEdge] = ()) -> MessageKey:
+    """The name of a transfer on the wire: the action that produced it (tags derive from it).
+
+    A skip connection's transfer is named by its edge's index in ``skips``
+    (the lowering's, the same on every rank) instead: ``("S", index, m)`` for
+    the stashed tensors, ``("T", index, m)`` for their gradients, since the
+    producing action also sends its ordinary output.
+    """
     producer = transfer.producer
+    if transfer.edge.skip is not None:
+        return ("S" if transfer.carries == SKIP else "T", skips.index(transfer.edge.skip), producer.microbatch)
     return (producer.kind, producer.stage, producer.microbatch)
 
 
@@ -93,6 +102,7 @@ class StepLink:
     num_stages: int
     num_microbatches: int
     outgoing: dict[int, list[MessageKey]]
+    num_skips: int = 0
     sent: set[MessageKey] = field(default_factory=set)
     works: list[tuple[Any, Any, int]] = field(default_factory=list)  # (work, tensor kept alive, peer)
     records: list[CommRecord] = field(default_factory=list)
@@ -101,7 +111,8 @@ class StepLink:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def tag(self, key: MessageKey, part: int) -> int:
-        return message_tag(self.step, key[0], key[1], key[2], self.num_stages, self.num_microbatches, part)
+        return message_tag(self.step, key[0], key[1], key[2], self.num_stages, self.num_microbatches, part,
+                           self.num_skips)
 
 
 class Communicator:
@@ -164,17 +175,18 @@ class Communicator:
         is the plan's lowering (:meth:`~pipesched.plan.lowering.Lowering.messages`):
         every process computes the same plan, so both ends agree without a handshake.
         """
+        skips = lowering.skips
         link = StepLink(step, lowering.num_stages, lowering.num_microbatches, {
-            peer: [message_key(t) for t in lowering.messages(self.rank, peer)] for peer in self._receivers
-        })
+            peer: [message_key(t, skips) for t in lowering.messages(self.rank, peer)] for peer in self._receivers
+        }, len(skips))
         for peer in self._receivers:
             for transfer in lowering.messages(self.rank, peer):
-                mailbox.replace(transfer, SendSlot(mailbox, self, link, message_key(transfer)))
+                mailbox.replace(transfer, SendSlot(mailbox, self, link, message_key(transfer, skips)))
         for peer, receiver in self._receivers.items():
             expected = lowering.messages(peer, self.rank)
             done = threading.Event()
             link.receivers_done[peer] = done
-            receiver.submit(lambda p=peer, e=expected, d=done: self._receive(link, mailbox, p, e, d))
+            receiver.submit(lambda p=peer, e=expected, d=done: self._receive(link, mailbox, p, e, d, skips))
         return link
 
     def send(self, link: StepLink, key: MessageKey, values: tuple[Tensor | None, ...],
@@ -250,10 +262,10 @@ class Communicator:
         return lost(peer, link.lost[peer])
 
     def _receive(self, link: StepLink, mailbox: Mailbox, peer: int, expected: list[Transfer],
-                 done: threading.Event) -> None:
+                 done: threading.Event, skips: Sequence[SkipEdge] = ()) -> None:
         try:
             for transfer in expected:
-                key = message_key(transfer)
+                key = message_key(transfer, skips)
                 header = torch.empty(HEADER_SLOTS, dtype=torch.int64)
                 self._recv(header, peer, link.tag(key, 0))
                 start = time.perf_counter()

@@ -51,6 +51,8 @@ from pipesched.runtime.partition import check_balance, check_shared_parameters, 
 from pipesched.runtime.partition import resolve_device
 from pipesched.runtime.pipeline_module import PipelineModule
 from pipesched.runtime.runner import SplitBatch, StepOptions, StepRunner
+from pipesched.runtime.skip.layout import SkipLayout, inspect_skip_layout
+from pipesched.runtime.skip.skippable import verify_skippables
 from pipesched.runtime.state_dict import route_to_layers, without_layers
 from pipesched.runtime.step_effects import StepEffects
 from pipesched.runtime.tasks import StepContext, StepInputs
@@ -123,7 +125,7 @@ class DistributedPipeline(PipelineModule):
         own = self._own_stages(module, balance, num_stages)
         self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
         self._runner = StepRunner(options, self._stages, self.placement, [self.device] * self.num_ranks,
-                                  ranks=[self.rank])
+                                  ranks=[self.rank], skips=self._skips)
         if deferred_batch_norm:
             for stage in own.values():
                 convert_deferred_batch_norm(stage)
@@ -147,7 +149,9 @@ class DistributedPipeline(PipelineModule):
         """
         self._layer_stage: dict[str, int] = {}
         self._foreign_layers: frozenset[str] = frozenset()
+        self._skips = SkipLayout()
         if isinstance(module, nn.Sequential):
+            verify_skippables(module)
             if balance is not None:
                 balance = check_balance(balance, len(module))
             else:
@@ -158,6 +162,7 @@ class DistributedPipeline(PipelineModule):
             )
             stages = split_module(module, balance)
             check_shared_parameters(stages, self.placement, None)
+            self._skips = inspect_skip_layout(stages)  # every rank sees every route: the same plan edges
             own = {s: stages[s] for s in range(self.num_stages) if self.placement[s] == self.rank}
             self._layer_stage = {name: s for s, stage in own.items() for name in stage._modules}
             self._foreign_layers = frozenset(module._modules) - set(self._layer_stage)
@@ -178,6 +183,13 @@ class DistributedPipeline(PipelineModule):
             for s, stage in module.items():
                 if not isinstance(stage, nn.Module):
                     raise TypeError(f"stage {s} must be an nn.Module, got {type(stage).__name__}")
+            # routes within this rank's stages only: one to another rank's stage would need its edges
+            self._skips = inspect_skip_layout([module.get(s) for s in range(num_stages)], complete=False)
+            if self._skips.edges:
+                raise ValueError(
+                    f"stages {[(e.src, e.dst) for e in self._skips.edges]} of this rank are linked by skip "
+                    f"connections, which every rank must know of: pass the full nn.Sequential instead of a dict"
+                )
             return dict(module)
         raise TypeError(
             f"module must be an nn.Sequential or a dict {{stage: nn.Module}}, got {type(module).__name__}"

@@ -49,10 +49,19 @@ _STEPS_APART = 64
 
 
 def message_tag(step: int, kind: str, stage: int, microbatch: int, num_stages: int,
-                num_microbatches: int, part: int = 0) -> int:
-    """The tag of ``part`` (0 = header, 1.. = tensors, then a mapping's description)."""
-    index = ((0 if kind == "F" else 1) * num_stages + stage) * num_microbatches + microbatch
-    per_step = 2 * num_stages * num_microbatches
+                num_microbatches: int, part: int = 0, num_skips: int = 0) -> int:
+    """The tag of ``part`` (0 = header, 1.. = tensors, then a mapping's description).
+
+    Kinds ``"F"`` and ``"B"`` name a stage's output and input gradient;
+    ``"S"`` and ``"T"`` a skip connection's tensors and their gradients, with
+    ``stage`` the skip edge's index (of ``num_skips``).
+    """
+    if kind in ("S", "T"):
+        channel = 2 * num_stages + (0 if kind == "S" else num_skips) + stage
+    else:
+        channel = (0 if kind == "F" else 1) * num_stages + stage
+    index = channel * num_microbatches + microbatch
+    per_step = (2 * num_stages + 2 * num_skips) * num_microbatches
     tag = ((step % _STEPS_APART) * per_step + index) * _PARTS + part
     if tag >= 2**31:
         raise ValueError(

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pipesched.plan.action import Action
-from pipesched.plan.lowering import dependencies
+from pipesched.plan.lowering import SkipEdge, dependencies
 
 
 class Deadlock(ValueError):
@@ -72,13 +72,17 @@ def replay(
     num_stages: int,
     cost: Callable[[Action], float] = lambda action: 1.0,
     comm: float = 0.0,
+    skips: Sequence[SkipEdge] = (),
 ) -> ReplayResult:
     """Replay ``plan`` with ``cost(action)`` seconds per action.
 
     ``comm`` is added on every edge whose two ends run on different ranks.
+    ``skips``: the model's skip connections, whose edges count like any
+    other (see :func:`~pipesched.plan.lowering.inputs_of`).
     Every dependency must be present in the plan (the validator checks that
     first); a missing one raises ``KeyError``.
     """
+    skips = tuple(skips)
     rank_of: dict[Action, int] = {}
     for rank, actions in enumerate(plan):
         for action in actions:
@@ -93,7 +97,7 @@ def replay(
         previous: Action | None = None
         for action in actions:
             # the plan's own objects: later lookups then match by identity, not by __eq__
-            inputs[action] = tuple(own.get(d, d) for d in dependencies(action, num_stages))
+            inputs[action] = tuple(own.get(d, d) for d in dependencies(action, num_stages, skips))
             preds = list(inputs[action])
             if previous is not None:
                 preds.append(previous)
@@ -135,7 +139,7 @@ def replay(
         for rank, actions in enumerate(plan):
             head = next((a for a in actions if a not in end), None)
             if head is not None:
-                blockers = tuple(d for d in dependencies(head, num_stages) if d not in end)
+                blockers = tuple(d for d in dependencies(head, num_stages, skips) if d not in end)
                 stuck.append((rank, head, blockers))
         raise Deadlock(stuck)
     return ReplayResult(start, end, rank_of, critical, order)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from pipesched.plan.action import Action, Plan
+from pipesched.plan.lowering import SkipEdge, check_skips
 from pipesched.plan.replay import Deadlock, replay
 
 __all__ = [
@@ -246,6 +247,7 @@ def validate_plan(
     num_ranks: int,
     placement: Sequence[int],
     kinds: str = "FBW",
+    skips: Sequence[SkipEdge] = (),
 ) -> Plan:
     """Check ``plan`` and return it as a list of lists, or raise ``ValueError``.
 
@@ -257,9 +259,12 @@ def validate_plan(
     before its B, and the ranks' orders form no cycle
     (:class:`~pipesched.plan.replay.Deadlock`, a ``ValueError`` that names the
     waiting actions). ``kinds="FB"`` refuses split backwards (an engine that
-    cannot run W); ``kinds="F"`` checks a forward-only plan.
+    cannot run W); ``kinds="F"`` checks a forward-only plan. ``skips``: the
+    model's skip connections (:class:`~pipesched.plan.lowering.SkipEdge`),
+    whose edges join the deadlock check.
     """
     placement = validate_placement(placement, num_stages, num_ranks)
+    skips = check_skips(skips, num_stages)
     if not isinstance(kinds, str) or not kinds or any(k not in "FBW" for k in kinds) or (
         "W" in kinds and "B" not in kinds
     ):
@@ -323,7 +328,7 @@ def validate_plan(
         ]
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"plan is missing {len(missing)} action(s): {shown}")
-    replay(checked, num_stages)  # raises Deadlock
+    replay(checked, num_stages, skips=skips)  # raises Deadlock
     return checked
 
 
@@ -346,8 +351,10 @@ class PlanCache:
         num_ranks: int,
         placement: Sequence[int],
         split_backward: bool = False,
+        skips: Sequence[SkipEdge] = (),
     ):
         self.schedule = schedule
+        self.skips = check_skips(skips, num_stages)
         self.num_stages = num_stages
         self.num_ranks = num_ranks
         self.placement = list(placement)
@@ -366,7 +373,8 @@ class PlanCache:
                     f"pipesched.simulate / `pipesched schedule show {self.schedule.name}`"
                 )
             kinds = "FBW" if self.split_backward else "FB"
-            plan = validate_plan(raw, self.num_stages, num_microbatches, self.num_ranks, self.placement, kinds)
+            plan = validate_plan(raw, self.num_stages, num_microbatches, self.num_ranks, self.placement, kinds,
+                                 self.skips)
             self._plans[num_microbatches] = plan
         return plan
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from pipesched.plan.action import Action, Plan, split_backwards
-from pipesched.plan.lowering import dependencies, inputs_of
+from pipesched.plan.lowering import SkipEdge, check_skips, dependencies, inputs_of
 from pipesched.plan.replay import replay
 from pipesched.plan.record import TaskRecord
 
@@ -176,6 +176,7 @@ def simulate(
     costs: Costs,
     comm: float = 0.0,
     num_stages: int | None = None,
+    skips: Sequence[SkipEdge] = (),
 ) -> SimResult:
     """Replay ``plan`` (one action list per rank) with ``costs``; summarise the run.
 
@@ -188,15 +189,19 @@ def simulate(
         comm: seconds added to every dependency whose two ends are on different ranks.
         num_stages: the model's stage count; default ``1 + `` the largest stage in
             ``plan``. Only matters for a plan that leaves out the last stages.
+        skips: the model's skip connections
+            (:class:`~pipesched.plan.lowering.SkipEdge`): their transfers go straight
+            from the stashing stage's rank to the popping stage's, ``comm`` each.
 
     Raises:
         ValueError: a malformed plan, a bad cost, or :class:`IncompletePlan`;
             :class:`pipesched.Deadlock` (a ``ValueError``) when the plan deadlocks.
     """
     rows, num_stages = _check_plan(plan, num_stages)
+    skips = check_skips(skips, num_stages)
     comm = check_comm(comm)
     cost = as_cost_function(costs, split_backwards(a for row in rows for a in row))
-    result = replay(rows, num_stages, cost, comm)
+    result = replay(rows, num_stages, cost, comm, skips)
     makespan = result.makespan
 
     busy = [math.fsum(result.end[a] - result.start[a] for a in row) for row in rows]

@@ -84,9 +84,18 @@ class _SavedTensorMeter:
         self.seen: dict[tuple[int, int, int, Any], int] = {}
 
     def pack(self, tensor: Tensor) -> Tensor:
+        """Count ``tensor``; keep it without its ``grad_fn``.
+
+        A node that saves its own output (tanh, sigmoid, exp) would otherwise
+        hold a tensor that holds the node: a cycle autograd breaks only by
+        running the node. A split backward's W never runs the input path
+        again, so the stage's whole graph, its input leaf included, would
+        outlive the step. The data and version counter are shared, as for
+        any saved tensor.
+        """
         if tensor.layout == torch.strided and tensor.data_ptr() not in self.exclude:
             self.seen.setdefault(_key(tensor), _nbytes(tensor))
-        return tensor
+        return tensor.detach() if tensor.grad_fn is not None else tensor
 
     def add(self, tensors: Iterable[Tensor | None]) -> None:
         for tensor in tensors:

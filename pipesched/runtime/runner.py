@@ -42,6 +42,8 @@ from pipesched.runtime.microbatch import as_tensors, batch_size, scatter, split_
 from pipesched.runtime.options import check_chunks, check_flag, check_loss_fn, check_stall_timeout, resolve_schedule
 from pipesched.runtime.orchestrator import Orchestrator
 from pipesched.runtime.rng import RandomStreams
+from pipesched.runtime.skip.layout import SkipLayout
+from pipesched.runtime.skip.portal import StepSkips
 from pipesched.runtime.step_effects import StepEffects
 from pipesched.runtime.structure import TENSOR, TUPLE
 from pipesched.runtime.tasks import (
@@ -101,7 +103,8 @@ class StepRunner:
 
     ``stages[s]`` is ``None`` for a stage another process runs; ``devices[r]``
     is rank r's device (a multi-process pipeline gives every rank its own
-    device, since each process sees only its own).
+    device, since each process sees only its own). ``skips``: the stages'
+    skip connections (:func:`~pipesched.runtime.skip.layout.inspect_skip_layout`).
     """
 
     def __init__(
@@ -111,8 +114,10 @@ class StepRunner:
         placement: Sequence[int],
         devices: Sequence[torch.device],
         ranks: Sequence[int] | None = None,
+        skips: SkipLayout | None = None,
     ):
         self.options = options
+        self.skips = skips if skips is not None else SkipLayout()
         self.schedule = options.schedule
         self.stages = list(stages)
         self.placement = list(placement)
@@ -122,7 +127,8 @@ class StepRunner:
         self.ranks = list(range(self.num_ranks)) if ranks is None else list(ranks)
         self.log_tasks = options.log_tasks
         self._policy = make_policy(options.checkpoint)
-        self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement, split_backward=True)
+        self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement, split_backward=True,
+                                skips=self.skips.edges)
         self._parts: dict[tuple[int, str], tuple[Plan, Lowering]] = {}
         self.plan(options.chunks)  # refuse a shape the schedule cannot run before building anything
         self.random = RandomStreams()
@@ -153,7 +159,7 @@ class StepRunner:
             plan = self._plans(num_microbatches)
             if kinds:
                 plan = [[a for a in row if a.kind in kinds] for row in plan]
-            part = self._parts[key] = (plan, Lowering(plan, self.num_stages))
+            part = self._parts[key] = (plan, Lowering(plan, self.num_stages, self.skips.edges))
         return part
 
     # ------------------------------------------------------------- batches
@@ -205,6 +211,7 @@ class StepRunner:
             caller=caller,
             labels=StepLabels(self.schedule.name, self.log_tasks, clock_offset),
             io=io or StepInputs(),
+            skips=None if self.skips.empty else StepSkips(self.skips, self.layout.transport),
         )
 
     # ----------------------------------------------------------------- run

@@ -30,6 +30,7 @@ from pipesched.runtime.checkpoint import CheckpointManager, is_recomputing
 from pipesched.runtime.loss_normalizer import weighted_loss
 from pipesched.runtime.mailbox import Mailbox, StepAborted
 from pipesched.plan.record import TaskRecord
+from pipesched.runtime.skip.portal import StepSkips, partition, payload
 from pipesched.runtime.split_backward import WeightWork, backward_input
 from pipesched.runtime.stream import TaskClock
 from pipesched.runtime.structure import TUPLE, Structure, flatten, unflatten
@@ -110,6 +111,7 @@ class StepContext:
     labels: StepLabels = field(default_factory=StepLabels)
     io: StepInputs = field(default_factory=StepInputs)
     results: StepResults = field(default_factory=StepResults)
+    skips: StepSkips | None = None  # the model's skip connections; None: it has no skippable layer
 
     @property
     def num_stages(self) -> int:
@@ -163,11 +165,11 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: St
     call_scope = ctx.caller.call_scope
     io = ctx.io
 
-    def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None]:
+    def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None, dict]:
         with call_scope(), frozen_running_stats(module if is_recomputing() else None):
             out = _as_boundary(module(_unwrap(inputs, structure)), stage)
             if not computes_loss:
-                return out, None
+                return out, None, _NO_SKIPS
             loss = io.loss_fn(_unwrap(*out), _to_device(io.targets[microbatch], out[0][0].device))  # type: ignore[misc]
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
@@ -175,9 +177,13 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: St
                 f"{type(loss).__name__ if not isinstance(loss, Tensor) else tuple(loss.shape)}; "
                 f"use a mean- or sum-reduced loss"
             )
-        return out, weighted_loss(loss, io.loss_weights[microbatch])
+        return out, weighted_loss(loss, io.loss_weights[microbatch]), _NO_SKIPS
 
     return run
+
+
+#: What a forward stashes for later stages when the model has no skip connection.
+_NO_SKIPS: dict = {}
 
 
 def training_flags(stages: Sequence[nn.Module | None]) -> list[bool]:
@@ -209,7 +215,9 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
     stage, microbatch = action.stage, action.microbatch
     layout, results = ctx.layout, ctx.results
     device = layout.devices[rank]
-    incoming = ctx.mailbox.incoming(action)
+    incoming, skip_in = ctx.mailbox.incoming(action), []
+    if ctx.skips is not None:
+        incoming, skip_in = partition(incoming)
     if not incoming:  # the first stage: the caller's micro-batch
         tensors, structure = ctx.io.microbatches[microbatch]
         start = clock.start()
@@ -223,7 +231,9 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
         leaves = tuple(_leaf(t, ctx.keep) for t in received)
     results.input_structure[(stage, microbatch)] = structure
     run = _stage_function(ctx, stage, microbatch, structure)
-    (outputs, out_structure), loss = ctx.checkpoint.forward(action, rank, leaves, run, keep=ctx.keep)
+    if ctx.skips is not None:  # received skip tensors join the inputs; stashed ones leave with the outputs
+        leaves, run = ctx.skips.forward(stage, microbatch, rank, leaves, run, skip_in, ctx.keep)
+    (outputs, out_structure), loss, stashed = ctx.checkpoint.forward(action, rank, leaves, run, keep=ctx.keep)
     outgoing = ctx.mailbox.outgoing(action)
     if not outgoing:  # the last stage: a loss, or the output for the caller
         if loss is not None:
@@ -231,11 +241,16 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
         else:
             results.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_structure)
         return start, clock.end()
-    packets = [(layout.transport.send(outputs, rank, transfer.dst), slot) for transfer, slot in outgoing]
-    _drop_sent_outputs(outputs, lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t))
+    packets = [(layout.transport.send(payload(transfer, outputs, stashed), rank, transfer.dst), slot,
+                out_structure if transfer.edge.skip is None else TUPLE) for transfer, slot in outgoing]
+    saved = lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t)  # noqa: E731
+    _drop_sent_outputs(outputs, saved)
+    if stashed:
+        _drop_sent_outputs(tuple(t for values in stashed.values() for t in values if t is not None), saved)
+    del stashed
     end = clock.end()
-    for packet, slot in packets:
-        slot.put((packet, out_structure))
+    for packet, slot, sent_structure in packets:
+        slot.put((packet, sent_structure))
     return start, end
 
 
@@ -299,9 +314,11 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     """
     stage, microbatch = action.stage, action.microbatch
     layout, results = ctx.layout, ctx.results
-    incoming = ctx.mailbox.incoming(action)
+    incoming, skip_in = ctx.mailbox.incoming(action), []
+    if ctx.skips is not None:
+        incoming, skip_in = partition(incoming)
     began = time.perf_counter() if incoming else clock.start()
-    inputs, ((outputs, _), loss) = ctx.checkpoint.for_backward(action, rank)
+    inputs, ((outputs, _), loss, stashed) = ctx.checkpoint.for_backward(action, rank)
     if incoming:  # the next stage's input gradient
         ((_, slot),) = incoming
         packet, _ = slot.get()
@@ -318,7 +335,11 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     else:
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
-    del outputs, loss, grads
+    if skip_in:  # the gradients of what this stage stashed, from the stages that popped them
+        skip_roots, skip_grads, _ = ctx.skips.backward_roots(rank, stashed, skip_in)  # type: ignore[union-attr]
+        roots, root_grads = roots + skip_roots, root_grads + skip_grads
+        del skip_roots, skip_grads
+    del outputs, loss, grads, stashed
     if ctx.mailbox.lowering.splits(stage, microbatch):  # B: input gradients only; W later
         input_grads, work = _backward_inputs(ctx, stage, roots, root_grads, inputs)
         del roots, root_grads, inputs
@@ -330,11 +351,15 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
         input_grads = tuple(x.grad if x.requires_grad else None for x in inputs)
         del inputs
         ctx.checkpoint.release(action, rank)
+    popped_grads: dict = _NO_SKIPS
+    if ctx.skips is not None:  # the received skip tensors' gradients go back to their stashing stages
+        input_grads, popped_grads = ctx.skips.split_input_grads(stage, microbatch, input_grads)
     outgoing = ctx.mailbox.outgoing(action)
     if not outgoing:  # the first stage: gradients of the caller's inputs
         results.input_grads[microbatch] = input_grads
         return start, clock.end()
-    packets = [(layout.transport.send(input_grads, rank, transfer.dst), slot) for transfer, slot in outgoing]
+    packets = [(layout.transport.send(payload(transfer, input_grads, popped_grads), rank, transfer.dst), slot)
+               for transfer, slot in outgoing]
     end = clock.end()
     for packet, slot in packets:
         slot.put((packet, TUPLE))
