@@ -12,6 +12,21 @@ from conftest import assert_grads_equal, mlp, reference_grads
 from pipesched import Action, Deadlock, Pipeline, Schedule, get_schedule, list_schedules, register_schedule
 
 
+@pytest.fixture(autouse=True)
+def registry_left_as_found():
+    """Schedules a test registers (some deliberately broken) leave with it.
+
+    A leftover ``not-a-schedule`` used to break every later test that loops
+    over ``list_schedules()``.
+    """
+    from pipesched.plan import registry
+
+    saved = dict(registry._factories)
+    yield
+    registry._factories.clear()
+    registry._factories.update(saved)
+
+
 def test_builtins_come_from_the_entry_point_group():
     names = {ep.name for ep in entry_points(group="pipesched.schedules")}
     assert {"gpipe", "1f1b", "interleaved-1f1b", "interleaved"} <= names
