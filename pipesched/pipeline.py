@@ -149,6 +149,7 @@ class Pipeline(PipelineModule):
             convert_deferred_batch_norm(module)
         for stage, rank in zip(self._stages, self.placement):
             stage.to(self.devices[rank])
+        self._runner.ties.place_owners()  # a tied weight lives on its first stage's device
         self.last_report: StepReport | None = None
 
     # ------------------------------------------------------------------ shape

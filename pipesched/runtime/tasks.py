@@ -110,6 +110,7 @@ class StepContext:
     labels: StepLabels = field(default_factory=StepLabels)
     io: StepInputs = field(default_factory=StepInputs)
     results: StepResults = field(default_factory=StepResults)
+    replicas: Any = None  # tied weights' per-device replicas for this call (pipesched.runtime.tied)
 
     @property
     def num_stages(self) -> int:
