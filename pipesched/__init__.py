@@ -39,6 +39,7 @@ _EXPORTS = {
     "is_recomputing": "pipesched.runtime.checkpoint",
     "StepStalled": "pipesched.runtime.orchestrator",
     "Pipeline": "pipesched.pipeline",
+    "GPipe": "pipesched.gpipe",
     "DistributedPipeline": "pipesched.distributed",
     "Profile": "pipesched.tune.costs",
     "TuneResult": "pipesched.tune.search",
@@ -65,6 +66,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from pipesched.distributed import DistributedPipeline
+    from pipesched.gpipe import GPipe
     from pipesched.observe.report import StepReport
     from pipesched.observe.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
     from pipesched.pipeline import Pipeline

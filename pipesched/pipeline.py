@@ -56,16 +56,20 @@ class Pipeline(PipelineModule):
 
     Args:
         module: the model, an ``nn.Sequential``; its layers are cut into stages.
-            A layer object listed twice is two layers. Parameters or buffers
-            shared by several stages (a tied embedding and head) must live on
-            one device: stages on different devices sharing one are refused.
+            A layer object listed twice is two layers. A parameter shared by
+            stages (a tied embedding and head) is exact: stages on one device
+            share it, stages on other devices use a replica refreshed from it
+            at the start of every step or forward, whose gradients are summed
+            into it (:mod:`pipesched.runtime.tied`). Shared buffers, and one
+            layer object on two devices, are refused naming the fix.
         schedule: a registered name (``"gpipe"``, ``"1f1b"``,
             ``"interleaved-1f1b"``/``"interleaved"``, or one you registered) or
             a :class:`~pipesched.Schedule` instance.
         balance: layers per stage; sums to ``len(module)``. Default: the
             schedule's stage count for the ranks (one per rank; two per rank
             for interleaved), layers split as evenly as possible.
-        devices: one device per rank (several ranks may share ``"cpu"``).
+        devices: one device per rank (several ranks may share ``"cpu"``;
+            ``"cpu:0"`` and ``"cpu:1"`` count as two devices).
             Default: the ranks the balance and schedule need (or, without a
             balance, one per CUDA device) on round-robin CUDA devices, or on
             ``"cpu"`` when CUDA is absent, with two ranks when nothing else
@@ -153,6 +157,7 @@ class Pipeline(PipelineModule):
             convert_deferred_batch_norm(module)
         for stage, rank in zip(self._stages, self.placement):
             stage.to(self.devices[rank])
+        self._runner.ties.place_owners()  # a tied weight lives on its first stage's device
         self.last_report: StepReport | None = None
 
     # ------------------------------------------------------------------ shape

@@ -2,7 +2,10 @@
 
 Layers, from the bottom (README, "How it runs"; ../shared/DESIGN.md):
 
-    plan  <  observe  <  runtime  <  pipesched.pipeline, distributed  <  tune  <  cli
+    plan  <  observe  <  runtime  <  pipesched.pipeline, distributed  <  pipesched.gpipe, tune  <  cli
+
+(``pipesched.gpipe`` is torchgpipe's ``GPipe`` over ``Pipeline``, so it sits
+above it: siblings may not import each other.)
 
 A module may import its own layer and the layers below it, never above:
 every ``import`` counts, also one inside a function or under
@@ -21,7 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"plan": 0, "observe": 1, "runtime": 2, "pipeline": 3, "distributed": 3, "tune": 4, "cli": 5}
+LAYERS = {"plan": 0, "observe": 1, "runtime": 2, "pipeline": 3, "distributed": 3, "gpipe": 4, "tune": 4, "cli": 5}
 HEAVY = ("torch", "anyio", "structlog")
 
 

@@ -100,26 +100,23 @@ def test_tied_embedding_and_head_on_two_ranks_give_unpipelined_gradients(schedul
     assert_grads_equal(model, [old + g for old, g in zip(before, ref)])  # old gradient added once
 
 
-def test_tied_parameter_on_different_devices_is_refused_naming_it():
-    model = tied_language_model()
-    stages = split_module(model, [3, 3])
-    with pytest.raises(ValueError) as info:
-        check_shared_parameters(stages, [0, 1], [torch.device("cuda", 0), torch.device("cuda", 1)])
-    message = str(info.value)
-    assert "parameter '0.weight' = '5.weight' is shared by" in message
-    assert "stage 0 (rank 0, cuda:0), stage 1 (rank 1, cuda:1)" in message
-    # one device for both ranks, or both layers on one rank: exact, so allowed
-    check_shared_parameters(stages, [0, 1], [torch.device("cuda", 0)] * 2)
-    check_shared_parameters(stages, [0, 0], [torch.device("cuda", 0), torch.device("cuda", 1)])
-
-
-def test_tied_parameter_across_processes_is_refused():
-    """``devices=None``: each rank is a process (DistributedPipeline) with its own copy."""
+def test_tied_parameter_on_different_devices_or_processes_is_accepted():
+    """It used to be refused; a replica per device (or a copy per process) now keeps it exact."""
     stages = split_module(tied_language_model(), [3, 3])
-    with pytest.raises(ValueError, match=r"'0.weight' = '5.weight' is shared by stage 0 \(rank 0, "
-                                         r"process of rank 0\), stage 1 \(rank 1, process of rank 1\)"):
-        check_shared_parameters(stages, [0, 1], None)
-    check_shared_parameters(split_module(tied_language_model(), [2, 2, 2]), [0, 1, 0], None)  # 0 and 2
+    check_shared_parameters(stages, [0, 1], [torch.device("cuda", 0), torch.device("cuda", 1)])
+    check_shared_parameters(stages, [0, 1], [torch.device("cpu", 0), torch.device("cpu", 1)])
+    check_shared_parameters(stages, [0, 1], None)
+
+
+def test_repeated_layer_object_across_processes_is_accepted_but_not_across_devices():
+    """Each process holds its own layer object (its copy's gradients are summed across processes);
+    in one process one object cannot hold a replica and the original at once."""
+    stages = split_module(repeated_model(), [2, 4])  # ``lin`` at 1 (stage 0) and 3 (stage 1)
+    check_shared_parameters(stages, [0, 1], None)
+    check_shared_parameters(stages, [0, 1], [torch.device("cpu")] * 2)
+    with pytest.raises(ValueError, match=r"layer '1' = '3' \(one Linear object\) is used by stage 0 "
+                                         r"\(rank 0, cuda:0\), stage 1 \(rank 1, cuda:1\)"):
+        check_shared_parameters(stages, [0, 1], [torch.device("cuda", 0), torch.device("cuda", 1)])
 
 
 def test_shared_buffer_on_different_devices_is_refused():
@@ -127,5 +124,8 @@ def test_shared_buffer_on_different_devices_is_refused():
     first, second = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
     second.running_mean = first.running_mean
     stages = split_module(nn.Sequential(first, nn.Tanh(), second), [2, 1])
-    with pytest.raises(ValueError, match="buffer '0.running_mean' = '2.running_mean' is shared"):
+    with pytest.raises(ValueError, match="buffer '0.running_mean' = '2.running_mean' is shared by stage 0 "
+                                         r"\(rank 0, cpu\), stage 1 \(rank 1, cuda:0\): forwards update"):
         check_shared_parameters(stages, [0, 1], [torch.device("cpu"), torch.device("cuda", 0)])
+    with pytest.raises(ValueError, match=r"process of rank 1\): forwards update buffers in place"):
+        check_shared_parameters(stages, [0, 1], None)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipesched.distributed.comm import Communicator, PeerLost, RemoteStepError
+from pipesched.distributed.tied import TiedGroups
 from pipesched.observe.report import CommRecord, StepReport
 from pipesched.plan.action import Plan
 from pipesched.plan.record import TaskRecord
@@ -63,7 +64,10 @@ class DistributedPipeline(PipelineModule):
 
     Args:
         module: the full ``nn.Sequential`` (every rank keeps only its stages;
-            a parameter shared by stages of different ranks is refused), or a
+            a parameter shared by stages of different ranks, such as a tied
+            embedding and head, is kept as one copy per rank whose gradients
+            are summed across those ranks after each backward, see
+            :mod:`pipesched.distributed.tied`), or a
             dict ``{stage_index: module}`` holding exactly the stages the
             schedule places on this rank (then ``num_stages`` is required).
         balance: layers per stage, with a full ``nn.Sequential``; default: the
@@ -131,6 +135,8 @@ class DistributedPipeline(PipelineModule):
                 convert_deferred_batch_norm(stage)
         for stage in own.values():
             stage.to(self.device)
+        if self._tied:
+            self._tied.broadcast_values()  # tied copies start equal, whatever each process's seed
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
         self._comm = Communicator(group, self.rank, self.num_ranks, self.device)
         self._finalizer = weakref.finalize(self, _close, self._runner, self._comm)
@@ -150,6 +156,7 @@ class DistributedPipeline(PipelineModule):
         self._layer_stage: dict[str, int] = {}
         self._foreign_layers: frozenset[str] = frozenset()
         self._skips = SkipLayout()
+        self._tied: TiedGroups | None = None
         if isinstance(module, nn.Sequential):
             verify_skippables(module)
             if balance is not None:
@@ -163,6 +170,7 @@ class DistributedPipeline(PipelineModule):
             stages = split_module(module, balance)
             check_shared_parameters(stages, self.placement, None)
             self._skips = inspect_skip_layout(stages)  # every rank sees every route: the same plan edges
+            self._tied = TiedGroups(stages, self.placement, self.rank, self.group, self._global)
             own = {s: stages[s] for s in range(self.num_stages) if self.placement[s] == self.rank}
             self._layer_stage = {name: s for s, stage in own.items() for name in stage._modules}
             self._foreign_layers = frozenset(module._modules) - set(self._layer_stage)
@@ -235,6 +243,7 @@ class DistributedPipeline(PipelineModule):
         effects = self._runner.effects(self.parameters())
         records, local_error, comm = self._run_plan(plan, ctx, effects, local_error)
         statuses = self._share_outcome(ctx, records, local_error, effects)
+        self._reduce_tied(effects)
         effects.commit()
         self._record(statuses, count, comm)
         value, dtype = statuses[last]["loss"]
@@ -363,6 +372,16 @@ class DistributedPipeline(PipelineModule):
             origin = next((s for s in statuses if not s["ok"] and not s["remote"]), None)
             raise RemoteStepError(origin["error"] if origin else statuses_error(statuses)) from local_error
         return statuses
+
+    def _reduce_tied(self, effects: StepEffects) -> None:
+        """Sum the gradients of weights tied across ranks over their holders (every rank succeeded)."""
+        if not self._tied:
+            return
+        try:
+            self._tied.reduce_gradients()
+        except RuntimeError as error:  # a holder died after the status exchange
+            effects.rollback()
+            raise self._lose(PeerLost(f"a rank is gone (tied-weight gradient exchange failed: {error})")) from error
 
     def _lose(self, error: PeerLost) -> PeerLost:
         """Mark the pipeline unusable: a rank is gone, messages of this step may be lost."""

@@ -22,6 +22,15 @@ full-batch statistics of exactly the inputs it received, once per step. The
 first batch norm of a model sees the same inputs as the plain model and ends
 with the same statistics.
 
+Used on its own, outside any pipeline, a ``DeferredBatchNorm(..., chunks=n)``
+behaves as torchgpipe's: it accumulates ``n`` training forwards and then
+applies one update from all of them, so a batch fed as ``n`` micro-batches
+moves the statistics once, by the whole batch's. (Inside a pipeline the step
+decides, whatever ``chunks`` says: it knows how many micro-batches a batch
+really had, which can be fewer than ``chunks`` for a small batch.) The
+variance is the unbiased one, as ``nn.BatchNorm`` keeps; torchgpipe's was
+biased.
+
 Each micro-batch still needs more than one value per channel in training
 (PyTorch's batch-norm rule), so keep micro-batches of at least two rows for
 ``BatchNorm1d`` on 2-D inputs.
@@ -48,16 +57,51 @@ from torch import Tensor, nn
 
 from pipesched.runtime.checkpoint import is_recomputing
 from pipesched.runtime.rng import trust_forward
+from pipesched.runtime.worker import on_worker_thread
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """Drop-in for ``nn.BatchNorm1d/2d/3d`` (any input rank ≥ 2) with deferred statistics."""
+class Moments:
+    """Per-channel count, mean and sum of squared deviations, merged by Chan's formula in float64."""
 
-    def __init__(self, num_features: int, **kwargs: object):
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def add(self, input: Tensor) -> None:
+        dims = [0, *range(2, input.dim())]
+        count = input.numel() // input.shape[1]
+        var, mean = torch.var_mean(input.double(), dim=dims, correction=0)
+        m2 = var * count
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        assert self.mean is not None and self.m2 is not None
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * count / total)
+        self.count = total
+
+
+class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Drop-in for ``nn.BatchNorm1d/2d/3d`` (any input rank ≥ 2) with deferred statistics.
+
+    Inside a pipeline (a forward on a pipeline's worker thread), what a step
+    accumulates is applied once when the step succeeds. Used on its own
+    (torchgpipe's semantics), it applies one update every ``chunks`` training
+    forwards, from all of them together: feed it a batch as ``chunks``
+    micro-batches and its statistics are the whole batch's. The two never
+    mix: a pipeline step neither applies nor drops what standalone calls
+    accumulated.
+    """
+
+    def __init__(self, num_features: int, *, chunks: int = 1, **kwargs: object):
         super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
+        self.chunks = _check_chunks(chunks)
         self._reset_accumulators()
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -65,69 +109,89 @@ class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"DeferredBatchNorm expects at least 2-D input, got {input.dim()}-D")
 
     def _reset_accumulators(self) -> None:
-        self._count = 0
-        self._mean: Tensor | None = None
-        self._m2: Tensor | None = None
+        self._step = Moments()  # a pipeline step's forwards
+        self._standalone = Moments()  # forwards outside any pipeline, applied every `chunks` calls
+        self._tracked = 0
 
     def forward(self, input: Tensor) -> Tensor:
         if not (self.training and self.track_running_stats):
             return super().forward(input)
         self._check_input_dim(input)
         if not is_recomputing():
-            self._accumulate(input.detach())
+            if on_worker_thread():
+                self._step.add(input.detach())
+            else:
+                self._standalone.add(input.detach())
+                self._tracked += 1
+                if self._tracked >= self.chunks:
+                    self._update_running(self._standalone)
+                    self._standalone, self._tracked = Moments(), 0
         return nn.functional.batch_norm(
             input, None, None, self.weight, self.bias, training=True, momentum=0.0, eps=self.eps
         )
 
-    def _accumulate(self, input: Tensor) -> None:
-        dims = [0, *range(2, input.dim())]
-        count = input.numel() // input.shape[1]
-        var, mean = torch.var_mean(input.double(), dim=dims, correction=0)
-        m2 = var * count
-        if self._count == 0:
-            self._count, self._mean, self._m2 = count, mean, m2
-            return
-        total = self._count + count
-        delta = mean - self._mean
-        self._mean = self._mean + delta * (count / total)
-        self._m2 = self._m2 + m2 + delta.pow(2) * (self._count * count / total)
-        self._count = total
-
     @torch.no_grad()
-    def commit(self) -> None:
-        """Apply one running-statistics update from everything accumulated, then forget it."""
-        if self._count == 0:
+    def _update_running(self, moments: Moments) -> None:
+        """One running-statistics update, as PyTorch's, from ``moments`` (unbiased variance)."""
+        if moments.count == 0:
             return
-        assert self._mean is not None and self._m2 is not None
+        assert moments.mean is not None and moments.m2 is not None
         self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked)  # type: ignore[arg-type]
         else:
             factor = self.momentum
-        unbiased = self._m2 / max(self._count - 1, 1)
-        self.running_mean.mul_(1 - factor).add_(self._mean.to(self.running_mean.dtype), alpha=factor)  # type: ignore[union-attr]
+        unbiased = moments.m2 / max(moments.count - 1, 1)
+        self.running_mean.mul_(1 - factor).add_(moments.mean.to(self.running_mean.dtype), alpha=factor)  # type: ignore[union-attr]
         self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)  # type: ignore[union-attr]
-        self._reset_accumulators()
+
+    def commit(self) -> None:
+        """Apply one running-statistics update from everything the pipeline step accumulated, then forget it."""
+        self._update_running(self._step)
+        self._step = Moments()
 
     def discard(self) -> None:
-        """Forget what a failed step accumulated."""
-        self._reset_accumulators()
+        """Forget what a failed pipeline step accumulated."""
+        self._step = Moments()
 
     @classmethod
-    def convert(cls, module: nn.Module) -> nn.Module:
-        """Make every ``nn.BatchNorm1d/2d/3d`` in ``module`` (in place) a ``DeferredBatchNorm``.
+    def convert(cls, module: nn.Module, chunks: int | None = None) -> nn.Module:
+        """Make every ``nn.BatchNorm1d/2d/3d`` in ``module`` that tracks running statistics
+        (in place) a ``DeferredBatchNorm``.
 
         Each batch norm keeps its identity: only its class changes, to a
         subclass of both ``cls`` and its original class (``nn.BatchNorm2d``
         becomes :class:`DeferredBatchNorm2d`). So parameters, buffers, hooks
         and the optimizer's references survive, and ``isinstance`` checks
-        against the original class still hold. Returns ``module``.
+        against the original class still hold. ``chunks``: forwards per
+        standalone update (default: keep a converted norm's, else 1). A norm
+        with ``track_running_stats=False`` has nothing to defer and stays as
+        it is. Returns ``module``.
         """
+        if chunks is not None:
+            chunks = _check_chunks(chunks)
         for child in module.modules():
-            if isinstance(child, _BATCH_NORMS) and not isinstance(child, cls):
+            if isinstance(child, cls):
+                if chunks is not None:
+                    child.chunks = chunks
+            elif isinstance(child, _BATCH_NORMS) and child.track_running_stats:
                 child.__class__ = _deferred_class(cls, type(child))
+                child.chunks = 1 if chunks is None else chunks
                 child._reset_accumulators()
         return module
+
+    @classmethod
+    def convert_deferred_batch_norm(cls, module: nn.Module, chunks: int = 1) -> nn.Module:
+        """torchgpipe's spelling of :meth:`convert` (in place here; returns ``module``)."""
+        return cls.convert(module, chunks)
+
+
+def _check_chunks(chunks: object) -> int:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(
+            f"chunks = {chunks!r}: DeferredBatchNorm needs the number of micro-batches per batch, an int >= 1"
+        )
+    return chunks
 
 
 # draws no random numbers: stages of plain layers and deferred norms skip the RNG tripwire
@@ -208,6 +272,10 @@ def frozen_running_stats(module: nn.Module | None) -> Iterator[None]:
             norm._buffers.update(own)
 
 
-def convert_deferred_batch_norm(module: nn.Module) -> nn.Module:
-    """Make every batch norm in ``module`` a :class:`DeferredBatchNorm`, in place, keeping the objects."""
-    return DeferredBatchNorm.convert(module)
+def convert_deferred_batch_norm(module: nn.Module, chunks: int | None = None) -> nn.Module:
+    """Make every batch norm in ``module`` a :class:`DeferredBatchNorm`, in place, keeping the objects.
+
+    ``chunks``: forwards per update when a norm is used outside a pipeline
+    (see :class:`DeferredBatchNorm`); ``None`` keeps a converted norm's, else 1.
+    """
+    return DeferredBatchNorm.convert(module, chunks)

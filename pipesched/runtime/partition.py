@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 DeviceLike = str | int | torch.device
 
@@ -106,57 +106,75 @@ def check_shared_parameters(
     placement: Sequence[int],
     devices: Sequence[torch.device] | None,
 ) -> None:
-    """Refuse a parameter or buffer shared by stages that do not see one copy of it.
+    """Refuse a tensor shared by stages in a way no copy scheme can keep exact.
 
-    A tensor used by several stages (a layer object repeated in the
+    A parameter used by several stages (a layer object repeated in the
     ``nn.Sequential``, or a tied embedding and output head,
-    ``head.weight = emb.weight``) is exact when every stage using it lives on
-    one device of one process: each stage's backward accumulates into the
-    same ``.grad`` (autograd serialises the accumulation), as the
-    un-pipelined backward does. Stages on different devices would need one
-    copy per device (moving the stages would leave the tensor on the last
-    one), and stages in different processes each hold their own copy that
-    would silently drift apart; both are refused here, before anything runs.
+    ``head.weight = emb.weight``) is exact:
+
+    * stages on one device share the tensor itself (autograd accumulates
+      every stage's gradient into the one ``.grad``);
+    * stages on different devices of one process use a replica per device,
+      refreshed from the owner every step, whose gradients are summed into
+      the owner (:mod:`pipesched.runtime.tied`);
+    * stages in different processes each hold a copy; the copies' gradients
+      are summed across those processes after each backward, so identical
+      optimizer steps keep them identical (:mod:`pipesched.distributed.tied`).
+
+    Refused here, before anything runs: a *buffer* shared by stages on
+    different devices or processes (forwards update buffers in place, so
+    copies would drift), and, in one process, one *layer object* holding a
+    parameter used by stages on different devices (a layer holds one tensor
+    per name, so it cannot hold a replica on one device and the owner on the
+    other). Each error names the tensor, the stages and the fix.
 
     ``devices[rank]`` is the device of each rank; ``None`` means each rank is
     its own process (:class:`~pipesched.distributed.DistributedPipeline`).
     """
-    users: dict[int, tuple[Tensor, str, dict[int, list[str]]]] = {}
+    def home(stage: int) -> object:
+        return placement[stage] if devices is None else devices[placement[stage]]
+
+    def where(by_stage: dict[int, list[str]]) -> str:
+        return ", ".join(
+            f"stage {s} (rank {placement[s]}, "
+            f"{f'process of rank {placement[s]}' if devices is None else devices[placement[s]]})"
+            for s in sorted(by_stage)
+        )
+
+    buffers: dict[int, dict[int, list[str]]] = {}
+    layers: dict[int, tuple[nn.Module, dict[int, list[str]]]] = {}
     for index, stage in enumerate(stages):
-        named = [*stage.named_parameters(remove_duplicate=False), *stage.named_buffers(remove_duplicate=False)]
-        for name, tensor in named:
-            if tensor is None:
-                continue
-            kind = "parameter" if isinstance(tensor, nn.Parameter) else "buffer"
-            entry = users.setdefault(id(tensor), (tensor, kind, {}))
-            entry[2].setdefault(index, []).append(name)
-    for _, kind, by_stage in users.values():
-        if len(by_stage) < 2:
-            continue
-        homes = {
-            s: f"process of rank {placement[s]}" if devices is None else str(devices[placement[s]])
-            for s in by_stage
-        }
+        for name, tensor in stage.named_buffers(remove_duplicate=False):
+            if tensor is not None:
+                buffers.setdefault(id(tensor), {}).setdefault(index, []).append(name)
         if devices is None:
-            separate = len({placement[s] for s in by_stage}) > 1
-        else:
-            separate = len({devices[placement[s]] for s in by_stage}) > 1
-        if not separate:
             continue
-        names = sorted({n for ns in by_stage.values() for n in ns}, key=_layer_order)
-        where = ", ".join(f"stage {s} (rank {placement[s]}, {homes[s]})" for s in sorted(by_stage))
-        if devices is None:
+        for name, module in stage.named_modules(remove_duplicate=False):
+            if any(p is not None for p in module._parameters.values()):
+                layers.setdefault(id(module), (module, {}))[1].setdefault(index, []).append(name)
+    for by_stage in buffers.values():
+        if len({home(s) for s in by_stage}) > 1:
+            names = " = ".join(map(repr, sorted({n for ns in by_stage.values() for n in ns}, key=_layer_order)))
+            place = ("stages on one rank (balance=..., or a schedule placing those stages on one rank)"
+                     if devices is None else
+                     "stages on one device (devices=[...] with one device for their ranks, or balance=...)")
             fix = (
-                "each process would train its own copy and the copies would silently diverge; "
-                "give the layers using it to stages on one rank (balance=...), or untie them"
+                f"forwards update buffers in place, so copies would drift apart; give the layers "
+                f"using it to {place}, or give each layer its own buffer"
             )
-        else:
-            fix = (
-                "stages on different devices cannot share one tensor; place those stages on one "
-                "device (devices=[...] with the same device for their ranks, or balance=... "
-                "to put the layers in one stage), or untie them"
+            raise ValueError(f"buffer {names} is shared by {where(by_stage)}: {fix}")
+    for module, by_stage in layers.values():
+        if len({home(s) for s in by_stage}) > 1:
+            names = " = ".join(map(repr, sorted({n for ns in by_stage.values() for n in ns}, key=_layer_order)))
+            params = [n for n, p in module._parameters.items() if p is not None]
+            tie = "; ".join(f"twin.{n} = layer.{n}" for n in params)
+            raise ValueError(
+                f"layer {names} (one {type(module).__name__} object) is used by {where(by_stage)}: a "
+                f"layer object holds one tensor per parameter, so it cannot use a replica on one device "
+                f"and the original on another. Give the later position its own layer with the parameters "
+                f"tied (twin = copy.deepcopy(layer); {tie}), which pipesched replicates per device, or "
+                f"place those stages on one device (devices=[...] with one device for their ranks)"
             )
-        raise ValueError(f"{kind} {' = '.join(map(repr, names))} is shared by {where}: {fix}")
 
 
 def _layer_order(name: str) -> tuple[int, str]:

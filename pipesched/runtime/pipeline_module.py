@@ -52,7 +52,7 @@ class PipelineModule(nn.Module):
         as ``torch`` does: parsing ``"cuda"`` or ``0`` fails on a machine
         without CUDA with an error that hides this one.
         """
-        device = kwargs.get("device")
+        device = kwargs.get("device", kwargs.get("tensor"))  # to(tensor=t) moves to t's device too
         if device is None and args and not isinstance(args[0], torch.dtype):
             device = args[0]  # a device, a device string or index, or a tensor to match
         if device is not None:

@@ -45,6 +45,7 @@ from pipesched.runtime.rng import RandomStreams
 from pipesched.runtime.skip.layout import SkipLayout
 from pipesched.runtime.skip.portal import StepSkips
 from pipesched.runtime.step_effects import StepEffects
+from pipesched.runtime.tied import TiedWeights, with_replica_pointers
 from pipesched.runtime.structure import TENSOR, TUPLE
 from pipesched.runtime.tasks import (
     Boundary,
@@ -137,6 +138,7 @@ class StepRunner:
         local = dict(zip(self.ranks, self.orchestrator.compute_streams))
         streams = [local.get(r, local[self.ranks[0]]) for r in range(self.num_ranks)]
         self.layout = PipelineLayout(self.stages, self.placement, self.devices, Transport(self.devices, streams))
+        self.ties = TiedWeights.find(self.stages, self.placement, self.devices)  # replicas per device
 
     def batch_norms(self) -> list[DeferredBatchNorm]:
         """The deferred batch norms of this process's stages (looked up per step: converting
@@ -194,12 +196,16 @@ class StepRunner:
 
         Reads the caller's thread state (grad mode, autocast, saved-tensor
         hooks) and draws the step's random seed, so call it on the caller's thread.
+        Tied weights get fresh replicas from their owners' current values
+        (:mod:`pipesched.runtime.tied`): every step or forward starts here.
         """
         caller = CallerState.capture()
         training = training_flags(self.stages)
         random = self.random.step(self.stages, [self.devices[r] for r in self.placement], training)
+        replicas = self.ties.refresh() if self.ties else None
         checkpoint = CheckpointManager(
-            self._policy, lowering.num_microbatches, random, parameter_pointers(self.stages),
+            self._policy, lowering.num_microbatches, random,
+            with_replica_pointers(parameter_pointers(self.stages), replicas),
             [RankMemory() for _ in range(self.num_ranks)], caller.saved_tensor_hooks,
         )
         return StepContext(
@@ -212,6 +218,7 @@ class StepRunner:
             labels=StepLabels(self.schedule.name, self.log_tasks, clock_offset),
             io=io or StepInputs(),
             skips=None if self.skips.empty else StepSkips(self.skips, self.layout.transport),
+            replicas=replicas,
         )
 
     # ----------------------------------------------------------------- run
@@ -228,11 +235,20 @@ class StepRunner:
         batch, so deferred batch norms apply their update once it succeeds.
         """
         effects = self.effects(parameters)
+        replicas = ctx.replicas
         try:
-            records = self.orchestrator.run(plan, ctx)
+            if replicas is None:
+                records = self.orchestrator.run(plan, ctx)
+            else:
+                with replicas.installed():
+                    records = self.orchestrator.run(plan, ctx)
         except BaseException:
+            if replicas is not None:
+                replicas.discard()
             effects.rollback()
             raise
+        if replicas is not None:
+            replicas.reduce()  # before commit: the owners' .grad holds only this step's part yet
         effects.commit(statistics)
         self.log_memory(ctx.checkpoint.memory)
         return records

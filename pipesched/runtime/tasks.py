@@ -112,6 +112,7 @@ class StepContext:
     io: StepInputs = field(default_factory=StepInputs)
     results: StepResults = field(default_factory=StepResults)
     skips: StepSkips | None = None  # the model's skip connections; None: it has no skippable layer
+    replicas: Any = None  # tied weights' per-device replicas for this call (pipesched.runtime.tied)
 
     @property
     def num_stages(self) -> int:

@@ -21,6 +21,17 @@ import torch
 from pipesched.runtime.stream import new_stream, use_device
 
 _STOP = object()
+_thread_role = threading.local()
+
+
+def on_worker_thread() -> bool:
+    """True on a pipeline's worker thread: code there runs as part of a pipelined step.
+
+    Modules that behave differently inside a pipeline ask this (a deferred
+    batch norm leaves its update to the step there, and applies it itself
+    every ``chunks`` calls elsewhere).
+    """
+    return getattr(_thread_role, "worker", False)
 
 
 class Worker:
@@ -54,6 +65,7 @@ class Worker:
         return self._thread.is_alive()
 
     def _serve(self) -> None:
+        _thread_role.worker = True
         with use_device(self.device, self.stream):
             while True:
                 job = self._jobs.get()

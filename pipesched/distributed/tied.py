@@ -1,0 +1,135 @@
+"""Tied weights across processes: each holds a copy; their gradients are summed after every backward.
+
+A parameter used by stages on different ranks (a language model's embedding
+on the first rank and its output head on the last) exists once per process.
+As Megatron-LM does with its embedding group, the copies are kept identical
+rather than shared:
+
+* when the pipeline is built, the lowest rank holding the parameter
+  broadcasts its value to the others that hold it (models initialised with
+  different seeds start equal);
+* after each successful step's backward, the holders all-reduce (sum) the
+  parameter's gradient among themselves, so every copy's ``.grad`` is the
+  whole model's gradient, exactly what the un-pipelined model accumulates;
+* the optimizer of each process holds its own copy (``pipe.parameters()``);
+  identical gradients and identical optimizer steps keep the copies
+  identical, so no refresh is needed before the next step.
+
+Only the full-``nn.Sequential`` form can find ties (every process sees the
+whole model); a dict of this rank's stages shows no other rank's tensors.
+Each set of holders gets its own process group (every process of the world
+enters its creation, in one order), and groups are reduced in one global
+order, so overlapping groups cannot deadlock. When the pipeline runs on a
+process group smaller than the world, subgroups cannot be created without
+the other processes, so the reduction runs over the pipeline's group with
+non-holders adding zeros. Parameters held by the same ranks travel in one
+buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class TiedGroups:
+    """The parameters of this rank's stages that other ranks' stages use too, grouped by holders."""
+
+    def __init__(self, stages: Sequence[nn.Module], placement: Sequence[int], rank: int, group: Any,
+                 global_rank: Callable[[int], int]):
+        holders: dict[int, tuple[nn.Parameter, set[int]]] = {}
+        for index, stage in enumerate(stages):  # every process walks the same model in the same order
+            for _, param in stage.named_parameters(remove_duplicate=False):
+                holders.setdefault(id(param), (param, set()))[1].add(placement[index])
+        by_ranks: dict[tuple[tuple[int, ...], torch.dtype], list[nn.Parameter]] = {}
+        for param, ranks in holders.values():
+            if len(ranks) > 1:  # one buffer per holders and dtype
+                by_ranks.setdefault((tuple(sorted(ranks)), param.dtype), []).append(param)
+        size = dist.get_world_size(group)
+        whole_world = size == dist.get_world_size()
+        #: (process group, global rank of the lowest holder, the parameters, whether this rank holds
+        #: them), in one global order
+        self.groups: list[tuple[Any, int, list[nn.Parameter], bool]] = []
+        for (ranks, _), params in by_ranks.items():
+            members = [global_rank(r) for r in ranks]
+            if len(ranks) == size:
+                pg = group
+            elif whole_world:  # every process takes part in creating each group, in this order
+                pg = _subgroup(tuple(members))
+            else:
+                # processes outside the pipeline's group could not take part in creating a
+                # subgroup: reduce over the pipeline's group, non-holders adding zeros
+                pg = group
+            if rank in ranks or pg is group:
+                self.groups.append((pg, members[0], params, rank in ranks))
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    @torch.no_grad()
+    def broadcast_values(self) -> None:
+        """Make every holder's copy the lowest holder's value."""
+        for pg, source, params, _ in self.groups:
+            flat = _staged(torch.cat([p.detach().reshape(-1) for p in params]))
+            dist.broadcast(flat, src=source, group=pg)
+            _scatter(flat, params, [p.data for p in params])
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Sum each tied parameter's gradient over its holders (a missing ``.grad`` counts as zeros).
+
+        Call it between the backward and the optimizer step, on every rank of the pipeline.
+        """
+        for pg, _, every, holds in self.groups:
+            params = [p for p in every if p.requires_grad]  # the same on every holder: one model
+            if not params:
+                continue
+            grads = [p.grad if holds and p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = _staged(torch.cat([g.reshape(-1) for g in grads]))
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
+            if not holds:
+                continue
+            targets = []
+            for param in params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                targets.append(param.grad)
+            _scatter(flat, params, targets)
+
+
+#: (the world group, member global ranks) -> their process group, made once per process
+_SUBGROUPS: dict[tuple[int, tuple[int, ...]], Any] = {}
+
+
+def _subgroup(members: tuple[int, ...]) -> Any:
+    """The process group of ``members``, created the first time any pipeline asks for it.
+
+    ``new_group`` must be entered by every process of the world, members or
+    not, in the same order: every process builds the same pipelines from
+    the same model, so all of them ask for the same groups in the same order.
+    Made once per process, not per pipeline (each would hold its own connections).
+    """
+    key = (id(dist.group.WORLD), members)
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key] = dist.new_group(list(members))
+    return _SUBGROUPS[key]
+
+
+def _staged(flat: Tensor) -> Tensor:
+    """Gloo reduces host tensors: stage a device buffer through host memory."""
+    return flat.cpu() if flat.device.type != "cpu" else flat
+
+
+def _scatter(flat: Tensor, params: Sequence[nn.Parameter], targets: Sequence[Tensor]) -> None:
+    offset = 0
+    for param, target in zip(params, targets):
+        count = param.numel()
+        target.copy_(flat[offset : offset + count].view_as(target))
+        offset += count
+
+
+__all__ = ["TiedGroups"]
