@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from pipesched.runtime.microbatch import as_tensors, batch_size
 from pipesched.runtime.partition import resolve_device
+from pipesched.runtime.skip.tracker import SkipKey, SkipTracker, use_skip_tracker
 from pipesched.runtime.split_backward import backward_input
 from pipesched.tune.costs import LayerProfile, Profile
 
@@ -115,7 +116,8 @@ def _profile_here(
     say = progress_reporter(progress, total=len(module), what="profile")
     input_requires_grad = any(t.requires_grad for t in tensors)
     layers: list[LayerProfile] = []
-    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []), \
+            use_skip_tracker(_ProfileSkips()):
         torch.manual_seed(0)
         current: tuple[Tensor, ...] = tuple(t.detach().to(where) for t in tensors)
         wants_grad = [t.requires_grad for t in tensors]
@@ -132,6 +134,27 @@ def _profile_here(
     say(None)
     return Profile(rows=rows, device=str(where), repeat=repeat, input_requires_grad=input_requires_grad,
                    loss=loss_fn is not None, layers=layers)
+
+
+class _ProfileSkips(SkipTracker):
+    """Skip connections while layers are timed one at a time, each run several times.
+
+    A plain tracker hands a stashed tensor over once, to the one pop of a
+    whole-model call. Here the popping layer runs once per repeat, long after
+    the stashing layer's last run: so a stash is kept (the last run's) and
+    every pop reads it again. It is kept detached, as a leaf that requires
+    grad like the original, so the popping layer's timed backward stops at it
+    (as a stage's backward stops at a received skip tensor) instead of running
+    into the stashing layer's graph a second time.
+    """
+
+    def save(self, key: SkipKey, tensor: Tensor | None) -> None:
+        if tensor is not None:
+            tensor = tensor.detach().requires_grad_(tensor.requires_grad)
+        self.tensors[key] = tensor
+
+    def load(self, key: SkipKey) -> Tensor | None:
+        return self.tensors[key]
 
 
 def _measure_layer(
