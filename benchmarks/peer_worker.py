@@ -15,12 +15,14 @@ over the same model: pipesched's multi-process runtime), ``"pipelining"``
 of the model under ``Schedule1F1B`` or ``ScheduleGPipe``, loss on the last
 stage, gradients scaled by 1/m so they equal the whole batch's mean loss) and
 ``"ddp"`` (``DistributedDataParallel`` over the full model, each rank on its
-share of the batch). Any exception is replied as ``("error", rank, traceback)``.
+share of the batch). ``spec["sys_path"]``, when given, goes first on ``sys.path``
+(so ``"pipesched"`` mode can run another version of the package for an A/B). Any exception is replied as ``("error", rank, traceback)``.
 """
 
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 import traceback
 from typing import Any
@@ -95,6 +97,10 @@ class _DataParallel:
 
 def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any, results: Any) -> None:
     try:
+        if spec.get("sys_path"):  # another version of pipesched (an A/B against a baseline tree)
+            sys.path.insert(0, str(spec["sys_path"]))
+            for module in [m for m in sys.modules if m == "pipesched" or m.startswith("pipesched.")]:
+                del sys.modules[module]  # imported by benchmarks.workloads; import the baseline's instead
         torch.set_num_threads(int(spec.get("threads", 1)))
         dist.init_process_group(
             "gloo",

@@ -29,6 +29,7 @@ BENCHMARKS = {
     "recompute": "benchmarks.bench_recompute",
     "split_backward": "benchmarks.bench_split_backward",
     "zero_bubble": "benchmarks.bench_zero_bubble",
+    "distributed": "benchmarks.bench_distributed",
 }
 
 

@@ -104,15 +104,19 @@ def scenario_gradients(rank: int, world: int, out: dict) -> None:
             reference = copy.deepcopy(model)
             ref_loss = nn.CrossEntropyLoss()(reference(x), y)
             ref_loss.backward()
+            gather = rows == 11  # the other shape keeps each rank's own tasks (the default)
             with DistributedPipeline(model, schedule=schedule, balance=balance, chunks=chunks,
-                                     checkpoint="except_last", loss_fn=nn.CrossEntropyLoss()) as pipe:
+                                     checkpoint="except_last", loss_fn=nn.CrossEntropyLoss(),
+                                     gather_timeline=gather) as pipe:
                 loss = pipe.step(x if rank == 0 else None, y)
                 key = f"{schedule}/{rows}x{chunks}"
                 out[key] = {
                     "ok": abs(loss.item() - ref_loss.item()) < 1e-12 and grad_error(pipe, reference) < 1e-12,
                     "loss": loss.item(), "ref": ref_loss.item(), "grad_error": grad_error(pipe, reference),
                     "microbatches": pipe.last_report.num_microbatches,
-                    "tasks": len(pipe.last_report.tasks),
+                    "tasks": len(pipe.last_report.tasks), "gathered": gather,
+                    "ranks_in_report": sorted({t.rank for t in pipe.last_report.tasks}),
+                    "memory_ranks": len(pipe.last_report.peak_activation_bytes),
                 }
 
 
@@ -278,7 +282,7 @@ def scenario_timeline(rank: int, world: int, out: dict, directory: str) -> None:
     try:
         x, y = data(16)
         with DistributedPipeline(mlp(layers=2 * world + 1), schedule="1f1b", chunks=4,
-                                 loss_fn=nn.CrossEntropyLoss()) as pipe:
+                                 loss_fn=nn.CrossEntropyLoss(), gather_timeline=True) as pipe:
             pipe.step(x, y)
             out["timeline"] = {"ok": True, "tasks": len(pipe.last_report.tasks),
                                "offset": pipe.clock_offset, "comm": len(pipe.last_comm)}

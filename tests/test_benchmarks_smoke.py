@@ -34,6 +34,7 @@ SPECIFIC = {
     "recompute": {"workload", "calibration", "rounds", "rows", "gradients"},
     "split_backward": {"workload", "rounds", "rows"},
     "zero_bubble": {"workload", "calibration", "rows", "gradients"},
+    "distributed": {"per_m", "baseline_src"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -46,6 +47,7 @@ TABLE_MARKS = {
     "recompute": "recompute-first/never",
     "split_backward": "(B+W)/full",
     "zero_bubble": "predicted/1F1B",
+    "distributed": "torch.distributed.pipelining",
 }
 
 

@@ -73,13 +73,22 @@ def test_gradients_and_loss_equal_single_process(world):
                 verdict = result[f"{schedule}/{shape}"]
                 assert verdict["ok"], f"rank {rank}, {schedule} {shape}: {verdict}"
                 assert verdict["microbatches"] == microbatches
-    # every rank returns the same loss, and the report gathers every rank's tasks
+    # every rank returns the same loss; with gather_timeline the report holds every rank's
+    # tasks, by default each rank's own (and every rank's memory figures either way)
     for key in results[0]:
         if "/" in key:
             assert len({r[key]["loss"] for r in results}) == 1
             stages = 2 * size if key.startswith("interleaved") else size
             kinds = 3 if key.startswith("zb-") else 2  # F, B (and W where split)
-            assert results[0][key]["tasks"] == kinds * stages * results[0][key]["microbatches"]
+            for rank, result in enumerate(results):
+                verdict = result[key]
+                assert verdict["memory_ranks"] == size
+                if verdict["gathered"]:
+                    assert verdict["tasks"] == kinds * stages * verdict["microbatches"]
+                    assert verdict["ranks_in_report"] == list(range(size))
+                else:
+                    assert verdict["tasks"] == kinds * stages // size * verdict["microbatches"]
+                    assert verdict["ranks_in_report"] == [rank]
 
 
 def test_tuple_activations_with_only_own_stages_built(world):
