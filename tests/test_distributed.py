@@ -61,7 +61,8 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
-    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "state_dict", "timeline", "stall"]
+    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "state_dict", "timeline", "shapes",
+             "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -212,6 +213,21 @@ def test_watchdog_names_what_each_rank_waits_on(world):
     assert "rank 0 at B0.0 waits for B1.0" in messages[0]["message"]
     if size > 2:  # a rank downstream of the stuck one waits for its activation
         assert "rank 2 at F2.0 waits for F1.0" in messages[2]["message"]
+
+
+def test_shapes_cross_once_per_micro_batch_shape_and_renegotiate_when_they_change(world):
+    """Specs are sent for a new batch size or trailing shape only, cached for a shape seen before,
+    and re-negotiated in place when a stage's output shape changes for the same input shape."""
+    _, results, _ = world
+    new_input = [True, False, True, False, True, True, False, False, False, False]
+    changed_output = [False] * 7 + [True, False, True]
+    for rank, result in enumerate(results):
+        steps = result["shapes"]
+        assert all(s["exact"] for s in steps), f"rank {rank}: {steps}"
+        across = rank <= 1  # the ranks on either side of the boundary whose shape changes on its own
+        respecs = [c and across for c in changed_output]
+        assert [s["respecs"] > 0 for s in steps] == respecs, f"rank {rank}: {steps}"
+        assert [s["specs"] > 0 for s in steps] == [n or r for n, r in zip(new_input, respecs)], f"rank {rank}: {steps}"
 
 
 def test_per_rank_logs_merge_into_one_timeline(world):

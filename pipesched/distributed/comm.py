@@ -22,9 +22,15 @@ connect). That is what makes the exchange deadlock-free without a handshake:
   still owes. A receiver that gets one aborts its own step, fails, and sends
   errors for everything *it* owes, so the failure reaches every rank, and
   every posted receive is matched: no rank waits forever, no send stays
-  pending. A caller that interrupts the step (``KeyboardInterrupt``) sends
-  them at once, from its own thread, since its compute thread may be
-  waiting inside a receive only the peers' answers can end.
+  pending.
+* **waiting**: the compute thread waits inside gloo's receive, woken by
+  gloo itself (no thread in between). An abort cannot wake it there, and
+  need not: the plan is deadlock-free and every message a rank owes comes,
+  as data or as an error, so the wait ends once the peer gets that far
+  (an interrupted step, or one aborted by another rank's failure, stops at
+  the next task boundary after it). Only a peer stuck in its own code keeps
+  it waiting; then the watchdog raises ``StepStalled`` at ``stall_timeout``
+  as for a stuck task, and the pipeline is unusable.
 * **a lost peer**: a rank whose process died (its connection breaks) or that
   does not answer within ``stall_timeout`` is *lost*: a pending receive
   fails at once on a broken connection, :meth:`Communicator.finish` waits at
@@ -123,13 +129,11 @@ class StepLink:
     mailbox: Mailbox
     outgoing: dict[Transfer, Outbound]
     incoming: dict[int, list[Inbound]]  # peer -> its messages, in its production order
-    caller: int = field(default_factory=threading.get_ident)  # the thread that runs the step
     sent: set[Transfer] = field(default_factory=set)
     works: list[tuple[Any, Any, int]] = field(default_factory=list)  # (work, tensor kept alive, peer)
     records: list[CommRecord] = field(default_factory=list)
     lost: dict[int, str] = field(default_factory=dict)  # peer -> why it is unreachable
     cursor: dict[int, int] = field(default_factory=dict)  # peer -> next message to post ahead
-    interrupted: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def tag(self, index: int, part: int) -> int:
@@ -146,6 +150,8 @@ class Communicator:
         self.device = device
         self._global = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
         self.specs = SpecCache()
+        self.specs_sent = 0  # messages sent with a spec (a new key, or a re-spec): shapes crossing
+        self.respecs_sent = 0  # of those, specs a kept one did not predict (a data-dependent shape)
         self._routes: dict[int, tuple[Lowering, dict[int, list[tuple[int, Transfer]]],
                                       dict[int, list[tuple[int, Transfer]]]]] = {}
         self.clock_offset = 0.0
@@ -293,12 +299,15 @@ class Communicator:
         if message.expected is None:  # the first message of its key: the spec first
             parts = [*_spec_parts(wire, structure), (PAYLOAD, payload)]
             self.specs.put(message.peer, message.key, spec)
+            self.specs_sent += 1
         elif message.expected == spec:
             parts = [(PAYLOAD, payload)]
         else:  # not what the peer posted for: say so in the posted buffer, then re-spec
             parts = [(PAYLOAD, status_payload(message.expected, RESPEC)), *_spec_parts(wire, structure),
                      (RESPEC_PAYLOAD, payload)]
             self.specs.put(message.peer, message.key, spec)
+            self.specs_sent += 1
+            self.respecs_sent += 1
         with link.lock:
             if transfer in link.sent:
                 return
@@ -340,19 +349,6 @@ class Communicator:
                     self._isend(link, outbound, parts)
                 except PeerLost:
                     pass
-
-    def interrupt(self, link: StepLink) -> None:
-        """The step is being aborted: if the caller's own thread aborts it, tell the peers now.
-
-        Only an interruption reaches here on the caller's thread (a failing
-        task aborts from the compute thread, the watchdog from the loop's).
-        The compute thread may be waiting inside a receive that only an
-        answer from the peers can end, so the errors are sent from here.
-        """
-        if link.interrupted or threading.get_ident() != link.caller:
-            return
-        link.interrupted = True
-        self.fail(link, f"the step was interrupted on rank {self.rank}")
 
     def finish(self, link: StepLink, timeout: float | None = None) -> PeerLost | None:
         """Wait until every message of the step is received and every send delivered.
@@ -435,11 +431,7 @@ class SendSlot(Slot):
 
 
 class RecvSlot(Slot):
-    """A mailbox slot filled by another process: ``get`` waits on its posted receive.
-
-    The mailbox's abort opens every slot; for this one that is the moment to
-    tell the peers if the caller interrupted the step (:meth:`Communicator.interrupt`).
-    """
+    """A mailbox slot filled by another process: ``get`` waits on its posted receive."""
 
     def __init__(self, mailbox: Mailbox, communicator: Communicator, link: StepLink, inbound: Inbound):
         super().__init__(mailbox)
@@ -458,7 +450,3 @@ class RecvSlot(Slot):
         values, structure = self._communicator.take(self._link, self._inbound)
         self.filled_at = self._inbound.arrived
         return Packet(values, None), structure
-
-    def _open(self) -> None:
-        super()._open()
-        self._communicator.interrupt(self._link)
