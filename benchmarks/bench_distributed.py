@@ -13,7 +13,10 @@ the rest), the same schedule (1F1B), checkpointing off:
   same run.
 
 Alternating rounds, several steps each; the figures are per-round ratios of
-samples/s (the machine is shared: absolute times are noise). Before timing,
+samples/s (the machine is shared: absolute times are noise), and of the CPU
+seconds both processes of a contender used per step (all their threads; a
+figure other processes disturb far less than wall time, and the one that
+shows protocol overhead: a rank's time waiting in a receive is not CPU time). Before timing,
 one step of each from zero gradients is compared with the un-pipelined
 model's gradients.
 """
@@ -27,7 +30,7 @@ from typing import Any
 from benchmarks.config import RunConfig
 from benchmarks.gloo_peers import GlooPeers
 from benchmarks.rounds import alternating_rounds
-from benchmarks.stats import fmt
+from benchmarks.stats import fmt, summary
 from benchmarks.table import format_table
 from benchmarks.targets import Target
 from benchmarks.workloads import GRAD_RTOL, Workload, grad_difference, grads_match, reference_grads
@@ -67,14 +70,21 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             grads = {name: grad_difference(group.grads(), reference) for name, group in groups.items()}
             result = alternating_rounds({name: group.run for name, group in groups.items()},
                                         rounds=rounds, steps=steps, warmup=cfg.pick(tiny=1, quick=3, full=3))
+            groups_cpu = {name: list(group.cpu_seconds) for name, group in groups.items()}
+        cpu = {name: [c / steps for c in seconds[1:]] for name, seconds in groups_cpu.items()}  # [0]: warm-up
+        cpu_ratio = summary([p / o for p, o in zip(cpu[PEER], cpu[OURS])])  # peer CPU ÷ ours, per round
         ratio = result.ratio(PEER, OURS)  # ours samples/s ÷ peer samples/s, per round
-        entry: dict[str, Any] = {"ratio_over_peer": ratio, "gradients": grads, "rounds": result.as_dict()}
+        entry: dict[str, Any] = {"ratio_over_peer": ratio, "gradients": grads, "rounds": result.as_dict(),
+                                 "cpu_seconds_per_step": cpu, "cpu_peer_over_ours": cpu_ratio}
         rows.append([chunks, f"{OURS} / {PEER}", fmt(ratio)])
+        rows.append([chunks, f"CPU s/step: {PEER} / {OURS}", fmt(cpu_ratio)])
         if baseline_src:
             entry["baseline_over_peer"] = result.ratio(PEER, BASELINE)
             entry["ours_over_baseline"] = result.ratio(BASELINE, OURS)
             rows.append([chunks, f"{BASELINE} / {PEER}", fmt(entry["baseline_over_peer"])])
             rows.append([chunks, f"{OURS} / {BASELINE}", fmt(entry["ours_over_baseline"])])
+            entry["cpu_baseline_over_ours"] = summary([b / o for b, o in zip(cpu[BASELINE], cpu[OURS])])
+            rows.append([chunks, f"CPU s/step: {BASELINE} / {OURS}", fmt(entry["cpu_baseline_over_ours"])])
         for name in groups:
             rows.append([chunks, f"{name} ms/step", fmt(result.seconds(name), 2, 1e3)])
             d = grads[name]

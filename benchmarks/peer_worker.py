@@ -5,7 +5,8 @@ model from its seed, wraps it as the peer asks, says it is ready, then serves
 commands from its queue until ``stop``:
 
 * ``("run", k)``: barrier, ``k`` training steps, barrier; replies the seconds
-  between the barriers (so every rank's figure covers the whole group's k steps);
+  between the barriers (so every rank's figure covers the whole group's k steps)
+  and the CPU seconds this process used for its k steps;
 * ``("grads", None)``: one step from zero gradients; replies this rank's
   parameter gradients by their names in the full model, as numpy arrays.
 
@@ -125,11 +126,12 @@ def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any,
                 break
             if command == "run":
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 for _ in range(int(argument)):
                     runner.step()
+                cpu = time.process_time() - cpu  # this process's CPU seconds, every thread (before the barrier)
                 dist.barrier()
-                results.put(("ok", rank, time.perf_counter() - start))
+                results.put(("ok", rank, (time.perf_counter() - start, cpu)))
             elif command == "grads":
                 runner.step()
                 grads = {
