@@ -33,7 +33,13 @@ from benchmarks.rounds import alternating_rounds
 from benchmarks.stats import fmt, summary
 from benchmarks.table import format_table
 from benchmarks.targets import Target
-from benchmarks.workloads import GRAD_RTOL, Workload, grad_difference, grads_match, reference_grads
+from benchmarks.workloads import (
+    GRAD_RTOL,
+    Workload,
+    grad_difference,
+    grads_match,
+    reference_grads,
+)
 
 NAME = "distributed"
 TITLE = "11. DistributedPipeline vs torch.distributed.pipelining (2 gloo processes, 1F1B, A/B)"

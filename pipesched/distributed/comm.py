@@ -125,7 +125,6 @@ class StepLink:
     """The communication state of one step on this rank."""
 
     step: int
-    num_messages: int
     mailbox: Mailbox
     outgoing: dict[Transfer, Outbound]
     incoming: dict[int, list[Inbound]]  # peer -> its messages, in its production order
@@ -137,7 +136,7 @@ class StepLink:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def tag(self, index: int, part: int) -> int:
-        return message_tag(self.step, index, self.num_messages, part)
+        return message_tag(self.step, index, part)
 
 
 class Communicator:
@@ -221,7 +220,7 @@ class Communicator:
         for peer, transfers in out.items():
             for (index, transfer), key in zip(transfers, message_keys([t for _, t in transfers], shapes)):
                 outgoing[transfer] = Outbound(peer, index, key, self.specs.get(peer, key), _label(transfer))
-        link = StepLink(step, len(lowering.transfers), mailbox, outgoing, {})
+        link = StepLink(step, mailbox, outgoing, {})
         for transfer in outgoing:
             mailbox.replace(transfer, SendSlot(mailbox, self, link, transfer))
         for peer, transfers in into.items():
@@ -397,7 +396,7 @@ class Communicator:
 
 def _label(transfer: Transfer) -> str:
     producer = transfer.producer
-    return "%s%d.%d" % (producer.kind, producer.stage, producer.microbatch)
+    return f"{producer.kind}{producer.stage}.{producer.microbatch}"
 
 
 def _spec_parts(wire: tuple[Tensor | None, ...], structure: Structure) -> list[tuple[int, Tensor]]:

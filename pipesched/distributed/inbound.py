@@ -89,9 +89,28 @@ Irecv = Callable[[Tensor, int], Any]  # (buffer, part) -> a posted receive's wor
 class Inbound:
     """The receive side of one message: posted ahead, completed by whoever needs it first."""
 
-    __slots__ = ("peer", "index", "key", "expected", "label", "_irecv", "_work", "_buffer", "_state",
-                 "_header", "_data_part", "_spec", "posted", "done", "taken", "values", "structure",
-                 "error", "arrived", "nbytes")
+    __slots__ = (
+        "_buffer",
+        "_data_part",
+        "_header",
+        "_irecv",
+        "_spec",
+        "_state",
+        "_work",
+        "arrived",
+        "done",
+        "error",
+        "expected",
+        "index",
+        "key",
+        "label",
+        "nbytes",
+        "peer",
+        "posted",
+        "structure",
+        "taken",
+        "values",
+    )
 
     def __init__(self, peer: int, index: int, key: Key, expected: Spec | None, label: str):
         self.peer, self.index, self.key, self.expected, self.label = peer, index, key, expected, label

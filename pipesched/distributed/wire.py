@@ -20,18 +20,17 @@ receiver can post in advance, sized from the spec it keeps:
   spec both sides kept: a new spec and payload follow).
 
 Tags keep messages apart on backends that match by tag (gloo): each message
-of a step has its own, derived from the step number and the message's
-index in the plan's lowering, one per part (:data:`PARTS`), so a stale
-message of an aborted step can never be taken for one of the next, and two
-messages from one action (a skip connection beside an activation) never
-share one.
+of a step has its own, derived from the step number (64 steps apart, each
+with its own range whatever its plan) and the message's index in the plan's
+lowering, one per part (:data:`PARTS`), so a stale message of an aborted
+step can never be taken for one of the next, and two messages from one
+action (a skip connection beside an activation) never share one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -59,15 +58,18 @@ PARTS = 5
 _STEPS_APART = 64
 
 
-def message_tag(step: int, index: int, num_messages: int, part: int) -> int:
-    """The tag of ``part`` of message ``index`` (of ``num_messages`` in the step's lowering)."""
-    tag = ((step % _STEPS_APART) * num_messages + index) * PARTS + part
-    if tag >= 2**31:
+#: Messages one step may hold: every step has its own range of tags, whatever its plan.
+_STEP_STRIDE = (2**31 // _STEPS_APART) // PARTS
+
+
+def message_tag(step: int, index: int, part: int) -> int:
+    """The tag of ``part`` of message ``index`` (its transfer's position in the step's lowering)."""
+    if index >= _STEP_STRIDE:
         raise ValueError(
-            f"too many messages per step for the tag space ({num_messages}); "
+            f"too many messages per step for the tag space (message {index}, at most {_STEP_STRIDE}); "
             f"use fewer micro-batches or stages"
         )
-    return tag
+    return ((step % _STEPS_APART) * _STEP_STRIDE + index) * PARTS + part
 
 
 @dataclass(frozen=True)
