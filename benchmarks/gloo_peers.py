@@ -54,6 +54,7 @@ class GlooPeers:
             for rank in range(world)
         ]
         self.info: dict[int, Any] = {}
+        self.cpu_seconds: list[float] = []
         try:
             for proc in self.procs:
                 proc.start()
@@ -84,8 +85,14 @@ class GlooPeers:
         return self._collect("ok")
 
     def run(self, steps: int) -> float:
-        """Seconds for ``steps`` steps (the slowest rank's barrier-to-barrier time)."""
-        return max(self._ask("run", steps).values())
+        """Seconds for ``steps`` steps (the slowest rank's barrier-to-barrier time).
+
+        ``cpu_seconds`` keeps, per run, the CPU seconds all ranks used together
+        (a figure other processes on a shared machine disturb far less than wall time).
+        """
+        replies = self._ask("run", steps).values()
+        self.cpu_seconds.append(sum(cpu for _, cpu in replies))
+        return max(wall for wall, _ in replies)
 
     def grads(self) -> dict[str, torch.Tensor]:
         """One step's gradients from zero, merged over ranks, keyed by full-model parameter name."""

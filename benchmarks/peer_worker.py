@@ -5,7 +5,8 @@ model from its seed, wraps it as the peer asks, says it is ready, then serves
 commands from its queue until ``stop``:
 
 * ``("run", k)``: barrier, ``k`` training steps, barrier; replies the seconds
-  between the barriers (so every rank's figure covers the whole group's k steps);
+  between the barriers (so every rank's figure covers the whole group's k steps)
+  and the CPU seconds this process used for its k steps;
 * ``("grads", None)``: one step from zero gradients; replies this rank's
   parameter gradients by their names in the full model, as numpy arrays.
 
@@ -15,12 +16,14 @@ over the same model: pipesched's multi-process runtime), ``"pipelining"``
 of the model under ``Schedule1F1B`` or ``ScheduleGPipe``, loss on the last
 stage, gradients scaled by 1/m so they equal the whole batch's mean loss) and
 ``"ddp"`` (``DistributedDataParallel`` over the full model, each rank on its
-share of the batch). Any exception is replied as ``("error", rank, traceback)``.
+share of the batch). ``spec["sys_path"]``, when given, goes first on ``sys.path``
+(so ``"pipesched"`` mode can run another version of the package for an A/B). Any exception is replied as ``("error", rank, traceback)``.
 """
 
 from __future__ import annotations
 
 import datetime
+import sys
 import time
 import traceback
 from typing import Any
@@ -95,6 +98,10 @@ class _DataParallel:
 
 def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any, results: Any) -> None:
     try:
+        if spec.get("sys_path"):  # another version of pipesched (an A/B against a baseline tree)
+            sys.path.insert(0, str(spec["sys_path"]))
+            for module in [m for m in sys.modules if m == "pipesched" or m.startswith("pipesched.")]:
+                del sys.modules[module]  # imported by benchmarks.workloads; import the baseline's instead
         torch.set_num_threads(int(spec.get("threads", 1)))
         dist.init_process_group(
             "gloo",
@@ -119,11 +126,12 @@ def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any,
                 break
             if command == "run":
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 for _ in range(int(argument)):
                     runner.step()
+                cpu = time.process_time() - cpu  # this process's CPU seconds, every thread (before the barrier)
                 dist.barrier()
-                results.put(("ok", rank, time.perf_counter() - start))
+                results.put(("ok", rank, (time.perf_counter() - start, cpu)))
             elif command == "grads":
                 runner.step()
                 grads = {

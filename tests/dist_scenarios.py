@@ -104,15 +104,19 @@ def scenario_gradients(rank: int, world: int, out: dict) -> None:
             reference = copy.deepcopy(model)
             ref_loss = nn.CrossEntropyLoss()(reference(x), y)
             ref_loss.backward()
+            gather = rows == 11  # the other shape keeps each rank's own tasks (the default)
             with DistributedPipeline(model, schedule=schedule, balance=balance, chunks=chunks,
-                                     checkpoint="except_last", loss_fn=nn.CrossEntropyLoss()) as pipe:
+                                     checkpoint="except_last", loss_fn=nn.CrossEntropyLoss(),
+                                     gather_timeline=gather) as pipe:
                 loss = pipe.step(x if rank == 0 else None, y)
                 key = f"{schedule}/{rows}x{chunks}"
                 out[key] = {
                     "ok": abs(loss.item() - ref_loss.item()) < 1e-12 and grad_error(pipe, reference) < 1e-12,
                     "loss": loss.item(), "ref": ref_loss.item(), "grad_error": grad_error(pipe, reference),
                     "microbatches": pipe.last_report.num_microbatches,
-                    "tasks": len(pipe.last_report.tasks),
+                    "tasks": len(pipe.last_report.tasks), "gathered": gather,
+                    "ranks_in_report": sorted({t.rank for t in pipe.last_report.tasks}),
+                    "memory_ranks": len(pipe.last_report.peak_activation_bytes),
                 }
 
 
@@ -278,7 +282,7 @@ def scenario_timeline(rank: int, world: int, out: dict, directory: str) -> None:
     try:
         x, y = data(16)
         with DistributedPipeline(mlp(layers=2 * world + 1), schedule="1f1b", chunks=4,
-                                 loss_fn=nn.CrossEntropyLoss()) as pipe:
+                                 loss_fn=nn.CrossEntropyLoss(), gather_timeline=True) as pipe:
             pipe.step(x, y)
             out["timeline"] = {"ok": True, "tasks": len(pipe.last_report.tasks),
                                "offset": pipe.clock_offset, "comm": len(pipe.last_comm),
@@ -479,6 +483,59 @@ def scenario_peer_freezes(rank: int, world: int, out: dict) -> None:
         time.sleep(600)
 
 
+class Widen(nn.Module):
+    """Appends ``extra`` zero columns: an output shape that changes while the input's does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = 0
+
+    def forward(self, x):
+        return torch.cat([x, x.new_zeros(*x.shape[:-1], self.extra)], dim=-1)
+
+
+class Narrow(nn.Module):
+    def forward(self, x):
+        return x[..., :16]
+
+
+def scenario_shapes(rank: int, world: int, out: dict) -> None:
+    """Shapes cross once per (edge, micro-batch shape); a new batch size, a new trailing shape
+    and a data-dependent output shape each re-negotiate, and every step stays exact."""
+    from pipesched.distributed import DistributedPipeline
+
+    widen = Widen()
+    layers = list(mlp(layers=2 * world + 1))
+    layers[1:1] = [widen, Narrow()]  # stage 0 ends widened, stage 1 starts narrowing (balance below)
+    model = nn.Sequential(*layers)
+    balance = [2] + [1] * (world - 2) + [len(layers) - 2 - (world - 2)]
+    steps = [  # (rows, sequence length or None, extra columns)
+        (8, None, 0), (8, None, 0), (12, None, 0), (8, None, 0), (8, 3, 0), (8, 5, 0), (8, 5, 0),
+        (8, None, 2), (8, None, 2), (8, None, 0),
+    ]
+    verdicts = []
+    with DistributedPipeline(model, schedule="1f1b", balance=balance, chunks=4, checkpoint="never",
+                             loss_fn=lambda o, y: nn.functional.cross_entropy(o.reshape(-1, 4), y.reshape(-1))
+                             ) as pipe:
+        for rows, sequence, extra in steps:
+            x, y = data(rows * (sequence or 1))
+            if sequence:
+                x, y = x.reshape(rows, sequence, 8), y.reshape(rows, sequence)
+            widen.extra = extra
+            reference = copy.deepcopy(model)
+            ref_loss = nn.functional.cross_entropy(reference(x).reshape(-1, 4), y.reshape(-1))
+            ref_loss.backward()
+            for p in pipe.parameters():
+                p.grad = None
+            before = (pipe._comm.specs_sent, pipe._comm.respecs_sent)
+            loss = pipe.step(x, y)
+            verdicts.append({
+                "exact": abs(loss.item() - ref_loss.item()) < 1e-12 and grad_error(pipe, reference) < 1e-12,
+                "specs": pipe._comm.specs_sent - before[0], "respecs": pipe._comm.respecs_sent - before[1],
+            })
+    out["shapes"] = verdicts
+
+
 def scenario_state_dict(rank: int, world: int, out: dict) -> None:
     """Each rank's state dict is its part of the model's, under the model's keys; the model's
     full state dict loads into every rank, which takes its own layers from it."""
@@ -572,6 +629,7 @@ SCENARIOS = {
 
 
     "state_dict": scenario_state_dict,
+    "shapes": scenario_shapes,
     "stall": scenario_stall,
     "peer_exits": scenario_peer_exits,
     "peer_freezes": scenario_peer_freezes,

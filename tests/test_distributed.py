@@ -61,7 +61,7 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
-    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "state_dict", "skips", "timeline",
+    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "state_dict", "skips", "timeline", "shapes",
              "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
@@ -74,13 +74,22 @@ def test_gradients_and_loss_equal_single_process(world):
                 verdict = result[f"{schedule}/{shape}"]
                 assert verdict["ok"], f"rank {rank}, {schedule} {shape}: {verdict}"
                 assert verdict["microbatches"] == microbatches
-    # every rank returns the same loss, and the report gathers every rank's tasks
+    # every rank returns the same loss; with gather_timeline the report holds every rank's
+    # tasks, by default each rank's own (and every rank's memory figures either way)
     for key in results[0]:
         if "/" in key:
             assert len({r[key]["loss"] for r in results}) == 1
             stages = 2 * size if key.startswith("interleaved") else size
             kinds = 3 if key.startswith("zb-") else 2  # F, B (and W where split)
-            assert results[0][key]["tasks"] == kinds * stages * results[0][key]["microbatches"]
+            for rank, result in enumerate(results):
+                verdict = result[key]
+                assert verdict["memory_ranks"] == size
+                if verdict["gathered"]:
+                    assert verdict["tasks"] == kinds * stages * verdict["microbatches"]
+                    assert verdict["ranks_in_report"] == list(range(size))
+                else:
+                    assert verdict["tasks"] == kinds * stages // size * verdict["microbatches"]
+                    assert verdict["ranks_in_report"] == [rank]
 
 
 def test_tuple_activations_with_only_own_stages_built(world):
@@ -226,6 +235,21 @@ def test_watchdog_names_what_each_rank_waits_on(world):
     assert "rank 0 at B0.0 waits for B1.0" in messages[0]["message"]
     if size > 2:  # a rank downstream of the stuck one waits for its activation
         assert "rank 2 at F2.0 waits for F1.0" in messages[2]["message"]
+
+
+def test_shapes_cross_once_per_micro_batch_shape_and_renegotiate_when_they_change(world):
+    """Specs are sent for a new batch size or trailing shape only, cached for a shape seen before,
+    and re-negotiated in place when a stage's output shape changes for the same input shape."""
+    _, results, _ = world
+    new_input = [True, False, True, False, True, True, False, False, False, False]
+    changed_output = [False] * 7 + [True, False, True]
+    for rank, result in enumerate(results):
+        steps = result["shapes"]
+        assert all(s["exact"] for s in steps), f"rank {rank}: {steps}"
+        across = rank <= 1  # the ranks on either side of the boundary whose shape changes on its own
+        respecs = [c and across for c in changed_output]
+        assert [s["respecs"] > 0 for s in steps] == respecs, f"rank {rank}: {steps}"
+        assert [s["specs"] > 0 for s in steps] == [n or r for n, r in zip(new_input, respecs)], f"rank {rank}: {steps}"
 
 
 def test_per_rank_logs_merge_into_one_timeline(world):

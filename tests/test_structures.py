@@ -166,3 +166,21 @@ def test_wire_header_carries_a_mapping_structure():
         got = parsed.structure(description)
         assert got.kind == structure.kind and got.keys == structure.keys
         assert got.mapping_type is (kind if structure.kind == "mapping" else dict)
+
+
+def test_wire_payload_packs_every_dtype_and_absent_gradients_into_one_buffer():
+    """One buffer per message: tensors of any dtype (aligned views on the way out), absent ones skipped."""
+    from pipesched.distributed.wire import ERROR, OK, pack, payload_bytes, spec_of, status_of, status_payload, unpack
+
+    values = (torch.randn(3, 5), None, torch.tensor([True, False]), torch.randn(2, dtype=torch.complex128),
+              torch.arange(3, dtype=torch.int16), torch.zeros(0, 4), torch.tensor(2.5, dtype=torch.float64),
+              torch.randn(4, 6)[:, ::2].contiguous())
+    spec = spec_of(values, TUPLE)
+    buffer = pack(values, spec)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == payload_bytes(spec)
+    assert status_of(buffer) == (OK, 0)
+    received = unpack(buffer.clone(), spec)
+    for got, sent in zip(received, values, strict=True):
+        assert (got is None and sent is None) or (got.dtype == sent.dtype and torch.equal(got, sent))
+    error = status_payload(spec, ERROR, 42)  # same size as the payload the receiver posted
+    assert error.numel() == buffer.numel() and status_of(error) == (ERROR, 42)

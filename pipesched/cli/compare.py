@@ -236,7 +236,8 @@ def _pipeline(model: nn.Sequential, schedule: str, config: CompareConfig) -> Pip
         if launched_world() > 1:
             init_process_group()
             return DistributedPipeline(model, schedule=schedule, chunks=config.chunks,
-                                       checkpoint=config.checkpoint, loss_fn=nn.CrossEntropyLoss())
+                                       checkpoint=config.checkpoint, loss_fn=nn.CrossEntropyLoss(),
+                                       gather_timeline=True)  # the analysis reads every rank's tasks
         return Pipeline(model, schedule=schedule, devices=["cpu"] * config.ranks, chunks=config.chunks,
                         checkpoint=config.checkpoint, loss_fn=nn.CrossEntropyLoss())
     except ValueError as error:

@@ -166,7 +166,7 @@ def _demo_pipeline(model: Any, args: argparse.Namespace, distributed: bool) -> A
         from pipesched.distributed import DistributedPipeline
 
         return DistributedPipeline(model, schedule=args.schedule, chunks=args.chunks,
-                                   loss_fn=nn.CrossEntropyLoss())
+                                   loss_fn=nn.CrossEntropyLoss(), gather_timeline=True)  # report: every rank
     from pipesched.pipeline import Pipeline
 
     return Pipeline(model, schedule=args.schedule, devices=["cpu"] * args.ranks,

@@ -2,29 +2,44 @@
 
 Every process computes the same plan, so every process knows, before a step
 starts, exactly which messages it will send to and receive from each peer,
-and in which order the peer produces them. That is what makes the exchange
-deadlock-free without any handshake:
+and in which order the peer produces them (the lowering's
+:meth:`~pipesched.plan.lowering.Lowering.messages`, whatever stages they
+connect). That is what makes the exchange deadlock-free without a handshake:
 
-* **receiving**: one thread per peer receives that peer's messages in the
-  order the peer produces them (its plan order): header, then tensors. It
-  files each into the local mailbox slot the compute thread waits on, so
-  receives overlap compute and the compute thread's waits stay abortable.
+* **shapes once**: both ends keep the spec (dtypes, shapes, structure) of
+  every kind of message, keyed by its lowering edge and the micro-batch's
+  shape (:class:`~pipesched.distributed.inbound.SpecCache`). A message whose
+  key is new this step carries a spec first; every other message is one
+  packed buffer (:mod:`pipesched.distributed.wire`). Values that do not
+  match the kept spec (a data-dependent shape) re-negotiate it in place.
+* **receiving**: there is no receiver thread. Receives are posted ahead
+  from the plan, a few messages per peer (:data:`RECEIVE_AHEAD`), so gloo
+  lands the bytes while this rank computes; the compute thread takes a
+  message when its task needs it (:class:`RecvSlot`) and posts the next.
 * **sending**: the compute thread posts a non-blocking send the moment an
-  output exists (:class:`SendSlot`), header then tensors.
-* **failure**: a failing rank sends an *error header* for every message it
+  output exists (:class:`SendSlot`).
+* **failure**: a failing rank sends an *error* in place of every message it
   still owes. A receiver that gets one aborts its own step, fails, and sends
-  error headers for everything *it* owes, so the failure reaches every rank,
-  and every posted receive is matched: no rank waits forever, no send stays
-  pending. Receivers keep draining after an error for the same reason.
+  errors for everything *it* owes, so the failure reaches every rank, and
+  every posted receive is matched: no rank waits forever, no send stays
+  pending.
+* **waiting**: the compute thread waits inside gloo's receive, woken by
+  gloo itself (no thread in between). An abort cannot wake it there, and
+  need not: the plan is deadlock-free and every message a rank owes comes,
+  as data or as an error, so the wait ends once the peer gets that far
+  (an interrupted step, or one aborted by another rank's failure, stops at
+  the next task boundary after it). Only a peer stuck in its own code keeps
+  it waiting; then the watchdog raises ``StepStalled`` at ``stall_timeout``
+  as for a stuck task, and the pipeline is unusable.
 * **a lost peer**: a rank whose process died (its connection breaks) or that
   does not answer within ``stall_timeout`` is *lost*: a pending receive
   fails at once on a broken connection, :meth:`Communicator.finish` waits at
-  most ``stall_timeout`` for what is still owed, error headers go to the
-  peers still reachable (saying "lost rank N", so they stop too), and the
-  step raises :class:`PeerLost`. Gloo cannot wait on a receive for a while
-  and then keep it (a timed-out receive closes the connection), so no
-  receive is given a timeout of its own while the step is healthy: the
-  watchdog bounds the waits of the compute thread, ``finish`` the rest.
+  most ``stall_timeout`` for what is still owed, errors go to the peers still
+  reachable (saying "lost rank N", so they stop too), and the step raises
+  :class:`PeerLost`. Gloo cannot wait on a receive for a while and then keep
+  it (a timed-out receive closes the connection), so no receive is given a
+  timeout of its own while the step is healthy; a peer that hangs in its own
+  code ends this rank's step by its watchdog (``StepStalled``).
 
 Gloo (CPU) is the transport tested here; tensors on a CUDA device are staged
 through host memory for it.
@@ -34,7 +49,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -43,20 +57,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipesched.plan.lowering import SKIP, Lowering, SkipEdge, Transfer
-from pipesched.runtime.mailbox import Mailbox, Slot
-from pipesched.observe.report import CommRecord
-from pipesched.runtime.structure import Structure
-from pipesched.runtime.transport import Packet
+from pipesched.distributed.inbound import Inbound, Key, SpecCache, message_keys
 from pipesched.distributed.wire import (
+    DESCRIPTION,
     ERROR,
-    HEADER_SLOTS,
-    decode,
+    ERROR_TEXT,
+    HEADER,
+    PAYLOAD,
+    RESPEC,
+    RESPEC_PAYLOAD,
+    Spec,
     encode,
     encode_error,
     message_tag,
+    pack,
+    spec_of,
+    status_payload,
 )
-from pipesched.runtime.worker import Worker
+from pipesched.observe.report import CommRecord
+from pipesched.plan.lowering import SKIP, Lowering, Transfer
+from pipesched.runtime.mailbox import Mailbox, Slot, StepAborted
+from pipesched.runtime.structure import Structure
+from pipesched.runtime.transport import Packet
+
+#: Receives posted ahead per peer: enough that a producer never waits for this rank to post
+#: (1F1B keeps at most a couple of messages in flight per pair), few enough that the step's
+#: receive buffers stay bounded by the schedule, not by the number of micro-batches.
+RECEIVE_AHEAD = 4
 
 
 class RemoteStepError(RuntimeError):
@@ -70,28 +97,27 @@ class PeerLost(RemoteStepError):
     the process group) cannot be used again: restart the job.
     """
 
-    MARK = "lost rank "  # every message starts with it, so it survives travelling as an error header
+    MARK = "lost rank "  # every message starts with it, so it survives travelling as an error
 
 
 def lost(peer: int, why: str) -> PeerLost:
     return PeerLost(f"{PeerLost.MARK}{peer}: {why}")
 
 
-MessageKey = tuple[str, int, int]  # the producing action: (kind, stage, microbatch)
+def remote_error(text: str) -> RemoteStepError:
+    """The error a received error description stands for."""
+    return (PeerLost if text.startswith(PeerLost.MARK) else RemoteStepError)(text)
 
 
-def message_key(transfer: Transfer, skips: Sequence[SkipEdge] = ()) -> MessageKey:
-    """The name of a transfer on the wire: the action that produced it (tags derive from it).
+@dataclass
+class Outbound:
+    """One message this rank owes a peer in this step."""
 
-    A skip connection's transfer is named by its edge's index in ``skips``
-    (the lowering's, the same on every rank) instead: ``("S", index, m)`` for
-    the stashed tensors, ``("T", index, m)`` for their gradients, since the
-    producing action also sends its ordinary output.
-    """
-    producer = transfer.producer
-    if transfer.edge.skip is not None:
-        return ("S" if transfer.carries == SKIP else "T", skips.index(transfer.edge.skip), producer.microbatch)
-    return (producer.kind, producer.stage, producer.microbatch)
+    peer: int
+    index: int  # the transfer's position in the lowering: its tags
+    key: Key
+    expected: Spec | None  # the spec both ends kept for ``key`` when the step began (None: send one)
+    label: str
 
 
 @dataclass
@@ -99,20 +125,18 @@ class StepLink:
     """The communication state of one step on this rank."""
 
     step: int
-    num_stages: int
-    num_microbatches: int
-    outgoing: dict[int, list[MessageKey]]
-    num_skips: int = 0
-    sent: set[MessageKey] = field(default_factory=set)
+    mailbox: Mailbox
+    outgoing: dict[Transfer, Outbound]
+    incoming: dict[int, list[Inbound]]  # peer -> its messages, in its production order
+    sent: set[Transfer] = field(default_factory=set)
     works: list[tuple[Any, Any, int]] = field(default_factory=list)  # (work, tensor kept alive, peer)
     records: list[CommRecord] = field(default_factory=list)
-    receivers_done: dict[int, threading.Event] = field(default_factory=dict)  # peer -> drained
     lost: dict[int, str] = field(default_factory=dict)  # peer -> why it is unreachable
+    cursor: dict[int, int] = field(default_factory=dict)  # peer -> next message to post ahead
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def tag(self, key: MessageKey, part: int) -> int:
-        return message_tag(self.step, key[0], key[1], key[2], self.num_stages, self.num_microbatches, part,
-                           self.num_skips)
+    def tag(self, index: int, part: int) -> int:
+        return message_tag(self.step, index, part)
 
 
 class Communicator:
@@ -124,10 +148,11 @@ class Communicator:
         self.world = world
         self.device = device
         self._global = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
-        self._receivers = {
-            peer: Worker(peer, torch.device("cpu"), name=f"pipesched-recv{peer}")
-            for peer in range(world) if peer != rank
-        }
+        self.specs = SpecCache()
+        self.specs_sent = 0  # messages sent with a spec (a new key, or a re-spec): shapes crossing
+        self.respecs_sent = 0  # of those, specs a kept one did not predict (a data-dependent shape)
+        self._routes: dict[int, tuple[Lowering, dict[int, list[tuple[int, Transfer]]],
+                                      dict[int, list[tuple[int, Transfer]]]]] = {}
         self.clock_offset = 0.0
 
     # ------------------------------------------------------------------ clocks
@@ -168,72 +193,164 @@ class Communicator:
 
     # -------------------------------------------------------------------- steps
 
-    def begin(self, step: int, lowering: Lowering, mailbox: Mailbox) -> StepLink:
-        """Start receiving this step's messages; return the link sends go through.
+    def _routes_of(self, lowering: Lowering) -> tuple[dict[int, list[tuple[int, Transfer]]],
+                                                      dict[int, list[tuple[int, Transfer]]]]:
+        """Per peer, (index, transfer) of what this rank sends it and receives from it (once per lowering)."""
+        cached = self._routes.get(id(lowering))
+        if cached is not None and cached[0] is lowering:
+            return cached[1], cached[2]
+        index = {t: i for i, t in enumerate(lowering.transfers)}
+        peers = [p for p in range(self.world) if p != self.rank]
+        out = {p: [(index[t], t) for t in lowering.messages(self.rank, p)] for p in peers}
+        into = {p: [(index[t], t) for t in lowering.messages(p, self.rank)] for p in peers}
+        self._routes[id(lowering)] = (lowering, out, into)
+        return out, into
 
-        What this rank sends each peer, and receives from it, in which order,
-        is the plan's lowering (:meth:`~pipesched.plan.lowering.Lowering.messages`):
-        every process computes the same plan, so both ends agree without a handshake.
+    def begin(self, step: int, lowering: Lowering, mailbox: Mailbox, shapes: list[Any]) -> StepLink:
+        """Post this step's first receives; return the link sends and receives go through.
+
+        ``shapes[m]`` names micro-batch m's shape (every rank passes the same);
+        with the lowering edge it keys the specs both ends keep. What this
+        rank sends each peer, and receives from it, in which order, is the
+        plan's lowering: every process computes the same plan, so both ends
+        agree without a handshake.
         """
-        skips = lowering.skips
-        link = StepLink(step, lowering.num_stages, lowering.num_microbatches, {
-            peer: [message_key(t, skips) for t in lowering.messages(self.rank, peer)] for peer in self._receivers
-        }, len(skips))
-        for peer in self._receivers:
-            for transfer in lowering.messages(self.rank, peer):
-                mailbox.replace(transfer, SendSlot(mailbox, self, link, message_key(transfer, skips)))
-        for peer, receiver in self._receivers.items():
-            expected = lowering.messages(peer, self.rank)
-            done = threading.Event()
-            link.receivers_done[peer] = done
-            receiver.submit(lambda p=peer, e=expected, d=done: self._receive(link, mailbox, p, e, d, skips))
+        out, into = self._routes_of(lowering)
+        outgoing: dict[Transfer, Outbound] = {}
+        for peer, transfers in out.items():
+            for (index, transfer), key in zip(transfers, message_keys([t for _, t in transfers], shapes)):
+                outgoing[transfer] = Outbound(peer, index, key, self.specs.get(peer, key), _label(transfer, lowering))
+        link = StepLink(step, mailbox, outgoing, {})
+        for transfer in outgoing:
+            mailbox.replace(transfer, SendSlot(mailbox, self, link, transfer))
+        for peer, transfers in into.items():
+            keys = message_keys([t for _, t in transfers], shapes)
+            link.incoming[peer] = [
+                Inbound(peer, index, key, self.specs.get(peer, key), _label(transfer, lowering))
+                for (index, transfer), key in zip(transfers, keys)
+            ]
+            for (_, transfer), inbound in zip(transfers, link.incoming[peer]):
+                mailbox.replace(transfer, RecvSlot(mailbox, self, link, inbound))
+            link.cursor[peer] = 0
+            self._post_ahead(link, peer)
         return link
 
-    def send(self, link: StepLink, key: MessageKey, values: tuple[Tensor | None, ...],
+    def _post(self, link: StepLink, inbound: Inbound) -> None:
+        inbound.post(self._irecv(link, inbound))
+
+    def _irecv(self, link: StepLink, inbound: Inbound) -> Any:
+        peer = self._global[inbound.peer]
+
+        def irecv(tensor: Tensor, part: int) -> Any:
+            return dist.irecv(tensor, src=peer, group=self.group, tag=link.tag(inbound.index, part))
+
+        return irecv
+
+    def _post_ahead(self, link: StepLink, peer: int) -> None:
+        """Keep the peer's next :data:`RECEIVE_AHEAD` messages (in its production order) posted."""
+        messages = link.incoming[peer]
+        at = link.cursor[peer]
+        while at < len(messages) and messages[at].taken:
+            at += 1
+        link.cursor[peer] = at
+        for inbound in messages[at:at + RECEIVE_AHEAD]:
+            if not inbound.posted:
+                self._post(link, inbound)
+
+    def take(self, link: StepLink, inbound: Inbound) -> tuple[tuple[Tensor | None, ...], Structure]:
+        """On the compute thread: wait for ``inbound``'s values (a step's error raises ``StepAborted``)."""
+        mailbox = link.mailbox
+        if mailbox.aborted:
+            raise StepAborted(mailbox.abort_reason)
+        if not inbound.posted:
+            self._post(link, inbound)
+        began = time.perf_counter()
+        try:
+            inbound.finish(self.specs)
+        except RuntimeError as error:  # the connection broke (the peer's process is gone)
+            why = f"lost the connection to it: {error}"
+            link.lost.setdefault(inbound.peer, why)
+            mailbox.abort(lost(inbound.peer, why))
+            raise StepAborted(mailbox.abort_reason) from error
+        inbound.taken = True
+        if inbound.error is not None:
+            mailbox.abort(remote_error(inbound.error))
+            raise StepAborted(mailbox.abort_reason)
+        if mailbox.aborted:
+            raise StepAborted(mailbox.abort_reason)
+        self._post_ahead(link, inbound.peer)
+        link.records.append(CommRecord(self.rank, inbound.peer, "recv", inbound.label, min(began, inbound.arrived),
+                                       inbound.arrived, inbound.nbytes))
+        values, structure = inbound.values, inbound.structure
+        inbound.values = None  # the consumer's now: a slot hands its value over once
+        if self.device.type != "cpu":
+            values = tuple(None if v is None else v.to(self.device) for v in values)
+        return values, structure  # type: ignore[return-value]
+
+    def send(self, link: StepLink, transfer: Transfer, values: tuple[Tensor | None, ...],
              structure: Structure) -> None:
-        """Post the message ``key`` (header, tensors, a mapping's description) to its consumer."""
-        peer = next(p for p, keys in link.outgoing.items() if key in keys)
+        """Post ``transfer``'s message: one packed payload, after a spec when the peer lacks it."""
+        message = link.outgoing[transfer]
         start = time.perf_counter()
         wire = tuple(None if v is None else v.detach().to("cpu").contiguous() for v in values)
-        header, description = encode(wire, structure)
-        parts = [header, *(v for v in wire if v is not None)]
-        indices = [0, *(i + 1 for i, v in enumerate(wire) if v is not None)]
-        if description is not None:
-            parts.append(description)
-            indices.append(len(wire) + 1)
+        spec = spec_of(wire, structure)
+        payload = pack(wire, spec)
+        if message.expected is None:  # the first message of its key: the spec first
+            parts = [*_spec_parts(wire, structure), (PAYLOAD, payload)]
+            self.specs.put(message.peer, message.key, spec)
+            self.specs_sent += 1
+        elif message.expected == spec:
+            parts = [(PAYLOAD, payload)]
+        else:  # not what the peer posted for: say so in the posted buffer, then re-spec
+            parts = [(PAYLOAD, status_payload(message.expected, RESPEC)), *_spec_parts(wire, structure),
+                     (RESPEC_PAYLOAD, payload)]
+            self.specs.put(message.peer, message.key, spec)
+            self.specs_sent += 1
+            self.respecs_sent += 1
         with link.lock:
-            if key in link.sent:
+            if transfer in link.sent:
                 return
-            link.sent.add(key)
-            for index, tensor in zip(indices, parts):
-                work = dist.isend(tensor, dst=self._global[peer], group=self.group, tag=link.tag(key, index))
+            link.sent.add(transfer)
+            self._isend(link, message, parts)
+            _prune(link.works)
+        link.records.append(CommRecord(self.rank, message.peer, "send", message.label, start, time.perf_counter(),
+                                       payload.numel()))
+
+    def _isend(self, link: StepLink, message: Outbound, parts: list[tuple[int, Tensor]]) -> None:
+        """Post ``parts`` to the peer (under ``link.lock``); a broken connection is a lost peer."""
+        peer = message.peer
+        try:
+            for part, tensor in parts:
+                work = dist.isend(tensor, dst=self._global[peer], group=self.group, tag=link.tag(message.index, part))
                 link.works.append((work, tensor, peer))
-        link.records.append(CommRecord(self.rank, peer, "send", "%s%d.%d" % key, start, time.perf_counter(),
-                                       sum(t.numel() * t.element_size() for t in parts[1:])))
+        except RuntimeError as error:  # the connection to the peer is broken
+            why = f"cannot send to it ({error})"
+            link.lost.setdefault(peer, why)
+            raise lost(peer, why) from error
 
     def fail(self, link: StepLink, message: str) -> None:
-        """Send an error header for every message this rank still owes in this step.
+        """Send an error in place of every message this rank still owes in this step.
 
         A peer whose connection is broken gets none (it is recorded as lost);
         the others still get theirs.
         """
-        header, data = encode_error(message)
+        header, text = encode_error(message)
         with link.lock:
-            for peer, keys in link.outgoing.items():
-                for key in keys:
-                    if key in link.sent or peer in link.lost:
-                        continue
-                    link.sent.add(key)
-                    try:
-                        for index, tensor in ((0, header), (1, data)):
-                            work = dist.isend(tensor, dst=self._global[peer], group=self.group,
-                                              tag=link.tag(key, index))
-                            link.works.append((work, tensor, peer))
-                    except RuntimeError as error:  # the connection to the peer is broken
-                        link.lost.setdefault(peer, f"cannot send to it ({error})")
+            for transfer, outbound in link.outgoing.items():
+                if transfer in link.sent or outbound.peer in link.lost:
+                    continue
+                link.sent.add(transfer)
+                if outbound.expected is None:  # the peer posted for a spec: the error header goes there
+                    parts = [(HEADER, header), (ERROR_TEXT, text)]
+                else:  # the peer posted a payload: an error status of the same size
+                    parts = [(PAYLOAD, status_payload(outbound.expected, ERROR, text.numel())), (ERROR_TEXT, text)]
+                try:
+                    self._isend(link, outbound, parts)
+                except PeerLost:
+                    pass
 
     def finish(self, link: StepLink, timeout: float | None = None) -> PeerLost | None:
-        """Wait until every send of the step is delivered and every receiver has drained.
+        """Wait until every message of the step is received and every send delivered.
 
         Waits at most ``timeout`` seconds in all (``None``: no limit). Returns
         the :class:`PeerLost` error naming a peer that died or did not answer
@@ -244,10 +361,22 @@ class Communicator:
         def left() -> float | None:
             return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
-        for peer, done in link.receivers_done.items():
-            if not done.wait(left()):
-                link.lost.setdefault(peer, f"sent nothing for {timeout:.1f} s (stall_timeout) while this "
-                                           f"rank waited for its messages")
+        for peer, messages in link.incoming.items():
+            for inbound in messages:
+                if peer in link.lost:
+                    break
+                if inbound.done:
+                    continue
+                try:
+                    if not inbound.posted:
+                        self._post(link, inbound)
+                    inbound.finish(self.specs, left)
+                except RuntimeError as error:  # broken connection, or nothing within the deadline
+                    if deadline is not None and time.monotonic() >= deadline - 0.01:
+                        link.lost.setdefault(peer, f"sent nothing for {timeout:.1f} s (stall_timeout) while "
+                                                   f"this rank waited for its messages")
+                    else:
+                        link.lost.setdefault(peer, f"lost the connection to it: {error}")
         for work, _, peer in link.works:
             if peer in link.lost:
                 continue  # a send to a lost peer may never complete
@@ -261,57 +390,72 @@ class Communicator:
         peer = min(link.lost)
         return lost(peer, link.lost[peer])
 
-    def _receive(self, link: StepLink, mailbox: Mailbox, peer: int, expected: list[Transfer],
-                 done: threading.Event, skips: Sequence[SkipEdge] = ()) -> None:
-        try:
-            for transfer in expected:
-                key = message_key(transfer, skips)
-                header = torch.empty(HEADER_SLOTS, dtype=torch.int64)
-                self._recv(header, peer, link.tag(key, 0))
-                start = time.perf_counter()
-                parsed = decode(header)
-                if parsed.status == ERROR:
-                    data = torch.empty(parsed.error_length, dtype=torch.uint8)
-                    self._recv(data, peer, link.tag(key, 1))
-                    text = bytes(data.tolist()).decode("utf-8", "replace")
-                    mailbox.abort((PeerLost if text.startswith(PeerLost.MARK) else RemoteStepError)(text))
-                    continue
-                buffers = parsed.allocate(torch.device("cpu"))
-                for index, buffer in enumerate(buffers):
-                    if buffer is not None:
-                        self._recv(buffer, peer, link.tag(key, index + 1))
-                description = None
-                if parsed.description_length:
-                    description = torch.empty(parsed.description_length, dtype=torch.uint8)
-                    self._recv(description, peer, link.tag(key, parsed.description_part))
-                values = tuple(None if b is None else b.to(self.device) for b in buffers)
-                mailbox.slot(transfer).put((Packet(values, None), parsed.structure(description)))
-                link.records.append(CommRecord(
-                    self.rank, peer, "recv", "%s%d.%d" % key, start, time.perf_counter(),
-                    sum(b.numel() * b.element_size() for b in (*buffers, description) if b is not None)))
-        except BaseException as error:  # noqa: BLE001 - a broken connection: abort, never hang
-            why = f"lost the connection to it: {error}"
-            link.lost.setdefault(peer, why)
-            mailbox.abort(lost(peer, why))
-        finally:
-            done.set()
-
-    def _recv(self, tensor: Tensor, peer: int, tag: int) -> None:
-        dist.irecv(tensor, src=self._global[peer], group=self.group, tag=tag).wait()
-
     def close(self, timeout: float = 5) -> None:
-        """Stop the receiver threads, waiting up to ``timeout`` for each (one blocked on a lost peer never ends)."""
-        for receiver in self._receivers.values():
-            receiver.close(timeout=timeout)
+        """Nothing runs between steps (no receiver threads): kept for the pipeline's lifecycle."""
+
+
+def _label(transfer: Transfer, lowering: Lowering) -> str:
+    """A message's name in ``last_comm`` and the "comm" events: its producing action, ``F2.1``.
+
+    A skip connection's message is named by its skip edge instead (the
+    producing action also sends its ordinary output): ``S<edge>.<m>`` for the
+    stashed tensors, ``T<edge>.<m>`` for their gradients, with ``<edge>`` the
+    edge's index in the lowering's skips (the same on every rank).
+    """
+    producer = transfer.producer
+    if transfer.edge.skip is not None:
+        kind = "S" if transfer.carries == SKIP else "T"
+        return f"{kind}{lowering.skips.index(transfer.edge.skip)}.{producer.microbatch}"
+    return f"{producer.kind}{producer.stage}.{producer.microbatch}"
+
+
+def _spec_parts(wire: tuple[Tensor | None, ...], structure: Structure) -> list[tuple[int, Tensor]]:
+    header, description = encode(wire, structure)
+    return [(HEADER, header)] + ([] if description is None else [(DESCRIPTION, description)])
+
+
+def _prune(works: list[tuple[Any, Any, int]]) -> None:
+    """Forget sends already delivered (their buffers can go), so a step holds only those in flight."""
+    if len(works) < 8:
+        return
+    keep = []
+    for entry in works:
+        work = entry[0]
+        if work.is_completed() and work.is_success():
+            continue
+        keep.append(entry)
+    works[:] = keep
 
 
 class SendSlot(Slot):
     """A mailbox slot whose consumer lives in another process: ``put`` sends it."""
 
-    def __init__(self, mailbox: Mailbox, communicator: Communicator, link: StepLink, key: MessageKey):
+    def __init__(self, mailbox: Mailbox, communicator: Communicator, link: StepLink, transfer: Transfer):
         super().__init__(mailbox)
-        self._send = lambda values, structure: communicator.send(link, key, values, structure)
+        self._send = lambda values, structure: communicator.send(link, transfer, values, structure)
 
     def put(self, value: Any) -> None:
         packet, structure = value
         self._send(packet.values, structure)
+
+
+class RecvSlot(Slot):
+    """A mailbox slot filled by another process: ``get`` waits on its posted receive."""
+
+    def __init__(self, mailbox: Mailbox, communicator: Communicator, link: StepLink, inbound: Inbound):
+        super().__init__(mailbox)
+        self._communicator = communicator
+        self._link = link
+        self._inbound = inbound
+
+    @property
+    def ready(self) -> bool:
+        return self._inbound.arrived_now() and not self._mailbox.aborted
+
+    def put(self, value: Any) -> None:  # pragma: no cover - nothing in this process produces it
+        raise RuntimeError("a received message is filled by its peer, not put")
+
+    def get(self) -> Any:
+        values, structure = self._communicator.take(self._link, self._inbound)
+        self.filled_at = self._inbound.arrived
+        return Packet(values, None), structure

@@ -18,14 +18,23 @@ the messages each rank exchanges are derived from it
 (:mod:`pipesched.distributed.comm`).
 
 Per step, two small collectives frame the point-to-point traffic: the rank
-owning stage 0 broadcasts the batch size (so every rank builds the same plan
-and micro-batch split), and at the end every rank shares its status (so an
-error anywhere is raised everywhere, and the loss reaches every rank).
+owning stage 0 broadcasts the batch size and a checksum of the input shapes
+(so every rank builds the same plan and micro-batch split, and both ends of
+a message know its shape), and at the end every rank shares a few numbers
+(whether it succeeded, the loss, its memory peaks: an error anywhere is
+raised everywhere, and the loss reaches every rank).
+
+``pipe.last_report`` on each rank holds that rank's own tasks (on rank 0's
+clock) and every rank's memory figures. ``gather_timeline=True`` gathers
+every rank's tasks into every rank's report, one more collective per step;
+or merge the per-rank JSON-lines logs afterwards
+(``Timeline.from_jsonl([...])``), which costs the step nothing.
 """
 
 from __future__ import annotations
 
 import traceback
+import zlib
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,6 +45,7 @@ from torch import Tensor, nn
 
 from pipesched.distributed.comm import Communicator, PeerLost, RemoteStepError
 from pipesched.distributed.tied import TiedGroups
+from pipesched.distributed.wire import DTYPES
 from pipesched.observe.report import CommRecord, StepReport
 from pipesched.plan.action import Plan
 from pipesched.plan.record import TaskRecord
@@ -46,7 +56,7 @@ from pipesched.runtime.compiling import compile_callback, compile_refused, compi
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import as_tensors, batch_size, gather
 from pipesched.runtime.structure import unflatten
-from pipesched.runtime.options import grad_disabled, missing_loss_fn
+from pipesched.runtime.options import check_flag, grad_disabled, missing_loss_fn
 from pipesched.runtime.orchestrator import StepStalled
 from pipesched.runtime.partition import check_balance, check_shared_parameters, even_balance, split_module
 from pipesched.runtime.partition import resolve_device
@@ -78,6 +88,9 @@ class DistributedPipeline(PipelineModule):
             :class:`~pipesched.Pipeline` (``loss_fn`` and ``loss_normalizer``
             are called on the last stage's rank only, where the targets are;
             ``log_tasks=False`` also silences the ``"comm"`` events).
+        gather_timeline: gather every rank's task records into every
+            rank's ``last_report`` after each step (one more collective
+            per step). Default: each rank's report holds its own tasks.
         device: this rank's device (default ``"cpu"``).
         group: the process group (default: the world). Backend: gloo.
     """
@@ -98,6 +111,7 @@ class DistributedPipeline(PipelineModule):
         deferred_batch_norm: bool = False,
         stall_timeout: float | None = 600.0,
         log_tasks: bool = True,
+        gather_timeline: bool = False,
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -117,6 +131,7 @@ class DistributedPipeline(PipelineModule):
             stall_timeout=stall_timeout, log_tasks=log_tasks,
         )
         self.chunks = options.chunks
+        self.gather_timeline = check_flag("gather_timeline", gather_timeline)
         self._stall_timeout = options.stall_timeout
         self.schedule = options.schedule
         self.loss_fn = loss_fn
@@ -235,19 +250,19 @@ class DistributedPipeline(PipelineModule):
             raise grad_disabled()
         last = self.placement[-1]
         local_error = missing_loss_fn() if self.rank == last and self.loss_fn is None else None
-        split, local_error = self._agree_on_batch(inputs, local_error)
+        split, shapes, local_error = self._agree_on_batch(inputs, local_error)
         count = len(split.sizes)
         plan, lowering = self._runner.plan(count)
         io, local_error = self._step_inputs(split, targets, local_error)
         ctx = self._runner.context(lowering, keep=True, io=io, clock_offset=self.clock_offset)
         effects = self._runner.effects(self.parameters())
-        records, local_error, comm = self._run_plan(plan, ctx, effects, local_error)
+        records, local_error, comm = self._run_plan(plan, ctx, effects, local_error, shapes)
         statuses = self._share_outcome(ctx, records, local_error, effects)
         self._reduce_tied(effects)
         effects.commit()
         self._record(statuses, count, comm)
         value, dtype = statuses[last]["loss"]
-        return torch.tensor(value, dtype=getattr(torch, dtype))
+        return torch.tensor(value, dtype=dtype)
 
     def forward(self, inputs: Tensor | tuple[Tensor, ...] | None = None) -> Any:
         """Forward half only, on every rank; the output comes back on the last stage's rank.
@@ -261,14 +276,14 @@ class DistributedPipeline(PipelineModule):
             raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.runtime.compiling
         if self._broken is not None:
             raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
-        split, local_error = self._agree_on_batch(inputs, None)
+        split, shapes, local_error = self._agree_on_batch(inputs, None)
         count = len(split.sizes)
         plan, lowering = self._runner.plan(count, "F")
         io = StepInputs(split.microbatches if self.rank == self.placement[0] else [])
         with torch.no_grad():
             ctx = self._runner.context(lowering, keep=False, io=io, clock_offset=self.clock_offset)
             effects = self._runner.effects(())
-            records, local_error, comm = self._run_plan(plan, ctx, effects, local_error)
+            records, local_error, comm = self._run_plan(plan, ctx, effects, local_error, shapes)
         statuses = self._share_outcome(ctx, records, local_error, effects, with_loss=False)
         effects.commit()  # deferred batch norms in training mode, as for Pipeline's pipe(x)
         self._record(statuses, count, comm)
@@ -277,27 +292,41 @@ class DistributedPipeline(PipelineModule):
         parts = [ctx.results.outputs[m][0] for m in range(count)]
         return unflatten(gather(parts), ctx.results.outputs[0][1])
 
-    def _agree_on_batch(self, inputs: Any, local_error: BaseException | None) -> tuple[SplitBatch, BaseException | None]:
-        """Every rank learns the batch size from stage 0's rank, which also splits the inputs."""
+    def _agree_on_batch(self, inputs: Any, local_error: BaseException | None
+                        ) -> tuple[SplitBatch, list[Any], BaseException | None]:
+        """Every rank learns the batch size and shape from stage 0's rank, which also splits the inputs.
+
+        One broadcast of three integers (rows, and a checksum of the inputs'
+        dtypes and trailing shapes that keys the message specs); a refusal
+        follows as a second broadcast carrying its text.
+        """
         first = self.placement[0]
-        announced: list[Any] = [None]
+        announced = torch.zeros(3, dtype=torch.int64)  # status (0 ok, 1 refused), rows, shape checksum
         tensors: tuple[Tensor, ...] = ()
+        refusal = ""
         if self.rank == first:
             try:
                 tensors = as_tensors(inputs, "inputs")
-                announced = [batch_size(tensors, "inputs")]
+                announced[1] = batch_size(tensors, "inputs")
+                announced[2] = _shape_checksum(tensors)
             except (TypeError, ValueError) as error:
                 local_error = error
-                announced = [f"{type(error).__name__}: {error}"]
+                announced[0] = 1
+                refusal = f"{type(error).__name__}: {error}"
         try:
-            dist.broadcast_object_list(announced, src=self._global(first), group=self.group)
+            dist.broadcast(announced, src=self._global(first), group=self.group)
+            if announced[0]:
+                message: list[Any] = [refusal]
+                dist.broadcast_object_list(message, src=self._global(first), group=self.group)
         except RuntimeError as error:  # a rank died between steps: the group is broken
             raise self._lose(PeerLost(f"a rank is gone (start-of-step exchange failed: {error})")) from error
-        if isinstance(announced[0], str):
+        if announced[0]:
             if self.rank == first:
                 raise local_error  # type: ignore[misc]
-            raise RemoteStepError(f"rank {first} (stage 0) refused the inputs: {announced[0]}")
-        return self._runner.split_rows(tensors, announced[0], isinstance(inputs, Tensor)), local_error
+            raise RemoteStepError(f"rank {first} (stage 0) refused the inputs: {message[0]}")
+        rows, checksum = int(announced[1]), int(announced[2])
+        split = self._runner.split_rows(tensors, rows, isinstance(inputs, Tensor))
+        return split, [(size, checksum) for size in split.sizes], local_error
 
     def _step_inputs(self, split: SplitBatch, targets: Any, local_error: BaseException | None
                      ) -> tuple[StepInputs, BaseException | None]:
@@ -311,10 +340,10 @@ class DistributedPipeline(PipelineModule):
                 local_error = error
         return io, local_error
 
-    def _run_plan(self, plan: Plan, ctx: StepContext, effects: StepEffects, local_error: BaseException | None
-                  ) -> tuple[list[TaskRecord], BaseException | None, list[CommRecord]]:
-        """Run this rank's actions; a failure anywhere is sent on as error headers."""
-        link = self._comm.begin(self._steps, ctx.mailbox.lowering, ctx.mailbox)
+    def _run_plan(self, plan: Plan, ctx: StepContext, effects: StepEffects, local_error: BaseException | None,
+                  shapes: list[Any]) -> tuple[list[TaskRecord], BaseException | None, list[CommRecord]]:
+        """Run this rank's actions; a failure anywhere is sent on as errors in place of messages."""
+        link = self._comm.begin(self._steps, ctx.mailbox.lowering, ctx.mailbox, shapes)
         records: list[TaskRecord] = []
         try:
             if local_error is not None:
@@ -343,34 +372,53 @@ class DistributedPipeline(PipelineModule):
 
     def _share_outcome(self, ctx: StepContext, records: list[TaskRecord], local_error: BaseException | None,
                        effects: StepEffects, with_loss: bool = True) -> list[Any]:
-        """Every rank's status; raises (after rolling back) if any rank failed."""
+        """Every rank's status; raises (after rolling back) if any rank failed.
+
+        One all-gather of a few numbers per rank (ok, loss, memory) on the
+        way every step takes; error texts only when a rank failed, and every
+        rank's task records only with ``gather_timeline``.
+        """
         memory = ctx.checkpoint.memory[self.rank]
-        status = {
-            "ok": local_error is None,
-            "remote": isinstance(local_error, RemoteStepError),
-            "error": None if local_error is None else _describe(local_error, self.rank),
-            "loss": None,
-            "tasks": [r.as_dict() for r in _shifted(records, self.clock_offset)],
-            "peak_inflight": memory.peak_inflight,
-            "peak_bytes": memory.peak_bytes,
-            "held_bytes": memory.held_bytes,
-        }
+        mine = torch.zeros(len(_STATUS), dtype=torch.float64)
+        mine[_STATUS["ok"]] = local_error is None
+        mine[_STATUS["remote"]] = isinstance(local_error, RemoteStepError)
+        mine[_STATUS["peak_inflight"]] = memory.peak_inflight
+        mine[_STATUS["peak_bytes"]] = memory.peak_bytes
+        mine[_STATUS["held_bytes"]] = memory.held_bytes
         if with_loss and local_error is None and self.rank == self.placement[-1]:
             count = ctx.mailbox.lowering.num_microbatches
             loss = batch_loss([ctx.results.losses[m] for m in range(count)], ctx.io.loss_weights)
-            status["loss"] = (loss.item(), str(loss.dtype).removeprefix("torch."))
-        statuses: list[Any] = [None] * self.num_ranks
+            mine[_STATUS["has_loss"]] = 1
+            mine[_STATUS["loss"]] = loss.item()
+            mine[_STATUS["loss_dtype"]] = DTYPES.index(loss.dtype)
+        gathered = [torch.zeros_like(mine) for _ in range(self.num_ranks)]
         try:
-            dist.all_gather_object(statuses, status, group=self.group)
+            dist.all_gather(gathered, mine, group=self.group)
+            statuses = [_status(row) for row in gathered]
+            if not all(s["ok"] for s in statuses):
+                errors: list[Any] = [None] * self.num_ranks
+                dist.all_gather_object(errors, None if local_error is None else _describe(local_error, self.rank),
+                                       group=self.group)
+                for status, error in zip(statuses, errors):
+                    status["error"] = error
+            elif self.gather_timeline:
+                tasks: list[Any] = [None] * self.num_ranks
+                dist.all_gather_object(tasks, [r.as_dict() for r in _shifted(records, self.clock_offset)],
+                                       group=self.group)
+                for status, own in zip(statuses, tasks):
+                    status["tasks"] = own
         except RuntimeError as error:  # a rank died after its last message
             effects.rollback()
             raise self._lose(PeerLost(f"a rank is gone (end-of-step exchange failed: {error})")) from error
+        if "tasks" not in statuses[self.rank]:
+            statuses[self.rank]["tasks"] = [r.as_dict() for r in _shifted(records, self.clock_offset)]
         if local_error is not None or not all(s["ok"] for s in statuses):
             effects.rollback()
             if local_error is not None and not isinstance(local_error, RemoteStepError):
                 raise local_error
             origin = next((s for s in statuses if not s["ok"] and not s["remote"]), None)
             raise RemoteStepError(origin["error"] if origin else statuses_error(statuses)) from local_error
+
         return statuses
 
     def _reduce_tied(self, effects: StepEffects) -> None:
@@ -390,7 +438,7 @@ class DistributedPipeline(PipelineModule):
 
     def _record(self, statuses: list[Any], count: int, comm: list[CommRecord]) -> None:
         tasks = sorted(
-            (TaskRecord(**t) for s in statuses for t in s["tasks"]), key=lambda r: (r.start, r.rank)
+            (TaskRecord(**t) for s in statuses for t in s.get("tasks", ())), key=lambda r: (r.start, r.rank)
         )
         memory = [RankMemory(s["held_bytes"], s["peak_bytes"], 0, s["peak_inflight"]) for s in statuses]
         self.last_report = self._runner.report(count, tasks, memory)
@@ -486,7 +534,30 @@ def _describe(error: BaseException, rank: int) -> str:
 
 
 def statuses_error(statuses: list[Any]) -> str:
-    return "; ".join(s["error"] for s in statuses if s["error"]) or "a rank failed"
+    return "; ".join(s["error"] for s in statuses if s.get("error")) or "a rank failed"
+
+
+#: What each rank shares at the end of a step: one float64 each (a loss of any float dtype
+#: up to float64 and byte counts below 2**53 cross exactly).
+_STATUS = {name: i for i, name in enumerate(
+    ["ok", "remote", "has_loss", "loss", "loss_dtype", "peak_inflight", "peak_bytes", "held_bytes"])}
+
+
+def _status(row: Tensor) -> dict[str, Any]:
+    values = row.tolist()
+    get = {name: values[i] for name, i in _STATUS.items()}
+    return {
+        "ok": bool(get["ok"]), "remote": bool(get["remote"]), "error": None,
+        "loss": (get["loss"], DTYPES[int(get["loss_dtype"])]) if get["has_loss"] else None,
+        "peak_inflight": int(get["peak_inflight"]), "peak_bytes": int(get["peak_bytes"]),
+        "held_bytes": int(get["held_bytes"]),
+    }
+
+
+def _shape_checksum(tensors: tuple[Tensor, ...]) -> int:
+    """A checksum of the inputs' dtypes and shapes past the batch dimension (keys the message specs)."""
+    text = repr([(str(t.dtype), tuple(t.shape[1:])) for t in tensors]).encode()
+    return zlib.crc32(text)
 
 
 def _shifted(records: list[TaskRecord], offset: float) -> list[TaskRecord]:

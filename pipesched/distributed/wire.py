@@ -1,27 +1,36 @@
-"""What crosses the network between pipeline processes: a fixed-size header, then tensors.
+"""What crosses the network between pipeline processes: a spec once, then one packed buffer.
 
-A receiver cannot allocate a buffer before it knows the shape, and shapes
-change per micro-batch (uneven splits, variable sequence lengths). So every
-message starts with a header of fixed size (:data:`HEADER_SLOTS` int64s) that
-the receiver can always post in advance; it says how many tensors follow and
-their dtypes and shapes, or that the message is an *error*: the producing
-rank failed, and a UTF-8 description follows instead of tensors.
+A receiver cannot allocate a buffer before it knows the shape. Shapes are
+the same step after step for the same micro-batch shape, so they cross
+once (a *spec*), and afterwards each message is a single buffer the
+receiver can post in advance, sized from the spec it keeps:
 
-The header also says how the tensors fit together (a bare Tensor, a tuple, or
-a mapping, see :mod:`pipesched.runtime.structure`). A mapping's keys and type name
-follow the tensors as one more part, UTF-8 JSON whose length the header gives.
+* **spec** (a header of :data:`HEADER_SLOTS` int64s, :func:`encode` /
+  :func:`decode`): how many tensors, their dtypes and shapes, how they fit
+  together (a bare Tensor, a tuple, or a mapping, see
+  :mod:`pipesched.runtime.structure`; a mapping's keys and type name follow
+  as one more part, UTF-8 JSON whose length the header gives), or that the
+  message is an *error*: the producing rank failed, and a UTF-8
+  description follows instead of tensors.
+* **payload** (:func:`pack` / :func:`unpack`): a 16-byte status prefix,
+  then every tensor's bytes, each padded to 16 bytes, in one uint8 buffer:
+  one send and one receive per message, however many tensors it carries.
+  The status says ``OK``; ``ERROR`` (the producer failed; a description of
+  the prefix's length follows); or ``RESPEC`` (the values do not match the
+  spec both sides kept: a new spec and payload follow).
 
 Tags keep messages apart on backends that match by tag (gloo): each message
-of a step has its own, derived from the step number and the (kind, stage,
-micro-batch) of the action that produced it, so a stale message of an
-aborted step can never be taken for one of the next.
+of a step has its own, derived from the step number (64 steps apart, each
+with its own range whatever its plan) and the message's index in the plan's
+lowering, one per part (:data:`PARTS`), so a stale message of an aborted
+step can never be taken for one of the next, and two messages from one
+action (a skip connection beside an activation) never share one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -43,32 +52,24 @@ DTYPES = [
 _CODE = {dtype: code for code, dtype in enumerate(DTYPES)}
 _KINDS = ("tuple", "tensor", "mapping")  # codes on the wire: 0, 1 (as the old 'single' flag), 2
 
-#: How many tags one step may use: per message a header, up to MAX_TENSORS tensors, a description.
-_PARTS = 2 + MAX_TENSORS
+#: The parts of one message, each its own tag.
+HEADER, DESCRIPTION, PAYLOAD, ERROR_TEXT, RESPEC_PAYLOAD = range(5)
+PARTS = 5
 _STEPS_APART = 64
 
 
-def message_tag(step: int, kind: str, stage: int, microbatch: int, num_stages: int,
-                num_microbatches: int, part: int = 0, num_skips: int = 0) -> int:
-    """The tag of ``part`` (0 = header, 1.. = tensors, then a mapping's description).
+#: Messages one step may hold: every step has its own range of tags, whatever its plan.
+_STEP_STRIDE = (2**31 // _STEPS_APART) // PARTS
 
-    Kinds ``"F"`` and ``"B"`` name a stage's output and input gradient;
-    ``"S"`` and ``"T"`` a skip connection's tensors and their gradients, with
-    ``stage`` the skip edge's index (of ``num_skips``).
-    """
-    if kind in ("S", "T"):
-        channel = 2 * num_stages + (0 if kind == "S" else num_skips) + stage
-    else:
-        channel = (0 if kind == "F" else 1) * num_stages + stage
-    index = channel * num_microbatches + microbatch
-    per_step = (2 * num_stages + 2 * num_skips) * num_microbatches
-    tag = ((step % _STEPS_APART) * per_step + index) * _PARTS + part
-    if tag >= 2**31:
+
+def message_tag(step: int, index: int, part: int) -> int:
+    """The tag of ``part`` of message ``index`` (its transfer's position in the step's lowering)."""
+    if index >= _STEP_STRIDE:
         raise ValueError(
-            f"too many messages per step for the tag space ({num_stages} stages x "
-            f"{num_microbatches} micro-batches); use fewer micro-batches or stages"
+            f"too many messages per step for the tag space (message {index}, at most {_STEP_STRIDE}); "
+            f"use fewer micro-batches or stages"
         )
-    return tag
+    return ((step % _STEPS_APART) * _STEP_STRIDE + index) * PARTS + part
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ class Header:
     def description_part(self) -> int:
         """The message part (tag offset) that carries a mapping's description."""
         return len(self.specs) + 1
+
+    def spec(self, description: Tensor | None = None) -> Spec:
+        """The spec this header announces (a mapping's structure from its received ``description``)."""
+        return self.specs, self.structure(description)
 
     def structure(self, description: Tensor | None = None) -> Structure:
         """The structure of the tensors; a mapping's comes from its received ``description``."""
@@ -144,3 +149,86 @@ def decode(header: Tensor) -> Header:
         ndim = values[at + 2]
         specs.append((DTYPES[values[at + 1]], tuple(values[at + 3 : at + 3 + ndim])))
     return Header(OK, _KINDS[values[1]], tuple(specs), description_length=values[3])
+
+
+# ------------------------------------------------------------------ payloads
+
+#: Status codes in a payload's prefix.
+RESPEC = 2
+PREFIX_BYTES = 16
+_ALIGN = 16
+
+Spec = tuple[tuple[tuple[torch.dtype, tuple[int, ...]] | None, ...], Structure]  # tensor specs, structure
+
+
+def spec_of(values: tuple[Tensor | None, ...], structure: Structure) -> Spec:
+    """What a receiver needs to post the payload of ``values``: dtypes and shapes, and their structure."""
+    return tuple(None if v is None else (v.dtype, tuple(v.shape)) for v in values), structure
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def payload_bytes(spec: Spec) -> int:
+    """The size of a payload holding tensors of ``spec``, prefix included."""
+    total = PREFIX_BYTES
+    for entry in spec[0]:
+        if entry is not None:
+            dtype, shape = entry
+            total += _padded(_numel(shape) * _itemsize(dtype))
+    return total
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+def status_payload(spec: Spec, status: int, aux: int = 0) -> Tensor:
+    """A payload of ``spec``'s size carrying only a status (an error, or a re-spec) and ``aux``."""
+    buffer = torch.empty(payload_bytes(spec), dtype=torch.uint8)
+    buffer[:PREFIX_BYTES].view(torch.int64).copy_(torch.tensor([status, aux], dtype=torch.int64))
+    return buffer
+
+
+def pack(values: tuple[Tensor | None, ...], spec: Spec) -> Tensor:
+    """``values`` (contiguous CPU tensors matching ``spec``) as one payload with status ``OK``."""
+    buffer = torch.empty(payload_bytes(spec), dtype=torch.uint8)
+    buffer[:PREFIX_BYTES].view(torch.int64).zero_()
+    at = PREFIX_BYTES
+    for value in values:
+        if value is None:
+            continue
+        nbytes = value.numel() * value.element_size()
+        if nbytes:
+            buffer[at:at + nbytes].copy_(value.reshape(-1).view(torch.uint8))
+        at += _padded(nbytes)
+    return buffer
+
+
+def status_of(buffer: Tensor) -> tuple[int, int]:
+    """A received payload's status and its auxiliary number (an error description's length)."""
+    status, aux = buffer[:PREFIX_BYTES].view(torch.int64).tolist()
+    return status, aux
+
+
+def unpack(buffer: Tensor, spec: Spec) -> tuple[Tensor | None, ...]:
+    """The tensors of a received payload: views of ``buffer`` (nothing is copied)."""
+    values: list[Tensor | None] = []
+    at = PREFIX_BYTES
+    for entry in spec[0]:
+        if entry is None:
+            values.append(None)
+            continue
+        dtype, shape = entry
+        nbytes = _numel(shape) * _itemsize(dtype)
+        values.append(buffer[at:at + nbytes].view(dtype).view(shape))
+        at += _padded(nbytes)
+    return tuple(values)
