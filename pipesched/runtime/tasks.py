@@ -232,7 +232,7 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
             results.outputs[microbatch] = (tuple(o.detach() for o in outputs), out_structure)
         return start, clock.end()
     packets = [(layout.transport.send(outputs, rank, transfer.dst), slot) for transfer, slot in outgoing]
-    _drop_sent_outputs(outputs, lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t))
+    _drop_sent_outputs(outputs, ctx.checkpoint.saved_outputs(stage, microbatch, outputs))
     end = clock.end()
     for packet, slot in packets:
         slot.put((packet, out_structure))
@@ -261,13 +261,13 @@ def _run_backward(roots: list[Tensor], grads: list[Tensor | None]) -> None:
 _PRIVATE_REFERENCES = 3
 
 
-def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bool]) -> None:
+def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: frozenset[int]) -> None:
     """Let the producer forget the data of outputs it has sent; keep their autograd nodes.
 
     The backward of (stage, micro-batch) needs its outputs' ``grad_fn`` (the
     roots of its graph), not their values, unless the graph saved an output
-    itself (a final ReLU or tanh saves its result: ``saved`` says so, from
-    the checkpoint manager's saved-tensor meter); those keep their data.
+    itself (a final ReLU or tanh saves its result: ``saved`` holds the indices
+    of those outputs, from the checkpoint manager's saved-tensor meter); those keep their data.
     The sent copy (on the CPU: the same storage, as the consumer's input) is
     the consumer's to keep, so the storage dies with the consumer's backward
     instead of living until the producer's (Megatron-LM frees pipeline outputs
@@ -277,8 +277,9 @@ def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bo
     caches its last output) keeps its data too: emptying it would change
     what the user sees.
     """
-    for output in outputs:
-        if output.grad_fn is None or output._base is not None or saved(output):
+    for index in range(len(outputs)):  # not enumerate: its reused result tuple would hold a reference
+        output = outputs[index]
+        if output.grad_fn is None or output._base is not None or index in saved:
             continue
         if sys.getrefcount(output) > _PRIVATE_REFERENCES:
             continue  # someone else holds this tensor (a hook, a module attribute): leave it whole
