@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.autograd.profiler as _profiler
 from torch import Tensor, nn
 
 from pipesched.plan.action import Action
@@ -119,21 +120,54 @@ class StepContext:
 def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: list[TaskRecord]) -> None:
     """Run ``actions`` in order on the calling (worker) thread, appending a record per task.
 
-    Records are appended as tasks finish (the watchdog counts them); on a
-    CUDA rank they are rewritten with device times once the rank is done
-    (:class:`~pipesched.runtime.stream.TaskClock`).
+    Records are appended as tasks finish (the watchdog counts them) as plain
+    ``(action, start, end)`` tuples, and turned into :class:`TaskRecord` once
+    the rank stops (also on failure); on a CUDA rank they then get device
+    times (:class:`~pipesched.runtime.stream.TaskClock`).
+
+    Each task runs inside ``torch.profiler.record_function("pipesched F1.3")``
+    while a torch profiler is active (one global flag read per task when none
+    is), and inside an NVTX range of the same name on a CUDA rank, so profiler
+    traces and Nsight timelines show the pipeline's tasks beside their kernels.
     """
     device = ctx.layout.devices[rank]
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     clock = TaskClock(stream)
     first = len(records)
-    for action in actions:
-        if ctx.mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
-            raise StepAborted(ctx.mailbox.abort_reason)
-        task = _TASKS[action.kind]
-        start, end = task(ctx, rank, action, clock)
-        records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))
+    mailbox = ctx.mailbox
+    nvtx = stream is not None
+    try:
+        for action in actions:
+            if mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
+                raise StepAborted(mailbox.abort_reason)
+            task = _TASKS[action.kind]
+            if _profiler._is_profiler_enabled or nvtx:
+                start, end = _labelled(task, ctx, rank, action, clock, nvtx)
+            else:
+                start, end = task(ctx, rank, action, clock)
+            records.append((action, start, end))  # type: ignore[arg-type]
+    finally:
+        records[first:] = [
+            TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end)
+            for action, start, end in records[first:]  # type: ignore[misc]
+        ]
     clock.finish(records, first)
+
+
+def _labelled(task: Callable[[StepContext, int, Action, TaskClock], tuple[float, float]], ctx: StepContext,
+              rank: int, action: Action, clock: TaskClock, nvtx: bool) -> tuple[float, float]:
+    """``task`` inside a profiler range (and an NVTX range on CUDA) named ``pipesched <action>``."""
+    label = f"pipesched {action}"
+    if nvtx:
+        torch.cuda.nvtx.range_push(label)
+    try:
+        if _profiler._is_profiler_enabled:
+            with torch.profiler.record_function(label):
+                return task(ctx, rank, action, clock)
+        return task(ctx, rank, action, clock)
+    finally:
+        if nvtx:
+            torch.cuda.nvtx.range_pop()
 
 
 def _as_boundary(value: object, stage: int) -> Boundary:
@@ -145,6 +179,20 @@ def _unwrap(tensors: tuple[Any, ...], structure: Structure) -> Any:
 
 
 def _leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
+    """A leaf on ``tensor``'s data for this stage's graph.
+
+    A received value is already detached by the sender (:meth:`Transport.send`)
+    and belongs to this consumer alone, so it becomes the leaf itself: one
+    detach per boundary, not two.
+    """
+    leaf = tensor if tensor.grad_fn is None and not tensor.requires_grad and tensor._base is None else tensor.detach()
+    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
+        leaf.requires_grad_(True)
+    return leaf
+
+
+def _caller_leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
+    """A leaf on a caller's micro-batch: always a new tensor (the caller's own must stay as it is)."""
     leaf = tensor.detach()
     if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
         leaf.requires_grad_(True)
@@ -160,15 +208,17 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: St
     """
     module = ctx.layout.stages[stage]
     computes_loss = stage == ctx.num_stages - 1 and ctx.io.computes_loss
-    call_scope = ctx.caller.call_scope
+    caller = ctx.caller
     io = ctx.io
 
     def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None]:
-        with call_scope(), frozen_running_stats(module if is_recomputing() else None):
-            out = _as_boundary(module(_unwrap(inputs, structure)), stage)
-            if not computes_loss:
-                return out, None
-            loss = io.loss_fn(_unwrap(*out), _to_device(io.targets[microbatch], out[0][0].device))  # type: ignore[misc]
+        if caller.autocast or is_recomputing():  # enter only scopes that do something (each costs µs)
+            with caller.call_scope(), frozen_running_stats(module if is_recomputing() else None):
+                out, loss = _stage_forward(module, stage, microbatch, structure, computes_loss, io, inputs)
+        else:
+            out, loss = _stage_forward(module, stage, microbatch, structure, computes_loss, io, inputs)
+        if not computes_loss:
+            return out, None
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar tensor, got "
@@ -178,6 +228,15 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: St
         return out, weighted_loss(loss, io.loss_weights[microbatch])
 
     return run
+
+
+def _stage_forward(module: nn.Module, stage: int, microbatch: int, structure: Structure, computes_loss: bool,
+                   io: StepInputs, inputs: tuple[Tensor, ...]) -> tuple[Boundary, Any]:
+    """The stage's output as a boundary, and on the last stage of a step the (unweighted) loss."""
+    out = _as_boundary(module(_unwrap(inputs, structure)), stage)
+    if not computes_loss:
+        return out, None
+    return out, io.loss_fn(_unwrap(*out), _to_device(io.targets[microbatch], out[0][0].device))  # type: ignore[misc]
 
 
 def training_flags(stages: Sequence[nn.Module | None]) -> list[bool]:
@@ -214,7 +273,7 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
         tensors, structure = ctx.io.microbatches[microbatch]
         start = clock.start()
         tensors = tuple(t.to(device, non_blocking=True) for t in tensors)
-        leaves = tuple(_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
+        leaves = tuple(_caller_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
     else:
         ((_, slot),) = incoming
         packet, structure = slot.get()
@@ -248,8 +307,7 @@ def _run_backward(roots: list[Tensor], grads: list[Tensor | None]) -> None:
     directly (as Megatron-LM's ``custom_backward`` does).
     """
     if any(g is None for g in grads):  # only the loss: a scalar root seeded with 1
-        torch.autograd.backward(roots, grads)
-        return
+        grads = [torch.ones_like(r) if g is None else g for r, g in zip(roots, grads)]  # not autograd's checks in Python
     torch.autograd.Variable._execution_engine.run_backward(  # type: ignore[attr-defined]
         tuple(roots), tuple(grads), False, False, (), True, True
     )
