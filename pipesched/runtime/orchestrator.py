@@ -8,7 +8,7 @@ Per step the loop hands each rank's whole action list to that rank's worker
 in one go (dispatch ahead) and then only waits: data passes rank to rank
 through the mailbox without waking the loop, which keeps the loop off the
 critical path (a worker → loop → worker hand-off costs a thread wake-up per
-task). Each worker signals the loop once, when its list is done or failed.
+task). The last worker to finish (or fail) signals the loop, once per step.
 
 Failure: the failing worker aborts the step's mailbox itself (no round trip),
 so every other rank stops at its next action boundary; the loop waits for all
@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -80,6 +80,33 @@ class _RankOutcome:
                 self._on_return.append(callback)
                 return
         callback()
+
+
+class _Countdown:
+    """Wakes the loop once, when the last rank of a step has returned, instead of once per rank.
+
+    Each wake-up of the loop thread takes the GIL from the ranks still
+    computing; only the last one matters (the loop waits for all ranks).
+    It then sets every rank's ``done`` in one callback.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, outcomes: Iterable[_RankOutcome]):
+        self._loop = loop
+        self._outcomes = list(outcomes)
+        self._left = len(self._outcomes)
+        self._lock = threading.Lock()
+
+    def count_down(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            with contextlib.suppress(RuntimeError):  # loop already stopped by close()
+                self._loop.call_soon_threadsafe(self._all_done)
+
+    def _all_done(self) -> None:
+        for outcome in self._outcomes:
+            outcome.done.set()
 
 
 class Orchestrator:
@@ -188,16 +215,17 @@ class Orchestrator:
 
     async def _run(self, plan: Sequence[Sequence[Action]], ctx: StepContext, fence: StreamFence) -> list[TaskRecord]:
         outcomes = {rank: _RankOutcome() for rank in self.ranks}
+        finish = _Countdown(self._loop, outcomes.values())
         for index, worker in enumerate(self.workers):
             try:
-                worker.submit(self._job(ctx, worker, plan[worker.rank], outcomes[worker.rank], fence))
+                worker.submit(self._job(ctx, worker, plan[worker.rank], outcomes[worker.rank], fence, finish))
             except BaseException as error:  # noqa: BLE001 - raised below, once the running ranks stopped
                 ctx.mailbox.abort()  # the ranks already running would wait for this one forever
                 for rank in self.ranks[index:]:
                     outcomes[rank].error = error if rank == worker.rank else StepAborted()
                     outcomes[rank].failed_time = time.perf_counter()
-                    outcomes[rank].done.set()
                     outcomes[rank].leave()
+                    finish.count_down()
                 break
         stalled: list[StepStalled] = []
         async with anyio.create_task_group() as group:
@@ -290,8 +318,7 @@ class Orchestrator:
         self._stuck.append((task, outcome.returned))
 
     def _job(self, ctx: StepContext, worker: Worker, actions: Sequence[Action], outcome: _RankOutcome,  # type: ignore[no-untyped-def]
-             fence: StreamFence):
-        loop = self._loop
+             fence: StreamFence, finish: _Countdown):
         rank = worker.rank
 
         def job() -> None:
@@ -310,8 +337,7 @@ class Orchestrator:
             finally:
                 fence.rank_ends(worker.stream)
                 outcome.leave()
-                with contextlib.suppress(RuntimeError):  # loop already stopped by close()
-                    loop.call_soon_threadsafe(outcome.done.set)
+                finish.count_down()
 
         return job
 
@@ -332,7 +358,7 @@ def _diagnose(
 ) -> StepStalled:
     """Say, per unfinished rank, what its current action waits for, or that it is running."""
     at = {rank: plan[rank][len(o.records)] for rank, o in outcomes.items()
-          if not o.done.is_set() and len(o.records) < len(plan[rank])}
+          if not o.returned.is_set() and len(o.records) < len(plan[rank])}
     waiting, parts = [], []
     for rank, action in sorted(at.items()):
         blockers = tuple(
