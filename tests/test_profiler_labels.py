@@ -54,3 +54,4 @@ def test_no_labels_without_a_profiler_and_the_step_still_runs():
         assert not torch.autograd.profiler._is_profiler_enabled
         loss = pipe.step(torch.randn(8, 8, dtype=torch.float64), torch.zeros(8, 4, dtype=torch.float64))
     assert torch.isfinite(loss)
+
