@@ -32,6 +32,7 @@ forwards for interleaved, which runs twice as many tasks.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -162,6 +163,47 @@ def _engine_floor(cfg: RunConfig) -> list[dict[str, Any]]:
     return out
 
 
+def _switch_intervals(cfg: RunConfig) -> dict[str, Any]:
+    """The target configurations (1F1B) at the default GIL switch interval and at each of ``cfg.switch_intervals``.
+
+    A worker whose input arrives (or whose sleep ends) needs the GIL back; if
+    another rank holds it running Python, CPython hands it over only when
+    that rank blocks or after ``sys.getswitchinterval()`` (5 ms by default).
+    Alternating rounds in one process, the interval set before each round's
+    steps and restored at the end: per-round ratio of step times to the default's.
+    """
+    default = sys.getswitchinterval()
+    intervals = [default, *[s for s in cfg.switch_intervals if s != default]]
+    rounds = cfg.n_rounds(tiny=1, quick=5, full=7)
+    out = []
+    try:
+        for task_ms, p, m, _ in TARGETS:
+            model = sleep_model(p, task_ms / 1e3, 2 * task_ms / 1e3)
+            x, y = torch.zeros(m, 1), torch.zeros(m, 1)
+            with Pipeline(model, schedule="1f1b", balance=[1] * p, devices=["cpu"] * p, chunks=m,
+                          checkpoint="never", loss_fn=nn.MSELoss()) as pipe:
+                pipe.step(x, y)
+                times: dict[float, list[float]] = {s: [] for s in intervals}
+                for index in range(rounds):
+                    order = intervals[index % len(intervals):] + intervals[:index % len(intervals)]
+                    for interval in order:
+                        sys.setswitchinterval(interval)
+                        start = time.perf_counter()
+                        for _ in range(2):
+                            pipe.step(x, y)
+                        times[interval].append((time.perf_counter() - start) / 2)
+                        sys.setswitchinterval(default)
+            for interval in intervals:
+                out.append({
+                    "task_ms": task_ms, "ranks": p, "microbatches": m, "switch_interval_s": interval,
+                    "step_ms": summary([t * 1e3 for t in times[interval]]),
+                    "vs_default": summary([t / d for t, d in zip(times[interval], times[default])]),
+                })
+    finally:
+        sys.setswitchinterval(default)
+    return {"default_s": default, "rounds": rounds, "rows": out}
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     grid = _grid(cfg)
     pairs = set()
@@ -230,9 +272,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
           fmt(f["us_per_task"], 0)] for f in floor],
         title="engine floor: the same pipelines with empty tasks (no sleep), step time per task",
     )
+    switch = _switch_intervals(cfg) if cfg.switch_intervals else None
+    if switch is not None:
+        notes += "\n\n" + format_table(
+            ["task ms", "p", "m", "switch interval ms", "step ms", "step / default's"],
+            [[f"{r['task_ms']:g}", r["ranks"], r["microbatches"], f"{r['switch_interval_s'] * 1e3:g}",
+              fmt(r["step_ms"], 1), fmt(r["vs_default"])] for r in switch["rows"]],
+            title=f"GIL switch interval (1F1B, sys.setswitchinterval per round, {switch['rounds']} alternating rounds; "
+                  f"the library leaves it at the process's {switch['default_s'] * 1e3:g} ms)",
+        )
     return {
         "title": TITLE,
         "table": table + "\n" + notes,
+        "switch_interval": switch,
         "targets": targets,
         "calibration": {str(k): v for k, v in calibration.items()},
         "stage_calibration": {f"{f}/{b}": v for (f, b), v in stage_calibration.items()},

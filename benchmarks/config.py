@@ -29,6 +29,8 @@ class RunConfig:
     verbose: bool = True
     #: ``--profile DIR``: run each benchmark under torch.profiler, trace to DIR/<name>.trace.json.
     profile_dir: Path | None = None
+    #: GIL switch intervals (seconds) that benchmark 1 compares side by side with the default (--switch-interval)
+    switch_intervals: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
@@ -36,6 +38,8 @@ class RunConfig:
         self.out_dir = Path(self.out_dir)
         if self.rounds is not None and self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if any(not s > 0 for s in self.switch_intervals):
+            raise ValueError(f"switch intervals must be > 0 seconds, got {self.switch_intervals}")
 
     def pick(self, *, tiny: T, quick: T, full: T) -> T:
         return {"tiny": tiny, "quick": quick, "full": full}[self.level]

@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run each benchmark under torch.profiler (every thread) and write "
                              "DIR/<name>.trace.json (open it at ui.perfetto.dev); figures then include "
                              "the profiler's overhead")
+    parser.add_argument(
+        "--switch-interval", default="", metavar="S[,S...]",
+        help="orchestration: also run its target configurations with sys.setswitchinterval(S) for each S "
+             "(seconds), side by side with the default, and show the effect (the library never changes it)",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name in BENCHMARKS:
@@ -104,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     level = "tiny" if args.tiny else "quick" if args.quick else "full"
-    cfg = RunConfig(level=level, out_dir=args.out, rounds=args.rounds, profile_dir=args.profile)
+    try:
+        intervals = tuple(float(v) for v in args.switch_interval.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"--switch-interval takes seconds, comma-separated (e.g. 0.0005,0.001), got {args.switch_interval!r}")
+    cfg = RunConfig(level=level, out_dir=args.out, rounds=args.rounds, profile_dir=args.profile,
+                    switch_intervals=intervals)
     info = machine()
     print(
         f"pipesched benchmarks ({level}) on {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "

@@ -102,6 +102,12 @@ class Pipeline(PipelineModule):
             is configured (the timeline reads them). ``False`` keeps them out
             of your application's log; :attr:`last_report` is unaffected.
             A failure to log is a warning, never a failed step.
+        activation_meter: how :attr:`last_report`'s activation bytes are
+            measured. ``"once"`` (default): each forward signature (stage,
+            checkpointing, training mode, autocast, input shapes) is measured
+            the first time it runs and its bytes reused afterwards, so later
+            forwards run without the meter's per-tensor hooks. ``"every"``:
+            every forward is measured (costs a Python call per saved tensor).
     """
 
     def __init__(
@@ -118,6 +124,7 @@ class Pipeline(PipelineModule):
         deferred_batch_norm: bool = False,
         stall_timeout: float | None = 600.0,
         log_tasks: bool = True,
+        activation_meter: str = "once",
     ):
         super().__init__()
         if not isinstance(module, nn.Sequential):
@@ -131,7 +138,7 @@ class Pipeline(PipelineModule):
         options = StepOptions.check(
             schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
             loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
-            stall_timeout=stall_timeout, log_tasks=log_tasks,
+            stall_timeout=stall_timeout, log_tasks=log_tasks, activation_meter=activation_meter,
         )
         schedule = options.schedule
         self.module = module

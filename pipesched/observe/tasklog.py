@@ -8,6 +8,7 @@ can read it; :class:`pipesched.Timeline` turns it back into an analysis.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterable
@@ -61,13 +62,21 @@ class EventLog:
         self._warned: set[str] = set()
 
     def emit(self, event: str, fields: Iterable[dict[str, Any]]) -> None:
-        """One ``event`` per dict of ``fields``, if structlog is configured (nothing is printed otherwise)."""
+        """One ``event`` per dict of ``fields``, if structlog is configured (nothing is printed otherwise).
+
+        ``fields`` is consumed only when the event would be written: with
+        structlog unconfigured, or configured to filter out info events, a
+        step builds none of its task events.
+        """
         import structlog
 
         if not structlog.is_configured():
             return
-        logger = structlog.get_logger("pipesched")
         try:
+            logger = structlog.get_logger("pipesched").bind()
+            enabled = getattr(logger, "is_enabled_for", None)  # a filtering logger set above info: nobody listens
+            if enabled is not None and not enabled(logging.INFO):
+                return  # nothing built or rendered for events that would be dropped
             for values in fields:
                 logger.info(event, **values)
         except Exception as error:  # noqa: BLE001 - logging must never fail the step

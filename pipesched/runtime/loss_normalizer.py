@@ -153,7 +153,9 @@ def weighted_loss(loss: Tensor, weight: float) -> Tensor:
     """
     if weight == 0:
         return loss.detach().new_zeros(())
-    return loss.reshape(()) * weight
+    if loss.dim():
+        loss = loss.reshape(())
+    return loss if weight == 1 else loss * weight  # no extra autograd node for a weight of 1
 
 
 def batch_loss(losses: Sequence[Tensor], weights: Sequence[float]) -> Tensor:

@@ -1,20 +1,24 @@
-"""One anyio event loop that runs steps: dispatch, collect, record, cancel on the first error.
+"""Runs steps on one worker thread per rank; an anyio event loop in its own thread keeps the watchdog.
 
-The loop lives in its own daemon thread, so ``step()`` works from plain
-training code and from code whose thread already runs an event loop (Jupyter,
-async trainers): the caller only blocks on a future.
-
-Per step the loop hands each rank's whole action list to that rank's worker
+Per step the caller hands each rank's whole action list to that rank's worker
 in one go (dispatch ahead) and then only waits: data passes rank to rank
-through the mailbox without waking the loop, which keeps the loop off the
-critical path (a worker → loop → worker hand-off costs a thread wake-up per
-task). Each worker signals the loop once, when its list is done or failed.
+through the mailbox without any other thread, and the last rank to finish (or
+fail) wakes the caller directly. A step costs two thread hand-offs
+(caller → workers → caller), not four through the loop: the loop's round trip
+measured 273 µs per empty step against 20 µs for the direct one, 1.6 % of a
+16 ms one-rank step.
+
+The event loop lives in its own daemon thread for the pipeline's life and
+runs the watchdog: it looks at the current step a few times per
+``stall_timeout`` (a counter read, nothing per task) and aborts a step that
+made no progress. ``step()`` never runs anything on the caller's own event
+loop, so it works from plain training code and from code whose thread already
+runs one (Jupyter, async trainers).
 
 Failure: the failing worker aborts the step's mailbox itself (no round trip),
-so every other rank stops at its next action boundary; the loop waits for all
-of them inside one task group — nothing is left running — and the caller gets
-the original exception, type and traceback intact, with a note naming the
-action, stage and micro-batch.
+so every other rank stops at its next action boundary; the caller waits for
+all of them — nothing is left running — and gets the original exception, type
+and traceback intact, with a note naming the action, stage and micro-batch.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any
 
 import anyio
 import torch
@@ -60,7 +64,6 @@ class _RankOutcome:
         self.records: list[TaskRecord] = []
         self.error: BaseException | None = None
         self.failed_time = 0.0
-        self.done = anyio.Event()
         self.returned = threading.Event()  # the worker left the job (set from its thread)
         self._lock = threading.Lock()
         self._on_return: list[Callable[[], None]] = []
@@ -80,6 +83,48 @@ class _RankOutcome:
                 self._on_return.append(callback)
                 return
         callback()
+
+
+class _Step:
+    """One running step: its ranks' outcomes, and the event the last of them sets for the caller.
+
+    Only the last rank to return wakes the caller (one wake-up per step, not
+    one per rank: each takes the GIL from the ranks still computing). The
+    watchdog sets ``finished`` too when it gives up on a stalled step.
+    """
+
+    def __init__(self, ranks: Sequence[int], plan: Sequence[Sequence[Action]], ctx: StepContext):
+        self.outcomes = {rank: _RankOutcome() for rank in ranks}
+        self.plan = plan
+        self.ctx = ctx
+        self.finished = threading.Event()
+        self.stalled: StepStalled | None = None
+        self._left = len(self.outcomes)
+        self._lock = threading.Lock()
+
+    def count_down(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.finished.set()
+
+    def progress(self) -> int:
+        """Tasks finished so far (the watchdog compares it across its looks)."""
+        return sum(len(o.records) for o in self.outcomes.values())
+
+    def result(self) -> list[TaskRecord]:
+        """Once finished: the records by start time, or the error that stopped the step."""
+        if self.stalled is not None:
+            raise self.stalled
+        failed = [o for o in self.outcomes.values() if o.error is not None]
+        errors = [o for o in failed if not isinstance(o.error, StepAborted)]
+        if errors:
+            first = min(errors, key=lambda o: o.failed_time)
+            raise first.error  # type: ignore[misc]
+        if failed:  # aborted from outside this process (a remote rank failed)
+            raise self.ctx.mailbox.abort_reason or failed[0].error  # type: ignore[misc]
+        return sorted((r for o in self.outcomes.values() for r in o.records), key=lambda r: (r.start, r.rank))
 
 
 class Orchestrator:
@@ -105,6 +150,7 @@ class Orchestrator:
         self._loop_thread.start()
         self._loop, self._stop = self._ready.result()
         self._closed = False
+        self._current: _Step | None = None  # the step the watchdog looks at
         self.steps = 0
         self.events = EventLog()  # this pipeline's structlog events; failures to log only warn
 
@@ -115,17 +161,18 @@ class Orchestrator:
     def _serve(self) -> None:
         """The loop thread: an anyio event loop (asyncio backend) that lives until close().
 
-        Other threads reach it without blocking: the caller schedules a step
-        with ``run_coroutine_threadsafe`` and workers signal completion with
-        ``call_soon_threadsafe``. (anyio's ``BlockingPortal`` waits for the
-        loop to pick each call up, about 0.2 ms a hand-off, measured: too
-        much for a signal the loop does not need to answer.)
+        It runs the watchdog (when there is a ``stall_timeout``); steps do not
+        go through it (see the module docstring).
         """
 
         async def main() -> None:
             stop = anyio.Event()
             self._ready.set_result((asyncio.get_running_loop(), stop))
-            await stop.wait()
+            async with anyio.create_task_group() as group:
+                if self.stall_timeout is not None:
+                    group.start_soon(self._watchdog)
+                await stop.wait()
+                group.cancel_scope.cancel()
 
         anyio.run(main, backend="asyncio")
 
@@ -147,79 +194,54 @@ class Orchestrator:
                 )
         self._stuck = []
         fence = StreamFence(self.devices)
-        future: Future[list[TaskRecord]] = Future()
+        step = _Step(self.ranks, plan, ctx)
         try:
             fence.enter()
-            self._loop.call_soon_threadsafe(self._start, self._run(plan, ctx, fence), future)
-            records = future.result()
+            self._dispatch(step, fence)
+            self._current = step
+            step.finished.wait()
         except BaseException:
             # An interruption (KeyboardInterrupt) may land anywhere here, even while
-            # the step is being handed to the loop: a step the loop never started is
-            # cancelled; one it started is aborted and waited for, so no worker still
-            # writes into .grad when the caller rolls back.
-            if not future.cancel() and not future.done():
-                ctx.mailbox.abort()
-                with contextlib.suppress(BaseException):
-                    future.result()
+            # the jobs are being handed out: the step is aborted and every rank that
+            # got its job is waited for, so no worker still writes into .grad when
+            # the caller rolls back.
+            ctx.mailbox.abort()
+            self._current = step
+            with contextlib.suppress(BaseException):
+                step.finished.wait()
             raise
         finally:
             fence.exit()
+            self._current = None
+        records = step.result()
         self._log(ctx, records)
         self.steps += 1
         return records
 
-    @staticmethod
-    def _start(step: Coroutine[Any, Any, list[TaskRecord]], future: Future[list[TaskRecord]]) -> None:
-        """On the loop thread: run ``step`` into ``future``, unless the caller cancelled it first."""
-        if not future.set_running_or_notify_cancel():
-            step.close()
-            return
-        task = asyncio.ensure_future(step)
+    def _dispatch(self, step: _Step, fence: StreamFence) -> None:
+        """Hand every rank its action list, from the caller's thread.
 
-        def deliver(done: asyncio.Task[list[TaskRecord]]) -> None:
-            if done.cancelled():
-                future.set_exception(RuntimeError("the pipeline's event loop cancelled the step"))
-            elif done.exception() is not None:
-                future.set_exception(done.exception())  # type: ignore[arg-type]
-            else:
-                future.set_result(done.result())
-
-        task.add_done_callback(deliver)
-
-    async def _run(self, plan: Sequence[Sequence[Action]], ctx: StepContext, fence: StreamFence) -> list[TaskRecord]:
-        outcomes = {rank: _RankOutcome() for rank in self.ranks}
-        for index, worker in enumerate(self.workers):
-            try:
-                worker.submit(self._job(ctx, worker, plan[worker.rank], outcomes[worker.rank], fence))
-            except BaseException as error:  # noqa: BLE001 - raised below, once the running ranks stopped
-                ctx.mailbox.abort()  # the ranks already running would wait for this one forever
-                for rank in self.ranks[index:]:
-                    outcomes[rank].error = error if rank == worker.rank else StepAborted()
-                    outcomes[rank].failed_time = time.perf_counter()
-                    outcomes[rank].done.set()
-                    outcomes[rank].leave()
-                break
-        stalled: list[StepStalled] = []
-        async with anyio.create_task_group() as group:
-
-            async def wait_for_ranks() -> None:
-                for outcome in outcomes.values():
-                    await outcome.done.wait()
-                group.cancel_scope.cancel()  # stops the watchdog
-
-            group.start_soon(wait_for_ranks)
-            if self.stall_timeout is not None:
-                group.start_soon(self._watchdog, plan, ctx, outcomes, stalled, group.cancel_scope)
-        if stalled:
-            raise stalled[0]
-        failed = [o for o in outcomes.values() if o.error is not None]
-        errors = [o for o in failed if not isinstance(o.error, StepAborted)]
-        if errors:
-            first = min(errors, key=lambda o: o.failed_time)
-            raise first.error  # type: ignore[misc]
-        if failed:  # aborted from outside this process (a remote rank failed)
-            raise ctx.mailbox.abort_reason or failed[0].error  # type: ignore[misc]
-        return sorted((r for o in outcomes.values() for r in o.records), key=lambda r: (r.start, r.rank))
+        A rank whose job cannot be handed out (its worker is closed) fails the
+        step: the ranks already running are aborted, and the rest count as
+        returned, so the caller's wait ends once the running ones stop.
+        """
+        ctx = step.ctx
+        handed = 0
+        try:
+            for worker in self.workers:
+                rank = worker.rank
+                worker.submit(self._job(ctx, worker, step.plan[rank], step.outcomes[rank], fence, step))
+                handed += 1
+        except BaseException as error:  # noqa: BLE001 - reported by step.result(), once the running ranks stopped
+            ctx.mailbox.abort()  # the ranks already running would wait for the others forever
+            for index, worker in enumerate(self.workers[handed:]):
+                outcome = step.outcomes[worker.rank]
+                outcome.error = error if index == 0 else StepAborted()
+                outcome.failed_time = time.perf_counter()
+                outcome.leave()
+                step.count_down()
+            if not isinstance(error, Exception):
+                raise  # an interruption: run() waits for the running ranks, then re-raises
 
     def _log(self, ctx: StepContext, records: list[TaskRecord]) -> None:
         """One ``"task"`` event per record, from the caller's thread (its structlog context applies)."""
@@ -232,46 +254,47 @@ class Orchestrator:
             for record in records
         ))
 
-    async def _watchdog(
-        self,
-        plan: Sequence[Sequence[Action]],
-        ctx: StepContext,
-        outcomes: dict[int, _RankOutcome],
-        stalled: list[StepStalled],
-        scope: anyio.CancelScope,
-    ) -> None:
-        """Abort the step once no task has finished for ``stall_timeout`` seconds.
+    async def _watchdog(self) -> None:
+        """Abort the current step once no task of it has finished for ``stall_timeout`` seconds.
 
-        Checking a counter a few times per timeout costs nothing per task. On a
-        stall the mailbox is aborted, which frees every rank that waits for an
-        input; a rank stuck inside a task (user code that never returns) cannot
-        be interrupted, so after a grace period the pipeline is marked unusable
-        rather than hanging the caller.
+        Looking at a counter a few times per timeout costs nothing per task or
+        per step. On a stall the mailbox is aborted, which frees every rank
+        that waits for an input; a rank stuck inside a task (user code that
+        never returns) cannot be interrupted, so after a grace period the
+        pipeline is marked unusable rather than hanging the caller.
         """
         timeout = float(self.stall_timeout)  # type: ignore[arg-type]
         interval = min(1.0, timeout / 4)
-        done, since = -1, time.perf_counter()
+        watched: weakref.ref[_Step] | None = None  # weak: a finished step's tensors must not wait for the next look
+        done, since = -1, 0.0
         while True:
             await anyio.sleep(interval)
-            now = time.perf_counter()
-            finished = sum(len(o.records) for o in outcomes.values())
-            if finished != done:
-                done, since = finished, now
+            step, now = self._current, time.perf_counter()
+            if step is None or step.finished.is_set():
+                watched = None
                 continue
-            if now - since >= timeout:
-                break
-        error = _diagnose(plan, ctx, outcomes, now - since)
-        ctx.mailbox.abort()
+            finished = step.progress()
+            if watched is None or watched() is not step or finished != done:
+                watched, done, since = weakref.ref(step), finished, now
+            elif now - since >= timeout:
+                await self._give_up(step, now - since, timeout)
+                watched = None
+            del step
+
+    async def _give_up(self, step: _Step, quiet: float, timeout: float) -> None:
+        """Abort a stalled step, wait a grace period for its ranks, fence the stuck ones, wake the caller."""
+        step.stalled = _diagnose(step.plan, step.ctx, step.outcomes, quiet)
+        step.ctx.mailbox.abort()
         with anyio.move_on_after(min(timeout, 10.0)):
-            for outcome in outcomes.values():
-                await outcome.done.wait()
-        for rank, outcome in outcomes.items():
+            while not all(o.returned.is_set() for o in step.outcomes.values()):
+                await anyio.sleep(0.01)
+        for rank, outcome in step.outcomes.items():
             if not outcome.returned.is_set():
                 at = len(outcome.records)
+                plan = step.plan
                 task = f"rank {rank}'s {plan[rank][at]}" if at < len(plan[rank]) else f"rank {rank}'s job"
-                self._fence_stuck(ctx, rank, task, outcome)
-        stalled.append(error)
-        scope.cancel()
+                self._fence_stuck(step.ctx, rank, task, outcome)
+        step.finished.set()
 
     def _fence_stuck(self, ctx: StepContext, rank: int, task: str, outcome: _RankOutcome) -> None:
         """``task`` is stuck in user code: refuse steps, and discard its ``.grad`` writes, until it returns.
@@ -290,8 +313,7 @@ class Orchestrator:
         self._stuck.append((task, outcome.returned))
 
     def _job(self, ctx: StepContext, worker: Worker, actions: Sequence[Action], outcome: _RankOutcome,  # type: ignore[no-untyped-def]
-             fence: StreamFence):
-        loop = self._loop
+             fence: StreamFence, step: _Step):
         rank = worker.rank
 
         def job() -> None:
@@ -310,8 +332,7 @@ class Orchestrator:
             finally:
                 fence.rank_ends(worker.stream)
                 outcome.leave()
-                with contextlib.suppress(RuntimeError):  # loop already stopped by close()
-                    loop.call_soon_threadsafe(outcome.done.set)
+                step.count_down()
 
         return job
 
@@ -332,7 +353,7 @@ def _diagnose(
 ) -> StepStalled:
     """Say, per unfinished rank, what its current action waits for, or that it is running."""
     at = {rank: plan[rank][len(o.records)] for rank, o in outcomes.items()
-          if not o.done.is_set() and len(o.records) < len(plan[rank])}
+          if not o.returned.is_set() and len(o.records) < len(plan[rank])}
     waiting, parts = [], []
     for rank, action in sorted(at.items()):
         blockers = tuple(

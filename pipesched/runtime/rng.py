@@ -259,19 +259,19 @@ class StepRandom:
         self.devices = devices
         self.training = training
 
-    def run(self, stage: int, microbatch: int, fn: Callable[[], T]) -> T:
-        """Run ``fn`` (a forward of ``stage`` on ``microbatch``) on that pair's random stream."""
+    def run(self, stage: int, microbatch: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (a forward of ``stage`` on ``microbatch``) on that pair's random stream."""
         if self.seed is None or self.quiet[stage]:
-            return fn()
+            return fn(*args)
         device, training = self.devices[stage], self.training[stage]
         seed = forward_seed(self.seed, stage, microbatch)
         if self.streams.known_to_draw(stage, training):
             with _Seeding(device, seed):
-                return fn()
+                return fn(*args)
         tripwire = _Tripwire(device, seed)
         try:
             with tripwire:
-                return fn()
+                return fn(*args)
         finally:
             tripwire.release()
             if tripwire.fired:

@@ -34,8 +34,16 @@ from pipesched.plan.record import TaskRecord
 from pipesched.plan.schedule import PlanCache, Schedule
 from pipesched.runtime.batchnorm import DeferredBatchNorm
 from pipesched.runtime.caller_state import CallerState
+from pipesched.runtime.checkpoint import (
+    CheckpointManager,
+    CheckpointPolicy,
+    LazyPointers,
+    MeterCache,
+    RankMemory,
+    check_meter_mode,
+    make_policy,
+)
 from pipesched.runtime.cpu_threads import warn_if_oversubscribed
-from pipesched.runtime.checkpoint import CheckpointManager, CheckpointPolicy, RankMemory, make_policy, parameter_pointers
 from pipesched.runtime.loss_normalizer import LossNormalizer, check_loss_normalizer, loss_weights
 from pipesched.runtime.mailbox import Mailbox
 from pipesched.runtime.microbatch import as_tensors, batch_size, scatter, split_sizes
@@ -45,7 +53,7 @@ from pipesched.runtime.rng import RandomStreams
 from pipesched.runtime.skip.layout import SkipLayout
 from pipesched.runtime.skip.portal import StepSkips
 from pipesched.runtime.step_effects import StepEffects
-from pipesched.runtime.tied import TiedWeights, with_replica_pointers
+from pipesched.runtime.tied import TiedWeights
 from pipesched.runtime.structure import TENSOR, TUPLE
 from pipesched.runtime.tasks import (
     Boundary,
@@ -70,11 +78,12 @@ class StepOptions:
     deferred_batch_norm: bool
     stall_timeout: float | None
     log_tasks: bool
+    activation_meter: str = "once"
 
     @classmethod
     def check(
         cls, *, schedule: Any, chunks: Any, checkpoint: Any, loss_fn: Any, loss_normalizer: Any,
-        deferred_batch_norm: Any, stall_timeout: Any, log_tasks: Any,
+        deferred_batch_norm: Any, stall_timeout: Any, log_tasks: Any, activation_meter: Any = "once",
     ) -> StepOptions:
         check_loss_fn(loss_fn)
         make_policy(checkpoint)  # refuses an unknown policy now
@@ -87,6 +96,7 @@ class StepOptions:
             deferred_batch_norm=check_flag("deferred_batch_norm", deferred_batch_norm),
             stall_timeout=check_stall_timeout(stall_timeout),
             log_tasks=check_flag("log_tasks", log_tasks),
+            activation_meter=check_meter_mode(activation_meter),
         )
 
 
@@ -128,6 +138,7 @@ class StepRunner:
         self.ranks = list(range(self.num_ranks)) if ranks is None else list(ranks)
         self.log_tasks = options.log_tasks
         self._policy = make_policy(options.checkpoint)
+        self._meter = MeterCache() if options.activation_meter == "once" else None
         self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement, split_backward=True,
                                 skips=self.skips.edges)
         self._parts: dict[tuple[int, str], tuple[Plan, Lowering]] = {}
@@ -205,8 +216,9 @@ class StepRunner:
         replicas = self.ties.refresh() if self.ties else None
         checkpoint = CheckpointManager(
             self._policy, lowering.num_microbatches, random,
-            with_replica_pointers(parameter_pointers(self.stages), replicas),
+            LazyPointers(self.stages, replicas.pointers() if replicas is not None else frozenset()),  # type: ignore[arg-type]
             [RankMemory() for _ in range(self.num_ranks)], caller.saved_tensor_hooks,
+            cache=self._meter, context=(tuple(training), caller.autocast, caller.saved_tensor_hooks is None),
         )
         return StepContext(
             layout=self.layout,

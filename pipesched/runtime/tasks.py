@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.autograd.profiler as _profiler
 from torch import Tensor, nn
 
 from pipesched.plan.action import Action
@@ -122,21 +123,54 @@ class StepContext:
 def run_rank(ctx: StepContext, rank: int, actions: Sequence[Action], records: list[TaskRecord]) -> None:
     """Run ``actions`` in order on the calling (worker) thread, appending a record per task.
 
-    Records are appended as tasks finish (the watchdog counts them); on a
-    CUDA rank they are rewritten with device times once the rank is done
-    (:class:`~pipesched.runtime.stream.TaskClock`).
+    Records are appended as tasks finish (the watchdog counts them) as plain
+    ``(action, start, end)`` tuples, and turned into :class:`TaskRecord` once
+    the rank stops (also on failure); on a CUDA rank they then get device
+    times (:class:`~pipesched.runtime.stream.TaskClock`).
+
+    Each task runs inside ``torch.profiler.record_function("pipesched F1.3")``
+    while a torch profiler is active (one global flag read per task when none
+    is), and inside an NVTX range of the same name on a CUDA rank, so profiler
+    traces and Nsight timelines show the pipeline's tasks beside their kernels.
     """
     device = ctx.layout.devices[rank]
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
     clock = TaskClock(stream)
     first = len(records)
-    for action in actions:
-        if ctx.mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
-            raise StepAborted(ctx.mailbox.abort_reason)
-        task = _TASKS[action.kind]
-        start, end = task(ctx, rank, action, clock)
-        records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end))
+    mailbox = ctx.mailbox
+    nvtx = stream is not None
+    try:
+        for action in actions:
+            if mailbox.aborted:  # start nothing more of an aborted step (not every task waits on a slot)
+                raise StepAborted(mailbox.abort_reason)
+            task = _TASKS[action.kind]
+            if _profiler._is_profiler_enabled or nvtx:
+                start, end = _labelled(task, ctx, rank, action, clock, nvtx)
+            else:
+                start, end = task(ctx, rank, action, clock)
+            records.append((action, start, end))  # type: ignore[arg-type]
+    finally:
+        records[first:] = [
+            TaskRecord(rank, action.stage, action.microbatch, action.kind, start, end)
+            for action, start, end in records[first:]  # type: ignore[misc]
+        ]
     clock.finish(records, first)
+
+
+def _labelled(task: Callable[[StepContext, int, Action, TaskClock], tuple[float, float]], ctx: StepContext,
+              rank: int, action: Action, clock: TaskClock, nvtx: bool) -> tuple[float, float]:
+    """``task`` inside a profiler range (and an NVTX range on CUDA) named ``pipesched <action>``."""
+    label = f"pipesched {action}"
+    if nvtx:
+        torch.cuda.nvtx.range_push(label)
+    try:
+        if _profiler._is_profiler_enabled:
+            with torch.profiler.record_function(label):
+                return task(ctx, rank, action, clock)
+        return task(ctx, rank, action, clock)
+    finally:
+        if nvtx:
+            torch.cuda.nvtx.range_pop()
 
 
 def _as_boundary(value: object, stage: int) -> Boundary:
@@ -148,6 +182,20 @@ def _unwrap(tensors: tuple[Any, ...], structure: Structure) -> Any:
 
 
 def _leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
+    """A leaf on ``tensor``'s data for this stage's graph.
+
+    A received value is already detached by the sender (:meth:`Transport.send`)
+    and belongs to this consumer alone, so it becomes the leaf itself: one
+    detach per boundary, not two.
+    """
+    leaf = tensor if tensor.grad_fn is None and not tensor.requires_grad and tensor._base is None else tensor.detach()
+    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
+        leaf.requires_grad_(True)
+    return leaf
+
+
+def _caller_leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
+    """A leaf on a caller's micro-batch: always a new tensor (the caller's own must stay as it is)."""
     leaf = tensor.detach()
     if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
         leaf.requires_grad_(True)
@@ -163,15 +211,17 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: St
     """
     module = ctx.layout.stages[stage]
     computes_loss = stage == ctx.num_stages - 1 and ctx.io.computes_loss
-    call_scope = ctx.caller.call_scope
+    caller = ctx.caller
     io = ctx.io
 
     def run(inputs: tuple[Tensor, ...]) -> tuple[Boundary, Tensor | None, dict]:
-        with call_scope(), frozen_running_stats(module if is_recomputing() else None):
-            out = _as_boundary(module(_unwrap(inputs, structure)), stage)
-            if not computes_loss:
-                return out, None, _NO_SKIPS
-            loss = io.loss_fn(_unwrap(*out), _to_device(io.targets[microbatch], out[0][0].device))  # type: ignore[misc]
+        if caller.autocast or is_recomputing():  # enter only scopes that do something (each costs µs)
+            with caller.call_scope(), frozen_running_stats(module if is_recomputing() else None):
+                out, loss = _stage_forward(module, stage, microbatch, structure, computes_loss, io, inputs)
+        else:
+            out, loss = _stage_forward(module, stage, microbatch, structure, computes_loss, io, inputs)
+        if not computes_loss:
+            return out, None, _NO_SKIPS
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar tensor, got "
@@ -185,6 +235,15 @@ def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: St
 
 #: What a forward stashes for later stages when the model has no skip connection.
 _NO_SKIPS: dict = {}
+
+
+def _stage_forward(module: nn.Module, stage: int, microbatch: int, structure: Structure, computes_loss: bool,
+                   io: StepInputs, inputs: tuple[Tensor, ...]) -> tuple[Boundary, Any]:
+    """The stage's output as a boundary, and on the last stage of a step the (unweighted) loss."""
+    out = _as_boundary(module(_unwrap(inputs, structure)), stage)
+    if not computes_loss:
+        return out, None
+    return out, io.loss_fn(_unwrap(*out), _to_device(io.targets[microbatch], out[0][0].device))  # type: ignore[misc]
 
 
 def training_flags(stages: Sequence[nn.Module | None]) -> list[bool]:
@@ -223,7 +282,7 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
         tensors, structure = ctx.io.microbatches[microbatch]
         start = clock.start()
         tensors = tuple(t.to(device, non_blocking=True) for t in tensors)
-        leaves = tuple(_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
+        leaves = tuple(_caller_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
     else:
         ((_, slot),) = incoming
         packet, structure = slot.get()
@@ -244,10 +303,9 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
         return start, clock.end()
     packets = [(layout.transport.send(payload(transfer, outputs, stashed), rank, transfer.dst), slot,
                 out_structure if transfer.edge.skip is None else TUPLE) for transfer, slot in outgoing]
-    saved = lambda t: ctx.checkpoint.saved_for_backward(stage, microbatch, t)  # noqa: E731
-    _drop_sent_outputs(outputs, saved)
-    if stashed:
-        _drop_sent_outputs(tuple(t for values in stashed.values() for t in values if t is not None), saved)
+    # stashed skip tensors keep their data here: the meter's answer (cached per forward
+    # signature) covers the stage's outputs only; the received copy is the consumer's
+    _drop_sent_outputs(outputs, ctx.checkpoint.saved_outputs(stage, microbatch, outputs))
     del stashed
     end = clock.end()
     for packet, slot, sent_structure in packets:
@@ -264,8 +322,7 @@ def _run_backward(roots: list[Tensor], grads: list[Tensor | None]) -> None:
     directly (as Megatron-LM's ``custom_backward`` does).
     """
     if any(g is None for g in grads):  # only the loss: a scalar root seeded with 1
-        torch.autograd.backward(roots, grads)
-        return
+        grads = [torch.ones_like(r) if g is None else g for r, g in zip(roots, grads)]  # not autograd's checks in Python
     torch.autograd.Variable._execution_engine.run_backward(  # type: ignore[attr-defined]
         tuple(roots), tuple(grads), False, False, (), True, True
     )
@@ -277,13 +334,13 @@ def _run_backward(roots: list[Tensor], grads: list[Tensor | None]) -> None:
 _PRIVATE_REFERENCES = 3
 
 
-def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bool]) -> None:
+def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: frozenset[int]) -> None:
     """Let the producer forget the data of outputs it has sent; keep their autograd nodes.
 
     The backward of (stage, micro-batch) needs its outputs' ``grad_fn`` (the
     roots of its graph), not their values, unless the graph saved an output
-    itself (a final ReLU or tanh saves its result: ``saved`` says so, from
-    the checkpoint manager's saved-tensor meter); those keep their data.
+    itself (a final ReLU or tanh saves its result: ``saved`` holds the indices
+    of those outputs, from the checkpoint manager's saved-tensor meter); those keep their data.
     The sent copy (on the CPU: the same storage, as the consumer's input) is
     the consumer's to keep, so the storage dies with the consumer's backward
     instead of living until the producer's (Megatron-LM frees pipeline outputs
@@ -293,8 +350,9 @@ def _drop_sent_outputs(outputs: tuple[Tensor, ...], saved: Callable[[Tensor], bo
     caches its last output) keeps its data too: emptying it would change
     what the user sees.
     """
-    for output in outputs:
-        if output.grad_fn is None or output._base is not None or saved(output):
+    for index in range(len(outputs)):  # not enumerate: its reused result tuple would hold a reference
+        output = outputs[index]
+        if output.grad_fn is None or output._base is not None or index in saved:
             continue
         if sys.getrefcount(output) > _PRIVATE_REFERENCES:
             continue  # someone else holds this tensor (a hook, a module attribute): leave it whole

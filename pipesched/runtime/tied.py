@@ -155,12 +155,4 @@ class Replicas:
             replica.grad = None
 
 
-def with_replica_pointers(pointers: list[frozenset[int]], replicas: Replicas | None) -> list[frozenset[int]]:
-    """``pointers`` (per stage, what is not an activation) plus the replicas' data pointers."""
-    if replicas is None:
-        return pointers
-    extra = replicas.pointers()
-    return [p | extra for p in pointers]
-
-
-__all__ = ["Replicas", "TiedParameter", "TiedWeights", "with_replica_pointers"]
+__all__ = ["Replicas", "TiedParameter", "TiedWeights"]
