@@ -142,6 +142,26 @@ def ran_plan(report: Any) -> list[list[Action]]:
     return rows
 
 
+def diagnose(report: Any, calibrated: dict[str, float]) -> dict[str, float]:
+    """Split a step's distance from the prediction into the engine's share and the tasks' own.
+
+    ``own_replay_over_measured``: the replay of the plan that ran on the
+    step's own task records, over its measured makespan (1.0: the engine adds
+    nothing beyond the tasks). ``tasks_over_calibrated``: the step's summed
+    task time over the same tasks at their calibrated costs (an unsplit B at
+    the full backward's).
+    """
+    plan = ran_plan(report)
+    split = {(a.stage, a.microbatch) for row in plan for a in row if a.kind == "W"}
+    own = simulate(plan, report.tasks).makespan
+    spent = sum(t.duration for t in report.tasks)
+    expected = sum(
+        calibrated["full"] if t.kind == "B" and (t.stage, t.microbatch) not in split else calibrated[t.kind]
+        for t in report.tasks
+    )
+    return {"own_replay_over_measured": own / report.makespan, "tasks_over_calibrated": spent / expected}
+
+
 def fitting_schedules(ranks: int) -> list[tuple[str, int]]:
     """Every registered schedule with its default stage count on ``ranks`` ranks, if its plan builds."""
     return schedules_for(ranks)
@@ -166,6 +186,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     gradients: dict[str, bool] = {}
+    diagnosis: dict[tuple[str, int], dict[str, float]] = {}
     for m in micro:
         pipes: dict[str, Pipeline] = {}
         models: dict[str, nn.Sequential] = {}
@@ -203,6 +224,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             for name in names:
                 stepper(name)()
                 grads[name] = [p.grad.clone() for p in models[name].parameters()] + [x.grad.clone()]
+                diagnosis[(name, m)] = diagnose(pipes[name].last_report, cost[dict(schedules)[name] // RANKS])
             ref = grads[BASELINE]
             for name in names:
                 # stage counts differ (4 or 8), but each stage adds its weight to an identity path,
@@ -225,17 +247,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 "predicted_s": predicted[name], "measured_ratio": measured_ratio,
                 "predicted_ratio": predicted_ratio, "error": error,
                 "replay_over_measured": predicted[name] / float(result.seconds(name)["median"]),
+                **diagnosis[(name, m)],
             })
         cfg.log(f"p={RANKS} m={m}: " + ", ".join(
             f"{r['schedule']} {float(r['measured_ratio']['median']):.3f}/{r['predicted_ratio']:.3f}"
             for r in rows if r["microbatches"] == m))
 
     headers = ["p", "m", "schedule", "stages", "step ms", "predicted ms", "measured/1F1B", "predicted/1F1B",
-               "|meas-pred|/pred", "replay/measured", "grads == 1F1B"]
+               "|meas-pred|/pred", "replay/measured", "own replay/measured", "tasks/calibrated",
+               "grads == 1F1B"]
     table_rows = [
         [r["ranks"], r["microbatches"], r["schedule"], r["stages"], fmt({k: v * 1e3 for k, v in r["step"].items()}, 1),
          f"{r['predicted_s'] * 1e3:.1f}", fmt(r["measured_ratio"]), f"{r['predicted_ratio']:.3f}",
          f"{100 * r['error']:.1f} %", f"{r['replay_over_measured']:.3f}",
+         f"{r['own_replay_over_measured']:.3f}", f"{r['tasks_over_calibrated']:.3f}",
          "yes" if gradients[f"{r['schedule']} m={r['microbatches']}"] else "NO"]
         for r in rows
     ]
@@ -258,7 +283,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         f"F = B = W = {task_ms:g} ms per rank (two-stage-per-rank schedules: {task_ms / 2:g} ms per stage). "
         "step ms: median [min..max] of pipe.step over alternating rounds; predicted: simulator replay on the "
         "calibrated costs (unsplit backward = B + W).\nmeasured/1F1B: per-round ratio, median [min..max]; "
-        "grads == 1F1B: every stage's weight gradient and the input's gradient bitwise equal 1F1B's."
+        "grads == 1F1B: every stage's weight gradient and the input's gradient bitwise equal 1F1B's.\n"
+        "Where a prediction misses, these two columns (from one more step after the rounds) say why: "
+        "own replay/measured = the simulator's replay of the plan on that step's own task records ÷ its "
+        "makespan (what the engine adds beyond the tasks: waits, hand-offs); tasks/calibrated = the step's "
+        "task time summed ÷ the same tasks at their calibrated costs (tasks running longer inside the "
+        "pipeline than alone: sleep wake-ups and GIL waits while other ranks run)."
     )
     return {
         "title": TITLE,
