@@ -275,3 +275,13 @@ def test_parse_bytes(text, value):
 def test_parse_bytes_refuses_nonsense():
     with pytest.raises(ValueError, match="512KiB"):
         parse_bytes("lots")
+
+
+def test_pipesched_tune_shows_its_arguments_to_inspect():
+    """``pipesched.tune`` is the package and a callable; ``help``/IDEs read the function's signature."""
+    import inspect
+
+    import pipesched
+
+    params = inspect.signature(pipesched.tune).parameters
+    assert {"module", "inputs", "targets", "loss_fn", "devices", "memory_budget", "measure"} <= set(params)

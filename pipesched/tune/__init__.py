@@ -14,6 +14,7 @@ imported last to the attribute; so the package object is callable too:
 
 from __future__ import annotations
 
+import inspect
 import sys
 import types
 from typing import Any
@@ -28,6 +29,11 @@ __all__ = ["Candidate", "LayerProfile", "Profile", "StageCost", "TuneResult", "p
 class _CallableModule(types.ModuleType):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return tune(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """``inspect.signature(pipesched.tune)`` and ``help`` show the function's arguments."""
+        return inspect.signature(tune)
 
 
 sys.modules[__name__].__class__ = _CallableModule
