@@ -29,7 +29,7 @@ def dry_run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cpu_dry_run_measures_every_item_and_writes_json_and_markdown(tmp_path):
-    done = dry_run(tmp_path, "--budget-s", "10")
+    done = dry_run(tmp_path, "--budget-s", "10", "--grace-s", "200")  # a slow CI machine is no failure
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu.json", "gpu.md"]  # the device returns <= 8 files
     document = json.loads((tmp_path / "gpu.json").read_text())
@@ -56,7 +56,7 @@ def test_a_wrong_gradient_fails_the_run_and_is_recorded(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         status = main(["--out", str(tmp_path), "--cpu-dry-run", "--only", "gradients", "--budget-s", "1",
-                       "--corrupt-gradient"])
+                       "--grace-s", "200", "--corrupt-gradient"])
     finally:
         torch.set_num_threads(threads)  # the dry run takes one intra-op thread
     assert status == 1

@@ -72,28 +72,30 @@ def main(argv: list[str] | None = None) -> int:
     meta = {**describe(env), "budget_s": args.budget_s, "argv": sys.argv, "mem_cap_gb": args.mem_cap_gb}
     results = Results(args.out, meta)
     watchdog = Watchdog(args.budget_s + args.grace_s, lambda: _finish(results, budget, "watchdog")).start()
-    selected = [item for item in ITEMS if not args.only or item[0] in args.only]
-    for index, (name, module_name, weight) in enumerate(selected):
-        share = budget.share(weight, sum(w for _, _, w in selected[index:]))
-        print(f"gpu check: {name}: {share.seconds:.0f} s share ({budget.left():.0f} s left)", flush=True)
-        started = time.monotonic()
-        module = importlib.import_module(module_name)
-        item = None
-        try:
-            item = module.run(env, results, share, **_options(module, args))
-            status = "done"
-        except Exception:  # noqa: BLE001 - one item's crash must not lose the others
-            status = "error"
-            item = item or results.items.get(name) or results.add_item(name, getattr(module, "TITLE", name), [])
-            results.error(item, traceback.format_exc(limit=12))
-            traceback.print_exc()
-        finally:
-            env.free()
-        if item is not None:
-            results.set(item, status=status, seconds=time.monotonic() - started, budget_s=share.seconds)
-        print(f"gpu check: {name}: {status} in {time.monotonic() - started:.1f} s, {len(item.rows)} rows, "
-              f"{len(item.skipped)} skipped, {len(item.failures)} wrong", flush=True)
-    watchdog.cancel()
+    try:  # the watchdog must not outlive this call (an in-process caller, a test, lives on)
+        selected = [item for item in ITEMS if not args.only or item[0] in args.only]
+        for index, (name, module_name, weight) in enumerate(selected):
+            share = budget.share(weight, sum(w for _, _, w in selected[index:]))
+            print(f"gpu check: {name}: {share.seconds:.0f} s share ({budget.left():.0f} s left)", flush=True)
+            started = time.monotonic()
+            module = importlib.import_module(module_name)
+            item = None
+            try:
+                item = module.run(env, results, share, **_options(module, args))
+                status = "done"
+            except Exception:  # noqa: BLE001 - one item's crash must not lose the others
+                status = "error"
+                item = item or results.items.get(name) or results.add_item(name, getattr(module, "TITLE", name), [])
+                results.error(item, traceback.format_exc(limit=12))
+                traceback.print_exc()
+            finally:
+                env.free()
+            if item is not None:
+                results.set(item, status=status, seconds=time.monotonic() - started, budget_s=share.seconds)
+            print(f"gpu check: {name}: {status} in {time.monotonic() - started:.1f} s, {len(item.rows)} rows, "
+                  f"{len(item.skipped)} skipped, {len(item.failures)} wrong", flush=True)
+    finally:
+        watchdog.cancel()
     return _finish(results, budget, "end")
 
 
