@@ -107,7 +107,7 @@ def cell(p: int, m: int, model: str, cap_name: str) -> dict[str, Any]:
 
 def grid(cfg: RunConfig) -> list[tuple[int, int]]:
     return cfg.pick(tiny=[(4, 8)], quick=[(4, 8), (4, 16), (8, 16)],
-                    full=[(p, m) for p in (4, 8) for m in (8, 16, 32)])
+                    full=[(p, m) for p in (4, 8) for m in (8, 16, 32)] + [(8, 64)])
 
 
 def ratio_text(row: dict[str, Any]) -> str:

@@ -10,7 +10,6 @@ not by the synthesiser's own bookkeeping.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -232,12 +231,12 @@ def test_synthesis_is_deterministic_and_callable_costs_work():
     validate_plan(plan, 4, 10, 4, list(range(4)))
 
 
-def test_the_largest_shape_plans_in_seconds():
-    """p = 8, m = 64 with unequal costs and a cap: loose bound (the machine is shared), not a benchmark."""
+def test_the_largest_shape_plans_within_its_cap():
+    """p = 8, m = 64 with unequal costs and a cap plans and validates (how long it takes is
+    reported by benchmark 12, not asserted here: no timed assertions in unit tests)."""
     costs, comm = named_costs("comm", 8)
-    begin = time.perf_counter()
-    auto_plan("contiguous", 8, 64, costs, comm, 12)
-    assert time.perf_counter() - begin < 5.0
+    _, plan = auto_plan("contiguous", 8, 64, costs, comm, 12)
+    validate_plan(plan, 8, 64, 8, list(range(8)))
 
 
 # ------------------------------------------------------- without costs
