@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipesched.plan.balance import balance_stages
+
 
 @dataclass
 class Env:
@@ -177,26 +179,9 @@ def layer_costs(env: Env, model: nn.Sequential, sample: torch.Tensor, autocast: 
 
 
 def contiguous_partition(costs: Sequence[float], parts: int) -> list[int]:
-    """Layers per stage for ``parts`` consecutive stages minimising the largest stage's cost (exact DP)."""
-    n = len(costs)
-    if not 1 <= parts <= n:
-        raise ValueError(f"cannot cut {n} layers into {parts} stages")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0.0
-    for k in range(1, parts + 1):
-        for j in range(k, n - (parts - k) + 1):
-            for i in range(k - 1, j):
-                value = max(best[k - 1][i], prefix[j] - prefix[i])
-                if value < best[k][j]:
-                    best[k][j], cut[k][j] = value, i
-    balance, j = [], n
-    for k in range(parts, 0, -1):
-        i = cut[k][j]
-        balance.append(j - i)
-        j = i
-    return balance[::-1]
+    """Layers per stage for ``parts`` consecutive stages minimising the largest stage's cost.
+
+    The library's exact balance (:func:`pipesched.plan.balance.balance_stages`), which
+    ``pipesched.balance`` and ``tune`` use too.
+    """
+    return list(balance_stages(costs, parts).balance)
