@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from benchmarks.config import RunConfig
 from benchmarks.rounds import alternating_rounds, timed
+from benchmarks.sleep_layers import SleepInput, SleepWeight
 from benchmarks.stats import fmt, summary
 from benchmarks.table import format_table
 from benchmarks.targets import Target
@@ -53,38 +54,6 @@ RANKS = 4
 #: |measured ratio - predicted ratio| / predicted ratio, from the issue.
 TOLERANCE = 0.05
 BASELINE = "1f1b"
-
-
-class SleepInput(torch.autograd.Function):
-    """Forward sleeps ``f``, backward ``b``; the input's gradient only (no parameter)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, forward_s: float, backward_s: float) -> Tensor:  # type: ignore[override]
-        ctx.backward_s = backward_s
-        if forward_s > 0:
-            time.sleep(forward_s)
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        if ctx.backward_s > 0:
-            time.sleep(ctx.backward_s)
-        return grad, None, None
-
-
-class SleepWeight(torch.autograd.Function):
-    """``weight`` broadcast to ``x``'s shape; backward sleeps ``w`` and gives the weight's gradient only."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, weight_s: float) -> Tensor:  # type: ignore[override]
-        ctx.weight_s = weight_s
-        return weight.expand_as(x).clone()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        if ctx.weight_s > 0:
-            time.sleep(ctx.weight_s)
-        return None, grad.sum().reshape(1), None
 
 
 class ZeroBubbleStage(nn.Module):

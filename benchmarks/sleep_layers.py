@@ -20,10 +20,12 @@ import time
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SleepLayer", "sleep_model"]
+__all__ = ["SleepInput", "SleepLayer", "SleepWeight", "sleep_model"]
 
 
-class _SleepInput(torch.autograd.Function):
+class SleepInput(torch.autograd.Function):
+    """Forward sleeps ``forward_s``, backward ``input_s``; the input's gradient only (no parameter)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, forward_s: float, input_s: float) -> Tensor:  # type: ignore[override]
         ctx.input_s = input_s
@@ -38,7 +40,9 @@ class _SleepInput(torch.autograd.Function):
         return grad, None, None
 
 
-class _SleepWeight(torch.autograd.Function):
+class SleepWeight(torch.autograd.Function):
+    """``weight`` broadcast to ``x``'s shape; backward sleeps ``weight_s`` and gives the weight's gradient only."""
+
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, weight_s: float) -> Tensor:  # type: ignore[override]
         ctx.weight_s = weight_s
@@ -65,8 +69,8 @@ class SleepLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.shape[0]
-        return (_SleepInput.apply(x, self.seconds(self.forward_s, rows), self.seconds(self.input_s, rows))
-                + _SleepWeight.apply(x.detach(), self.weight, self.seconds(self.weight_s, rows)))
+        return (SleepInput.apply(x, self.seconds(self.forward_s, rows), self.seconds(self.input_s, rows))
+                + SleepWeight.apply(x.detach(), self.weight, self.seconds(self.weight_s, rows)))
 
     def extra_repr(self) -> str:
         return (f"forward_s={self.forward_s}, input_s={self.input_s}, weight_s={self.weight_s} per row, "
