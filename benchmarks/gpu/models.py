@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from benchmarks.gpt import Block, Embedding, Head
 
 # ---------------------------------------------------------------- ResNet-101
 
@@ -212,46 +213,7 @@ def amoebanet_d(num_layers: int, num_filters: int, num_classes: int = 1000) -> n
 # ------------------------------------------------------------------ GPT-like
 
 
-class Embedding(nn.Module):
-    def __init__(self, vocab: int, width: int, seq_len: int):
-        super().__init__()
-        self.tokens = nn.Embedding(vocab, width)
-        self.positions = nn.Parameter(torch.zeros(seq_len, width))
-        nn.init.normal_(self.positions, std=0.02)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.tokens(ids) + self.positions[: ids.shape[1]]
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: causal self-attention (SDPA) and a 4x GELU MLP."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, 4 * width)
-        self.fc2 = nn.Linear(4 * width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attention.transpose(1, 2).reshape(n, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class Head(nn.Module):
-    def __init__(self, width: int, vocab: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, vocab)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.norm(x)).transpose(1, 2)  # (N, vocab, T) for nn.CrossEntropyLoss
+# the layers are benchmark 11's (benchmarks/gpt.py): one GPT for the CPU and the GPU figures
 
 
 def gpt(vocab: int, width: int, heads: int, blocks: int, seq_len: int) -> nn.Sequential:
