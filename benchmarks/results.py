@@ -42,22 +42,23 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: non-finite floats become strings, tuples lists, paths strings."""
+def json_safe(value: Any) -> Any:
+    """JSON-safe: non-finite floats become strings, tuples lists, and anything else JSON has no
+    type for (paths, dtypes, devices) its ``str``."""
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def write_json(out_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     document = {"benchmark": name, "machine": machine(), **payload}
-    path.write_text(json.dumps(_clean(document), indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(json_safe(document), indent=2) + "\n", encoding="utf-8")
     return path

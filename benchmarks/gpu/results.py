@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.results import json_safe
+
 JSON_NAME = "gpu.json"
 MARKDOWN_NAME = "gpu.md"
 
@@ -100,7 +102,7 @@ class Results:
         with self._lock:
             document = {"meta": self.meta, "failures": self.failures(), "errors": self.errors(),
                         "items": {name: _item_dict(item) for name, item in self.items.items()}}
-            _write(self.out_dir / JSON_NAME, json.dumps(_clean(document), indent=1) + "\n")
+            _write(self.out_dir / JSON_NAME, json.dumps(json_safe(document), indent=1) + "\n")
             _write(self.out_dir / MARKDOWN_NAME, self.markdown())
 
     def markdown(self) -> str:
@@ -156,18 +158,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}" if abs(value) >= 1e4 else str(value)
     return str(value).replace("|", "/")
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (str, int, bool)) or value is None:
-        return value
-    return str(value)
 
 
 def _write(path: Path, text: str) -> None:
