@@ -146,3 +146,41 @@ def test_compiling_a_stage_does_not_rewind_another_ranks_dropout():
     assert losses == want_losses
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+_TWO_COMPILED_PIPELINES = r"""
+import threading, torch
+from torch import nn
+from pipesched import Pipeline
+
+def compiled_step(schedule, balance):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(12, 8, dtype=torch.float64), torch.randint(0, 4, (12,))
+    with Pipeline(model, schedule=schedule, balance=balance, chunks=3, loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.compile(backend="eager")
+        pipe.step(x, y)
+
+compiled_step("gpipe", [1, 1, 1, 1, 1])
+compiled_step("1f1b", [3, 2])  # its workers compile after the first pipeline's have exited
+done = []
+fresh = threading.Thread(target=lambda: done.append(torch.compile(lambda t: t.sin(), backend="eager")(torch.ones(2))))
+fresh.start(); fresh.join()
+assert done, "the compilation on a fresh thread raised"
+print("compiled", torch.__version__, torch.cuda._is_compiled(), torch.cuda.is_available())
+"""
+
+
+def test_a_second_compiled_pipeline_does_not_segfault_on_a_cuda_build_without_a_device():
+    """torch keeps the fake CUDA device guard that fake-tensor mode installs (CUDA wheel, no GPU)
+    in a thread-local of the first thread to compile, a rank's worker, and publishes its address:
+    after that pipeline closed, the next compilation in the process crashed (SIGSEGV, torch 2.11's
+    CUDA wheel on a CPU machine). In a subprocess, so a crash fails this test instead of pytest.
+    A CPU build of torch, or a machine with a GPU, never takes that path: there it passes either way."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _TWO_COMPILED_PIPELINES],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("compiled"), result.stdout

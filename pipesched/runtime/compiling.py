@@ -20,6 +20,7 @@ its worker as one ordinary module call. So:
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,10 +71,49 @@ def compile_stages(stages: Sequence[nn.Module | None], devices: Sequence[torch.d
       price: compiled stages on ranks sharing a generator (all CPU ranks) run
       one at a time, and on GPUs they launch their kernels one at a time.
     """
+    _pin_fake_cuda_guard()
     for stage, device in zip(stages, devices):
         if stage is not None:
             compiled = torch.compile(_traced_from_here(stage), *args, **kwargs)
             stage._compiled_call_impl = _hooks_outside_dynamo(compiled, device)
+
+
+_guard_pinned = threading.Event()
+
+
+def _pin_fake_cuda_guard() -> None:
+    """Install torch's fake CUDA device guard from a thread that outlives every worker.
+
+    On a CUDA build of torch with no visible device (a CPU-only CI runner or
+    laptop with the default wheel), Dynamo's fake-tensor mode installs a fake
+    CUDA device guard the first time it is entered, and torch keeps that guard
+    in a *thread-local* of whichever thread got there first, while publishing
+    its address process-wide. Here that thread is a rank's worker: once the
+    pipeline closes, the address dangles, and the next compilation in the
+    process (the next compiled pipeline, or any ``torch.compile``) crashes
+    with a segmentation fault (seen with torch 2.11's CUDA wheel). Entering it
+    first from the main thread, or else from a parked thread that never exits,
+    makes later calls find a live guard and leave it alone. A CPU build or a
+    machine with a GPU never takes that path, and this does nothing there.
+    """
+    if _guard_pinned.is_set():
+        return
+    ensure = getattr(torch._C, "_ensureCUDADeviceGuardSet", None)
+    if ensure is None or not torch.cuda._is_compiled() or torch.cuda.is_available():
+        _guard_pinned.set()
+        return
+    if threading.current_thread() is threading.main_thread():
+        ensure()
+        _guard_pinned.set()
+        return
+
+    def keep() -> None:
+        ensure()
+        _guard_pinned.set()
+        threading.Event().wait()  # never returns: the guard lives in this thread's locals
+
+    threading.Thread(target=keep, name="pipesched-cuda-guard", daemon=True).start()
+    _guard_pinned.wait()
 
 
 def _traced_from_here(stage: nn.Module) -> Callable[..., Any]:
