@@ -103,3 +103,41 @@ def test_steps_that_reuse_measurements_give_exact_gradients(meter):
 def test_unknown_activation_meter_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="activation_meter must be one of 'once', 'every', got 'sometimes'"):
         Pipeline(mlp(), devices=["cpu", "cpu"], activation_meter="sometimes")
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process, in this process (an in-memory store: no port, no child process)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_pipeline_takes_activation_meter_like_pipeline(one_process_group):
+    """DistributedPipeline had no activation_meter: it always reused the first measurement ("once")."""
+    from pipesched.distributed import DistributedPipeline
+
+    high, low = torch.full((4, 8), 1.0, dtype=torch.float64), torch.full((4, 8), -1.0, dtype=torch.float64)
+    target = torch.zeros(4, 4, dtype=torch.float64)
+    seen = {}
+    for meter in ("once", "every"):
+        model = nn.Sequential(_identity_linear(), SavesOnlyWhenPositive(), nn.Linear(8, 4).double())
+        pipe = DistributedPipeline(model, schedule="gpipe", chunks=2, checkpoint="never", loss_fn=nn.MSELoss(),
+                                   activation_meter=meter)
+        try:
+            pipe.step(high, target)
+            first = pipe.last_report.peak_activation_bytes[0]
+            pipe.step(low, target)
+            seen[meter] = (first, pipe.last_report.peak_activation_bytes[0])
+        finally:
+            pipe.close()
+    assert seen["once"][0] == seen["every"][0] > 0
+    assert seen["once"][1] == seen["once"][0]  # same signature: the first step's bytes again
+    boundary = 2 * 8 * 8  # one micro-batch: 2 rows of 8 float64; step 2 saves no x * x input per micro-batch
+    assert seen["every"][0] - seen["every"][1] == 2 * boundary
+    with pytest.raises(ValueError, match="activation_meter must be one of 'once', 'every', got 'sometimes'"):
+        DistributedPipeline(nn.Sequential(nn.Linear(2, 2)), activation_meter="sometimes")

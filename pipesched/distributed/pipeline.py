@@ -84,7 +84,7 @@ class DistributedPipeline(PipelineModule):
             schedule's stage count for the world size, split evenly.
         num_stages: total number of stages, with a dict of stages.
         schedule, chunks, checkpoint, loss_fn, loss_normalizer,
-        deferred_batch_norm, stall_timeout, log_tasks: as for
+        deferred_batch_norm, stall_timeout, log_tasks, activation_meter: as for
             :class:`~pipesched.Pipeline` (``loss_fn`` and ``loss_normalizer``
             are called on the last stage's rank only, where the targets are;
             ``log_tasks=False`` also silences the ``"comm"`` events).
@@ -112,6 +112,7 @@ class DistributedPipeline(PipelineModule):
         stall_timeout: float | None = 600.0,
         log_tasks: bool = True,
         gather_timeline: bool = False,
+        activation_meter: str = "once",
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -128,7 +129,7 @@ class DistributedPipeline(PipelineModule):
         options = StepOptions.check(
             schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
             loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
-            stall_timeout=stall_timeout, log_tasks=log_tasks,
+            stall_timeout=stall_timeout, log_tasks=log_tasks, activation_meter=activation_meter,
         )
         self.chunks = options.chunks
         self.gather_timeline = check_flag("gather_timeline", gather_timeline)

@@ -78,12 +78,12 @@ class StepOptions:
     deferred_batch_norm: bool
     stall_timeout: float | None
     log_tasks: bool
-    activation_meter: str = "once"
+    activation_meter: str
 
     @classmethod
     def check(
         cls, *, schedule: Any, chunks: Any, checkpoint: Any, loss_fn: Any, loss_normalizer: Any,
-        deferred_batch_norm: Any, stall_timeout: Any, log_tasks: Any, activation_meter: Any = "once",
+        deferred_batch_norm: Any, stall_timeout: Any, log_tasks: Any, activation_meter: Any,
     ) -> StepOptions:
         check_loss_fn(loss_fn)
         make_policy(checkpoint)  # refuses an unknown policy now
