@@ -38,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pipesched.plan.costs import check_comm
 from pipesched.plan.registry import get_schedule
 from pipesched.plan.schedule import (
     Plan,
@@ -47,7 +48,7 @@ from pipesched.plan.schedule import (
     require_v_shape,
     v_shape_placement,
 )
-from pipesched.plan.simulate import check_comm, peak_inflight
+from pipesched.plan.simulate import peak_inflight
 from pipesched.plan.synthesis import Synthesis, check_costs, check_memory_limit, synthesise
 
 #: The built-in schedules of each placement: the seeds ``auto`` starts from and never loses to.

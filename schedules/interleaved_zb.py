@@ -26,8 +26,8 @@ fastest is kept (:func:`pipesched.plan.greedy.tune_order`).
 
 from __future__ import annotations
 
+from pipesched.plan.costs import Costs
 from pipesched.plan.greedy import check_tuning, tune_order
-from pipesched.plan.simulate import Costs
 from pipesched.plan.schedule import (
     Action,
     LoopedSchedule,

@@ -28,8 +28,8 @@ other costs than F = B = W.
 
 from __future__ import annotations
 
+from pipesched.plan.costs import Costs
 from pipesched.plan.greedy import check_tuning, tune_order
-from pipesched.plan.simulate import Costs
 from pipesched.plan.schedule import Action, Plan, VShapeSchedule
 
 

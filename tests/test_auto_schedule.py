@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipesched import Action, get_schedule, simulate, validate_plan
-from pipesched.plan.measured import median_costs
+from pipesched.plan.costs import median_costs
 from pipesched.plan.record import TaskRecord
 from pipesched.plan.synthesis import synthesise
 

@@ -34,9 +34,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 from pipesched.plan.action import Action, Plan, split_backwards
+from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.lowering import inputs_of
 from pipesched.plan.replay import replay
-from pipesched.plan.simulate import Costs, as_cost_function, check_comm, peak_inflight, simulate
+from pipesched.plan.simulate import peak_inflight, simulate
 
 __all__ = ["check_tuning", "fastest", "list_schedule", "span_bound", "tune_order", "unit_costs"]
 

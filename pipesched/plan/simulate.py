@@ -11,30 +11,9 @@ model of the code base (the plan validator uses it for deadlock detection), and
 and summarises. Everything is one pass over the actions, so it is linear in the
 number of tasks.
 
-Costs come in three shapes:
-
-* a callable ``(kind, stage) -> seconds``, e.g. ``lambda kind, stage: 1.0 if kind == "F" else 2.0``;
-* a mapping keyed by ``(kind, stage)``, e.g. ``{("F", 0): 1.0, ("B", 0): 2.0, ...}``;
-* measured task records (:class:`pipesched.plan.record.TaskRecord`, or anything with
-  ``kind``, ``stage``, ``microbatch``, ``start``, ``end``): each action costs its
-  own measured duration; an action with no record costs the mean of its
-  ``(kind, stage)``; an action recorded several times (several steps) costs the
-  mean of its records.
-
-Split backwards. Kind ``"W"`` prices a weight-gradient pass. Where the plan
-splits a backward (holds ``W(s, m)``), ``("B", s)`` is the input-gradient part
-alone. A backward the plan does not split runs both parts at once, so:
-
-* a mapping that gives ``("W", s)`` prices stage s's unsplit backwards at
-  ``B + W``; one that gives no W for the stage prices them at ``B`` (the whole
-  backward, as before W existed). One mapping ``{F, B, W}`` therefore prices
-  1F1B and ZB-H1 consistently, and so compares them fairly;
-* a callable is asked for each action's own kind: ``("B", s)`` for an unsplit
-  backward too, so it returns the whole backward there (old callables keep
-  their meaning); use a mapping to get ``B + W``;
-* measured records know which backwards ran split (a ``B`` record with a ``W``
-  record of the same stage and micro-batch): an unsplit backward costs its own
-  record, else its measured ``B + W`` parts; a split one needs split records.
+Costs come as a callable ``(kind, stage) -> seconds``, a mapping keyed by
+``(kind, stage)`` or measured task records; :mod:`pipesched.plan.costs` says
+what each means, also how split and unsplit backwards are priced.
 
 Two bubble conventions are in use and they differ by a lot, so both are given
 and named for their denominator: ``bubble_over_total`` is idle / makespan (the
@@ -49,13 +28,15 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
 
 from pipesched.plan.action import Action, Plan, split_backwards
+from pipesched.plan.costs import CostFunction, Costs, as_cost_function, check_comm
 from pipesched.plan.lowering import SkipEdge, check_skips, dependencies, inputs_of
 from pipesched.plan.replay import replay
 from pipesched.plan.record import TaskRecord
 
+# CostFunction, Costs and as_cost_function were declared here before pipesched.plan.costs
+# existed (schedule plug-ins import Costs from here): they stay importable from this module.
 __all__ = [
     "CostFunction",
     "Costs",
@@ -67,13 +48,6 @@ __all__ = [
     "peak_inflight",
     "simulate",
 ]
-
-#: ``(kind, stage) -> seconds``.
-CostFunction = Callable[[str, int], float]
-#: What :func:`simulate` and :func:`lower_bound` accept as ``costs``.
-Costs = Union[CostFunction, Mapping[tuple[str, int], float], Iterable[TaskRecord]]
-
-_RECORD_FIELDS = ("kind", "stage", "microbatch", "start", "end")
 
 
 class IncompletePlan(ValueError):
@@ -184,7 +158,7 @@ def simulate(
         plan: per-rank action lists, as ``Schedule.plan`` returns. Every action's
             inputs must be produced by some action of the plan.
         costs: a callable ``(kind, stage) -> seconds``, a mapping keyed by
-            ``(kind, stage)``, or measured task records (see the module docstring,
+            ``(kind, stage)``, or measured task records (see :mod:`pipesched.plan.costs`,
             also for how split and unsplit backwards are priced).
         comm: seconds added to every dependency whose two ends are on different ranks.
         num_stages: the model's stage count; default ``1 + `` the largest stage in
@@ -301,143 +275,6 @@ def peak_inflight(actions: Iterable[Action]) -> int:
             inflight -= 1
         peak = max(peak, inflight)
     return peak
-
-
-def as_cost_function(
-    costs: Costs, split: Iterable[tuple[int, int]] = ()
-) -> Callable[[Action], float]:
-    """Turn any accepted ``costs`` shape into ``action -> seconds``, checking every value.
-
-    ``split`` holds the (stage, micro-batch) pairs whose backward the plan
-    splits; every other B is an unsplit backward, priced as the module
-    docstring says.
-    """
-    split = frozenset(split)
-    if isinstance(costs, Mapping):
-        table = costs
-
-        def entry(kind: str, action: Action) -> Any:
-            key = (kind, action.stage)
-            if key not in table:
-                raise ValueError(
-                    f"costs has no entry for {key!r} (needed by {action}); give one per "
-                    f"(kind, stage) that the plan runs, e.g. {{('F', 0): 1.0, ('B', 0): 2.0}}"
-                    + ("; W is the weight-gradient pass of a split backward" if kind == "W" else "")
-                )
-            return table[key]
-
-        def lookup(action: Action) -> Any:
-            value = entry(action.kind, action)
-            if action.kind == "B" and (action.stage, action.microbatch) not in split and ("W", action.stage) in table:
-                return _checked_value(value, action) + _checked_value(table[("W", action.stage)], action)
-            return value
-
-        return _checked(lookup)
-    if callable(costs):
-        function = costs
-        return _checked(lambda action: function(action.kind, action.stage))
-    if isinstance(costs, (str, bytes)) or not isinstance(costs, Iterable):
-        raise ValueError(
-            f"costs must be a callable (kind, stage) -> seconds, a dict keyed by (kind, stage), "
-            f"or measured task records; got {type(costs).__name__}"
-        )
-    return _checked(_measured_costs(costs, split))
-
-
-def _measured_costs(records: Iterable[Any], split: frozenset[tuple[int, int]]) -> Callable[[Action], float]:
-    """Per action: the mean of its own records, else the mean of its (kind, stage).
-
-    Backwards are told apart by whether they ran split (a W record of the
-    same stage and micro-batch exists): ``"B"`` for a whole backward,
-    ``"B/in"`` for the input-gradient part of a split one. A plan's unsplit
-    backward with only split measurements costs their ``B + W``.
-    """
-    rows: list[tuple[str, int, int, float]] = []
-    for index, record in enumerate(records):
-        missing = [f for f in _RECORD_FIELDS if not hasattr(record, f)]
-        if missing:
-            raise ValueError(
-                f"costs[{index}] is {type(record).__name__}, which lacks {', '.join(missing)}; "
-                f"measured costs must be task records (pipesched.TaskRecord)"
-            )
-        rows.append((record.kind, record.stage, record.microbatch, float(record.end) - float(record.start)))
-    if not rows:
-        raise ValueError("costs is an empty list of task records; give at least one record")
-    measured_split = {(stage, mb) for kind, stage, mb, _ in rows if kind == "W"}
-    own: dict[tuple[str, int, int], list[float]] = defaultdict(list)
-    by_stage: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for kind, stage, mb, duration in rows:
-        if kind == "B" and (stage, mb) in measured_split:
-            kind = "B/in"
-        own[(kind, stage, mb)].append(duration)
-        by_stage[(kind, stage)].append(duration)
-    own_mean = {key: math.fsum(v) / len(v) for key, v in own.items()}
-    stage_mean = {key: math.fsum(v) / len(v) for key, v in by_stage.items()}
-
-    def sum_of(table: Mapping[Any, float], *keys: Any) -> float | None:
-        values = [table.get(key) for key in keys]
-        return None if any(v is None for v in values) else math.fsum(values)  # type: ignore[arg-type]
-
-    def cost(action: Action) -> float:
-        s, m = action.stage, action.microbatch
-        if action.kind != "B":
-            value = own_mean.get((action.kind, s, m))
-            if value is None:
-                value = stage_mean.get((action.kind, s))
-        elif (s, m) in split:
-            value = own_mean.get(("B/in", s, m))
-            if value is None:
-                value = stage_mean.get(("B/in", s))
-            if value is None and ("B", s) in stage_mean:
-                raise ValueError(
-                    f"{action} is the input-gradient part of a split backward, but the records "
-                    f"only hold whole backwards of stage {s} (no W was measured); record a run "
-                    f"of a schedule that splits stage {s}'s backwards"
-                )
-        else:  # unsplit: a whole backward's record, else its measured parts
-            value = own_mean.get(("B", s, m))
-            if value is None:
-                value = sum_of(own_mean, ("B/in", s, m), ("W", s, m))
-            if value is None:
-                value = stage_mean.get(("B", s))
-            if value is None:
-                value = sum_of(stage_mean, ("B/in", s), ("W", s))
-        if value is None:
-            raise ValueError(
-                f"no task record for {action} nor any other {action.kind} of stage "
-                f"{action.stage}; the records must cover every (kind, stage) the plan runs"
-            )
-        return value
-
-    return cost
-
-
-def _checked(cost: Callable[[Action], Any]) -> Callable[[Action], float]:
-    def checked(action: Action) -> float:
-        return _checked_value(cost(action), action)
-
-    return checked
-
-
-def _checked_value(raw: Any, action: Action) -> float:
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"costs gave {raw!r} seconds for {action}; every cost must be a finite number >= 0")
-    return value
-
-
-def check_comm(comm: float) -> float:
-    """``comm`` (seconds added on every cross-rank edge) as a float, or a ValueError naming it."""
-    try:
-        value = float(comm)
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(comm, bool) or not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"comm must be a finite number of seconds >= 0, got {comm!r}")
-    return value
 
 
 def _check_plan(plan: Sequence[Sequence[Action]], num_stages: int | None) -> tuple[Plan, int]:

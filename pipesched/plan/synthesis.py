@@ -40,10 +40,11 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from pipesched.plan.action import Action, Plan, split_backwards
+from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.greedy import list_schedule, span_bound
 from pipesched.plan.local_search import PlanGraph, improve, peak_held
 from pipesched.plan.schedule import validate_plan
-from pipesched.plan.simulate import Costs, as_cost_function, check_comm, peak_inflight, simulate
+from pipesched.plan.simulate import peak_inflight, simulate
 
 __all__ = ["BYTES", "MemoryLimit", "Synthesis", "check_costs", "check_memory_limit", "stage_footprint", "synthesise"]
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from pipesched.observe.report import StepReport
 from pipesched.plan.action import Plan
 from pipesched.plan.lowering import Lowering
-from pipesched.plan.measured import median_costs
+from pipesched.plan.costs import median_costs
 from pipesched.plan.record import TaskRecord
 from pipesched.plan.schedule import PlanCache, Schedule
 from pipesched.runtime.batchnorm import DeferredBatchNorm
