@@ -78,6 +78,13 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
+from pipesched.runtime.saved_tensors import (
+    count_storage,
+    release_saved,
+    saved_tensors,
+    storage_key,
+)
+
 __all__ = ["WeightWork", "backward_input"]
 
 #: (node, input number): where a gradient enters a node; the key of edge gradients.
@@ -157,7 +164,7 @@ def backward_input(
     if not needs_w:
         return tuple(input_grads), WeightWork._empty()
     for node in split.input_path - split.frontier.keys():  # B ran them, W will not
-        _release_saved(node)
+        release_saved(node)
     work = WeightWork(
         frontier=[(node, kept, split.frontier[node]) for node, kept in zip(frontier, captured)],
         root_seeds=root_seeds,
@@ -193,7 +200,7 @@ class WeightWork:
         self._parameters = parameters  # those the weight region leads to
         self._anchors = anchors
         self._weight_region = weight_region
-        self._exclude = {_storage_key(p) for p in exclude}
+        self._exclude = {storage_key(p) for p in exclude}
         self._nbytes: int | None = None
         self._state = "pending"  # -> "ran" | "released"
 
@@ -225,12 +232,12 @@ class WeightWork:
             sizes: dict[tuple[Any, ...], int] = {}
             for _, kept, _ in self._frontier:
                 for grad in kept or ():
-                    _add(sizes, grad, self._exclude)
+                    count_storage(sizes, grad, self._exclude)
             for _, grad in self._root_seeds:
-                _add(sizes, grad, self._exclude)
+                count_storage(sizes, grad, self._exclude)
             for node in [node for node, _, _ in self._frontier] + self._weight_region:
-                for tensor in _saved_tensors(node):
-                    _add(sizes, tensor, self._exclude)
+                for tensor in saved_tensors(node):
+                    count_storage(sizes, tensor, self._exclude)
             self._nbytes = sum(sizes.values())
         return self._nbytes
 
@@ -266,13 +273,13 @@ class WeightWork:
         if self._state == "pending":
             self._state = "released"
             for node in self._weight_region:  # run() frees these by running them
-                _release_saved(node)
+                release_saved(node)
             self._clear()
 
     def _clear(self) -> None:
         """Free the frontier nodes' saved tensors (as a plain backward would) and every reference."""
         for node, _, _ in self._frontier:
-            _release_saved(node)
+            release_saved(node)
         self._frontier, self._root_seeds, self._parameters = [], [], []
         self._anchors, self._weight_region = [], []
 
@@ -464,88 +471,3 @@ def _check_parameters(parameters: Iterable[Tensor]) -> list[Tensor]:
 def _capture(store: list[Any], index: int, grad_outputs: tuple[Tensor | None, ...]) -> None:
     """Pre-hook of frontier node ``index`` during B: keep the gradient it receives (the engine's sum)."""
     store[index] = tuple(grad_outputs)
-
-
-def _raw_saved(node: Node) -> list[Any]:
-    """The node's saved-tensor slots (``torch._C._autograd.SavedTensor``), documented as ``_raw_saved_*``."""
-    names = _RAW_SAVED_NAMES.get(type(node))
-    if names is None:
-        names = _RAW_SAVED_NAMES[type(node)] = [n for n in dir(node) if n.startswith("_raw_saved_")]
-    slots: list[Any] = []
-    for name in names:
-        try:
-            value = getattr(node, name)
-        except RuntimeError:  # already freed
-            continue
-        if isinstance(value, (list, tuple)):
-            slots.extend(v for v in value if v is not None)
-        elif value is not None:
-            slots.append(value)
-    return slots
-
-
-_RAW_SAVED_NAMES: dict[type, list[str]] = {}
-
-
-def _saved_tensors(node: Node) -> list[Tensor]:
-    """The tensors ``node`` holds for its backward, read without unpacking (no saved-tensor hook runs)."""
-    tensors = []
-    for slot in _raw_saved(node):
-        data = getattr(slot, "data", None)
-        if isinstance(data, Tensor):
-            tensors.append(data)
-    return tensors
-
-
-def _release_saved(node: Node) -> None:
-    """Let ``node`` forget the tensors it saved, as a plain backward does after running it.
-
-    Registering pack/unpack hooks on a saved tensor packs it at once and
-    drops the node's own reference (the documented saved-tensor hooks of
-    ``grad_fn._raw_saved_*``); the pack keeps nothing, and the unpack raises
-    if anything ever runs this node again. A slot that already has hooks, or
-    holds no tensor, is left as it is.
-    """
-    for slot in _raw_saved(node):
-        if getattr(slot, "data", None) is None:
-            continue
-        try:
-            slot.register_hooks(_pack_nothing, functools.partial(_unpack_released, node.name()))
-        except RuntimeError:
-            continue
-
-
-def _pack_nothing(tensor: Tensor) -> None:
-    return None
-
-
-def _unpack_released(name: str, packed: None) -> Tensor:
-    raise RuntimeError(
-        f"{name} needs a tensor that the split backward already released: B releases what only the input "
-        "gradients need and W what the parameter gradients needed; this graph cannot be back-propagated again "
-        "(as after a plain backward without retain_graph)"
-    )
-
-
-def _storage_key(tensor: Tensor) -> tuple[Any, ...]:
-    if tensor.layout != torch.strided:
-        return (tensor.device, id(tensor))
-    return (tensor.device, tensor.untyped_storage().data_ptr())
-
-
-def _add(sizes: dict[tuple[Any, ...], int], tensor: Tensor | None, exclude: set[tuple[Any, ...]]) -> None:
-    """Count ``tensor``'s storage once in ``sizes`` (a sparse gradient: its indices and values)."""
-    if tensor is None:
-        return
-    if tensor.layout == torch.sparse_coo:
-        _add(sizes, tensor._indices(), exclude)
-        _add(sizes, tensor._values(), exclude)
-        return
-    if tensor.layout != torch.strided:
-        return
-    storage = tensor.untyped_storage()
-    if storage.data_ptr() == 0:
-        return
-    key = (tensor.device, storage.data_ptr())
-    if key not in exclude:
-        sizes[key] = storage.nbytes()
