@@ -43,7 +43,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipesched.distributed.comm import Communicator, PeerLost, RemoteStepError
+from pipesched.distributed.clock import measure_clock_offset
+from pipesched.distributed.comm import Communicator
+from pipesched.distributed.errors import PeerLost, RemoteStepError
 from pipesched.distributed.tied import TiedGroups
 from pipesched.distributed.wire import DTYPES
 from pipesched.observe.report import CommRecord, StepReport
@@ -156,7 +158,7 @@ class DistributedPipeline(PipelineModule):
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
         self._comm = Communicator(group, self.rank, self.num_ranks, self.device)
         self._finalizer = weakref.finalize(self, _close, self._runner, self._comm)
-        self.clock_offset = self._comm.measure_clock_offset()
+        self.clock_offset = measure_clock_offset(self.group, self.rank, self.num_ranks, self._global)
         self._steps = 0
         self._broken: str | None = None
         self.last_report: StepReport | None = None
@@ -233,9 +235,9 @@ class DistributedPipeline(PipelineModule):
         ``None``. Gradients accumulate into this rank's parameters and equal
         those of the single-process run. An error on any rank is raised on
         every rank: the original exception where it happened, a
-        :class:`~pipesched.distributed.comm.RemoteStepError` naming it elsewhere.
+        :class:`~pipesched.distributed.errors.RemoteStepError` naming it elsewhere.
         A rank that dies or stops answering raises
-        :class:`~pipesched.distributed.comm.PeerLost` within about ``stall_timeout``,
+        :class:`~pipesched.distributed.errors.PeerLost` within about ``stall_timeout``,
         and the pipeline is then unusable.
 
         Three phases, each its own method: agree on the batch size
