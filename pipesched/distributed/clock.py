@@ -3,8 +3,11 @@
 Each process times its tasks and transfers with its own ``perf_counter``,
 whose origin differs from process to process (and from host to host). To
 merge per-rank timelines, every rank measures once, when the pipeline is
-built, how far its clock is from rank 0's, and every record it reports or
-logs is shifted by that offset.
+built, how far its clock is from rank 0's (:func:`measure_clock_offset`),
+and every record it reports or logs is shifted by that offset: the task
+records of its report and its transfers here (:func:`shifted`,
+:func:`shift_comm`), the logged task events by the runtime, which is
+given the offset.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from pipesched.observe.report import CommRecord
+from pipesched.plan.record import TaskRecord
 
 
 def measure_clock_offset(group: Any, rank: int, world: int, global_rank: Callable[[int], int],
@@ -51,3 +57,12 @@ def measure_clock_offset(group: Any, rank: int, world: int, global_rank: Callabl
         if round_ >= warmup:
             best = min(best, (delay, offset))
     return best[1]
+
+
+def shifted(records: list[TaskRecord], offset: float) -> list[TaskRecord]:
+    return [TaskRecord(r.rank, r.stage, r.microbatch, r.kind, r.start - offset, r.end - offset) for r in records]
+
+
+def shift_comm(record: CommRecord, offset: float) -> CommRecord:
+    return CommRecord(record.rank, record.peer, record.kind, record.action,
+                      record.start - offset, record.end - offset, record.nbytes)
