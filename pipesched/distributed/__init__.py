@@ -5,7 +5,7 @@
     from pipesched.distributed import DistributedPipeline
 """
 
-from pipesched.distributed.comm import PeerLost, RemoteStepError
+from pipesched.distributed.errors import PeerLost, RemoteStepError
 from pipesched.distributed.pipeline import DistributedPipeline
 
 __all__ = ["DistributedPipeline", "PeerLost", "RemoteStepError"]

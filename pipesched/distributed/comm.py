@@ -15,9 +15,10 @@ connect). That is what makes the exchange deadlock-free without a handshake:
 * **receiving**: there is no receiver thread. Receives are posted ahead
   from the plan, a few messages per peer (:data:`RECEIVE_AHEAD`), so gloo
   lands the bytes while this rank computes; the compute thread takes a
-  message when its task needs it (:class:`RecvSlot`) and posts the next.
+  message when its task needs it (through a
+  :class:`~pipesched.distributed.slots.RecvSlot`) and posts the next.
 * **sending**: the compute thread posts a non-blocking send the moment an
-  output exists (:class:`SendSlot`).
+  output exists (through a :class:`~pipesched.distributed.slots.SendSlot`).
 * **failure**: a failing rank sends an *error* in place of every message it
   still owes. A receiver that gets one aborts its own step, fails, and sends
   errors for everything *it* owes, so the failure reaches every rank, and
@@ -51,13 +52,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pipesched.distributed.errors import (
+    PeerLost,
+    RemoteStepError,  # noqa: F401 - re-exported: public, importable here before
+    lost,
+    remote_error,
+)
 from pipesched.distributed.inbound import Inbound, Key, SpecCache, message_keys
+from pipesched.distributed.slots import RecvSlot, SendSlot
 from pipesched.distributed.wire import (
     DESCRIPTION,
     ERROR,
@@ -76,37 +85,13 @@ from pipesched.distributed.wire import (
 )
 from pipesched.observe.report import CommRecord
 from pipesched.plan.lowering import SKIP, Lowering, Transfer
-from pipesched.runtime.mailbox import Mailbox, Slot, StepAborted
+from pipesched.runtime.mailbox import Mailbox, StepAborted
 from pipesched.runtime.structure import Structure
-from pipesched.runtime.transport import Packet
 
 #: Receives posted ahead per peer: enough that a producer never waits for this rank to post
 #: (1F1B keeps at most a couple of messages in flight per pair), few enough that the step's
 #: receive buffers stay bounded by the schedule, not by the number of micro-batches.
 RECEIVE_AHEAD = 4
-
-
-class RemoteStepError(RuntimeError):
-    """Another rank of the pipeline failed during this step; the message says where and why."""
-
-
-class PeerLost(RemoteStepError):
-    """A rank of the pipeline died or stopped answering during this step; the message names it.
-
-    Messages of the step may be lost or still in flight, so the pipeline (and
-    the process group) cannot be used again: restart the job.
-    """
-
-    MARK = "lost rank "  # every message starts with it, so it survives travelling as an error
-
-
-def lost(peer: int, why: str) -> PeerLost:
-    return PeerLost(f"{PeerLost.MARK}{peer}: {why}")
-
-
-def remote_error(text: str) -> RemoteStepError:
-    """The error a received error description stands for."""
-    return (PeerLost if text.startswith(PeerLost.MARK) else RemoteStepError)(text)
 
 
 @dataclass
@@ -153,43 +138,6 @@ class Communicator:
         self.respecs_sent = 0  # of those, specs a kept one did not predict (a data-dependent shape)
         self._routes: dict[int, tuple[Lowering, dict[int, list[tuple[int, Transfer]]],
                                       dict[int, list[tuple[int, Transfer]]]]] = {}
-        self.clock_offset = 0.0
-
-    # ------------------------------------------------------------------ clocks
-
-    def measure_clock_offset(self, rounds: int = 16, warmup: int = 4) -> float:
-        """This process's ``perf_counter`` minus rank 0's (NTP-style, least-delay sample).
-
-        Every rank's timeline is shifted onto rank 0's clock, so merged
-        timelines line up across processes and hosts. The first round trips
-        also set up connections and are slow, so ``warmup`` of them are
-        discarded; the error of the estimate is at most half the smallest
-        round-trip delay seen.
-        """
-        clock = time.perf_counter
-        if self.rank == 0:
-            for peer in range(1, self.world):
-                for _ in range(warmup + rounds):
-                    probe = torch.zeros(1, dtype=torch.float64)
-                    dist.recv(probe, src=self._global[peer], group=self.group, tag=0)
-                    received = clock()
-                    dist.send(torch.tensor([received, clock()], dtype=torch.float64),
-                              dst=self._global[peer], group=self.group, tag=1)
-            return 0.0
-        best = (float("inf"), 0.0)
-        for round_ in range(warmup + rounds):
-            t0 = clock()
-            dist.send(torch.tensor([t0], dtype=torch.float64), dst=self._global[0], group=self.group, tag=0)
-            reply = torch.zeros(2, dtype=torch.float64)
-            dist.recv(reply, src=self._global[0], group=self.group, tag=1)
-            t3 = clock()
-            t1, t2 = reply.tolist()
-            delay = (t3 - t0) - (t2 - t1)
-            offset = ((t0 - t1) + (t3 - t2)) / 2
-            if round_ >= warmup:
-                best = min(best, (delay, offset))
-        self.clock_offset = best[1]
-        return self.clock_offset
 
     # -------------------------------------------------------------------- steps
 
@@ -222,7 +170,7 @@ class Communicator:
                 outgoing[transfer] = Outbound(peer, index, key, self.specs.get(peer, key), _label(transfer, lowering))
         link = StepLink(step, mailbox, outgoing, {})
         for transfer in outgoing:
-            mailbox.replace(transfer, SendSlot(mailbox, self, link, transfer))
+            mailbox.replace(transfer, SendSlot(mailbox, partial(self.send, link, transfer)))
         for peer, transfers in into.items():
             keys = message_keys([t for _, t in transfers], shapes)
             link.incoming[peer] = [
@@ -230,7 +178,7 @@ class Communicator:
                 for (index, transfer), key in zip(transfers, keys)
             ]
             for (_, transfer), inbound in zip(transfers, link.incoming[peer]):
-                mailbox.replace(transfer, RecvSlot(mailbox, self, link, inbound))
+                mailbox.replace(transfer, RecvSlot(mailbox, partial(self.take, link, inbound), inbound))
             link.cursor[peer] = 0
             self._post_ahead(link, peer)
         return link
@@ -425,37 +373,3 @@ def _prune(works: list[tuple[Any, Any, int]]) -> None:
             continue
         keep.append(entry)
     works[:] = keep
-
-
-class SendSlot(Slot):
-    """A mailbox slot whose consumer lives in another process: ``put`` sends it."""
-
-    def __init__(self, mailbox: Mailbox, communicator: Communicator, link: StepLink, transfer: Transfer):
-        super().__init__(mailbox)
-        self._send = lambda values, structure: communicator.send(link, transfer, values, structure)
-
-    def put(self, value: Any) -> None:
-        packet, structure = value
-        self._send(packet.values, structure)
-
-
-class RecvSlot(Slot):
-    """A mailbox slot filled by another process: ``get`` waits on its posted receive."""
-
-    def __init__(self, mailbox: Mailbox, communicator: Communicator, link: StepLink, inbound: Inbound):
-        super().__init__(mailbox)
-        self._communicator = communicator
-        self._link = link
-        self._inbound = inbound
-
-    @property
-    def ready(self) -> bool:
-        return self._inbound.arrived_now() and not self._mailbox.aborted
-
-    def put(self, value: Any) -> None:  # pragma: no cover - nothing in this process produces it
-        raise RuntimeError("a received message is filled by its peer, not put")
-
-    def get(self) -> Any:
-        values, structure = self._communicator.take(self._link, self._inbound)
-        self.filled_at = self._inbound.arrived
-        return Packet(values, None), structure

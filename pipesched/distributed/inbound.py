@@ -20,6 +20,7 @@ whatever the order in which the messages of one key arrive or fail.
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -59,6 +60,12 @@ def message_keys(transfers: Sequence[Transfer], shapes: Sequence[Any]) -> list[K
          shapes[t.producer.microbatch])
         for t in transfers
     ]
+
+
+def shape_checksum(tensors: tuple[Tensor, ...]) -> int:
+    """A checksum of the inputs' dtypes and shapes past the batch dimension (keys the message specs)."""
+    text = repr([(str(t.dtype), tuple(t.shape[1:])) for t in tensors]).encode()
+    return zlib.crc32(text)
 
 
 class SpecCache:

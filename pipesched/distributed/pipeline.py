@@ -22,7 +22,8 @@ owning stage 0 broadcasts the batch size and a checksum of the input shapes
 (so every rank builds the same plan and micro-batch split, and both ends of
 a message know its shape), and at the end every rank shares a few numbers
 (whether it succeeded, the loss, its memory peaks: an error anywhere is
-raised everywhere, and the loss reaches every rank).
+raised everywhere, and the loss reaches every rank;
+:mod:`pipesched.distributed.outcome`).
 
 ``pipe.last_report`` on each rank holds that rank's own tasks (on rank 0's
 clock) and every rank's memory figures. ``gather_timeline=True`` gathers
@@ -33,8 +34,6 @@ or merge the per-rank JSON-lines logs afterwards
 
 from __future__ import annotations
 
-import traceback
-import zlib
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,29 +42,29 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipesched.distributed.comm import Communicator, PeerLost, RemoteStepError
-from pipesched.distributed.tied import TiedGroups
-from pipesched.distributed.wire import DTYPES
+from pipesched.distributed.clock import measure_clock_offset, shift_comm, shifted
+from pipesched.distributed.comm import Communicator
+from pipesched.distributed.errors import PeerLost, RemoteStepError, describe
+from pipesched.distributed.inbound import shape_checksum
+from pipesched.distributed.outcome import exchange_statuses, failure, status_row
+from pipesched.distributed.ownership import own_stages
 from pipesched.observe.report import CommRecord, StepReport
 from pipesched.plan.action import Plan
 from pipesched.plan.record import TaskRecord
-from pipesched.plan.schedule import Schedule, validate_placement
+from pipesched.plan.schedule import Schedule
 from pipesched.runtime.batchnorm import convert_deferred_batch_norm
 from pipesched.runtime.checkpoint import CheckpointPolicy, RankMemory
 from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import as_tensors, batch_size, gather
-from pipesched.runtime.structure import unflatten
 from pipesched.runtime.options import check_flag, grad_disabled, missing_loss_fn
 from pipesched.runtime.orchestrator import StepStalled
-from pipesched.runtime.partition import check_balance, check_shared_parameters, even_balance, split_module
 from pipesched.runtime.partition import resolve_device
 from pipesched.runtime.pipeline_module import PipelineModule
 from pipesched.runtime.runner import SplitBatch, StepOptions, StepRunner
-from pipesched.runtime.skip.layout import SkipLayout, inspect_skip_layout
-from pipesched.runtime.skip.skippable import verify_skippables
 from pipesched.runtime.state_dict import route_to_layers, without_layers
 from pipesched.runtime.step_effects import StepEffects
+from pipesched.runtime.structure import unflatten
 from pipesched.runtime.tasks import StepContext, StepInputs
 
 
@@ -142,7 +141,12 @@ class DistributedPipeline(PipelineModule):
         self.num_ranks = dist.get_world_size(group)
         self.device = resolve_device(device)
 
-        own = self._own_stages(module, balance, num_stages)
+        ownership = own_stages(module, balance, num_stages, self.schedule, self.rank, self.num_ranks, group,
+                               self._global)
+        self.num_stages, self.placement = ownership.num_stages, ownership.placement
+        self._skips, self._tied = ownership.skips, ownership.tied
+        self._layer_stage, self._foreign_layers = ownership.layer_stage, ownership.foreign_layers
+        own = ownership.stages
         self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
         self._runner = StepRunner(options, self._stages, self.placement, [self.device] * self.num_ranks,
                                   ranks=[self.rank], skips=self._skips)
@@ -156,68 +160,11 @@ class DistributedPipeline(PipelineModule):
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
         self._comm = Communicator(group, self.rank, self.num_ranks, self.device)
         self._finalizer = weakref.finalize(self, _close, self._runner, self._comm)
-        self.clock_offset = self._comm.measure_clock_offset()
+        self.clock_offset = measure_clock_offset(self.group, self.rank, self.num_ranks, self._global)
         self._steps = 0
         self._broken: str | None = None
         self.last_report: StepReport | None = None
         self.last_comm: list[CommRecord] = []
-
-    def _own_stages(self, module: Any, balance: Any, num_stages: Any) -> dict[int, nn.Module]:
-        """This rank's stages; with a full ``nn.Sequential`` also which layers it owns.
-
-        ``_layer_stage`` (layer name -> stage, this rank's layers) and
-        ``_foreign_layers`` (the other ranks' layer names) let the state dict
-        use the model's own keys; both stay empty with a dict of stages.
-        """
-        self._layer_stage: dict[str, int] = {}
-        self._foreign_layers: frozenset[str] = frozenset()
-        self._skips = SkipLayout()
-        self._tied: TiedGroups | None = None
-        if isinstance(module, nn.Sequential):
-            verify_skippables(module)
-            if balance is not None:
-                balance = check_balance(balance, len(module))
-            else:
-                balance = even_balance(len(module), self.schedule.default_num_stages(self.num_ranks))
-            self.num_stages = len(balance)
-            self.placement = validate_placement(
-                self.schedule.placement(self.num_stages, self.num_ranks), self.num_stages, self.num_ranks
-            )
-            stages = split_module(module, balance)
-            check_shared_parameters(stages, self.placement, None)
-            self._skips = inspect_skip_layout(stages)  # every rank sees every route: the same plan edges
-            self._tied = TiedGroups(stages, self.placement, self.rank, self.group, self._global)
-            own = {s: stages[s] for s in range(self.num_stages) if self.placement[s] == self.rank}
-            self._layer_stage = {name: s for s, stage in own.items() for name in stage._modules}
-            self._foreign_layers = frozenset(module._modules) - set(self._layer_stage)
-            return own
-        if isinstance(module, Mapping):
-            if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
-                raise ValueError(f"with a dict of stages, num_stages must be an int >= 1, got {num_stages!r}")
-            self.num_stages = num_stages
-            self.placement = validate_placement(
-                self.schedule.placement(num_stages, self.num_ranks), num_stages, self.num_ranks
-            )
-            mine = {s for s in range(num_stages) if self.placement[s] == self.rank}
-            if set(module) != mine:
-                raise ValueError(
-                    f"rank {self.rank} must hold exactly stages {sorted(mine)} under schedule "
-                    f"{self.schedule.name!r} (placement {self.placement}), got {sorted(module)}"
-                )
-            for s, stage in module.items():
-                if not isinstance(stage, nn.Module):
-                    raise TypeError(f"stage {s} must be an nn.Module, got {type(stage).__name__}")
-            # routes within this rank's stages only: one to another rank's stage would need its edges
-            self._skips = inspect_skip_layout([module.get(s) for s in range(num_stages)], complete=False)
-            if self._skips.edges:
-                raise ValueError(
-                    f"stages {[(e.src, e.dst) for e in self._skips.edges]} of this rank are linked by skip "
-                    f"connections, which every rank must know of: pass the full nn.Sequential instead of a dict"
-                )
-            return dict(module)
-        raise TypeError(
-            f"module must be an nn.Sequential or a dict {{stage: nn.Module}}, got {type(module).__name__}"
-        )
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
@@ -233,9 +180,9 @@ class DistributedPipeline(PipelineModule):
         ``None``. Gradients accumulate into this rank's parameters and equal
         those of the single-process run. An error on any rank is raised on
         every rank: the original exception where it happened, a
-        :class:`~pipesched.distributed.comm.RemoteStepError` naming it elsewhere.
+        :class:`~pipesched.distributed.errors.RemoteStepError` naming it elsewhere.
         A rank that dies or stops answering raises
-        :class:`~pipesched.distributed.comm.PeerLost` within about ``stall_timeout``,
+        :class:`~pipesched.distributed.errors.PeerLost` within about ``stall_timeout``,
         and the pipeline is then unusable.
 
         Three phases, each its own method: agree on the batch size
@@ -309,7 +256,7 @@ class DistributedPipeline(PipelineModule):
             try:
                 tensors = as_tensors(inputs, "inputs")
                 announced[1] = batch_size(tensors, "inputs")
-                announced[2] = _shape_checksum(tensors)
+                announced[2] = shape_checksum(tensors)
             except (TypeError, ValueError) as error:
                 local_error = error
                 announced[0] = 1
@@ -356,7 +303,7 @@ class DistributedPipeline(PipelineModule):
             raise
         except BaseException as error:  # noqa: BLE001 - reported to every rank below
             local_error = error
-            self._comm.fail(link, _describe(error, self.rank))
+            self._comm.fail(link, describe(error, self.rank))
         gone = self._comm.finish(link, self._stall_timeout)
         self._steps += 1  # every step, failed or not, gets its own message tags
         if gone is not None or isinstance(local_error, PeerLost):
@@ -379,47 +326,26 @@ class DistributedPipeline(PipelineModule):
         way every step takes; error texts only when a rank failed, and every
         rank's task records only with ``gather_timeline``.
         """
-        memory = ctx.checkpoint.memory[self.rank]
-        mine = torch.zeros(len(_STATUS), dtype=torch.float64)
-        mine[_STATUS["ok"]] = local_error is None
-        mine[_STATUS["remote"]] = isinstance(local_error, RemoteStepError)
-        mine[_STATUS["peak_inflight"]] = memory.peak_inflight
-        mine[_STATUS["peak_bytes"]] = memory.peak_bytes
-        mine[_STATUS["held_bytes"]] = memory.held_bytes
+        loss = None
         if with_loss and local_error is None and self.rank == self.placement[-1]:
             count = ctx.mailbox.lowering.num_microbatches
             loss = batch_loss([ctx.results.losses[m] for m in range(count)], ctx.io.loss_weights)
-            mine[_STATUS["has_loss"]] = 1
-            mine[_STATUS["loss"]] = loss.item()
-            mine[_STATUS["loss_dtype"]] = DTYPES.index(loss.dtype)
-        gathered = [torch.zeros_like(mine) for _ in range(self.num_ranks)]
+        mine = status_row(local_error, ctx.checkpoint.memory[self.rank], loss)
+        text = None if local_error is None else describe(local_error, self.rank)
+        tasks = [r.as_dict() for r in shifted(records, self.clock_offset)]
         try:
-            dist.all_gather(gathered, mine, group=self.group)
-            statuses = [_status(row) for row in gathered]
-            if not all(s["ok"] for s in statuses):
-                errors: list[Any] = [None] * self.num_ranks
-                dist.all_gather_object(errors, None if local_error is None else _describe(local_error, self.rank),
-                                       group=self.group)
-                for status, error in zip(statuses, errors):
-                    status["error"] = error
-            elif self.gather_timeline:
-                tasks: list[Any] = [None] * self.num_ranks
-                dist.all_gather_object(tasks, [r.as_dict() for r in _shifted(records, self.clock_offset)],
-                                       group=self.group)
-                for status, own in zip(statuses, tasks):
-                    status["tasks"] = own
+            statuses = exchange_statuses(mine, text, tasks if self.gather_timeline else None, self.num_ranks,
+                                         self.group)
         except RuntimeError as error:  # a rank died after its last message
             effects.rollback()
             raise self._lose(PeerLost(f"a rank is gone (end-of-step exchange failed: {error})")) from error
         if "tasks" not in statuses[self.rank]:
-            statuses[self.rank]["tasks"] = [r.as_dict() for r in _shifted(records, self.clock_offset)]
+            statuses[self.rank]["tasks"] = tasks
         if local_error is not None or not all(s["ok"] for s in statuses):
             effects.rollback()
             if local_error is not None and not isinstance(local_error, RemoteStepError):
                 raise local_error
-            origin = next((s for s in statuses if not s["ok"] and not s["remote"]), None)
-            raise RemoteStepError(origin["error"] if origin else statuses_error(statuses)) from local_error
-
+            raise RemoteStepError(failure(statuses)) from local_error
         return statuses
 
     def _reduce_tied(self, effects: StepEffects) -> None:
@@ -443,7 +369,7 @@ class DistributedPipeline(PipelineModule):
         )
         memory = [RankMemory(s["held_bytes"], s["peak_bytes"], 0, s["peak_inflight"]) for s in statuses]
         self.last_report = self._runner.report(count, tasks, memory)
-        self.last_comm = [_shift_comm(c, self.clock_offset) for c in comm]
+        self.last_comm = [shift_comm(c, self.clock_offset) for c in comm]
         self._runner.log_memory(memory)  # this rank's "memory" event, beside its "task" events
         if self.log_tasks:
             step = self._orchestrator.steps - 1
@@ -521,53 +447,6 @@ class DistributedPipeline(PipelineModule):
 def _close(runner: StepRunner, comm: Communicator) -> None:
     runner.close()
     comm.close()
-
-
-def _describe(error: BaseException, rank: int) -> str:
-    """One line naming where and what failed, for the ranks that did not see it happen."""
-    if isinstance(error, RemoteStepError):
-        return str(error)
-    notes = [n.removeprefix("pipesched: ") for n in getattr(error, "__notes__", [])]
-    where = notes[0] if notes else f"raised on rank {rank}"
-    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
-    at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(error).__name__}: {error}, {where}{at}"
-
-
-def statuses_error(statuses: list[Any]) -> str:
-    return "; ".join(s["error"] for s in statuses if s.get("error")) or "a rank failed"
-
-
-#: What each rank shares at the end of a step: one float64 each (a loss of any float dtype
-#: up to float64 and byte counts below 2**53 cross exactly).
-_STATUS = {name: i for i, name in enumerate(
-    ["ok", "remote", "has_loss", "loss", "loss_dtype", "peak_inflight", "peak_bytes", "held_bytes"])}
-
-
-def _status(row: Tensor) -> dict[str, Any]:
-    values = row.tolist()
-    get = {name: values[i] for name, i in _STATUS.items()}
-    return {
-        "ok": bool(get["ok"]), "remote": bool(get["remote"]), "error": None,
-        "loss": (get["loss"], DTYPES[int(get["loss_dtype"])]) if get["has_loss"] else None,
-        "peak_inflight": int(get["peak_inflight"]), "peak_bytes": int(get["peak_bytes"]),
-        "held_bytes": int(get["held_bytes"]),
-    }
-
-
-def _shape_checksum(tensors: tuple[Tensor, ...]) -> int:
-    """A checksum of the inputs' dtypes and shapes past the batch dimension (keys the message specs)."""
-    text = repr([(str(t.dtype), tuple(t.shape[1:])) for t in tensors]).encode()
-    return zlib.crc32(text)
-
-
-def _shifted(records: list[TaskRecord], offset: float) -> list[TaskRecord]:
-    return [TaskRecord(r.rank, r.stage, r.microbatch, r.kind, r.start - offset, r.end - offset) for r in records]
-
-
-def _shift_comm(record: CommRecord, offset: float) -> CommRecord:
-    return CommRecord(record.rank, record.peer, record.kind, record.action,
-                      record.start - offset, record.end - offset, record.nbytes)
 
 
 __all__ = ["DistributedPipeline", "PeerLost", "RemoteStepError"]
