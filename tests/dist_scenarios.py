@@ -612,6 +612,35 @@ def scenario_skips(rank: int, world: int, out: dict) -> None:
         out["skips:dict"] = str(error)
 
 
+def scenario_auto(rank: int, world: int, out: dict) -> None:
+    """schedule="auto" without costs: step 1 runs the warm-up plan and measures; every rank then
+    holds every stage's medians (merged from all processes) and runs the same synthesised plan."""
+    from pipesched.distributed import DistributedPipeline
+
+    model = mlp(layers=2 * world)
+    x, y = data(16)
+    reference = copy.deepcopy(model)
+    nn.CrossEntropyLoss()(reference(x), y).backward()
+    with DistributedPipeline(model, schedule="auto", chunks=8, checkpoint="never",
+                             loss_fn=nn.CrossEntropyLoss()) as pipe:
+        plans, errors, ran = [], [], []
+        for _ in range(3):
+            for p in pipe.parameters():
+                p.grad = None
+            pipe.step(x if rank == 0 else None, y)
+            report = pipe.last_report
+            plans.append(report.plan)
+            errors.append(grad_error(pipe, reference))
+            own = sorted((t for t in report.tasks if t.rank == rank), key=lambda t: t.start)
+            ran.append([f"{t.kind}{t.stage}.{t.microbatch}" for t in own])
+        synthesis = pipe.schedule.synthesis.get(8)
+        out["auto"] = {
+            "plans": plans, "grad_errors": errors, "ran": ran, "num_stages": pipe.num_stages,
+            "measured": sorted([kind, stage, seconds] for (kind, stage), seconds in (pipe.schedule.measured or {}).items()),
+            "synthesised_row": None if synthesis is None else [str(a) for a in synthesis.plan[rank]],
+        }
+
+
 def Pipeline_stages(model: nn.Sequential, balance: list[int]) -> list[nn.Module]:  # noqa: N802
     from pipesched.runtime.partition import split_module
 
@@ -626,6 +655,7 @@ SCENARIOS = {
     "tokens": scenario_tokens,
     "failure": scenario_failure,
     "tied": scenario_tied,
+    "auto": scenario_auto,
 
 
     "state_dict": scenario_state_dict,

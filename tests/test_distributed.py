@@ -61,8 +61,8 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
-    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "state_dict", "skips", "timeline", "shapes",
-             "stall"]
+    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "auto", "state_dict", "skips", "timeline",
+             "shapes", "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -144,6 +144,24 @@ def test_skip_connections_cross_processes_straight_and_exactly(world):
         assert "skip connections across processes need the full nn.Sequential" in result["skips:dict"] or (
             "pass the full nn.Sequential instead of a dict" in result["skips:dict"]), result["skips:dict"]
     assert sum(r[k]["skip_sends"] for r in results for k in r if k.startswith("skips:") and k != "skips:dict") > 0
+
+
+def test_auto_learns_every_stages_costs_across_processes_and_every_rank_runs_one_synthesised_plan(world):
+    """It used to run the warm-up plan forever: each process measured only its own stages, an
+    incomplete table, so "auto" never synthesised. Now the end-of-step exchange carries every
+    rank's medians and every rank merges the same table."""
+    _, results, _ = world
+    first = results[0]["auto"]
+    stages = first["num_stages"]
+    assert {(kind, stage) for kind, stage, _ in first["measured"]} == {(k, s) for k in "FBW" for s in range(stages)}
+    assert all(seconds > 0 for _, _, seconds in first["measured"])
+    for rank, result in enumerate(results):
+        auto = result["auto"]
+        assert auto["measured"] == first["measured"], f"rank {rank} learned other costs"  # bitwise: one plan
+        assert max(auto["grad_errors"]) < 1e-12, (rank, auto["grad_errors"])
+        assert "warm-up" in auto["plans"][0], auto["plans"]
+        assert "synthesised for measured costs" in auto["plans"][1] and auto["plans"][2] == auto["plans"][1]
+        assert auto["ran"][1] == auto["synthesised_row"] and auto["ran"][2] == auto["ran"][1], (rank, auto)
 
 
 def test_exception_on_one_rank_surfaces_on_every_rank(world):

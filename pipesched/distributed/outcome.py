@@ -7,10 +7,20 @@ last stage's rank, its memory figures), on the way every step takes: an
 error anywhere is raised everywhere, the loss reaches every rank, and every
 report holds every rank's memory. Error texts cross only when a rank
 failed, and every rank's task records only with ``gather_timeline``.
+
+A schedule built for measured costs (``wants_costs``, e.g. ``"auto"``) needs
+every stage's task times, and each process measures only its own stages. So
+for such a schedule the status row carries this rank's median F, B and W
+seconds per stage (:func:`cost_row`), and every rank merges the gathered rows
+into the same table (:func:`merged_costs`): identical bytes on every rank, so
+every rank synthesises the identical plan for the next step, with no extra
+collective.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,8 +37,17 @@ _STATUS = {name: i for i, name in enumerate(
     ["ok", "remote", "has_loss", "loss", "loss_dtype", "peak_inflight", "peak_bytes", "held_bytes"])}
 
 
-def status_row(local_error: BaseException | None, memory: RankMemory, loss: Tensor | None) -> Tensor:
-    """This rank's status: its outcome, its memory figures, and the batch's loss (last stage's rank)."""
+#: The task kinds a cost row holds, in its order: row[k * num_stages + s] is (COST_KINDS[k], s).
+COST_KINDS = ("F", "B", "W")
+
+
+def status_row(local_error: BaseException | None, memory: RankMemory, loss: Tensor | None,
+               costs: Tensor | None = None) -> Tensor:
+    """This rank's status: its outcome, its memory figures, and the batch's loss (last stage's rank).
+
+    ``costs`` (:func:`cost_row`), when the schedule wants measured costs, is
+    appended; every rank must then pass one of the same length.
+    """
     mine = torch.zeros(len(_STATUS), dtype=torch.float64)
     mine[_STATUS["ok"]] = local_error is None
     mine[_STATUS["remote"]] = isinstance(local_error, RemoteStepError)
@@ -39,7 +58,32 @@ def status_row(local_error: BaseException | None, memory: RankMemory, loss: Tens
         mine[_STATUS["has_loss"]] = 1
         mine[_STATUS["loss"]] = loss.item()
         mine[_STATUS["loss_dtype"]] = DTYPES.index(loss.dtype)
-    return mine
+    return mine if costs is None else torch.cat([mine, costs])
+
+
+def cost_row(costs: Mapping[tuple[str, int], float], num_stages: int) -> Tensor:
+    """This rank's measured ``{(kind, stage): seconds}`` as a row; NaN where it measured nothing."""
+    row = torch.full((len(COST_KINDS) * num_stages,), math.nan, dtype=torch.float64)
+    for (kind, stage), seconds in costs.items():
+        row[COST_KINDS.index(kind) * num_stages + stage] = seconds
+    return row
+
+
+def merged_costs(statuses: Sequence[Mapping[str, Any]], placement: Sequence[int]) -> dict[tuple[str, int], float]:
+    """Every stage's costs, each read from the row of the rank that owns the stage (it ran its tasks).
+
+    The same table on every rank: built from the same gathered rows in the
+    same order. A (kind, stage) its owner did not measure is left out (an
+    unsplit backward has no W), as :func:`~pipesched.plan.costs.median_costs` does.
+    """
+    num_stages = len(placement)
+    table: dict[tuple[str, int], float] = {}
+    for k, kind in enumerate(COST_KINDS):
+        for stage, rank in enumerate(placement):
+            seconds = statuses[rank]["costs"][k * num_stages + stage]
+            if not math.isnan(seconds):
+                table[(kind, stage)] = seconds
+    return table
 
 
 def exchange_statuses(mine: Tensor, error: str | None, tasks: list[Any] | None, world: int,
@@ -85,5 +129,5 @@ def _status(row: Tensor) -> dict[str, Any]:
         "ok": bool(get["ok"]), "remote": bool(get["remote"]), "error": None,
         "loss": (get["loss"], DTYPES[int(get["loss_dtype"])]) if get["has_loss"] else None,
         "peak_inflight": int(get["peak_inflight"]), "peak_bytes": int(get["peak_bytes"]),
-        "held_bytes": int(get["held_bytes"]),
+        "held_bytes": int(get["held_bytes"]), "costs": values[len(_STATUS):],
     }

@@ -46,7 +46,8 @@ from pipesched.distributed.clock import measure_clock_offset, shift_comm, shifte
 from pipesched.distributed.comm import Communicator
 from pipesched.distributed.errors import PeerLost, RemoteStepError, describe
 from pipesched.distributed.inbound import shape_checksum
-from pipesched.distributed.outcome import exchange_statuses, failure, status_row
+from pipesched.distributed.outcome import cost_row, exchange_statuses, failure, merged_costs, status_row
+from pipesched.plan.costs import median_costs
 from pipesched.distributed.ownership import own_stages
 from pipesched.observe.report import CommRecord, StepReport
 from pipesched.plan.action import Plan
@@ -209,6 +210,8 @@ class DistributedPipeline(PipelineModule):
         self._reduce_tied(effects)
         effects.commit()
         self._record(statuses, count, comm)
+        if self._shares_costs(with_loss=True):  # every rank, the same merged table: the same next plan
+            self._runner.learn_costs(merged_costs(statuses, self.placement))
         value, dtype = statuses[last]["loss"]
         return torch.tensor(value, dtype=dtype)
 
@@ -330,7 +333,8 @@ class DistributedPipeline(PipelineModule):
         if with_loss and local_error is None and self.rank == self.placement[-1]:
             count = ctx.mailbox.lowering.num_microbatches
             loss = batch_loss([ctx.results.losses[m] for m in range(count)], ctx.io.loss_weights)
-        mine = status_row(local_error, ctx.checkpoint.memory[self.rank], loss)
+        costs = cost_row(median_costs(records), self.num_stages) if self._shares_costs(with_loss) else None
+        mine = status_row(local_error, ctx.checkpoint.memory[self.rank], loss, costs)
         text = None if local_error is None else describe(local_error, self.rank)
         tasks = [r.as_dict() for r in shifted(records, self.clock_offset)]
         try:
@@ -347,6 +351,11 @@ class DistributedPipeline(PipelineModule):
                 raise local_error
             raise RemoteStepError(failure(statuses)) from local_error
         return statuses
+
+    def _shares_costs(self, with_loss: bool) -> bool:
+        """Whether this step's statuses carry measured costs: a training step of a schedule that wants
+        them (``"auto"`` without ``costs=``). The same answer on every rank, so the rows match."""
+        return with_loss and self.schedule.wants_costs
 
     def _reduce_tied(self, effects: StepEffects) -> None:
         """Sum the gradients of weights tied across ranks over their holders (every rank succeeded)."""

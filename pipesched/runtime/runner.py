@@ -19,7 +19,7 @@ lives here, so the two cannot drift apart:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,9 +283,13 @@ class StepRunner:
     def learn(self, records: Sequence[TaskRecord]) -> None:
         """Hand a schedule that wants measured costs this step's median task times (the generic
         ``wants_costs`` hook); when it says its plans are stale, plan every micro-batch count again."""
-        if not self.schedule.wants_costs or not records:
-            return
-        if self.schedule.use_costs(median_costs(records)):
+        if self.schedule.wants_costs and records:
+            self.learn_costs(median_costs(records))
+
+    def learn_costs(self, costs: Mapping[tuple[str, int], float]) -> None:
+        """Hand the schedule a table of ``{(kind, stage): seconds}`` (every stage's, merged across
+        processes by a :class:`~pipesched.distributed.DistributedPipeline`); re-plan if it asks."""
+        if self.schedule.use_costs(costs):
             self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement, split_backward=True)
             self._parts.clear()
 
