@@ -29,6 +29,7 @@ from pipesched.runtime.backward_half import BackwardHalf, BackwardSession, backw
 from pipesched.runtime.batchnorm import convert_deferred_batch_norm
 from pipesched.runtime.checkpoint import CheckpointPolicy
 from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
+from pipesched.runtime.grad_scaling import backward_seed
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import gather
 from pipesched.runtime.options import grad_disabled, missing_loss_fn
@@ -208,12 +209,19 @@ class Pipeline(PipelineModule):
     def _random(self) -> Any:
         return self._runner.random
 
-    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor | tuple[Tensor, ...]) -> Tensor:
+    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor | tuple[Tensor, ...], *,
+             scaler: Any = None) -> Tensor:
         """Forward and backward of the whole batch under the schedule; returns the detached loss.
 
         Gradients are *accumulated* into ``.grad`` (call ``optimizer.zero_grad()``
         between steps as usual). If a tensor of ``inputs`` requires grad, its
         ``.grad`` receives the input gradient too.
+
+        ``scaler``: a ``torch.amp.GradScaler`` for float16 mixed precision. The
+        backward then computes the gradients of ``scaler.scale(loss)``, as
+        ``scaler.scale(loss).backward()`` would; follow with
+        ``scaler.step(optimizer)`` and ``scaler.update()``. The returned loss
+        is unscaled (see :mod:`pipesched.runtime.grad_scaling`).
         """
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
             raise compile_refused("Pipeline")  # inline on purpose: see pipesched.runtime.compiling
@@ -226,7 +234,8 @@ class Pipeline(PipelineModule):
         targets_mb, weights = runner.split_targets(targets, split.sizes)
         count = len(split.sizes)
         plan, lowering = runner.plan(count)
-        io = StepInputs(split.microbatches, targets_mb, self.loss_fn, weights)
+        seed = backward_seed(scaler, self.devices[self.placement[-1]])
+        io = StepInputs(split.microbatches, targets_mb, self.loss_fn, weights, loss_seed=seed)
         ctx = runner.context(lowering, keep=True, io=io)
         records = runner.run(plan, ctx, self.module.parameters(), statistics=True)
         self.last_report = runner.report(count, records, ctx.checkpoint.memory)

@@ -52,3 +52,15 @@ def no_thread_leak():
         thread.join(timeout=5)
     leaked = set(pipeline_threads()) - before
     assert not leaked, f"threads left running: {sorted(t.name for t in leaked)}"
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process, in this process (an in-memory store: no port, no child process)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -105,18 +105,6 @@ def test_unknown_activation_meter_is_refused_with_the_choices():
         Pipeline(mlp(), devices=["cpu", "cpu"], activation_meter="sometimes")
 
 
-@pytest.fixture
-def one_process_group():
-    """A gloo group of one process, in this process (an in-memory store: no port, no child process)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_distributed_pipeline_takes_activation_meter_like_pipeline(one_process_group):
     """DistributedPipeline had no activation_meter: it always reused the first measurement ("once")."""
     from pipesched.distributed import DistributedPipeline

@@ -16,6 +16,11 @@ device, never something the pipeline computed:
   2e-2 × max |reference| per tensor (each micro-batch's weight gradient is
   rounded to bf16 once before the fp32 sum). The bf16 reference's own
   distance to float32 is reported beside it for scale.
+* ``fp16-scaler``: the GPT-like model under ``torch.autocast(dtype=float16)``
+  with ``pipe.step(x, y, scaler=GradScaler(init_scale=2**12))`` against
+  ``(loss * 2**12).backward()`` of the model under the same autocast on the
+  whole batch: the scaled gradients, compared as for bf16 (max |Δ| ≤ 1e-2 ×
+  max |reference| per tensor).
 * ``busy-stream``: float64, the caller's stream busy with a long kernel,
   then the input's last write, then ``step()`` with no synchronisation, and
   the gradients read on the caller's stream right after: they must be the
@@ -74,6 +79,7 @@ class Workload:
     tolerance: float
     reference: Callable[[int, int], list[Tensor]]  # (stages, chunks) -> gradients
     note: str = ""
+    loss_scale: float | None = None  # step with a GradScaler of this initial scale
 
 
 def _mlp(width: int, layers: int, dropout: float, device: torch.device) -> nn.Sequential:
@@ -97,11 +103,11 @@ def _conv(width: int, device: torch.device) -> nn.Sequential:
 
 
 def _whole_batch(model: nn.Sequential, x: Tensor, y: Tensor, loss_fn: nn.Module, env: Env,
-                 autocast: torch.dtype | None = None) -> list[Tensor]:
+                 autocast: torch.dtype | None = None, scale: float = 1.0) -> list[Tensor]:
     ref = copy.deepcopy(model)
     with env.autocast(autocast):
         loss = loss_fn(ref(x), y)
-    loss.backward()
+    (loss * scale).backward()
     return [p.grad.detach().clone() for p in ref.parameters()]
 
 
@@ -165,6 +171,9 @@ def workloads(env: Env) -> dict[str, Workload]:
     out["bf16"] = Workload(lm, ids, nxt, ce, torch.bfloat16, True, 2e-2, lambda s, m: bf16,
                            note=f"bf16 reference vs float32 reference (max per-tensor |Δ| / max |ref|): "
                                 f"{_max_relative(bf16, fp32):.2e}")
+    scale = 2.0**12
+    fp16 = _whole_batch(lm, ids, nxt, ce, env, torch.float16, scale)
+    out["fp16-scaler"] = Workload(lm, ids, nxt, ce, torch.float16, True, 1e-2, lambda s, m: fp16, loss_scale=scale)
     return out
 
 
@@ -219,6 +228,7 @@ def cases(env: Env) -> Iterator[tuple[Case, bool]]:
                     continue
                 yield Case("float32", p, schedule, stages, policy), False
                 yield Case("bf16", p, schedule, stages, policy), False
+                yield Case("fp16-scaler", p, schedule, stages, policy), False
 
 
 def run_case(env: Env, work: Workload, case: Case, busy: bool) -> tuple[list[Tensor], float]:
@@ -235,8 +245,10 @@ def run_case(env: Env, work: Workload, case: Case, busy: bool) -> tuple[list[Ten
             x.copy_(work.x)  # the input's last write waits behind the long kernel
         else:
             x = work.x
+        scaler = None if work.loss_scale is None else torch.amp.GradScaler(env.device.type,
+                                                                            init_scale=work.loss_scale)
         with env.autocast(work.autocast):
-            loss = pipe.step(x, work.y)
+            loss = pipe.step(x, work.y, scaler=scaler)
         grads = [p.grad.detach().clone() if p.grad is not None else torch.full_like(p, float("nan"))
                  for p in model.parameters()]  # no synchronize: the caller's stream must see them done
     env.sync()

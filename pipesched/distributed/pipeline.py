@@ -173,7 +173,7 @@ class DistributedPipeline(PipelineModule):
     # ------------------------------------------------------------------ step
 
     def step(self, inputs: Tensor | tuple[Tensor, ...] | None = None,
-             targets: Tensor | tuple[Tensor, ...] | None = None) -> Tensor:
+             targets: Tensor | tuple[Tensor, ...] | None = None, *, scaler: Any = None) -> Tensor:
         """Forward and backward of the whole batch; returns the loss on every rank.
 
         Call it on every rank. ``inputs`` matter on the rank owning stage 0,
@@ -190,7 +190,19 @@ class DistributedPipeline(PipelineModule):
         (a broadcast from stage 0's rank), run this rank's share of the plan
         (sending and receiving as the lowering says), share every rank's
         outcome (an all-gather, so errors and the loss reach every rank).
+
+        ``scaler`` (``Pipeline.step``'s float16 loss scaling) is refused: each
+        process's ``GradScaler`` would find infinities in its own gradients
+        only, and a process that skips ``optimizer.step()`` while another
+        does not leaves the model inconsistent.
         """
+        if scaler is not None:
+            raise NotImplementedError(
+                "DistributedPipeline.step(scaler=...) is not supported: each process's GradScaler would see only "
+                "its own gradients' infinities and skip optimizer steps on its own; train in bfloat16 "
+                "(torch.autocast('cuda', dtype=torch.bfloat16) needs no scaler) or use Pipeline, whose one scaler "
+                "sees every gradient"
+            )
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
             raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.runtime.compiling
         if self._broken is not None:

@@ -69,6 +69,9 @@ class StepInputs:
     loss_fn: Callable[..., Tensor] | None = None
     loss_weights: list[float] = field(default_factory=list)
     grad_outputs: list[tuple[Tensor | None, ...]] = field(default_factory=list)
+    #: what each loss's backward starts from in place of 1: a GradScaler's scale (see
+    #: :mod:`pipesched.runtime.grad_scaling`), on the last stage's device; ``None``: 1
+    loss_seed: Tensor | None = None
 
     @property
     def computes_loss(self) -> bool:

@@ -312,7 +312,8 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
             for g in ctx.io.grad_outputs[microbatch]
         )
     if not incoming and ctx.io.computes_loss:
-        roots, root_grads = ([loss], [None]) if loss is not None and loss.requires_grad else ([], [])
+        roots, root_grads = ([loss], [_loss_seed(ctx.io.loss_seed, loss)]) if loss is not None and loss.requires_grad \
+            else ([], [])
     else:
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
@@ -345,6 +346,13 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     for packet, slot in packets:
         slot.put((packet, TUPLE))
     return start, end
+
+
+def _loss_seed(seed: Tensor | None, loss: Tensor) -> Tensor | None:
+    """The gradient a loss's backward starts from: 1 (``None``), or a loss scale in the loss's dtype."""
+    if seed is None:
+        return None
+    return seed if seed.dtype == loss.dtype and seed.device == loss.device else seed.to(loss.device, loss.dtype)
 
 
 def _backward_inputs(
