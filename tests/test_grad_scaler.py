@@ -109,3 +109,18 @@ def test_distributed_pipeline_refuses_a_scaler_saying_why_and_what_instead(one_p
         with pytest.raises(NotImplementedError, match="each process's GradScaler would see only its own gradients"):
             pipe.step(x, y, scaler=scaler())
         pipe.step(x, y)  # still usable
+
+
+def test_gpipe_takes_torchs_recipe_as_is():
+    """pipesched.GPipe (torchgpipe's interface) returns the output, so scaler.scale(loss).backward() works as in torch."""
+    from pipesched import GPipe
+
+    model = mlp(layers=6)
+    x, y = batch()
+    _, expected = reference_grads(model, nn.CrossEntropyLoss(), x, y)
+    gpipe = GPipe(model, balance=[3, 3], devices=["cpu", "cpu"], chunks=4)
+    try:
+        scaler().scale(nn.CrossEntropyLoss()(gpipe(x), y)).backward()
+    finally:
+        gpipe.close()
+    assert_grads_equal(model, [g * SCALE for g in expected], atol=1e-12 * SCALE)
