@@ -391,6 +391,38 @@ def scenario_tied(rank: int, world: int, out: dict) -> None:
         out["tied:buffer"] = str(error)
 
 
+def scenario_clip(rank: int, world: int, out: dict) -> None:
+    """pipe.clip_grad_norm_ clips by the whole model's norm on every rank (a tied weight counted once):
+    the norm, the clipped gradients and the updated weights equal clip_grad_norm_ of the plain model."""
+    from pipesched.distributed import DistributedPipeline
+    from tied_models import gpt_balance, gpt_like, token_loss, tokens
+
+    schedule, stages = ("zb-v", 2 * world)
+    layers = stages + 2
+    for norm_type in (2.0, float("inf")):
+        model = gpt_like(layers)
+        reference = copy.deepcopy(model)
+        ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+        norms, grads, weights = [], 0.0, 0.0
+        with DistributedPipeline(model, schedule=schedule, balance=gpt_balance(layers, stages), chunks=3,
+                                 loss_fn=token_loss) as pipe:
+            optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+            for x, y in [tokens(seed=2), tokens(seed=5)]:
+                ref_opt.zero_grad()
+                token_loss(reference(x), y).backward()
+                expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05, norm_type)
+                optimizer.zero_grad()
+                pipe.step(x, y)
+                got = pipe.clip_grad_norm_(0.05, norm_type)
+                norms.append(abs(float(got) - float(expected)) / float(expected))
+                grads = max(grads, _tied_error(pipe, reference, "grad"))
+                ref_opt.step()
+                optimizer.step()
+            weights = _tied_error(pipe, reference, "data")
+        out[f"clip:{norm_type}"] = {"ok": max(norms) < 1e-12 and grads < 1e-12 and weights < 1e-12,
+                                    "norm_error": max(norms), "grad_error": grads, "weight_error": weights}
+
+
 class ExitProcess(nn.Module):
     """While armed, ends its process abruptly (no clean-up, sockets closed by the OS)."""
 
@@ -656,6 +688,7 @@ SCENARIOS = {
     "failure": scenario_failure,
     "tied": scenario_tied,
     "auto": scenario_auto,
+    "clip": scenario_clip,
 
 
     "state_dict": scenario_state_dict,

@@ -61,8 +61,8 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
-    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "auto", "state_dict", "skips", "timeline",
-             "shapes", "stall"]
+    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "auto", "clip", "state_dict", "skips",
+             "timeline", "shapes", "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -162,6 +162,16 @@ def test_auto_learns_every_stages_costs_across_processes_and_every_rank_runs_one
         assert "warm-up" in auto["plans"][0], auto["plans"]
         assert "synthesised for measured costs" in auto["plans"][1] and auto["plans"][2] == auto["plans"][1]
         assert auto["ran"][1] == auto["synthesised_row"] and auto["ran"][2] == auto["ran"][1], (rank, auto)
+
+
+def test_clip_grad_norm_uses_the_whole_models_norm_on_every_rank(world):
+    """torch's clip_grad_norm_ on pipe.parameters() would clip each rank by its own norm; the pipeline's
+    all-reduces it (a weight tied across processes counted once), for the 2-norm and the inf-norm."""
+    _, results, _ = world
+    for rank, result in enumerate(results):
+        for norm in ("2.0", "inf"):
+            verdict = result[f"clip:{norm}"]
+            assert verdict["ok"], f"rank {rank}, norm {norm}: {verdict}"
 
 
 def test_exception_on_one_rank_surfaces_on_every_rank(world):

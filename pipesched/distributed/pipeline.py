@@ -45,12 +45,13 @@ from torch import Tensor, nn
 from pipesched.distributed.clock import measure_clock_offset, shift_comm, shifted
 from pipesched.distributed.comm import Communicator
 from pipesched.distributed.errors import PeerLost, RemoteStepError, describe
+from pipesched.distributed.grad_norm import clip_grad_norm_across
 from pipesched.distributed.inbound import shape_checksum
 from pipesched.distributed.outcome import cost_row, exchange_statuses, failure, merged_costs, status_row
-from pipesched.plan.costs import median_costs
 from pipesched.distributed.ownership import own_stages
 from pipesched.observe.report import CommRecord, StepReport
 from pipesched.plan.action import Plan
+from pipesched.plan.costs import median_costs
 from pipesched.plan.record import TaskRecord
 from pipesched.plan.schedule import Schedule
 from pipesched.runtime.batchnorm import convert_deferred_batch_norm
@@ -397,6 +398,20 @@ class DistributedPipeline(PipelineModule):
             self._orchestrator.events.emit("comm", (
                 {"step": step, "schedule": self.schedule.name, **record.as_dict()} for record in self.last_comm
             ))
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model's gradients, on every rank.
+
+        Call it on every rank after ``step()``, before ``optimizer.step()``.
+        Clipping ``pipe.parameters()`` with torch's function would use this
+        rank's norm only; this one all-reduces the norm over the processes
+        (a tied weight counted once) and scales every rank's gradients by the
+        same factor. Returns the total norm (float64), the same on every rank.
+        See :mod:`pipesched.distributed.grad_norm`.
+        """
+        elsewhere = self._tied.counted_elsewhere(self._global(self.rank)) if self._tied else set()
+        return clip_grad_norm_across(self.parameters(), max_norm, norm_type, error_if_nonfinite, self.group,
+                                     elsewhere)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """Compile this rank's stages in place with ``torch.compile(*args, **kwargs)``.

@@ -70,6 +70,15 @@ class TiedGroups:
     def __bool__(self) -> bool:
         return bool(self.groups)
 
+    def counted_elsewhere(self, global_rank: int) -> set[int]:
+        """Ids of this process's tied parameters whose lowest holder is another process.
+
+        Every holder has the same summed gradient, so a whole-model sum over
+        parameters (a gradient norm) counts each tied weight once, at its
+        lowest holder.
+        """
+        return {id(p) for _, lowest, params, holds in self.groups if holds and lowest != global_rank for p in params}
+
     @torch.no_grad()
     def broadcast_values(self) -> None:
         """Make every holder's copy the lowest holder's value."""
