@@ -231,7 +231,7 @@ class Pipeline(PipelineModule):
             raise grad_disabled()
         runner = self._runner
         split = runner.split_inputs(inputs)
-        targets_mb, weights = runner.split_targets(targets, split.sizes)
+        targets_mb, weights, _ = runner.split_targets(targets, split.sizes)
         count = len(split.sizes)
         plan, lowering = runner.plan(count)
         seed = backward_seed(scaler, self.devices[self.placement[-1]])

@@ -423,6 +423,66 @@ def scenario_clip(rank: int, world: int, out: dict) -> None:
                                     "norm_error": max(norms), "grad_error": grads, "weight_error": weights}
 
 
+def scenario_data_parallel(rank: int, world: int, out: dict) -> None:
+    """Two pipelines of two processes (world 4), each fed half the batch, joined by data-parallel groups:
+    loss, gradients and two SGD steps equal the plain model's on the whole batch, though the halves
+    count different numbers of tokens and replica 1 starts from other weights; a step that fails on
+    one replica fails on every process, changes no gradient, and the next step works."""
+    if world != 4:
+        return
+    from pipesched.distributed import DistributedPipeline, RemoteStepError
+
+    pipelines = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every process creates every group, in order
+    replicas = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    replica = rank // 2
+    model = mlp(layers=5)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(replica)  # another seed: building the pipelines must make replica 1 replica 0
+    x, y = data(16)
+    y[[9, 10, 12, 13, 15]] = -100  # padding in the second half only: 8 tokens against 3
+    halves = (slice(0, 8), slice(8, 16))
+    loss_fn = nn.CrossEntropyLoss()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    losses, grads = [], []
+    with DistributedPipeline(model, schedule="1f1b", chunks=4, loss_fn=loss_fn, group=pipelines[replica],
+                             data_parallel_group=replicas[rank % 2]) as pipe:
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+        first = pipe.rank == 0
+        for _ in range(2):
+            ref_opt.zero_grad()
+            ref_loss = loss_fn(reference(x), y)
+            ref_loss.backward()
+            optimizer.zero_grad()
+            mine = halves[replica]
+            loss = pipe.step(x[mine] if first else None, y[mine])
+            losses.append(abs(loss.item() - ref_loss.item()))
+            grads.append(grad_error(pipe, reference))
+            ref_opt.step()
+            optimizer.step()
+        weights = _tied_error(pipe, reference, "data")
+        # replica 1's targets do not match its inputs: its last rank refuses them
+        before = [p.grad.clone() for p in pipe.parameters()]
+        bad = y[halves[replica]] if replica == 0 else y[:3]
+        try:
+            pipe.step(x[halves[replica]] if first else None, bad)
+            raised = None
+        except RemoteStepError as error:
+            raised = f"RemoteStepError: {error}"
+        except ValueError as error:
+            raised = f"ValueError: {error}"
+        unchanged = all(torch.equal(a, b.grad) for a, b in zip(before, pipe.parameters()))
+        optimizer.zero_grad()
+        after = abs(pipe.step(x[halves[replica]] if first else None, y[halves[replica]]).item()
+                    - loss_fn(reference(x), y).item())
+    out["data_parallel"] = {
+        "ok": max(losses) < 1e-12 and max(grads) < 1e-12 and weights < 1e-12,
+        "loss_error": max(losses), "grad_error": max(grads), "weight_error": weights,
+        "raised": raised, "unchanged": unchanged, "next_loss_error": after,
+    }
+
+
 class ExitProcess(nn.Module):
     """While armed, ends its process abruptly (no clean-up, sockets closed by the OS)."""
 
@@ -689,6 +749,7 @@ SCENARIOS = {
     "tied": scenario_tied,
     "auto": scenario_auto,
     "clip": scenario_clip,
+    "data_parallel": scenario_data_parallel,
 
 
     "state_dict": scenario_state_dict,

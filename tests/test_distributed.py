@@ -61,8 +61,8 @@ def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
 def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
-    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "auto", "clip", "state_dict", "skips",
-             "timeline", "shapes", "stall"]
+    names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "auto", "clip", "data_parallel",
+             "state_dict", "skips", "timeline", "shapes", "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -172,6 +172,23 @@ def test_clip_grad_norm_uses_the_whole_models_norm_on_every_rank(world):
         for norm in ("2.0", "inf"):
             verdict = result[f"clip:{norm}"]
             assert verdict["ok"], f"rank {rank}, norm {norm}: {verdict}"
+
+
+def test_two_pipelines_with_data_parallel_groups_train_as_the_plain_model_on_the_whole_batch(world):
+    """Pipelines could not be combined with data parallelism: DDP cannot wrap a pipeline's step, and
+    averaging per-replica means is not the global mean when replicas count different tokens."""
+    size, results, _ = world
+    if size != 4:
+        pytest.skip("two pipelines of two processes need a world of 4")
+    for rank, result in enumerate(results):
+        verdict = result["data_parallel"]
+        assert verdict["ok"], f"rank {rank}: {verdict}"
+        assert verdict["unchanged"] and verdict["next_loss_error"] < 1e-12, (rank, verdict)
+    raised = [r["data_parallel"]["raised"] for r in results]
+    assert raised[3].startswith("ValueError: targets hold 3 rows but inputs hold 8"), raised
+    assert raised[2].startswith("RemoteStepError") and "targets hold 3 rows" in raised[2], raised
+    for rank in (0, 1):
+        assert "1 of the 2 data-parallel replicas failed this step" in raised[rank], raised
 
 
 def test_exception_on_one_rank_surfaces_on_every_rank(world):

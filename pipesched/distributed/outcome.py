@@ -34,7 +34,8 @@ from pipesched.runtime.checkpoint import RankMemory
 #: What each rank shares at the end of a step: one float64 each (a loss of any float dtype
 #: up to float64 and byte counts below 2**53 cross exactly).
 _STATUS = {name: i for i, name in enumerate(
-    ["ok", "remote", "has_loss", "loss", "loss_dtype", "peak_inflight", "peak_bytes", "held_bytes"])}
+    ["ok", "remote", "has_loss", "loss", "loss_dtype", "peak_inflight", "peak_bytes", "held_bytes", "normaliser",
+     "summed"])}
 
 
 #: The task kinds a cost row holds, in its order: row[k * num_stages + s] is (COST_KINDS[k], s).
@@ -42,8 +43,9 @@ COST_KINDS = ("F", "B", "W")
 
 
 def status_row(local_error: BaseException | None, memory: RankMemory, loss: Tensor | None,
-               costs: Tensor | None = None) -> Tensor:
-    """This rank's status: its outcome, its memory figures, and the batch's loss (last stage's rank).
+               costs: Tensor | None = None, normaliser: float | None = None) -> Tensor:
+    """This rank's status: its outcome, its memory figures, and the batch's loss and loss normaliser
+    (``None``: a summed loss) on the last stage's rank.
 
     ``costs`` (:func:`cost_row`), when the schedule wants measured costs, is
     appended; every rank must then pass one of the same length.
@@ -58,6 +60,8 @@ def status_row(local_error: BaseException | None, memory: RankMemory, loss: Tens
         mine[_STATUS["has_loss"]] = 1
         mine[_STATUS["loss"]] = loss.item()
         mine[_STATUS["loss_dtype"]] = DTYPES.index(loss.dtype)
+        mine[_STATUS["summed"]] = normaliser is None
+        mine[_STATUS["normaliser"]] = 0.0 if normaliser is None else normaliser
     return mine if costs is None else torch.cat([mine, costs])
 
 
@@ -130,4 +134,5 @@ def _status(row: Tensor) -> dict[str, Any]:
         "loss": (get["loss"], DTYPES[int(get["loss_dtype"])]) if get["has_loss"] else None,
         "peak_inflight": int(get["peak_inflight"]), "peak_bytes": int(get["peak_bytes"]),
         "held_bytes": int(get["held_bytes"]), "costs": values[len(_STATUS):],
+        "normaliser": None if get["summed"] else get["normaliser"],
     }

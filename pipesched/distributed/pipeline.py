@@ -34,6 +34,7 @@ or merge the per-rank JSON-lines logs afterwards
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 
 from pipesched.distributed.clock import measure_clock_offset, shift_comm, shifted
 from pipesched.distributed.comm import Communicator
+from pipesched.distributed.data_parallel import DataParallelReplicas
 from pipesched.distributed.errors import PeerLost, RemoteStepError, describe
 from pipesched.distributed.grad_norm import clip_grad_norm_across
 from pipesched.distributed.inbound import shape_checksum
@@ -94,6 +96,12 @@ class DistributedPipeline(PipelineModule):
             per step). Default: each rank's report holds its own tasks.
         device: this rank's device (default ``"cpu"``).
         group: the process group (default: the world). Backend: gloo.
+        data_parallel_group: with several pipelines of the same model (each
+            on its own ``group``, each fed its part of the global batch), the
+            group of the processes holding this process's stages in every
+            pipeline. Every step then leaves every replica the gradients and
+            the loss of the global batch (see
+            :mod:`pipesched.distributed.data_parallel`). Default: one pipeline.
     """
 
     def __init__(
@@ -114,6 +122,7 @@ class DistributedPipeline(PipelineModule):
         log_tasks: bool = True,
         gather_timeline: bool = False,
         activation_meter: str = "once",
+        data_parallel_group: Any = None,
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -160,6 +169,10 @@ class DistributedPipeline(PipelineModule):
         if self._tied:
             self._tied.broadcast_values()  # tied copies start equal, whatever each process's seed
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
+        layout = (self.rank, self.num_stages, tuple(self.placement),
+                  tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items())))
+        self._replicas = (DataParallelReplicas(data_parallel_group, layout, self.local_stages)
+                          if data_parallel_group is not None else None)
         self._comm = Communicator(group, self.rank, self.num_ranks, self.device)
         self._finalizer = weakref.finalize(self, _close, self._runner, self._comm)
         self.clock_offset = measure_clock_offset(self.group, self.rank, self.num_ranks, self._global)
@@ -211,6 +224,25 @@ class DistributedPipeline(PipelineModule):
         if not torch.is_grad_enabled():
             raise grad_disabled()
         last = self.placement[-1]
+        try:
+            statuses, effects, count, comm = self._train(inputs, targets)
+        except BaseException:
+            self._replicas_failed()
+            raise
+        value, dtype = statuses[last]["loss"]
+        if self._replicas is not None:
+            value = self._reduce_replicas(statuses[last], value, effects)
+        effects.commit()
+        if self._replicas is not None:
+            self._replicas.broadcast(self.local_stages)  # batch-norm statistics: the first replica's
+        self._record(statuses, count, comm)
+        if self._shares_costs(with_loss=True):  # every rank, the same merged table: the same next plan
+            self._runner.learn_costs(merged_costs(statuses, self.placement))
+        return torch.tensor(value, dtype=dtype)
+
+    def _train(self, inputs: Any, targets: Any) -> tuple[list[Any], StepEffects, int, list[CommRecord]]:
+        """This pipeline's step, up to (not including) the commit of its gradients."""
+        last = self.placement[-1]
         local_error = missing_loss_fn() if self.rank == last and self.loss_fn is None else None
         split, shapes, local_error = self._agree_on_batch(inputs, local_error)
         count = len(split.sizes)
@@ -221,12 +253,27 @@ class DistributedPipeline(PipelineModule):
         records, local_error, comm = self._run_plan(plan, ctx, effects, local_error, shapes)
         statuses = self._share_outcome(ctx, records, local_error, effects)
         self._reduce_tied(effects)
-        effects.commit()
-        self._record(statuses, count, comm)
-        if self._shares_costs(with_loss=True):  # every rank, the same merged table: the same next plan
-            self._runner.learn_costs(merged_costs(statuses, self.placement))
-        value, dtype = statuses[last]["loss"]
-        return torch.tensor(value, dtype=dtype)
+        return statuses, effects, count, comm
+
+    def _reduce_replicas(self, last: Mapping[str, Any], loss: float, effects: StepEffects) -> float:
+        """This step's gradients and loss combined with the other pipelines' (data parallelism)."""
+        try:
+            return self._replicas.reduce(True, last["normaliser"], loss, list(self.parameters()))  # type: ignore[union-attr]
+        except RemoteStepError:
+            effects.rollback()
+            raise
+        except RuntimeError as error:  # a replica's process is gone
+            effects.rollback()
+            raise self._lose(PeerLost(f"a data-parallel replica is gone ({error})")) from error
+
+    def _replicas_failed(self) -> None:
+        """This pipeline's step failed: tell the other replicas, so none waits for this one."""
+        if self._replicas is None or self._broken is not None:
+            return
+        try:
+            self._replicas.reduce(False, None, math.nan, [])
+        except RuntimeError:  # a replica is gone too: this step's own error is what to raise
+            pass
 
     def forward(self, inputs: Tensor | tuple[Tensor, ...] | None = None) -> Any:
         """Forward half only, on every rank; the output comes back on the last stage's rank.
@@ -298,7 +345,7 @@ class DistributedPipeline(PipelineModule):
         io = StepInputs(split.microbatches if self.rank == self.placement[0] else [])
         if self.rank == self.placement[-1] and local_error is None:
             try:
-                io.targets, io.loss_weights = self._runner.split_targets(targets, split.sizes)
+                io.targets, io.loss_weights, io.normaliser = self._runner.split_targets(targets, split.sizes)
                 io.loss_fn = self.loss_fn
             except Exception as error:  # noqa: BLE001 - incl. a user loss_normalizer's; raised on every rank
                 local_error = error
@@ -347,7 +394,7 @@ class DistributedPipeline(PipelineModule):
             count = ctx.mailbox.lowering.num_microbatches
             loss = batch_loss([ctx.results.losses[m] for m in range(count)], ctx.io.loss_weights)
         costs = cost_row(median_costs(records), self.num_stages) if self._shares_costs(with_loss) else None
-        mine = status_row(local_error, ctx.checkpoint.memory[self.rank], loss, costs)
+        mine = status_row(local_error, ctx.checkpoint.memory[self.rank], loss, costs, ctx.io.normaliser)
         text = None if local_error is None else describe(local_error, self.rank)
         tasks = [r.as_dict() for r in shifted(records, self.clock_offset)]
         try:

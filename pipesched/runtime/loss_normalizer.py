@@ -124,21 +124,30 @@ def _as_count(value: object, microbatch: int) -> float:
     return float(value)
 
 
-def loss_weights(loss_fn: Any, targets: Sequence[Any], loss_normalizer: LossNormalizer | None = None) -> list[float]:
-    """Per micro-batch weights that make the weighted sum of losses equal the whole batch's loss.
+def loss_counts(loss_fn: Any, targets: Sequence[Any], loss_normalizer: LossNormalizer | None = None
+                ) -> list[float] | None:
+    """Each micro-batch's normaliser count; ``None`` for a summed loss (no normaliser: each counts 1).
 
-    ``targets``: each micro-batch's targets, exactly as ``loss_fn`` receives
-    them. All 0 when the batch's normaliser is 0 (see :func:`batch_loss`).
+    ``targets``: each micro-batch's targets, exactly as ``loss_fn`` receives them.
     """
     if loss_normalizer is None:
         if getattr(loss_fn, "reduction", "mean") == "sum":
-            return [1.0] * len(targets)
+            return None
         counter: Callable[[Any], float] = (
             _class_index_counter(loss_fn) if _recognised(loss_fn) else lambda t: float(_rows(t))
         )
-        counts = [counter(t) for t in targets]
-    else:
-        counts = [_as_count(loss_normalizer(t), m) for m, t in enumerate(targets)]
+        return [counter(t) for t in targets]
+    return [_as_count(loss_normalizer(t), m) for m, t in enumerate(targets)]
+
+
+def weights_of(counts: Sequence[float] | None, microbatches: int) -> list[float]:
+    """Per micro-batch weights that make the weighted sum of losses equal the whole batch's loss.
+
+    ``counts``: :func:`loss_counts`. All 0 when the batch's normaliser is 0
+    (see :func:`batch_loss`).
+    """
+    if counts is None:
+        return [1.0] * microbatches
     total = sum(counts)  # equals the whole batch's count: a mean's normaliser adds up over rows
     if total == 0:
         return [0.0] * len(counts)

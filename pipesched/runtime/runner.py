@@ -44,7 +44,7 @@ from pipesched.runtime.checkpoint import (
     make_policy,
 )
 from pipesched.runtime.cpu_threads import warn_if_oversubscribed
-from pipesched.runtime.loss_normalizer import LossNormalizer, check_loss_normalizer, loss_weights
+from pipesched.runtime.loss_normalizer import LossNormalizer, check_loss_normalizer, loss_counts, weights_of
 from pipesched.runtime.mailbox import Mailbox
 from pipesched.runtime.microbatch import as_tensors, batch_size, scatter, split_sizes
 from pipesched.runtime.options import check_chunks, check_flag, check_loss_fn, check_stall_timeout, resolve_schedule
@@ -187,8 +187,9 @@ class StepRunner:
         structure = TENSOR if single else TUPLE
         return SplitBatch(tensors, sizes, [(mb, structure) for mb in scatter(tensors, sizes)])
 
-    def split_targets(self, targets: Any, sizes: list[int]) -> tuple[list[Any], list[float]]:
-        """``targets`` cut like the inputs, and each micro-batch's loss weight."""
+    def split_targets(self, targets: Any, sizes: list[int]) -> tuple[list[Any], list[float], float | None]:
+        """``targets`` cut like the inputs, each micro-batch's loss weight, and the batch's normaliser
+        (the count its mean divides by; ``None`` for a summed loss)."""
         target_tensors = as_tensors(targets, "targets")
         rows = batch_size(target_tensors, "targets")
         if rows != sum(sizes):
@@ -197,7 +198,8 @@ class StepRunner:
             )
         single = isinstance(targets, Tensor)
         parts = [mb[0] if single else mb for mb in scatter(target_tensors, sizes)]
-        return parts, loss_weights(self.options.loss_fn, parts, self.options.loss_normalizer)
+        counts = loss_counts(self.options.loss_fn, parts, self.options.loss_normalizer)
+        return parts, weights_of(counts, len(parts)), None if counts is None else sum(counts)
 
     # ------------------------------------------------------------- context
 

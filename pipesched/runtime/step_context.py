@@ -72,6 +72,8 @@ class StepInputs:
     #: what each loss's backward starts from in place of 1: a GradScaler's scale (see
     #: :mod:`pipesched.runtime.grad_scaling`), on the last stage's device; ``None``: 1
     loss_seed: Tensor | None = None
+    #: the batch's loss normaliser (what its mean divides by; ``None``: a summed loss)
+    normaliser: float | None = None
 
     @property
     def computes_loss(self) -> bool:
