@@ -16,6 +16,7 @@ or by 1 (``reduction == "sum"``).
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +30,11 @@ from pipesched.runtime.backward_half import BackwardHalf, BackwardSession, backw
 from pipesched.runtime.batchnorm import convert_deferred_batch_norm
 from pipesched.runtime.checkpoint import CheckpointPolicy
 from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
+from pipesched.runtime.data_parallel import (
+    DataParallelReplicas,
+    check_data_parallel_group,
+    scale_input_gradients,
+)
 from pipesched.runtime.grad_scaling import backward_seed
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import gather
@@ -109,6 +115,12 @@ class Pipeline(PipelineModule):
             the first time it runs and its bytes reused afterwards, so later
             forwards run without the meter's per-tensor hooks. ``"every"``:
             every forward is measured (costs a Python call per saved tensor).
+        data_parallel_group: a ``torch.distributed`` process group of
+            processes that each run this pipeline on their own part of the
+            global batch (data parallelism across pipelines, e.g. one per
+            node). Every ``step()`` then leaves every process the gradients
+            and the loss of the global batch; see
+            :mod:`pipesched.runtime.data_parallel`. Default: one process.
     """
 
     def __init__(
@@ -126,6 +138,7 @@ class Pipeline(PipelineModule):
         stall_timeout: float | None = 600.0,
         log_tasks: bool = True,
         activation_meter: str = "once",
+        data_parallel_group: Any = None,
     ):
         super().__init__()
         if not isinstance(module, nn.Sequential):
@@ -135,6 +148,8 @@ class Pipeline(PipelineModule):
             )
         if len(module) == 0:
             raise ValueError("module is an empty nn.Sequential; give it at least one layer")
+        if data_parallel_group is not None:
+            check_data_parallel_group(data_parallel_group)  # before any thread starts
         verify_skippables(module)  # every skip name stashed once and popped once after, as torchgpipe's GPipe
         options = StepOptions.check(
             schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
@@ -167,6 +182,9 @@ class Pipeline(PipelineModule):
             stage.to(self.devices[rank])
         self._runner.ties.place_owners()  # a tied weight lives on its first stage's device
         self.last_report: StepReport | None = None
+        layout = ("Pipeline", tuple(self.balance), tuple(self.placement), sum(p.numel() for p in module.parameters()))
+        self._replicas = (DataParallelReplicas(data_parallel_group, layout, module)
+                          if data_parallel_group is not None else None)
 
     # ------------------------------------------------------------------ shape
 
@@ -230,18 +248,37 @@ class Pipeline(PipelineModule):
         if not torch.is_grad_enabled():
             raise grad_disabled()
         runner = self._runner
-        split = runner.split_inputs(inputs)
-        targets_mb, weights, _ = runner.split_targets(targets, split.sizes)
-        count = len(split.sizes)
-        plan, lowering = runner.plan(count)
-        seed = backward_seed(scaler, self.devices[self.placement[-1]])
-        io = StepInputs(split.microbatches, targets_mb, self.loss_fn, weights, loss_seed=seed)
-        ctx = runner.context(lowering, keep=True, io=io)
-        records = runner.run(plan, ctx, self.module.parameters(), statistics=True)
+        replicas = self._replicas
+        joined: list[float] = []  # the global loss, once this step joined the replicas' exchange
+        try:
+            split = runner.split_inputs(inputs)
+            targets_mb, weights, normaliser = runner.split_targets(targets, split.sizes)
+            count = len(split.sizes)
+            plan, lowering = runner.plan(count)
+            seed = backward_seed(scaler, self.devices[self.placement[-1]])
+            io = StepInputs(split.microbatches, targets_mb, self.loss_fn, weights, loss_seed=seed)
+            ctx = runner.context(lowering, keep=True, io=io)
+
+            def combine() -> None:  # data parallelism: this step's gradients with the other replicas'
+                joined.append(math.nan)
+                local = batch_loss([ctx.results.losses[m] for m in range(count)], weights)
+                joined[0], factor = replicas.reduce(True, normaliser, float(local),  # type: ignore[union-attr]
+                                                    list(self.module.parameters()))
+                scale_input_gradients(ctx, factor)
+
+            records = runner.run(plan, ctx, self.module.parameters(), statistics=True,
+                                 before_commit=None if replicas is None else combine)
+        except BaseException:
+            if replicas is not None and not joined:
+                replicas.fail()  # the other replicas wait for this one's word
+            raise
+        if replicas is not None:
+            replicas.broadcast(self.module)  # batch-norm statistics: the first replica's
         self.last_report = runner.report(count, records, ctx.checkpoint.memory)
         runner.learn(records)
         backward_into_inputs(split.tensors, ctx, split.sizes)
-        return batch_loss([ctx.results.losses[m] for m in range(count)], weights)
+        loss = batch_loss([ctx.results.losses[m] for m in range(count)], weights)
+        return loss if replicas is None else torch.full_like(loss, joined[0])
 
     def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Any:
         """Forward half only; the output is gathered on the last rank's device.

@@ -483,6 +483,59 @@ def scenario_data_parallel(rank: int, world: int, out: dict) -> None:
     }
 
 
+def scenario_pipeline_replicas(rank: int, world: int, out: dict) -> None:
+    """One single-process Pipeline (2 ranks, threads) per process, joined by data_parallel_group:
+    loss, parameter gradients, the inputs' gradients and two SGD steps equal the plain model on the
+    whole batch, though the processes' parts count different numbers of tokens; a step that fails in
+    one process fails in all and changes nothing; the next one is exact."""
+    from pipesched import Pipeline
+    from pipesched.distributed import RemoteStepError
+
+    model = mlp(layers=5)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(rank)  # another seed: the pipeline must start from process 0's weights
+    x, y = data(6 * world)
+    y[[r * 6 + k for r in range(1, world) for k in range(r % 3 + 1)]] = -100  # unequal tokens per process
+    mine = slice(6 * rank, 6 * rank + 6)
+    loss_fn = nn.CrossEntropyLoss()
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    losses, grads, inputs = [], [], []
+    with Pipeline(model, schedule="1f1b", balance=[3, 2], devices=["cpu", "cpu"], chunks=3, loss_fn=loss_fn,
+                  data_parallel_group=dist.group.WORLD) as pipe:
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+        for _ in range(2):
+            ref_x = x.clone().requires_grad_(True)
+            ref_opt.zero_grad()
+            ref_loss = loss_fn(reference(ref_x), y)
+            ref_loss.backward()
+            optimizer.zero_grad()
+            part = x[mine].clone().requires_grad_(True)
+            loss = pipe.step(part, y[mine])
+            losses.append(abs(loss.item() - ref_loss.item()))
+            grads.append(max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(),
+                                                                                  reference.parameters())))
+            inputs.append((part.grad - ref_x.grad[mine]).abs().max().item())
+            ref_opt.step()
+            optimizer.step()
+        weights = max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+        before = [p.grad.clone() for p in model.parameters()]
+        try:
+            pipe.step(x[mine], y[mine] if rank else y[:2])  # process 0's targets do not match its inputs
+            raised = None
+        except (RemoteStepError, ValueError) as error:
+            raised = f"{type(error).__name__}: {error}"
+        unchanged = all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+        optimizer.zero_grad()
+        after = abs(pipe.step(x[mine], y[mine]).item() - loss_fn(reference(x), y).item())
+    out["pipeline_replicas"] = {
+        "ok": max(losses) < 1e-12 and max(grads) < 1e-12 and max(inputs) < 1e-12 and weights < 1e-12,
+        "loss_error": max(losses), "grad_error": max(grads), "input_grad_error": max(inputs),
+        "weight_error": weights, "raised": raised, "unchanged": unchanged, "next_loss_error": after,
+    }
+
+
 class ExitProcess(nn.Module):
     """While armed, ends its process abruptly (no clean-up, sockets closed by the OS)."""
 
@@ -750,6 +803,7 @@ SCENARIOS = {
     "auto": scenario_auto,
     "clip": scenario_clip,
     "data_parallel": scenario_data_parallel,
+    "pipeline_replicas": scenario_pipeline_replicas,
 
 
     "state_dict": scenario_state_dict,

@@ -62,7 +62,7 @@ def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
     names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "auto", "clip", "data_parallel",
-             "state_dict", "skips", "timeline", "shapes", "stall"]
+             "pipeline_replicas", "state_dict", "skips", "timeline", "shapes", "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -189,6 +189,20 @@ def test_two_pipelines_with_data_parallel_groups_train_as_the_plain_model_on_the
     assert raised[2].startswith("RemoteStepError") and "targets hold 3 rows" in raised[2], raised
     for rank in (0, 1):
         assert "1 of the 2 data-parallel replicas failed this step" in raised[rank], raised
+
+
+def test_single_process_pipelines_joined_by_data_parallel_group_train_as_the_plain_model(world):
+    """One Pipeline per process (each pipelining over its own devices), data parallel across processes:
+    the global batch's loss and gradients, the inputs' gradients weighted by each part's share."""
+    size, results, _ = world
+    for rank, result in enumerate(results):
+        verdict = result["pipeline_replicas"]
+        assert verdict["ok"], f"rank {rank}: {verdict}"
+        assert verdict["unchanged"] and verdict["next_loss_error"] < 1e-12, (rank, verdict)
+    raised = [r["pipeline_replicas"]["raised"] for r in results]
+    assert raised[0].startswith("ValueError: targets hold 2 rows but inputs hold 6"), raised
+    for rank in range(1, size):
+        assert f"1 of the {size} data-parallel replicas failed this step" in raised[rank], raised
 
 
 def test_exception_on_one_rank_surfaces_on_every_rank(world):

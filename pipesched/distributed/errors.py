@@ -9,16 +9,16 @@ died or stopped answering is named by :class:`PeerLost`, whose mark survives
 the trip as text (:func:`remote_error`), so a rank that learns of it
 second-hand stops for good too. These types are the multi-process backend's
 public errors (``from pipesched.distributed import PeerLost,
-RemoteStepError``), kept apart from the machinery that raises them.
+RemoteStepError``), kept apart from the machinery that raises them;
+``RemoteStepError`` itself is defined in :mod:`pipesched.runtime.remote_error`,
+because data parallelism raises it for the single-process pipeline too.
 """
 
 from __future__ import annotations
 
 import traceback
 
-
-class RemoteStepError(RuntimeError):
-    """Another rank of the pipeline failed during this step; the message says where and why."""
+from pipesched.runtime.remote_error import RemoteStepError
 
 
 class PeerLost(RemoteStepError):
@@ -49,3 +49,6 @@ def describe(error: BaseException, rank: int) -> str:
     frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
     at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(error).__name__}: {error}, {where}{at}"
+
+
+__all__ = ["PeerLost", "RemoteStepError", "describe", "lost", "remote_error"]

@@ -34,7 +34,6 @@ or merge the per-rank JSON-lines logs afterwards
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,7 +44,7 @@ from torch import Tensor, nn
 
 from pipesched.distributed.clock import measure_clock_offset, shift_comm, shifted
 from pipesched.distributed.comm import Communicator
-from pipesched.distributed.data_parallel import DataParallelReplicas
+from pipesched.runtime.data_parallel import DataParallelReplicas, check_data_parallel_group
 from pipesched.distributed.errors import PeerLost, RemoteStepError, describe
 from pipesched.distributed.grad_norm import clip_grad_norm_across
 from pipesched.distributed.inbound import shape_checksum
@@ -136,6 +135,8 @@ class DistributedPipeline(PipelineModule):
                 f"DistributedPipeline supports the gloo backend (tensors staged through host "
                 f"memory); the process group uses {backend!r}. Initialise it with 'gloo'"
             )
+        if data_parallel_group is not None:
+            check_data_parallel_group(data_parallel_group)  # before any thread starts
         options = StepOptions.check(
             schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
             loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
@@ -258,7 +259,7 @@ class DistributedPipeline(PipelineModule):
     def _reduce_replicas(self, last: Mapping[str, Any], loss: float, effects: StepEffects) -> float:
         """This step's gradients and loss combined with the other pipelines' (data parallelism)."""
         try:
-            return self._replicas.reduce(True, last["normaliser"], loss, list(self.parameters()))  # type: ignore[union-attr]
+            return self._replicas.reduce(True, last["normaliser"], loss, list(self.parameters()))[0]  # type: ignore[union-attr]
         except RemoteStepError:
             effects.rollback()
             raise
@@ -268,12 +269,8 @@ class DistributedPipeline(PipelineModule):
 
     def _replicas_failed(self) -> None:
         """This pipeline's step failed: tell the other replicas, so none waits for this one."""
-        if self._replicas is None or self._broken is not None:
-            return
-        try:
-            self._replicas.reduce(False, None, math.nan, [])
-        except RuntimeError:  # a replica is gone too: this step's own error is what to raise
-            pass
+        if self._replicas is not None and self._broken is None:
+            self._replicas.fail()
 
     def forward(self, inputs: Tensor | tuple[Tensor, ...] | None = None) -> Any:
         """Forward half only, on every rank; the output comes back on the last stage's rank.

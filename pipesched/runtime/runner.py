@@ -19,7 +19,7 @@ lives here, so the two cannot drift apart:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,12 +241,16 @@ class StepRunner:
         """Hold ``.grad`` of ``parameters`` (and, with ``statistics``, batch-norm updates) until commit."""
         return StepEffects(parameters, self.batch_norms() if statistics else ())
 
-    def run(self, plan: Plan, ctx: StepContext, parameters: Iterable[Tensor], *, statistics: bool) -> list[TaskRecord]:
+    def run(self, plan: Plan, ctx: StepContext, parameters: Iterable[Tensor], *, statistics: bool,
+            before_commit: Callable[[], None] | None = None) -> list[TaskRecord]:
         """Run ``plan``; on any failure leave ``.grad`` and batch-norm statistics as they were.
 
         ``parameters``: those the plan accumulates gradients into (none for a
         forward-only call). ``statistics``: the plan runs every forward of the
         batch, so deferred batch norms apply their update once it succeeds.
+        ``before_commit``: called once the step succeeded, while ``.grad``
+        holds only this step's gradients (data parallelism combines them
+        there); if it raises, the step is rolled back like any failure.
         """
         effects = self.effects(parameters)
         replicas = ctx.replicas
@@ -263,6 +267,12 @@ class StepRunner:
             raise
         if replicas is not None:
             replicas.reduce()  # before commit: the owners' .grad holds only this step's part yet
+        if before_commit is not None:
+            try:
+                before_commit()
+            except BaseException:
+                effects.rollback()
+                raise
         effects.commit(statistics)
         self.log_memory(ctx.checkpoint.memory)
         return records

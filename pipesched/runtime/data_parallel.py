@@ -1,9 +1,12 @@
 """Pipeline replicas trained as one model: data parallelism across pipelines (2D parallelism).
 
-Several pipelines of the same model, each on its own process group, each fed
-its own part of the global batch. Process ``r`` of one pipeline and process
-``r`` of every other hold the same stages; ``data_parallel_group`` joins
-those. After every step, inside ``step()``:
+Several pipelines of the same model, each fed its own part of the global
+batch. For ``DistributedPipeline``s (each on its own process group), process
+``r`` of one pipeline and process ``r`` of every other hold the same stages,
+and ``data_parallel_group`` joins those; a single-process ``Pipeline`` holds
+every stage, and ``data_parallel_group`` joins the processes running one
+each (say, one per node, each pipelining over its own GPUs). After every
+step, inside ``step()``, before its gradients are committed:
 
 * each replica's gradients are weighted by its share of the global batch's
   normaliser (its count ÷ every replica's, e.g. tokens that are not
@@ -35,15 +38,34 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipesched.distributed.errors import RemoteStepError
+from pipesched.runtime.remote_error import RemoteStepError
+
+
+def check_data_parallel_group(group: Any) -> None:
+    """Refuse, before anything is built, a ``data_parallel_group`` that cannot work (naming the fix)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "data_parallel_group needs torch.distributed: call torch.distributed.init_process_group('gloo') "
+            "first, then pass a group of it (e.g. torch.distributed.group.WORLD)"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"data_parallel_group must be a torch.distributed process group, got {type(group).__name__}; "
+            f"e.g. torch.distributed.group.WORLD or torch.distributed.new_group([...])"
+        )
+    backend = dist.get_backend(group)
+    if backend != "gloo":
+        raise NotImplementedError(
+            f"data_parallel_group must use the gloo backend (gradients are staged through host memory); "
+            f"it uses {backend!r}: create it with torch.distributed.new_group([...], backend='gloo')"
+        )
 
 
 class DataParallelReplicas:
     """This process's place among the replicas of its stages: the group, and the exchanges over it."""
 
     def __init__(self, group: Any, layout: tuple[Any, ...], module: nn.Module):
-        if group is None:
-            raise TypeError("data_parallel_group must be a process group (torch.distributed.new_group([...]))")
+        check_data_parallel_group(group)
         self.group = group
         self.size = dist.get_world_size(group)
         if dist.get_rank(group) < 0:
@@ -72,9 +94,22 @@ class DataParallelReplicas:
             if staged is not tensor:
                 tensor.copy_(staged)
 
+    def fail(self) -> None:
+        """This replica's step failed before the exchange: tell the others, so none waits for it.
+
+        A replica that is gone too makes the exchange raise; this replica's own
+        error is what its caller raises, so that is ignored here.
+        """
+        try:
+            self.reduce(False, None, math.nan, [])
+        except RuntimeError:
+            pass
+
     @torch.no_grad()
-    def reduce(self, ok: bool, normaliser: float | None, loss: float, parameters: list[nn.Parameter]) -> float:
-        """Combine this replica's step with the others'; returns the global batch's loss.
+    def reduce(self, ok: bool, normaliser: float | None, loss: float, parameters: list[nn.Parameter]
+               ) -> tuple[float, float]:
+        """Combine this replica's step with the others'; returns the global batch's loss, and the
+        factor this replica's gradients were weighted by (for its inputs' gradients, if any).
 
         ``normaliser``: this replica's batch count (``None``: a summed loss,
         each replica counts 1). Raises :class:`RemoteStepError` if another
@@ -88,7 +123,7 @@ class DataParallelReplicas:
             if ok:
                 raise RemoteStepError(f"{self.size - int(head[0])} of the {self.size} data-parallel replicas "
                                       "failed this step; no replica's gradients changed")
-            return math.nan
+            return math.nan, 0.0
         total = float(head[1])
         factor = (share / total if total else 0.0) if normaliser is not None else 1.0
         with_grad = [p for p in parameters if p.requires_grad]
@@ -107,8 +142,18 @@ class DataParallelReplicas:
                     p.grad = torch.zeros_like(p)
                 p.grad.copy_(part)
         if normaliser is None:
-            return float(head[2])
-        return float(head[2]) / total if total else math.nan
+            return float(head[2]), factor
+        return (float(head[2]) / total if total else math.nan), factor
 
 
-__all__ = ["DataParallelReplicas"]
+def scale_input_gradients(ctx: Any, factor: float) -> None:
+    """Weight the gradients a step computed for its inputs (``StepResults.input_grads``) by ``factor``:
+    the global batch's loss depends on this replica's inputs through its share only."""
+    if factor == 1.0:
+        return
+    results = ctx.results.input_grads
+    for microbatch, grads in list(results.items()):
+        results[microbatch] = tuple(None if g is None else g * factor for g in grads)
+
+
+__all__ = ["DataParallelReplicas", "check_data_parallel_group", "scale_input_gradients"]
