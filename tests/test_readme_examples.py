@@ -32,6 +32,7 @@ README = Path(__file__).parent.parent / "README.md"
 
 # the key line of each block (a substring that must occur in exactly one ```python block)
 QUICK_START = 'pipe = Pipeline(model, schedule="1f1b", balance=[4, 3], devices=["cpu", "cpu"]'
+TRAINING_STEP = "scaler = torch.amp.GradScaler(device)"
 SKIP_UNET = "@skippable(stash=[\"down\"])"
 TORCHGPIPE = "from torchgpipe import GPipe"
 AUTO = 'auto = get_schedule("auto", costs=costs, memory_limit=[4, 3, 2, 1])'
@@ -145,7 +146,7 @@ def classification_batch(rows: int = 16, width: int = 8, classes: int = 4):
 
 
 def test_every_readme_block_is_covered():
-    keys = [QUICK_START, SKIP_UNET, TORCHGPIPE, AUTO, CUSTOM, BALANCE, TUNE, RECOMPUTING, DISTRIBUTED,
+    keys = [QUICK_START, TRAINING_STEP, SKIP_UNET, TORCHGPIPE, AUTO, CUSTOM, BALANCE, TUNE, RECOMPUTING, DISTRIBUTED,
             JSONL, PROFILER]
     for index, block in enumerate(python_blocks()):
         matching = [key for key in keys if key in block]
@@ -168,6 +169,40 @@ def test_quick_start(opened):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ns["model"].parameters())
     peaks = ns["pipe"].last_report.peak_activation_bytes
     assert len(peaks) == 2 and all(b > 0 for b in peaks)
+
+
+def test_training_step_with_float16_scaling_and_clipping(opened):
+    """The recipe trains: the loss falls over a few steps of one batch, and every gradient the
+    optimizer saw was clipped (the unscaled norm after clipping is at most 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                          nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, y = torch.randn(32, 32), torch.randint(0, 10, (32,))
+    batches = [(x, y)] * 6
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recorded(parameters, *args, **kwargs):  # the pipeline's clip calls torch's: record what it left
+        parameters = list(parameters)
+        total = clip(parameters, *args, **kwargs)
+        norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))))
+        return total
+
+    ns = {"torch": torch, "nn": nn, "Pipeline": Pipeline, "model": model, "batches": batches}
+    losses = []
+    original = Pipeline.step
+
+    def step(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.utils, "clip_grad_norm_", recorded)
+        patch.setattr(Pipeline, "step", step)
+        run_block(TRAINING_STEP, readme_block(TRAINING_STEP), ns, opened)
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    assert len(norms) == 6 and max(norms) <= 1.0 + 1e-6, norms
 
 
 def test_skip_connections_unet(tracked, opened):
