@@ -529,7 +529,18 @@ def scenario_pipeline_replicas(rank: int, world: int, out: dict) -> None:
         unchanged = all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
         optimizer.zero_grad()
         after = abs(pipe.step(x[mine], y[mine]).item() - loss_fn(reference(x), y).item())
+    # batch-norm statistics follow the first replica after every step, though each saw its own data
+    torch.manual_seed(0)
+    normed = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).double()
+    with Pipeline(normed, balance=[2, 1], devices=["cpu", "cpu"], chunks=2, loss_fn=loss_fn,
+                  data_parallel_group=dist.group.WORLD) as pipe:
+        pipe.step(x[mine] * (rank + 1), y[mine].clamp(min=0))
+    stats = torch.cat([normed[1].running_mean, normed[1].running_var])
+    every = [torch.zeros_like(stats) for _ in range(world)]
+    dist.all_gather(every, stats)
     out["pipeline_replicas"] = {
+        "buffers_equal": all(torch.equal(every[0], other) for other in every),
+        "buffers_moved": bool((every[0] != torch.cat([torch.zeros(8), torch.ones(8)]).double()).any()),
         "ok": max(losses) < 1e-12 and max(grads) < 1e-12 and max(inputs) < 1e-12 and weights < 1e-12,
         "loss_error": max(losses), "grad_error": max(grads), "input_grad_error": max(inputs),
         "weight_error": weights, "raised": raised, "unchanged": unchanged, "next_loss_error": after,

@@ -198,6 +198,7 @@ def test_single_process_pipelines_joined_by_data_parallel_group_train_as_the_pla
     for rank, result in enumerate(results):
         verdict = result["pipeline_replicas"]
         assert verdict["ok"], f"rank {rank}: {verdict}"
+        assert verdict["buffers_equal"] and verdict["buffers_moved"], (rank, verdict)
         assert verdict["unchanged"] and verdict["next_loss_error"] < 1e-12, (rank, verdict)
     raised = [r["pipeline_replicas"]["raised"] for r in results]
     assert raised[0].startswith("ValueError: targets hold 2 rows but inputs hold 6"), raised

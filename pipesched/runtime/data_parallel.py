@@ -86,13 +86,21 @@ class DataParallelReplicas:
 
     @torch.no_grad()
     def broadcast(self, module: nn.Module, parameters: bool = False) -> None:
-        """Every replica takes the group's first process's buffers (and parameters)."""
+        """Every replica takes the group's first process's buffers (and parameters).
+
+        One broadcast per dtype (the tensors flattened into one host buffer),
+        not one per tensor: a ResNet's hundreds of batch-norm buffers cross
+        in one or two messages after every step.
+        """
         tensors = list(module.buffers()) + (list(module.parameters()) if parameters else [])
-        for tensor in tensors:
-            staged = tensor.detach().cpu() if tensor.device.type != "cpu" else tensor.detach()
-            dist.broadcast(staged, src=self.root, group=self.group)
-            if staged is not tensor:
-                tensor.copy_(staged)
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
+            same = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.detach().reshape(-1).cpu() for t in same])
+            dist.broadcast(flat, src=self.root, group=self.group)
+            offset = 0
+            for tensor in same:
+                tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
+                offset += tensor.numel()
 
     def fail(self) -> None:
         """This replica's step failed before the exchange: tell the others, so none waits for it.
