@@ -547,6 +547,68 @@ def scenario_pipeline_replicas(rank: int, world: int, out: dict) -> None:
     }
 
 
+class _InfWeightGrad(torch.autograd.Function):
+    """y = x + 0 * w; while armed, w's gradient is inf and x's stays finite (only this rank sees inf)."""
+
+    @staticmethod
+    def forward(ctx, x, w, armed):  # type: ignore[no-untyped-def]
+        ctx.armed = armed
+        return x + 0.0 * w.sum()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        w_grad = torch.full((1,), float("inf") if ctx.armed else 0.0, dtype=grad.dtype)
+        return grad, w_grad, None
+
+
+class InfOnArm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.armed = False
+
+    def forward(self, x):
+        return _InfWeightGrad.apply(x, self.w, self.armed)
+
+
+def scenario_scaler(rank: int, world: int, out: dict) -> None:
+    """One GradScaler per process: an inf in the last rank's gradients only must make every process's
+    scaler skip that step and back off, as the plain model's one scaler does; three steps then give
+    the plain model's weights and scale."""
+    from pipesched.distributed import DistributedPipeline
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(8, 16), nn.Tanh()] + [m for _ in range(world - 1) for m in (nn.Linear(16, 16), nn.Tanh())]
+    model = nn.Sequential(*layers, InfOnArm(), nn.Linear(16, 4)).double()
+    reference = copy.deepcopy(model)
+    x, y = data(12)
+    loss_fn = nn.CrossEntropyLoss()
+    ours = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    theirs = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.2)
+    scales = []
+    with DistributedPipeline(model, schedule="1f1b", chunks=3, loss_fn=loss_fn) as pipe:
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.2)
+        for step in range(3):
+            armed = step == 1
+            reference[-2].armed = armed
+            for module in pipe.modules():
+                if isinstance(module, InfOnArm):
+                    module.armed = armed
+            ref_opt.zero_grad()
+            theirs.scale(loss_fn(reference(x), y)).backward()
+            theirs.step(ref_opt)
+            theirs.update()
+            optimizer.zero_grad()
+            pipe.step(x if rank == 0 else None, y, scaler=ours)
+            ours.step(optimizer)
+            ours.update()
+            scales.append((ours.get_scale(), theirs.get_scale()))
+        weights = _tied_error(pipe, reference, "data")
+    out["scaler"] = {"ok": all(a == b for a, b in scales) and weights < 1e-12, "scales": scales,
+                     "weight_error": weights}
+
+
 class ExitProcess(nn.Module):
     """While armed, ends its process abruptly (no clean-up, sockets closed by the OS)."""
 
@@ -815,6 +877,7 @@ SCENARIOS = {
     "clip": scenario_clip,
     "data_parallel": scenario_data_parallel,
     "pipeline_replicas": scenario_pipeline_replicas,
+    "scaler": scenario_scaler,
 
 
     "state_dict": scenario_state_dict,

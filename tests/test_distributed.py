@@ -62,7 +62,7 @@ def world(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"world{request.param}")
     # stall last: it leaves a rank stuck
     names = ["gradients", "forward", "tuples", "tokens", "failure", "tied", "auto", "clip", "data_parallel",
-             "pipeline_replicas", "state_dict", "skips", "timeline", "shapes", "stall"]
+             "pipeline_replicas", "scaler", "state_dict", "skips", "timeline", "shapes", "stall"]
     return request.param, run_world(request.param, names, directory), directory
 
 
@@ -204,6 +204,16 @@ def test_single_process_pipelines_joined_by_data_parallel_group_train_as_the_pla
     assert raised[0].startswith("ValueError: targets hold 2 rows but inputs hold 6"), raised
     for rank in range(1, size):
         assert f"1 of the {size} data-parallel replicas failed this step" in raised[rank], raised
+
+
+def test_an_inf_gradient_on_one_rank_makes_every_processs_scaler_skip_the_step(world):
+    """Each process's GradScaler sees only its own gradients: without sharing the verdict, the ranks
+    without the inf would step while the last rank skipped, and the model would come apart."""
+    _, results, _ = world
+    for rank, result in enumerate(results):
+        verdict = result["scaler"]
+        assert verdict["ok"], f"rank {rank}: {verdict}"
+        assert verdict["scales"][1][0] < verdict["scales"][0][0], verdict  # the armed step backed off
 
 
 def test_exception_on_one_rank_surfaces_on_every_rank(world):

@@ -101,14 +101,19 @@ def test_a_scaler_that_is_not_a_grad_scaler_is_refused_naming_the_fix():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_distributed_pipeline_refuses_a_scaler_saying_why_and_what_instead(one_process_group):
+def test_distributed_pipeline_step_takes_a_scaler_too(one_process_group):
+    """Its processes' scalers agree on skipping (tests/test_distributed.py); here the scaled gradients."""
     from pipesched.distributed import DistributedPipeline
 
+    model = mlp(layers=6)
     x, y = batch()
-    with DistributedPipeline(mlp(layers=6), chunks=2, loss_fn=nn.CrossEntropyLoss()) as pipe:
-        with pytest.raises(NotImplementedError, match="each process's GradScaler would see only its own gradients"):
-            pipe.step(x, y, scaler=scaler())
-        pipe.step(x, y)  # still usable
+    ref_loss, expected = reference_grads(model, nn.CrossEntropyLoss(), x, y)
+    with DistributedPipeline(model, chunks=2, loss_fn=nn.CrossEntropyLoss()) as pipe:
+        loss = pipe.step(x, y, scaler=scaler())
+        with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler or None, got str"):
+            pipe.step(x, y, scaler="fp16")
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
+    assert_grads_equal(model, [g * SCALE for g in expected], atol=1e-12 * SCALE)
 
 
 def test_gpipe_takes_torchs_recipe_as_is():

@@ -35,7 +35,7 @@ from pipesched.runtime.checkpoint import RankMemory
 #: up to float64 and byte counts below 2**53 cross exactly).
 _STATUS = {name: i for i, name in enumerate(
     ["ok", "remote", "has_loss", "loss", "loss_dtype", "peak_inflight", "peak_bytes", "held_bytes", "normaliser",
-     "summed"])}
+     "summed", "nonfinite"])}
 
 
 #: The task kinds a cost row holds, in its order: row[k * num_stages + s] is (COST_KINDS[k], s).
@@ -43,7 +43,7 @@ COST_KINDS = ("F", "B", "W")
 
 
 def status_row(local_error: BaseException | None, memory: RankMemory, loss: Tensor | None,
-               costs: Tensor | None = None, normaliser: float | None = None) -> Tensor:
+               costs: Tensor | None = None, normaliser: float | None = None, nonfinite: bool = False) -> Tensor:
     """This rank's status: its outcome, its memory figures, and the batch's loss and loss normaliser
     (``None``: a summed loss) on the last stage's rank.
 
@@ -56,6 +56,7 @@ def status_row(local_error: BaseException | None, memory: RankMemory, loss: Tens
     mine[_STATUS["peak_inflight"]] = memory.peak_inflight
     mine[_STATUS["peak_bytes"]] = memory.peak_bytes
     mine[_STATUS["held_bytes"]] = memory.held_bytes
+    mine[_STATUS["nonfinite"]] = nonfinite  # a gradient of this rank is inf or NaN (loss scaling)
     if loss is not None:
         mine[_STATUS["has_loss"]] = 1
         mine[_STATUS["loss"]] = loss.item()
@@ -134,5 +135,5 @@ def _status(row: Tensor) -> dict[str, Any]:
         "loss": (get["loss"], DTYPES[int(get["loss_dtype"])]) if get["has_loss"] else None,
         "peak_inflight": int(get["peak_inflight"]), "peak_bytes": int(get["peak_bytes"]),
         "held_bytes": int(get["held_bytes"]), "costs": values[len(_STATUS):],
-        "normaliser": None if get["summed"] else get["normaliser"],
+        "normaliser": None if get["summed"] else get["normaliser"], "nonfinite": bool(get["nonfinite"]),
     }

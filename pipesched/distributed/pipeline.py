@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from pipesched.distributed.clock import measure_clock_offset, shift_comm, shifted
 from pipesched.distributed.comm import Communicator
 from pipesched.runtime.data_parallel import DataParallelReplicas, check_data_parallel_group
+from pipesched.runtime.grad_scaling import backward_seed, gradients_finite, poison_gradients
 from pipesched.distributed.errors import PeerLost, RemoteStepError, describe
 from pipesched.distributed.grad_norm import clip_grad_norm_across
 from pipesched.distributed.inbound import shape_checksum
@@ -206,18 +207,16 @@ class DistributedPipeline(PipelineModule):
         (sending and receiving as the lowering says), share every rank's
         outcome (an all-gather, so errors and the loss reach every rank).
 
-        ``scaler`` (``Pipeline.step``'s float16 loss scaling) is refused: each
-        process's ``GradScaler`` would find infinities in its own gradients
-        only, and a process that skips ``optimizer.step()`` while another
-        does not leaves the model inconsistent.
+        ``scaler``: a ``torch.amp.GradScaler`` (one per process) for float16
+        loss scaling, as for :meth:`Pipeline.step <pipesched.Pipeline.step>`.
+        Each process's scaler checks only its own gradients, so a process
+        whose gradients are all finite would step while another skips, and
+        the model would come apart. So the end-of-step exchange also says
+        whether any rank's gradients hold an inf or NaN, and if one does,
+        every rank's gradients are made NaN: every scaler then skips the
+        step and backs off alike, as the un-pipelined model's one scaler
+        does.
         """
-        if scaler is not None:
-            raise NotImplementedError(
-                "DistributedPipeline.step(scaler=...) is not supported: each process's GradScaler would see only "
-                "its own gradients' infinities and skip optimizer steps on its own; train in bfloat16 "
-                "(torch.autocast('cuda', dtype=torch.bfloat16) needs no scaler) or use Pipeline, whose one scaler "
-                "sees every gradient"
-            )
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
             raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.runtime.compiling
         if self._broken is not None:
@@ -226,7 +225,7 @@ class DistributedPipeline(PipelineModule):
             raise grad_disabled()
         last = self.placement[-1]
         try:
-            statuses, effects, count, comm = self._train(inputs, targets)
+            statuses, effects, count, comm = self._train(inputs, targets, scaler)
         except BaseException:
             self._replicas_failed()
             raise
@@ -241,7 +240,7 @@ class DistributedPipeline(PipelineModule):
             self._runner.learn_costs(merged_costs(statuses, self.placement))
         return torch.tensor(value, dtype=dtype)
 
-    def _train(self, inputs: Any, targets: Any) -> tuple[list[Any], StepEffects, int, list[CommRecord]]:
+    def _train(self, inputs: Any, targets: Any, scaler: Any) -> tuple[list[Any], StepEffects, int, list[CommRecord]]:
         """This pipeline's step, up to (not including) the commit of its gradients."""
         last = self.placement[-1]
         local_error = missing_loss_fn() if self.rank == last and self.loss_fn is None else None
@@ -249,10 +248,17 @@ class DistributedPipeline(PipelineModule):
         count = len(split.sizes)
         plan, lowering = self._runner.plan(count)
         io, local_error = self._step_inputs(split, targets, local_error)
+        if local_error is None:
+            try:
+                io.loss_seed = backward_seed(scaler, self.device)
+            except TypeError as error:  # raised on every rank, as any step error
+                local_error = error
         ctx = self._runner.context(lowering, keep=True, io=io, clock_offset=self.clock_offset)
         effects = self._runner.effects(self.parameters())
         records, local_error, comm = self._run_plan(plan, ctx, effects, local_error, shapes)
-        statuses = self._share_outcome(ctx, records, local_error, effects)
+        statuses = self._share_outcome(ctx, records, local_error, effects, scaled=io.loss_seed is not None)
+        if any(s["nonfinite"] for s in statuses):
+            poison_gradients(self.parameters())  # every rank's scaler skips this step alike
         self._reduce_tied(effects)
         return statuses, effects, count, comm
 
@@ -379,7 +385,7 @@ class DistributedPipeline(PipelineModule):
         return records, local_error, link.records
 
     def _share_outcome(self, ctx: StepContext, records: list[TaskRecord], local_error: BaseException | None,
-                       effects: StepEffects, with_loss: bool = True) -> list[Any]:
+                       effects: StepEffects, with_loss: bool = True, scaled: bool = False) -> list[Any]:
         """Every rank's status; raises (after rolling back) if any rank failed.
 
         One all-gather of a few numbers per rank (ok, loss, memory) on the
@@ -391,7 +397,8 @@ class DistributedPipeline(PipelineModule):
             count = ctx.mailbox.lowering.num_microbatches
             loss = batch_loss([ctx.results.losses[m] for m in range(count)], ctx.io.loss_weights)
         costs = cost_row(median_costs(records), self.num_stages) if self._shares_costs(with_loss) else None
-        mine = status_row(local_error, ctx.checkpoint.memory[self.rank], loss, costs, ctx.io.normaliser)
+        mine = status_row(local_error, ctx.checkpoint.memory[self.rank], loss, costs, ctx.io.normaliser,
+                          nonfinite=scaled and local_error is None and not gradients_finite(self.parameters()))
         text = None if local_error is None else describe(local_error, self.rank)
         tasks = [r.as_dict() for r in shifted(records, self.clock_offset)]
         try:

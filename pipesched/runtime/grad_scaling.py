@@ -12,6 +12,12 @@ unscales and checks for infinities as usual. The returned loss is not scaled.
 The seed is read from the scaler once per step, on the caller's thread,
 with ``scaler.scale(1)`` on the last stage's device: no host-device sync,
 and the scaler's lazy set-up never runs on two worker threads at once.
+
+Across processes (``DistributedPipeline``) each process has its own scaler,
+which sees only its own gradients: one would skip a step that another takes.
+So whether any gradient is inf or NaN (:func:`gradients_finite`) is shared
+at the end of the step, and if one is, every process's gradients are made
+NaN (:func:`poison_gradients`): every scaler then skips and backs off alike.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["backward_seed"]
+__all__ = ["backward_seed", "gradients_finite", "poison_gradients"]
 
 
 def backward_seed(scaler: Any, device: torch.device) -> Tensor | None:
@@ -42,3 +48,21 @@ def backward_seed(scaler: Any, device: torch.device) -> Tensor | None:
     if not scaler.is_enabled():
         return None
     return scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+
+
+@torch.no_grad()
+def gradients_finite(parameters: Any) -> bool:
+    """Whether every gradient of ``parameters`` is finite (one host sync per device, as a scaler's check)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return True
+    flags = [torch.isfinite(g).all() for g in grads]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+@torch.no_grad()
+def poison_gradients(parameters: Any) -> None:
+    """Make every gradient of ``parameters`` NaN, so this process's scaler skips the step too."""
+    for p in parameters:
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
