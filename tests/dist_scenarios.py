@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import OrderedDict
+import math
 import os
 import traceback
 
@@ -609,6 +610,43 @@ def scenario_scaler(rank: int, world: int, out: dict) -> None:
                      "weight_error": weights}
 
 
+def scenario_device(rank: int, world: int, out: dict) -> None:
+    """Every process's ranks on ``PIPESCHED_TEST_DEVICE`` (``cuda:0`` in tests/test_distributed_cuda.py):
+    gradients of 1F1B and ZB-V, float64, against the plain model on the same device; then one float16
+    step with a GradScaler per process. Messages are staged through host memory (gloo)."""
+    from pipesched.distributed import DistributedPipeline
+
+    device = torch.device(os.environ.get("PIPESCHED_TEST_DEVICE", "cpu"))
+    verdicts = {}
+    for schedule, stages in (("1f1b", world), ("zb-v", 2 * world)):
+        model = mlp(layers=2 * stages)
+        reference = copy.deepcopy(model).to(device)
+        x, y = data(12)
+        x, y = x.to(device), y.to(device)
+        nn.CrossEntropyLoss()(reference(x), y).backward()
+        with DistributedPipeline(model, schedule=schedule, chunks=4, checkpoint="except_last", device=device,
+                                 loss_fn=nn.CrossEntropyLoss()) as pipe:
+            loss = pipe.step(x if rank == 0 else None, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            error = grad_error(pipe, reference)
+            on_device = all(p.device == device and p.grad.device == device for p in pipe.parameters())
+        verdicts[schedule] = {"ok": error < 1e-10 and on_device and math.isfinite(loss.item()),
+                              "grad_error": error, "on_device": on_device}
+    model = mlp(layers=2 * world).float()
+    with DistributedPipeline(model, schedule="1f1b", chunks=4, device=device, loss_fn=nn.CrossEntropyLoss()) as pipe:
+        scaler = torch.amp.GradScaler(device.type)
+        optimizer = torch.optim.SGD(pipe.parameters(), lr=0.1)
+        x, y = data(12)
+        with torch.autocast(device.type, dtype=torch.float16):
+            loss = pipe.step(x.float().to(device) if rank == 0 else None, y.to(device), scaler=scaler)
+        scaler.step(optimizer)
+        scaler.update()
+        verdicts["float16-scaler"] = {"ok": math.isfinite(loss.item()) and scaler.get_scale() > 0,
+                                      "loss": loss.item(), "scale": scaler.get_scale()}
+    out["device"] = verdicts
+
+
 class ExitProcess(nn.Module):
     """While armed, ends its process abruptly (no clean-up, sockets closed by the OS)."""
 
@@ -878,6 +916,7 @@ SCENARIOS = {
     "data_parallel": scenario_data_parallel,
     "pipeline_replicas": scenario_pipeline_replicas,
     "scaler": scenario_scaler,
+    "device": scenario_device,
 
 
     "state_dict": scenario_state_dict,
