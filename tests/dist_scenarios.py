@@ -612,8 +612,9 @@ def scenario_scaler(rank: int, world: int, out: dict) -> None:
 
 def scenario_device(rank: int, world: int, out: dict) -> None:
     """Every process's ranks on ``PIPESCHED_TEST_DEVICE`` (``cuda:0`` in tests/test_distributed_cuda.py):
-    gradients of 1F1B and ZB-V, float64, against the plain model on the same device; then one float16
-    step with a GradScaler per process. Messages are staged through host memory (gloo)."""
+    gradients of 1F1B and ZB-V, float64, against the plain model on the same device; one float16
+    step with a GradScaler per process; and single-process Pipelines on the device, data parallel
+    across the processes. Messages and gradients are staged through host memory (gloo)."""
     from pipesched.distributed import DistributedPipeline
 
     device = torch.device(os.environ.get("PIPESCHED_TEST_DEVICE", "cpu"))
@@ -644,6 +645,22 @@ def scenario_device(rank: int, world: int, out: dict) -> None:
         scaler.update()
         verdicts["float16-scaler"] = {"ok": math.isfinite(loss.item()) and scaler.get_scale() > 0,
                                       "loss": loss.item(), "scale": scaler.get_scale()}
+    # one single-process Pipeline per process, its two ranks on the device, data parallel across processes
+    from pipesched import Pipeline
+
+    model = mlp(layers=5)
+    reference = copy.deepcopy(model).to(device)
+    x, y = data(8 * world)
+    x, y = x.to(device), y.to(device)
+    nn.CrossEntropyLoss()(reference(x), y).backward()
+    mine = slice(8 * rank, 8 * rank + 8)
+    with Pipeline(model, schedule="zb-h1", balance=[3, 2], devices=[device, device], chunks=4,
+                  loss_fn=nn.CrossEntropyLoss(), data_parallel_group=dist.group.WORLD) as pipe:
+        pipe.step(x[mine], y[mine])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    error = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+    verdicts["pipeline-replicas"] = {"ok": error < 1e-10, "grad_error": error}
     out["device"] = verdicts
 
 

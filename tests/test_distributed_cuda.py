@@ -1,8 +1,10 @@
-"""DistributedPipeline on a CUDA device: two gloo processes whose ranks share ``cuda:0``.
+"""Multi-process runs on a CUDA device: two gloo processes whose ranks share ``cuda:0``.
 
-The multi-process backend stages messages through host memory; on a GPU
-that means device-to-host and host-to-device copies around every message,
-on the ranks' own streams. Skipped without a CUDA device (the scenario
+The multi-process backend stages messages (and data parallelism its
+gradients) through host memory; on a GPU that means device-to-host and
+host-to-device copies around every message, on the ranks' own streams.
+Covered: DistributedPipeline (1F1B, ZB-V, a float16 step with a scaler per
+process) and single-process Pipelines joined by ``data_parallel_group``. Skipped without a CUDA device (the scenario
 itself runs on the CPU in ``tests/dist_scenarios.py`` when asked).
 """
 
