@@ -29,11 +29,14 @@ buffer.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
+
+from pipesched.runtime.host_buffer import through_host
 
 
 class TiedGroups:
@@ -83,9 +86,7 @@ class TiedGroups:
     def broadcast_values(self) -> None:
         """Make every holder's copy the lowest holder's value."""
         for pg, source, params, _ in self.groups:
-            flat = _staged(torch.cat([p.detach().reshape(-1) for p in params]))
-            dist.broadcast(flat, src=source, group=pg)
-            _scatter(flat, params, [p.data for p in params])
+            through_host(params, partial(dist.broadcast, src=source, group=pg), [p.data for p in params])
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
@@ -98,16 +99,12 @@ class TiedGroups:
             if not params:
                 continue
             grads = [p.grad if holds and p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = _staged(torch.cat([g.reshape(-1) for g in grads]))
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
-            if not holds:
-                continue
-            targets = []
-            for param in params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                targets.append(param.grad)
-            _scatter(flat, params, targets)
+            if holds:
+                for param in params:
+                    if param.grad is None:
+                        param.grad = torch.zeros_like(param)
+            through_host(grads, partial(dist.all_reduce, op=dist.ReduceOp.SUM, group=pg),
+                         [p.grad for p in params] if holds else ())
 
 
 #: (the world group, member global ranks) -> their process group, made once per process
@@ -126,19 +123,6 @@ def _subgroup(members: tuple[int, ...]) -> Any:
     if key not in _SUBGROUPS:
         _SUBGROUPS[key] = dist.new_group(list(members))
     return _SUBGROUPS[key]
-
-
-def _staged(flat: Tensor) -> Tensor:
-    """Gloo reduces host tensors: stage a device buffer through host memory."""
-    return flat.cpu() if flat.device.type != "cpu" else flat
-
-
-def _scatter(flat: Tensor, params: Sequence[nn.Parameter], targets: Sequence[Tensor]) -> None:
-    offset = 0
-    for param, target in zip(params, targets):
-        count = param.numel()
-        target.copy_(flat[offset : offset + count].view_as(target))
-        offset += count
 
 
 __all__ = ["TiedGroups"]

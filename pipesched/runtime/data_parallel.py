@@ -32,12 +32,14 @@ raised.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
+from pipesched.runtime.host_buffer import through_host
 from pipesched.runtime.remote_error import RemoteStepError
 
 
@@ -95,12 +97,7 @@ class DataParallelReplicas:
         tensors = list(module.buffers()) + (list(module.parameters()) if parameters else [])
         for dtype in sorted({t.dtype for t in tensors}, key=str):
             same = [t for t in tensors if t.dtype == dtype]
-            flat = torch.cat([t.detach().reshape(-1).cpu() for t in same])
-            dist.broadcast(flat, src=self.root, group=self.group)
-            offset = 0
-            for tensor in same:
-                tensor.copy_(flat[offset: offset + tensor.numel()].view_as(tensor))
-                offset += tensor.numel()
+            through_host(same, partial(dist.broadcast, src=self.root, group=self.group), same)
 
     def fail(self) -> None:
         """This replica's step failed before the exchange: tell the others, so none waits for it.
@@ -135,20 +132,18 @@ class DataParallelReplicas:
         total = float(head[1])
         factor = (share / total if total else 0.0) if normaliser is not None else 1.0
         with_grad = [p for p in parameters if p.requires_grad]
-        for dtype in sorted({p.dtype for p in with_grad}, key=str):
-            params = [p for p in with_grad if p.dtype == dtype]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).cpu()
-                              for p in params])
+        for p in with_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+        def weighted_sum(flat: Tensor) -> None:
             if factor != 1.0:
                 flat.mul_(factor)
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-            offset = 0
-            for p in params:
-                part = flat[offset: offset + p.numel()].view_as(p)
-                offset += p.numel()
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.copy_(part)
+
+        for dtype in sorted({p.dtype for p in with_grad}, key=str):
+            grads = [p.grad for p in with_grad if p.dtype == dtype]
+            through_host(grads, weighted_sum, grads)
         if normaliser is None:
             return float(head[2]), factor
         return (float(head[2]) / total if total else math.nan), factor
