@@ -365,9 +365,9 @@ def _backward_inputs(
     """
     if not roots:  # nothing flows back (a micro-batch whose loss weighs 0): W has nothing to do
         return tuple(None for _ in inputs), None
-    module = ctx.layout.stages[stage]
-    parameters = [] if module is None else [p for p in module.parameters() if p.requires_grad]
-    return backward_input(roots, root_grads, inputs, parameters)
+    # W's targets: every leaf the graph reaches that is not an input, not the stage's parameters:
+    # an un-split backward accumulates into all of them (a loss's own parameters, a weight it reads)
+    return backward_input(roots, root_grads, inputs, None)
 
 
 def _weight(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> tuple[float, float]:
