@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from pipesched.plan.action import Action
 from pipesched.runtime.batchnorm import frozen_running_stats
 from pipesched.runtime.checkpoint import is_recomputing
+from pipesched.runtime.loss_leaves import check_loss_leaves
 from pipesched.runtime.loss_normalizer import weighted_loss
 from pipesched.runtime.mailbox import StepAborted
 from pipesched.plan.record import TaskRecord
@@ -314,6 +315,9 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     if not incoming and ctx.io.computes_loss:
         roots, root_grads = ([loss], [_loss_seed(ctx.io.loss_seed, loss)]) if loss is not None and loss.requires_grad \
             else ([], [])
+        if ctx.io.loss_leaves is not None and roots:  # data parallel or multi-process: refuse a stray leaf
+            allowed, why = ctx.io.loss_leaves
+            check_loss_leaves(roots, inputs, allowed | {id(p) for p in layout.stages[stage].parameters()}, why)
     else:
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
