@@ -110,3 +110,39 @@ def test_activation_meter_every_keeps_early_release(meter, step):
     assert report.peak_activation_bytes[0] > 0
     _, want = reference_grads(reference, LOSS, x, y)
     assert_grads_equal(model, want)
+
+
+def test_failed_zero_bubble_step_releases_its_graphs():
+    """Regression (review §4.6): ``WeightWork.release()`` was never called, so a failed zero-bubble
+    step's graphs (pending W work, forwards not yet backwarded) stayed alive until the next step:
+    the workers kept their last job (and the aborted ranks' errors, whose tracebacks hold their
+    tasks' frames), and the raised error's traceback kept the step's context."""
+    model = tanh_model()
+    outputs: list[weakref.ref] = []
+    for layer in model:
+        layer.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    calls = [0]
+
+    def failing_loss(out, target):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("loss failed on purpose")
+        return LOSS(out, target)
+
+    x, y = data()
+    with Pipeline(model, schedule="zb-h1", balance=[2, 2, 1], devices=["cpu"] * 3, chunks=4, checkpoint="never",
+                  loss_fn=failing_loss) as pipe:
+        try:
+            pipe.step(x, y)
+        except RuntimeError as error:
+            held = error
+        assert "loss failed on purpose" in str(held)
+        # while the caller holds the error, only what its own frames hold: the failing loss's input
+        assert live(outputs) == 1
+        del held
+        assert live(outputs) == 0
+        assert all(p.grad is None for p in model.parameters())  # and the step changed nothing
+        calls[0] = -100
+        pipe.step(x, y)
+    _, want = reference_grads(model, LOSS, x, y)
+    assert_grads_equal(model, want)

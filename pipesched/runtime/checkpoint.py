@@ -338,6 +338,21 @@ class CheckpointManager:
         held = self.held.pop((action.stage, action.microbatch))
         self.memory[rank].grow(-held.nbytes, microbatches=-1)
 
+    def discard(self) -> None:
+        """The step failed: drop every graph still held and every W not yet run (:meth:`WeightWork.release`).
+
+        The step's context outlives it (a raised error's traceback holds it,
+        and a worker thread its last job), so without this a failed step's
+        graphs would stay alive until the next step. Entries are popped one
+        at a time: a task left stuck by a stalled step may still add one.
+        """
+        while self.weight_work:
+            work, _ = self.weight_work.popitem()[1]
+            if work is not None:
+                work.release()
+        while self.held:
+            self.held.popitem()
+
 
 def _fresh_leaf(tensor: Tensor) -> Tensor:
     """A new leaf on the same data, requiring grad like the original input did."""
