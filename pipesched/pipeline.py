@@ -319,14 +319,14 @@ class Pipeline(PipelineModule):
         self.last_report = report
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` of the model's gradients (every device's), after ``step()``.
+        """``torch.nn.utils.clip_grad_norm_`` of the model's (and ``loss_fn``'s) gradients, after ``step()``.
 
         The same as calling torch's function on ``pipe.parameters()``; here so
         that code written for :class:`~pipesched.distributed.DistributedPipeline`,
         where clipping needs the norm of every process's gradients, runs
         unchanged on one process.
         """
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, norm_type, error_if_nonfinite)
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, norm_type, error_if_nonfinite)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """Compile every stage in place with ``torch.compile(*args, **kwargs)``.
