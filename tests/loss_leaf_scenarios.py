@@ -117,7 +117,27 @@ def scenario_replicas(rank: int, world: int, out: dict) -> None:
         out["replica_stray_grad"] = scale.grad is None
 
 
-SCENARIOS = {"split": scenario_split_loss_parameter, "foreign": scenario_foreign_parameter,
+def scenario_distributed_replicas(rank: int, world: int, out: dict) -> None:
+    """One single-rank DistributedPipeline per process, joined by data_parallel_group: the loss's
+    temperature starts from process 0's value and gets the global batch's gradient."""
+    from pipesched.distributed import DistributedPipeline
+
+    x, y = data(6 * world)
+    own = [dist.new_group([r]) for r in range(world)]  # every process creates every group, in order
+    model, loss_fn = mlp(), TemperedCrossEntropy()
+    reference, ref_loss_fn = copy.deepcopy(model), copy.deepcopy(loss_fn)
+    with torch.no_grad():
+        loss_fn.log_t.add_(rank)
+    mine = slice(6 * rank, 6 * rank + 6)
+    ref_loss_fn(reference(x), y).backward()
+    with DistributedPipeline(model, schedule="zb-h1", chunks=3, loss_fn=loss_fn, group=own[rank],
+                             data_parallel_group=dist.group.WORLD) as pipe:
+        start = abs(loss_fn.log_t.item() - ref_loss_fn.log_t.item())
+        pipe.step(x[mine], y[mine])
+    out["dp_distributed"] = {"start": start, "log_t_grad": error(loss_fn.log_t.grad, ref_loss_fn.log_t.grad)}
+
+
+SCENARIOS = {"dp_distributed": scenario_distributed_replicas, "split": scenario_split_loss_parameter, "foreign": scenario_foreign_parameter,
              "replicas": scenario_replicas}
 
 

@@ -30,7 +30,7 @@ def verdicts(tmp_path_factory) -> list[dict]:
     directory: Path = tmp_path_factory.mktemp("loss-leaves")
     context = multiprocessing.get_context("spawn")
     port = free_port()
-    names = ["split", "foreign", "replicas"]
+    names = ["split", "foreign", "replicas", "dp_distributed"]
     processes = [context.Process(target=loss_leaf_scenarios.entry, args=(rank, 2, port, names, str(directory)))
                  for rank in range(2)]
     for process in processes:
@@ -85,3 +85,11 @@ def test_loss_fn_parameters_reduced_across_data_parallel_replicas(verdicts):
             result["replica_stray"].startswith("RemoteStepError"), (rank, result["replica_stray"])
         assert result["replica_stray_grad"], rank
     assert any("replicas would drift apart" in r["replica_stray"] for r in verdicts), verdicts
+
+
+def test_loss_fn_parameters_of_distributed_pipelines_start_equal_and_are_reduced(verdicts):
+    """Regression: a DistributedPipeline's replicas broadcast only their stages at construction, so
+    the loss's temperature kept each process's own starting value."""
+    for rank, result in enumerate(verdicts):
+        verdict = result["dp_distributed"]
+        assert verdict["start"] < 1e-15 and verdict["log_t_grad"] < 1e-12, (rank, verdict)
