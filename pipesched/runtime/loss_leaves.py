@@ -16,9 +16,12 @@ silently, so the pipeline refuses them instead:
   in the last rank's process, a copy nobody trains; its gradient would be
   lost and the owning rank would never get the term.
 
-The check walks the loss's graph on the last stage (its nodes, once per
-micro-batch, only in those two setups) and names the first leaf that is
-neither a stage input nor an allowed parameter.
+The check walks the loss's graph on the last stage, the first micro-batch's
+of each step, only in those two setups, and names the first leaf that is
+neither a stage input nor an allowed parameter. Once a step, not once per
+micro-batch: the walk costs about 1 µs per autograd node (264 µs for four
+small transformer layers and a head), and every micro-batch runs the same
+code; a loss that reaches another leaf only for some data is not caught.
 """
 
 from __future__ import annotations

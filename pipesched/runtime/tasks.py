@@ -315,8 +315,8 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     if not incoming and ctx.io.computes_loss:
         roots, root_grads = ([loss], [_loss_seed(ctx.io.loss_seed, loss)]) if loss is not None and loss.requires_grad \
             else ([], [])
-        if ctx.io.loss_leaves is not None and roots:  # data parallel or multi-process: refuse a stray leaf
-            allowed, why = ctx.io.loss_leaves
+        if ctx.io.loss_leaves is not None and roots and microbatch == 0:  # data parallel or multi-process
+            allowed, why = ctx.io.loss_leaves  # refuse a stray leaf; one walk a step (see loss_leaves)
             check_loss_leaves(roots, inputs, allowed | {id(p) for p in layout.stages[stage].parameters()}, why)
     else:
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
