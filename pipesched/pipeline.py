@@ -36,6 +36,7 @@ from pipesched.runtime.data_parallel import (
     scale_input_gradients,
 )
 from pipesched.runtime.grad_scaling import backward_seed
+from pipesched.runtime.loss_leaves import REPLICAS_DRIFT
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import gather
 from pipesched.runtime.options import grad_disabled, missing_loss_fn
@@ -182,8 +183,9 @@ class Pipeline(PipelineModule):
             stage.to(self.devices[rank])
         self._runner.ties.place_owners()  # a tied weight lives on its first stage's device
         self.last_report: StepReport | None = None
-        layout = ("Pipeline", tuple(self.balance), tuple(self.placement), sum(p.numel() for p in module.parameters()))
-        self._replicas = (DataParallelReplicas(data_parallel_group, layout, module)
+        # the model's parameters and loss_fn's (an nn.Module loss): trained, rolled back and combined alike
+        layout = ("Pipeline", tuple(self.balance), tuple(self.placement), sum(p.numel() for p in self.parameters()))
+        self._replicas = (DataParallelReplicas(data_parallel_group, layout, self)
                           if data_parallel_group is not None else None)
 
     # ------------------------------------------------------------------ shape
@@ -257,23 +259,25 @@ class Pipeline(PipelineModule):
             plan, lowering = runner.plan(count)
             seed = backward_seed(scaler, self.devices[self.placement[-1]])
             io = StepInputs(split.microbatches, targets_mb, self.loss_fn, weights, loss_seed=seed)
+            if replicas is not None:
+                io.loss_leaves = (frozenset(map(id, self.parameters())), REPLICAS_DRIFT)
             ctx = runner.context(lowering, keep=True, io=io)
 
             def combine() -> None:  # data parallelism: this step's gradients with the other replicas'
                 joined.append(math.nan)
                 local = batch_loss([ctx.results.losses[m] for m in range(count)], weights)
                 joined[0], factor = replicas.reduce(True, normaliser, float(local),  # type: ignore[union-attr]
-                                                    list(self.module.parameters()))
+                                                    list(self.parameters()))
                 scale_input_gradients(ctx, factor)
 
-            records = runner.run(plan, ctx, self.module.parameters(), statistics=True,
+            records = runner.run(plan, ctx, self.parameters(), statistics=True,
                                  before_commit=None if replicas is None else combine)
         except BaseException:
             if replicas is not None and not joined:
                 replicas.fail()  # the other replicas wait for this one's word
             raise
         if replicas is not None:
-            replicas.broadcast(self.module)  # batch-norm statistics: the first replica's
+            replicas.broadcast(self)  # batch-norm statistics (the model's, loss_fn's): the first replica's
         self.last_report = runner.report(count, records, ctx.checkpoint.memory)
         runner.learn(records)
         backward_into_inputs(split.tensors, ctx, split.sizes)
@@ -315,14 +319,14 @@ class Pipeline(PipelineModule):
         self.last_report = report
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` of the model's gradients (every device's), after ``step()``.
+        """``torch.nn.utils.clip_grad_norm_`` of the model's (and ``loss_fn``'s) gradients, after ``step()``.
 
         The same as calling torch's function on ``pipe.parameters()``; here so
         that code written for :class:`~pipesched.distributed.DistributedPipeline`,
         where clipping needs the norm of every process's gradients, runs
         unchanged on one process.
         """
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, norm_type, error_if_nonfinite)
+        return torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm, norm_type, error_if_nonfinite)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """Compile every stage in place with ``torch.compile(*args, **kwargs)``.

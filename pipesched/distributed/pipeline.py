@@ -59,6 +59,7 @@ from pipesched.plan.schedule import Schedule
 from pipesched.runtime.batchnorm import convert_deferred_batch_norm
 from pipesched.runtime.checkpoint import CheckpointPolicy, RankMemory
 from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
+from pipesched.runtime.loss_leaves import OTHER_RANKS
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import as_tensors, batch_size, gather
 from pipesched.runtime.options import check_flag, grad_disabled, missing_loss_fn
@@ -173,7 +174,7 @@ class DistributedPipeline(PipelineModule):
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
         layout = (self.rank, self.num_stages, tuple(self.placement),
                   tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items())))
-        self._replicas = (DataParallelReplicas(data_parallel_group, layout, self.local_stages)
+        self._replicas = (DataParallelReplicas(data_parallel_group, layout, self)  # stages and loss_fn start equal
                           if data_parallel_group is not None else None)
         self._comm = Communicator(group, self.rank, self.num_ranks, self.device)
         self._finalizer = weakref.finalize(self, _close, self._runner, self._comm)
@@ -350,6 +351,7 @@ class DistributedPipeline(PipelineModule):
             try:
                 io.targets, io.loss_weights, io.normaliser = self._runner.split_targets(targets, split.sizes)
                 io.loss_fn = self.loss_fn
+                io.loss_leaves = (frozenset(map(id, self.parameters())), OTHER_RANKS)
             except Exception as error:  # noqa: BLE001 - incl. a user loss_normalizer's; raised on every rank
                 local_error = error
         return io, local_error

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from pipesched.runtime.caller_state import SavedTensorHooks
 from pipesched.plan.action import Action
 from pipesched.runtime.rng import StepRandom
+from pipesched.runtime.saved_tensor_meter import SavedTensorMeter, caller_hooks
 from pipesched.runtime.split_backward import WeightWork
 
 CheckpointPolicy = Union[str, Callable[[int, int], bool]]
@@ -118,60 +119,6 @@ class MeterCache:
 
 def _signature(tensors: tuple[Tensor, ...]) -> tuple[Any, ...]:
     return tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors)
-
-
-def _key(tensor: Tensor) -> tuple[int, int, int, Any]:
-    return (tensor.data_ptr(), tensor.storage_offset(), tensor.numel(), tensor.dtype)
-
-
-def _nbytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-class _SavedTensorMeter:
-    """Collects the distinct non-parameter tensors autograd saves inside the block.
-
-    The caller's own saved-tensor hooks, if any, still apply: the meter looks
-    at each tensor, then hands it to the caller's pack hook.
-    """
-
-    def __init__(self, exclude: frozenset[int], user_hooks: SavedTensorHooks | None = None):
-        self.exclude = exclude
-        self.user_hooks = user_hooks
-        self.seen: dict[tuple[int, int, int, Any], int] = {}
-
-    def pack(self, tensor: Tensor) -> Tensor:
-        """Count ``tensor``; keep it without its ``grad_fn``.
-
-        A node that saves its own output (tanh, sigmoid, exp) would otherwise
-        hold a tensor that holds the node: a cycle autograd breaks only by
-        running the node. A split backward's W never runs the input path
-        again, so the stage's whole graph, its input leaf included, would
-        outlive the step. The data and version counter are shared, as for
-        any saved tensor.
-        """
-        if tensor.layout == torch.strided and tensor.data_ptr() not in self.exclude:
-            self.seen.setdefault(_key(tensor), _nbytes(tensor))
-        return tensor.detach() if tensor.grad_fn is not None else tensor
-
-    def add(self, tensors: Iterable[Tensor | None]) -> None:
-        for tensor in tensors:
-            if tensor is not None:
-                self.seen.setdefault(_key(tensor), _nbytes(tensor))
-
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
-
-    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
-        if self.user_hooks is None:
-            return torch.autograd.graph.saved_tensors_hooks(self.pack, _identity)
-        user_pack, user_unpack = self.user_hooks
-        return torch.autograd.graph.saved_tensors_hooks(lambda t: user_pack(self.pack(t)), user_unpack)
-
-
-def _identity(tensor: Tensor) -> Tensor:
-    return tensor
 
 
 _phase = threading.local()
@@ -297,7 +244,7 @@ class CheckpointManager:
                                                       run=run, entry=entry, measured=False)
                 self.memory[rank].grow(entry[0], microbatches=1)
                 return result
-        meter = _SavedTensorMeter(self.exclude[stage], self.user_hooks)
+        meter = SavedTensorMeter(self.exclude[stage], self.user_hooks)
         meter.add(inputs)
         if checkpointed:
             with torch.no_grad(), _checkpointing_scope():
@@ -316,10 +263,8 @@ class CheckpointManager:
         return result
 
     def _user_hooks(self) -> contextlib.AbstractContextManager[Any]:
-        """The caller's saved-tensor hooks alone (no meter), or nothing."""
-        if self.user_hooks is None:
-            return contextlib.nullcontext()
-        return torch.autograd.graph.saved_tensors_hooks(*self.user_hooks)
+        """The caller's saved-tensor hooks alone (no meter; see :mod:`~pipesched.runtime.saved_tensor_meter`)."""
+        return caller_hooks(self.user_hooks)
 
     def saved_outputs(self, stage: int, microbatch: int, outputs: tuple[Tensor, ...]) -> frozenset[int]:
         """Which of (stage, micro-batch)'s ``outputs`` its kept graph saved (their data must stay).
@@ -361,7 +306,7 @@ class CheckpointManager:
                 result = self.random.run(stage, microbatch, run, inputs)
             nbytes = entry[0]
         else:
-            meter = _SavedTensorMeter(self.exclude[stage] | {x.data_ptr() for x in held.inputs}, self.user_hooks)
+            meter = SavedTensorMeter(self.exclude[stage] | {x.data_ptr() for x in held.inputs}, self.user_hooks)
             with torch.enable_grad(), meter.hooks(), _recomputing_scope():
                 result = self.random.run(stage, microbatch, run, inputs)
             nbytes = meter.total
@@ -392,6 +337,21 @@ class CheckpointManager:
         """Forget everything ``action``'s (stage, micro-batch) held; its backward is done."""
         held = self.held.pop((action.stage, action.microbatch))
         self.memory[rank].grow(-held.nbytes, microbatches=-1)
+
+    def discard(self) -> None:
+        """The step failed: drop every graph still held and every W not yet run (:meth:`WeightWork.release`).
+
+        The step's context outlives it (a raised error's traceback holds it,
+        and a worker thread its last job), so without this a failed step's
+        graphs would stay alive until the next step. Entries are popped one
+        at a time: a task left stuck by a stalled step may still add one.
+        """
+        while self.weight_work:
+            work, _ = self.weight_work.popitem()[1]
+            if work is not None:
+                work.release()
+        while self.held:
+            self.held.popitem()
 
 
 def _fresh_leaf(tensor: Tensor) -> Tensor:

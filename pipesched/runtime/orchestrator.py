@@ -119,12 +119,16 @@ class _Step:
             raise self.stalled
         failed = [o for o in self.outcomes.values() if o.error is not None]
         errors = [o for o in failed if not isinstance(o.error, StepAborted)]
+        if not failed:
+            return sorted((r for o in self.outcomes.values() for r in o.records), key=lambda r: (r.start, r.rank))
         if errors:
-            first = min(errors, key=lambda o: o.failed_time)
-            raise first.error  # type: ignore[misc]
-        if failed:  # aborted from outside this process (a remote rank failed)
-            raise self.ctx.mailbox.abort_reason or failed[0].error  # type: ignore[misc]
-        return sorted((r for o in self.outcomes.values() for r in o.records), key=lambda r: (r.start, r.rank))
+            error = min(errors, key=lambda o: o.failed_time).error
+        else:  # aborted from outside this process (a remote rank failed)
+            error = self.ctx.mailbox.abort_reason or failed[0].error
+        for outcome in failed:  # the other ranks' errors hold their tasks' frames (graphs): only one is raised
+            outcome.error = None
+        del failed, errors
+        raise error  # type: ignore[misc]
 
 
 class Orchestrator:
@@ -213,7 +217,11 @@ class Orchestrator:
         finally:
             fence.exit()
             self._current = None
-        records = step.result()
+        try:
+            records = step.result()
+        except BaseException:
+            ctx.checkpoint.discard()  # the failed step's graphs and pending W go now, not at the next step
+            raise
         self._log(ctx, records)
         self.steps += 1
         return records

@@ -15,6 +15,12 @@ Reading does not unpack a slot (no saved-tensor hook runs); releasing
 registers pack/unpack hooks on the slot, which is how torch lets a saved
 tensor go without running the node. Bytes are counted per storage, once,
 so views and tensors saved by two nodes are not counted twice.
+
+A slot that already has hooks cannot take new ones. The activation meter's
+own hooks therefore pack each tensor into a :class:`SavedBox`, which this
+module reads and empties like a plain slot: metering a forward must not
+change what B frees (the caller's own hooks pack into objects only the
+caller understands; those slots are left as they are).
 """
 
 from __future__ import annotations
@@ -26,7 +32,33 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import Node
 
-__all__ = ["count_storage", "release_saved", "saved_tensors", "storage_key"]
+__all__ = ["SavedBox", "count_storage", "release_saved", "saved_tensors", "storage_key"]
+
+
+class SavedBox:
+    """A saved tensor behind the meter's hooks, in a box the split backward can empty.
+
+    :meth:`pack` is a ``saved_tensors_hooks`` pack (the meter's, after it
+    counted the tensor), :meth:`unpack` its unpack. The box holds the tensor
+    without its ``grad_fn``: a node that saves its own output (tanh, exp)
+    would otherwise hold a tensor that holds the node, a cycle only running
+    the node breaks, and a split backward's W never runs the input path.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor: Tensor | None = tensor.detach() if tensor.grad_fn is not None else tensor
+
+    @classmethod
+    def pack(cls, tensor: Tensor) -> SavedBox:
+        return cls(tensor)
+
+    @staticmethod
+    def unpack(box: SavedBox) -> Tensor:
+        if box.tensor is None:
+            raise RuntimeError(_RELEASED.format(name="a node"))
+        return box.tensor
 
 
 def _raw_saved(node: Node) -> list[Any]:
@@ -54,7 +86,9 @@ def saved_tensors(node: Node) -> list[Tensor]:
     """The tensors ``node`` holds for its backward, read without unpacking (no saved-tensor hook runs)."""
     tensors = []
     for slot in _raw_saved(node):
-        data = getattr(slot, "data", None)
+        data = getattr(slot, "data", None)  # a hooked slot's: what its pack returned
+        if isinstance(data, SavedBox):
+            data = data.tensor
         if isinstance(data, Tensor):
             tensors.append(data)
     return tensors
@@ -66,11 +100,16 @@ def release_saved(node: Node) -> None:
     Registering pack/unpack hooks on a saved tensor packs it at once and
     drops the node's own reference (the documented saved-tensor hooks of
     ``grad_fn._raw_saved_*``); the pack keeps nothing, and the unpack raises
-    if anything ever runs this node again. A slot that already has hooks, or
-    holds no tensor, is left as it is.
+    if anything ever runs this node again. A :class:`SavedBox` (the meter's
+    hooks) is emptied instead. A slot with the caller's hooks, or holding no
+    tensor, is left as it is.
     """
     for slot in _raw_saved(node):
-        if getattr(slot, "data", None) is None:
+        data = getattr(slot, "data", None)
+        if isinstance(data, SavedBox):
+            data.tensor = None
+            continue
+        if data is None:
             continue
         try:
             slot.register_hooks(_pack_nothing, functools.partial(_unpack_released, node.name()))
@@ -83,11 +122,14 @@ def _pack_nothing(tensor: Tensor) -> None:
 
 
 def _unpack_released(name: str, packed: None) -> Tensor:
-    raise RuntimeError(
-        f"{name} needs a tensor that the split backward already released: B releases what only the input "
-        "gradients need and W what the parameter gradients needed; this graph cannot be back-propagated again "
-        "(as after a plain backward without retain_graph)"
-    )
+    raise RuntimeError(_RELEASED.format(name=name))
+
+
+_RELEASED = (
+    "{name} needs a tensor that the split backward already released: B releases what only the input "
+    "gradients need and W what the parameter gradients needed; this graph cannot be back-propagated again "
+    "(as after a plain backward without retain_graph)"
+)
 
 
 def storage_key(tensor: Tensor) -> tuple[Any, ...]:

@@ -99,7 +99,7 @@ def backward_input(
     roots: Sequence[Tensor],
     grad_roots: Sequence[Tensor | None] | None,
     inputs: Sequence[Tensor],
-    parameters: Iterable[Tensor],
+    parameters: Iterable[Tensor] | None = None,
 ) -> tuple[tuple[Tensor | None, ...], WeightWork]:
     """B: the gradients of ``inputs``, and the W that will give ``parameters`` theirs.
 
@@ -115,8 +115,12 @@ def backward_input(
     ``inputs``' ``.grad`` is not touched) and a :class:`WeightWork` whose
     ``run()`` later accumulates into the ``.grad`` of ``parameters`` what
     ``torch.autograd.backward(roots, grad_roots, inputs=parameters)`` would.
-    Parameters that do not require grad are skipped. The graph is consumed
-    as by one plain backward: after W, backing through ``roots`` again fails.
+    Parameters that do not require grad are skipped. ``parameters=None``
+    (what the engine passes): every leaf the roots reach that is not one of
+    ``inputs`` (a loss's own parameters, a parameter of another stage that
+    the loss reads), exactly the leaves a plain backward accumulates into,
+    found in the graph rather than listed. The graph is consumed as by one
+    plain backward: after W, backing through ``roots`` again fails.
 
     Inputs that require grad should be the stage's own leaves (the detached
     inputs the engine makes); a non-leaf input whose graph reaches one of
@@ -124,15 +128,15 @@ def backward_input(
     the stage boundary.
     """
     root_edges, root_grads = _check_roots(roots, grad_roots)
-    params = _check_parameters(parameters)
+    params = None if parameters is None else _check_parameters(parameters)
     input_edges: dict[int, GradientEdge] = {}  # position in inputs -> its edge
     for i, x in enumerate(inputs):
         if not isinstance(x, Tensor):
             raise TypeError(f"inputs[{i}] is a {type(x).__name__}, not a Tensor: pass the stage's input tensors")
         if x.requires_grad:
             input_edges[i] = get_gradient_edge(x)
-    by_id = {id(p): p for p in params}
-    for i, x in enumerate(inputs):
+    by_id = None if params is None else {id(p): p for p in params}
+    for i, x in enumerate(inputs if by_id is not None else ()):
         if id(x) in by_id and x.requires_grad:
             raise ValueError(f"inputs[{i}] is also in parameters: a tensor is either a stage input or a parameter")
 
@@ -171,7 +175,7 @@ def backward_input(
         parameters=list(split.param_nodes.values()),
         anchors=root_edges,
         weight_region=[node for node in split.order if node in split.weight_region],
-        exclude=params,
+        exclude=list(split.param_nodes.values()) if params is None else params,
     )
     return tuple(input_grads), work
 
@@ -371,7 +375,8 @@ class _Split:
     ``order``: every reachable node -> its rank in a children-first order.
     ``param_nodes``: the ``AccumulateGrad`` node of each reachable parameter
     -> the parameter (found through the node's ``variable``, so no
-    parameter's node has to be looked up, hence created, up front).
+    parameter's node has to be looked up, hence created, up front);
+    ``params=None``: every reachable leaf that is not an input.
     ``input_path``: nodes with a path to an input (what B runs).
     ``reaches_param``: nodes from which a parameter's node can be reached
     (those nodes included). ``weight_region``: those not on the input path
@@ -381,7 +386,7 @@ class _Split:
     """
 
     def __init__(
-        self, root_edges: Sequence[GradientEdge], input_nodes: set[Node], params: dict[int, Tensor]
+        self, root_edges: Sequence[GradientEdge], input_nodes: set[Node], params: dict[int, Tensor] | None
     ) -> None:
         children: dict[Node, Any] = {}  # node -> its next_functions
         order: list[Node] = []  # children first
@@ -407,7 +412,9 @@ class _Split:
         for node in order:
             kids = [c for c, _ in children[node] if c is not None]
             if not kids:
-                if isinstance(node, _ACCUMULATE_GRAD) and id(node.variable) in params:
+                if isinstance(node, _ACCUMULATE_GRAD) and (
+                    node not in input_nodes if params is None else id(node.variable) in params
+                ):
                     self.param_nodes[node] = node.variable
                     self.reaches_param.add(node)
                 continue

@@ -74,6 +74,9 @@ class StepInputs:
     loss_seed: Tensor | None = None
     #: the batch's loss normaliser (what its mean divides by; ``None``: a summed loss)
     normaliser: float | None = None
+    #: ids of the tensors the loss's gradient may land in besides the stage's inputs and parameters,
+    #: and why (see :mod:`pipesched.runtime.loss_leaves`); ``None``: any leaf, as ``loss.backward()``
+    loss_leaves: tuple[frozenset[int], str] | None = None
 
     @property
     def computes_loss(self) -> bool:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from pipesched.plan.action import Action
 from pipesched.runtime.batchnorm import frozen_running_stats
 from pipesched.runtime.checkpoint import is_recomputing
+from pipesched.runtime.loss_leaves import check_loss_leaves
 from pipesched.runtime.loss_normalizer import weighted_loss
 from pipesched.runtime.mailbox import StepAborted
 from pipesched.plan.record import TaskRecord
@@ -314,6 +315,9 @@ def _backward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> 
     if not incoming and ctx.io.computes_loss:
         roots, root_grads = ([loss], [_loss_seed(ctx.io.loss_seed, loss)]) if loss is not None and loss.requires_grad \
             else ([], [])
+        if ctx.io.loss_leaves is not None and roots and microbatch == 0:  # data parallel or multi-process
+            allowed, why = ctx.io.loss_leaves  # refuse a stray leaf; one walk a step (see loss_leaves)
+            check_loss_leaves(roots, inputs, allowed | {id(p) for p in layout.stages[stage].parameters()}, why)
     else:
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o.requires_grad]
         roots, root_grads = [o for o, _ in pairs], [g for _, g in pairs]
@@ -365,9 +369,9 @@ def _backward_inputs(
     """
     if not roots:  # nothing flows back (a micro-batch whose loss weighs 0): W has nothing to do
         return tuple(None for _ in inputs), None
-    module = ctx.layout.stages[stage]
-    parameters = [] if module is None else [p for p in module.parameters() if p.requires_grad]
-    return backward_input(roots, root_grads, inputs, parameters)
+    # W's targets: every leaf the graph reaches that is not an input, not the stage's parameters:
+    # an un-split backward accumulates into all of them (a loss's own parameters, a weight it reads)
+    return backward_input(roots, root_grads, inputs, None)
 
 
 def _weight(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> tuple[float, float]:

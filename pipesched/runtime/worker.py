@@ -72,3 +72,4 @@ class Worker:
                 if job is _STOP:
                     return
                 job()  # type: ignore[operator]
+                job = None  # not kept while waiting: a failed step's errors hold their frames' graphs
