@@ -367,7 +367,7 @@ def _backward_inputs(
         return tuple(None for _ in inputs), None
     module = ctx.layout.stages[stage]
     parameters = [] if module is None else [p for p in module.parameters() if p.requires_grad]
-    return backward_input(roots, root_grads, inputs, parameters)
+    return backward_input(roots, root_grads, inputs, parameters, module=module, name=f"stage {stage}")
 
 
 def _weight(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> tuple[float, float]:

@@ -1,0 +1,193 @@
+"""Split backwards (B, then W) against the un-pipelined model when hooks, custom Functions, compiled
+stages or reentrant checkpoints sit inside a stage (issue 21).
+
+Every case runs a float64 model through a Pipeline on CPU ranks under each split schedule the
+stage count allows, with 1f1b (whole backwards) as the control, and compares the parameter
+gradients (and what hooks saw) with one plain backward of a deepcopy.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pipesched import Pipeline
+
+SCHEDULES = [("1f1b", 3, [3, 3, 2]), ("zb-h1", 3, [3, 3, 2]), ("zb-v", 2, [2, 2, 2, 2]),
+             ("interleaved-zb", 2, [2, 2, 2, 2])]
+IDS = [s[0] for s in SCHEDULES]
+
+
+def batch(rows: int = 12):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(rows, 8, dtype=torch.float64, generator=g), torch.randint(0, 4, (rows,), generator=g)
+
+
+def run_both(model: nn.Module, name: str, ranks: int, balance: list[int], chunks: int = 3, **options):
+    """The plain model's loss.backward() on a deepcopy, then one Pipeline step on ``model``; returns the copy."""
+    reference = copy.deepcopy(model)
+    x, y = batch()
+    nn.CrossEntropyLoss()(reference(x), y).backward()
+    with Pipeline(model, schedule=name, balance=balance, devices=["cpu"] * ranks, chunks=chunks,
+                  checkpoint="never", loss_fn=nn.CrossEntropyLoss(), **options) as pipe:
+        pipe.step(x, y)
+    return reference
+
+
+def assert_same_grads(model: nn.Module, reference: nn.Module, atol: float = 1e-12) -> None:
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad is not None, f"{name} got no gradient"
+        ratio = (p.grad.norm() / q.grad.norm()).item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=atol, msg=f"{name}: {ratio:.3f}x the plain gradient")
+
+
+class ScaledLinear(torch.autograd.Function):
+    """A custom autograd Function with a weight: its backward node is a Python one."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return 2.0 * x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        return (2.0 * grad @ weight if ctx.needs_input_grad[0] else None,
+                2.0 * grad.t() @ x if ctx.needs_input_grad[1] else None)
+
+
+class CustomLayer(nn.Module):
+    """A layer computed by ScaledLinear, with an optional hook and retain_grad() on its output."""
+
+    def __init__(self, width: int, hook=None, retain: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width, dtype=torch.float64) / width)
+        self.hook, self.retain, self.outputs = hook, retain, []
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = ScaledLinear.apply(x, self.weight)
+        if h.requires_grad:
+            if self.hook is not None:
+                h.register_hook(self.hook)
+            if self.retain:
+                h.retain_grad()
+                self.outputs.append(h)
+        return h
+
+
+def custom_model(**layer) -> nn.Sequential:
+    """Custom layers at the start of a stage (its input a stage input) and inside one, in every balance used."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 12), CustomLayer(12, **layer), nn.Tanh(), CustomLayer(12, **layer),
+                         nn.Tanh(), CustomLayer(12, **layer), nn.Tanh(), nn.Linear(12, 4)).double()
+
+
+@pytest.mark.parametrize("name,ranks,balance", SCHEDULES, ids=IDS)
+def test_tensor_hook_on_custom_function_output_runs_once_under_split_backward(name, ranks, balance):
+    """B kept the hooked gradient; W used to run the node in an engine call that ran the hook again (2x)."""
+    model = custom_model(hook=lambda g: 2 * g)
+    assert_same_grads(model, run_both(model, name, ranks, balance))
+
+
+@pytest.mark.parametrize("name,ranks,balance", SCHEDULES, ids=IDS)
+def test_retain_grad_on_custom_function_output_is_not_doubled(name, ranks, balance):
+    """retain_grad() is a tensor hook too: W's engine call used to add a second copy (h.grad 2x)."""
+    model = custom_model(retain=True)
+    reference = run_both(model, name, ranks, balance)
+    assert_same_grads(model, reference)
+    for index in (1, 3, 5):
+        (expected,) = reference[index].outputs
+        got = torch.cat([h.grad for h in model[index].outputs])  # one per micro-batch, in order
+        torch.testing.assert_close(got, expected.grad, rtol=0, atol=1e-12, msg=f"layer {index}'s retained grad")
+
+
+def _halve_grad_input(module, grad_input, grad_output):
+    return tuple(None if g is None else 0.5 * g for g in grad_input)
+
+
+def hooked_mlp() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 12),
+                         nn.Tanh(), nn.Linear(12, 12), nn.Linear(12, 4)).double()
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook")  # torch's, on every backward
+@pytest.mark.parametrize("name,ranks,balance", SCHEDULES, ids=IDS)
+def test_legacy_module_backward_hook_under_split_backward(name, ranks, balance):
+    """A legacy hook's return value used to reach only the input gradient under B/W (2.0x weight and bias)."""
+    model = hooked_mlp()
+    for index in (2, 4, 6):  # a stage's first layer, a middle one, and one whose input is a stage input
+        model[index].register_backward_hook(_halve_grad_input)
+    assert_same_grads(model, run_both(model, name, ranks, balance))
+
+
+@pytest.mark.parametrize("name,ranks,balance", SCHEDULES, ids=IDS)
+def test_full_backward_hooks_that_change_gradients_under_split_backward(name, ranks, balance):
+    model = hooked_mlp()
+    model[2].register_full_backward_hook(_halve_grad_input)
+    model[4].register_full_backward_pre_hook(lambda module, grad_output: (3.0 * grad_output[0],))
+    model[6].register_full_backward_hook(_halve_grad_input)
+    model[7].register_full_backward_pre_hook(lambda module, grad_output: (-grad_output[0],))
+    assert_same_grads(model, run_both(model, name, ranks, balance))
+
+
+class ReentrantBlock(nn.Module):
+    """torch.utils.checkpoint(use_reentrant=True) around an inner block, as many Hugging Face layers do."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=True)
+
+
+@pytest.mark.parametrize("name,ranks,balance", SCHEDULES, ids=IDS)
+def test_reentrant_checkpoint_inside_layer_under_split_backward(name, ranks, balance):
+    """torch refuses autograd.grad through a reentrant checkpoint: B used to fail with torch's error."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 12), ReentrantBlock(12), nn.Tanh(), ReentrantBlock(12), nn.Tanh(),
+                          nn.Linear(12, 12), ReentrantBlock(12), nn.Linear(12, 4)).double()
+    assert_same_grads(model, run_both(model, name, ranks, balance))
+
+
+def _counting_backend(counts: dict[str, int]):
+    """An aot_autograd backend whose compiled backward graphs count their calls."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def forward_compiler(gm, example_inputs):
+        return make_boxed_func(gm.forward)
+
+    def backward_compiler(gm, example_inputs):
+        def run(*args):
+            counts["backward"] += 1
+            return gm(*args)
+        return make_boxed_func(run)
+
+    return aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler)
+
+
+@pytest.mark.parametrize("name,ranks,balance", [("1f1b", 2, [3, 2]), ("zb-h1", 2, [3, 2]), ("zb-v", 2, [2, 1, 1, 1])],
+                         ids=["1f1b", "zb-h1", "zb-v"])
+def test_compiled_stage_backward_runs_once_under_zero_bubble(name, ranks, balance):
+    """A compiled stage is one custom Function node: W used to run its whole backward again (12 calls, not 8)."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    reference = copy.deepcopy(model)
+    x, y = batch()
+    nn.CrossEntropyLoss()(reference(x), y).backward()
+    counts = {"backward": 0}
+    chunks = 4
+    with Pipeline(model, schedule=name, balance=balance, devices=["cpu"] * ranks, chunks=chunks,
+                  checkpoint="never", loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.compile(backend=_counting_backend(counts))
+        pipe.step(x, y)
+        counts["backward"] = 0  # the first step compiled; count a second one
+        model.zero_grad()
+        pipe.step(x, y)
+    assert_same_grads(model, reference)
+    assert counts["backward"] == len(balance) * chunks, f"{counts['backward']} backward-graph calls"
