@@ -9,12 +9,14 @@ gradients (and what hooks saw) with one plain backward of a deepcopy.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from pipesched import Pipeline
+from pipesched.runtime import split_backward
 
 SCHEDULES = [("1f1b", 3, [3, 3, 2]), ("zb-h1", 3, [3, 3, 2]), ("zb-v", 2, [2, 2, 2, 2]),
              ("interleaved-zb", 2, [2, 2, 2, 2])]
@@ -146,12 +148,22 @@ class ReentrantBlock(nn.Module):
 
 
 @pytest.mark.parametrize("name,ranks,balance", SCHEDULES, ids=IDS)
-def test_reentrant_checkpoint_inside_layer_under_split_backward(name, ranks, balance):
-    """torch refuses autograd.grad through a reentrant checkpoint: B used to fail with torch's error."""
+def test_reentrant_checkpoint_inside_layer_under_split_backward(name, ranks, balance, monkeypatch):
+    """torch refuses autograd.grad through a reentrant checkpoint: B used to fail with torch's error.
+    Now such a stage's B runs its whole backward (exact) and says so once, naming use_reentrant=False."""
+    monkeypatch.setattr(split_backward, "_warned", set())
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(8, 12), ReentrantBlock(12), nn.Tanh(), ReentrantBlock(12), nn.Tanh(),
                           nn.Linear(12, 12), ReentrantBlock(12), nn.Linear(12, 4)).double()
-    assert_same_grads(model, run_both(model, name, ranks, balance))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        reference = run_both(model, name, ranks, balance)
+    assert_same_grads(model, reference)
+    ours = sorted(str(w.message) for w in said if "runs whole in B" in str(w.message))
+    starts = [sum(balance[:s]) for s in range(len(balance) + 1)]
+    stages = {s for s in range(len(balance)) for i in (1, 3, 6) if starts[s] <= i < starts[s + 1]}
+    assert len(ours) == (0 if name == "1f1b" else len(stages)), ours  # once per such stage, not per micro-batch
+    assert all("use_reentrant=False" in message for message in ours), ours
 
 
 def _counting_backend(counts: dict[str, int]):

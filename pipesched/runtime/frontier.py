@@ -57,13 +57,14 @@ class FrontierCapture:
         self._nodes = list(frontier)
         self._edges = [frontier[node] for node in self._nodes]
         self._incoming: list[tuple[Tensor | None, ...] | None] = [None] * len(self._nodes)
-        self._outgoing: list[tuple[Tensor | None, ...] | None] = [None] * len(self._nodes)
+        self._outgoing: list[dict[int, Tensor | None] | None] = [None] * len(self._nodes)
         self._handles: list[Any] = []
 
     def __enter__(self) -> FrontierCapture:
         for n, node in enumerate(self._nodes):
             self._handles.append(node.register_prehook(functools.partial(_keep_incoming, self._incoming, n)))
-            self._handles.append(node.register_hook(functools.partial(_keep_outgoing, self._outgoing, n)))
+            wanted = [j for j, _ in self._edges[n]]
+            self._handles.append(node.register_hook(functools.partial(_keep_outgoing, self._outgoing, n, wanted)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -83,7 +84,7 @@ class FrontierCapture:
         to_call: list[ToCall] = []
         seeds: list[Seed] = []
         for node, edges, kept, outputs in zip(self._nodes, self._edges, self._incoming, self._outgoing):
-            if outputs is not None and (is_python_node(node) or all(outputs[j] is not None for j, _ in edges)):
+            if outputs is not None and (is_python_node(node) or all(g is not None for g in outputs.values())):
                 seeds.extend((child, k, outputs[j]) for j, (child, k) in edges if outputs[j] is not None)
             elif not is_python_node(node):
                 to_call.append((node, kept, edges))
@@ -97,10 +98,15 @@ def _keep_incoming(store: list[Any], index: int, grad_outputs: tuple[Tensor | No
 
 
 def _keep_outgoing(
-    store: list[Any], index: int, grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]
+    store: list[Any], index: int, wanted: list[int],
+    grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...],
 ) -> None:
-    """Post-hook of frontier node ``index`` during B: keep what it computed (its post-hooks applied)."""
-    store[index] = tuple(grad_inputs)
+    """Post-hook of frontier node ``index`` during B: keep its weight-side outputs (its post-hooks applied).
+
+    Only those: holding the input-side ones too would keep the engine from
+    summing into their buffers in place.
+    """
+    store[index] = {j: grad_inputs[j] for j in wanted}
 
 
 def weight_edge_gradients(to_call: Sequence[ToCall]) -> list[Seed]:
