@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -23,7 +22,6 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipesched.runtime import split_backward
 from pipesched.runtime.split_backward import backward_input
 
 ATOL = 1e-12
@@ -598,49 +596,6 @@ def test_non_reentrant_checkpoint_inside_the_stage():
     model = nn.ModuleDict({"inner": inner, "outer": outer}).double()
     run: Run = lambda m, xs: [m["outer"](checkpoint(m["inner"], xs[0], use_reentrant=False))]
     check_split(model, [x_(4, 6)], run=run)
-
-
-def test_reentrant_checkpoint_inside_the_stage_runs_whole_in_b(monkeypatch):
-    """torch refuses autograd.grad through a reentrant checkpoint: B runs the whole backward, W is empty."""
-    from torch.utils.checkpoint import checkpoint
-
-    monkeypatch.setattr(split_backward, "_warned", set())
-    model = linear_stack(2)
-    reference, x = copy.deepcopy(model), x_(4, 6)
-    x_ref = x.detach().clone().requires_grad_(True)
-    grad = _grads_for([x], False)[0]
-    reference(x_ref).backward(grad)
-    out = checkpoint(model, x, use_reentrant=True)
-    with pytest.warns(UserWarning, match=r"reentrant torch.utils.checkpoint.*use_reentrant=False"):
-        (x_grad,), work = backward_input([out], [grad], [x], model.parameters())
-    assert work.empty and x.grad is None, "B's whole backward must leave the input's .grad as it was"
-    torch.testing.assert_close(x_grad, x_ref.grad, rtol=0, atol=ATOL)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=ATOL)
-
-
-@pytest.mark.filterwarnings("ignore:Using a non-full backward hook")
-def test_a_legacy_module_backward_hook_makes_b_run_the_whole_backward(monkeypatch):
-    """Its rewritten grad_input must hold the weight gradients too: B runs whole, exact, and says why, once."""
-    monkeypatch.setattr(split_backward, "_warned", set())
-    model = linear_stack(3)
-    model[2].register_backward_hook(lambda m, gi, go: tuple(None if g is None else 0.5 * g for g in gi))
-    reference, x = copy.deepcopy(model), x_(4, 6)
-    grad = _grads_for([x], False)[0]
-    reference(x.detach().clone().requires_grad_(True)).backward(grad)
-    for attempt in range(2):
-        model.zero_grad(set_to_none=True)
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            _, work = backward_input([model(x)], [grad], [x], model.parameters(), module=model, name="stage 1")
-        assert work.empty
-        ours = [str(w.message) for w in said if "runs whole" in str(w.message)]
-        assert len(ours) == (1 - attempt), ours
-        if ours:
-            assert "stage 1" in ours[0] and "module '2' has a legacy register_backward_hook" in ours[0]
-            assert "register_full_backward_hook" in ours[0]
-        for p, q in zip(model.parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=ATOL)
 
 
 def test_tensor_hooks_and_retain_grad_on_a_layer_output_run_once():

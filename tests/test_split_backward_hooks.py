@@ -166,6 +166,50 @@ def test_reentrant_checkpoint_inside_layer_under_split_backward(name, ranks, bal
     assert all("use_reentrant=False" in message for message in ours), ours
 
 
+def _stack_and_reference(hook=None):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).double()
+    if hook is not None:
+        model[2].register_backward_hook(hook)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(4, 6, dtype=torch.float64)
+    reference, x_ref = copy.deepcopy(model), x.detach().clone().requires_grad_(True)
+    reference(x_ref).backward(grad)
+    return model, x, grad, reference, x_ref
+
+
+def test_reentrant_checkpoint_makes_b_run_the_whole_backward(monkeypatch):
+    """backward_input itself: torch refuses autograd.grad through a reentrant checkpoint, so B runs whole, W is empty."""
+    monkeypatch.setattr(split_backward, "_warned", set())
+    model, x, grad, reference, x_ref = _stack_and_reference()
+    out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True)
+    with pytest.warns(UserWarning, match=r"reentrant torch.utils.checkpoint.*use_reentrant=False"):
+        (x_grad,), work = split_backward.backward_input([out], [grad], [x], model.parameters())
+    assert work.empty and x.grad is None, "B's whole backward must leave the input's .grad as it was"
+    torch.testing.assert_close(x_grad, x_ref.grad, rtol=0, atol=1e-12)
+    assert_same_grads(model, reference)
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook")
+def test_a_legacy_module_backward_hook_makes_b_run_the_whole_backward(monkeypatch):
+    """backward_input itself: B runs whole, exact, and says why once, naming the stage, the module and the fix."""
+    monkeypatch.setattr(split_backward, "_warned", set())
+    model, x, grad, reference, _ = _stack_and_reference(hook=_halve_grad_input)
+    for attempt in range(2):
+        model.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            _, work = split_backward.backward_input([model(x)], [grad], [x], model.parameters(), module=model,
+                                                    name="stage 1")
+        assert work.empty
+        ours = [str(w.message) for w in said if "runs whole" in str(w.message)]
+        assert len(ours) == 1 - attempt, ours
+        if ours:
+            assert "stage 1" in ours[0] and "module '2' has a legacy register_backward_hook" in ours[0]
+            assert "register_full_backward_hook" in ours[0]
+        assert_same_grads(model, reference)
+
+
 def _counting_backend(counts: dict[str, int]):
     """An aot_autograd backend whose compiled backward graphs count their calls."""
     from functorch.compile import make_boxed_func
