@@ -191,9 +191,21 @@ def test_reentrant_checkpoint_makes_b_run_the_whole_backward(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Using a non-full backward hook")
-def test_a_legacy_module_backward_hook_makes_b_run_the_whole_backward(monkeypatch):
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_a_legacy_module_backward_hook_makes_b_run_the_whole_backward(monkeypatch, where):
     """backward_input itself: B runs whole, exact, and says why once, naming the stage, the module and the fix."""
     monkeypatch.setattr(split_backward, "_warned", set())
+    if where == "global":
+        handle = nn.modules.module.register_module_backward_hook(lambda m, gi, go: None)
+        try:
+            model, x, grad, reference, _ = _stack_and_reference()
+            with pytest.warns(UserWarning, match="global legacy register_module_backward_hook"):
+                _, work = split_backward.backward_input([model(x)], [grad], [x], model.parameters(), module=model)
+        finally:
+            handle.remove()
+        assert work.empty
+        assert_same_grads(model, reference)
+        return
     model, x, grad, reference, _ = _stack_and_reference(hook=_halve_grad_input)
     for attempt in range(2):
         model.zero_grad(set_to_none=True)

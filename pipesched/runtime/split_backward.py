@@ -174,14 +174,23 @@ def backward_input(
 
 
 def legacy_backward_hooks(module: nn.Module | None) -> list[str]:
-    """The names of ``module``'s submodules with a legacy ``register_backward_hook`` ('*': a global one)."""
+    """The names of ``module``'s submodules with a legacy ``register_backward_hook`` ('*': a global one).
+
+    Read from ``nn.Module``'s private hook dicts (``getattr`` with defaults:
+    a torch release that renames them finds none rather than failing).
+    """
     found = []
-    if torch.nn.modules.module._global_backward_hooks and torch.nn.modules.module._global_is_full_backward_hook is False:
+    nn_module = torch.nn.modules.module
+    if getattr(nn_module, "_global_backward_hooks", None) and getattr(nn_module, "_global_is_full_backward_hook", None) is False:
         found.append("*")
-    if module is not None:
-        found += [name or "(the stage)" for name, m in module.named_modules()
-                  if m._backward_hooks and m._is_full_backward_hook is False]
+    if module is not None and any(_has_legacy_hook(m) for m in module.modules()):
+        # (named only when found: B asks for every micro-batch, since hooks may come and go between steps)
+        found += [name or "(the stage)" for name, m in module.named_modules() if _has_legacy_hook(m)]
     return found
+
+
+def _has_legacy_hook(module: nn.Module) -> bool:
+    return bool(getattr(module, "_backward_hooks", None)) and getattr(module, "_is_full_backward_hook", None) is False
 
 
 def _why_whole(split: SplitGraph, module: nn.Module | None) -> str | None:
