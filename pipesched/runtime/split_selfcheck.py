@@ -15,13 +15,15 @@ checks each behaviour directly:
   node post-hook sees a custom Function's weight-side output in an engine
   call that does not need it (B keeps both);
 * the engine call W makes, with graph edges as roots, accumulates a raw
-  (unreduced) bias gradient into ``.grad`` correctly;
-* a built-in node called directly inside a graph task computes only the
-  outputs that task needs, and its saved tensors are found by name.
+  (unreduced) bias gradient into ``.grad`` correctly, and a built-in node
+  called directly (as W calls the frontier) gives its weight gradient;
+* for speed and memory only: such a directly called node computes only the
+  outputs the running graph task needs, and a node's saved tensors are
+  found by name (so B can release them).
 
 A broken correctness behaviour raises ``RuntimeError`` (every split backward
-then raises it again: no schedule with W can be trusted); a performance one
-(the last two) warns once and lets the split backward run, still exact. It
+then raises it again: no schedule with W can be trusted); a speed or memory
+one warns once and lets the split backward run, still exact. It
 runs on a thread of its own, so no caller's grad mode, autocast or
 saved-tensor hooks (all per thread) can change what it sees.
 """
@@ -67,22 +69,17 @@ def self_check() -> None:
 
 
 def _check() -> tuple[list[str], list[str]]:
-    broken: list[str] = []
-    slow: list[str] = []
-    for check in (_names, _hooks_order, _edge_roots):
+    """(broken: what exactness needs, slow: what only speed or memory needs); every check runs on its own."""
+    found: tuple[list[str], list[str]] = ([], [])
+    for check, kind in ((_names, 0), (_hooks_order, 0), (_edge_roots, 0), (_direct_call, 0), (_saved_slots, 1),
+                        (_direct_call_computes_only_what_is_needed, 1)):
         try:
             problem = check()
         except Exception as error:  # noqa: BLE001 - any failure is the finding
             problem = f"{check.__name__.strip('_')} raised {type(error).__name__}: {error}"
         if problem:
-            broken.append(problem)
-    if broken:
-        return broken, slow
-    try:
-        slow += _direct_call()
-    except Exception as error:  # noqa: BLE001
-        slow.append(f"a directly called node raised {type(error).__name__}: {error}")
-    return broken, slow
+            found[kind].append(problem)
+    return found
 
 
 class _Scaled(torch.autograd.Function):
@@ -131,30 +128,41 @@ def _hooks_order() -> str | None:
 
 def _edge_roots() -> str | None:
     bias = _leaf(1.0, 2.0)
-    out = torch.ones(3, 2, dtype=torch.float64) + bias  # AddBackward routes (3, 2) into a (2,) leaf
-    edge = get_gradient_edge(bias)
+    edge = get_gradient_edge(bias)  # a raw (3, 2) gradient into a (2,) leaf's slot, as a bias's from a layer
     run_engine([GradientEdge(edge.node, edge.output_nr)], [torch.ones(3, 2, dtype=torch.float64)], [bias])
-    del out
     if bias.grad is None or bias.grad.tolist() != [3.0, 3.0]:
         return "the engine no longer reduces a raw gradient given at a graph edge (W's seeds)"
     return None
 
 
-def _direct_call() -> list[str]:
-    slow = []
+def _product() -> tuple[Node, Node, int]:
+    """A matrix product's node (1x2 @ 2x1) and its weight-side edge."""
     x, w = _leaf(1.0, 2.0).reshape(1, 2), _leaf(3.0, 4.0).reshape(2, 1)
     node = (x @ w).grad_fn
-    if not saved_tensors(node):
-        slow.append("saved tensors are no longer found as grad_fn._raw_saved_* (B cannot release them early)")
     weight_child, k = node.next_functions[1]
-    edges = [(1, (weight_child, k))]
-    seeds = weight_edge_gradients([(node, (torch.ones(1, 1, dtype=torch.float64),), edges)])
+    return node, weight_child, k
+
+
+def _direct_call() -> str | None:
+    node, weight_child, k = _product()
+    seeds = weight_edge_gradients([(node, (torch.ones(1, 1, dtype=torch.float64),), [(1, (weight_child, k))])])
     if len(seeds) != 1 or seeds[0][2].tolist() != [[1.0], [2.0]]:
-        return ["a directly called node gave a wrong weight gradient"] + slow
+        return "a built-in node called directly (W) no longer gives its weight gradient"
+    return None
+
+
+def _saved_slots() -> str | None:
+    if not saved_tensors(_product()[0]):
+        return "saved tensors are no longer found as grad_fn._raw_saved_* (B cannot release them early)"
+    return None
+
+
+def _direct_call_computes_only_what_is_needed() -> str | None:
+    node, weight_child, k = _product()
     if _call_inside_task(node, weight_child, k)[0] is not None:
-        slow.append("a directly called node computes outputs the running graph task does not need (W repeats the "
-                    "input-gradient product)")
-    return slow
+        return ("a directly called node computes outputs the running graph task does not need (W repeats the "
+                "input-gradient product)")
+    return None
 
 
 def _call_inside_task(node: Node, child: Node, k: int) -> tuple[Tensor | None, ...]:
