@@ -179,7 +179,7 @@ def _stack_and_reference(hook=None):
 
 
 def test_reentrant_checkpoint_makes_b_run_the_whole_backward(monkeypatch):
-    """backward_input itself: torch refuses autograd.grad through a reentrant checkpoint, so B runs whole, W is empty."""
+    """backward_input itself: torch refuses autograd.grad through a reentrant checkpoint: B runs whole, W empty."""
     monkeypatch.setattr(split_backward, "_warned", set())
     model, x, grad, reference, x_ref = _stack_and_reference()
     out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True)

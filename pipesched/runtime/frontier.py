@@ -121,7 +121,8 @@ def weight_edge_gradients(to_call: Sequence[ToCall]) -> list[Seed]:
     gradient not yet summed over rows) until the engine reduces it to its
     slot's shape.
     """
-    work = [(node, kept, edges) for node, kept, edges in to_call if kept is not None and any(g is not None for g in kept)]
+    work = [(node, kept, edges) for node, kept, edges in to_call
+            if kept is not None and any(g is not None for g in kept)]
     if not work:
         return []
     for node, _, _ in work:

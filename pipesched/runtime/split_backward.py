@@ -145,7 +145,8 @@ def backward_input(
         return _whole_backward(root_edges, root_grads, inputs, input_edges, name, why_whole), WeightWork._empty()
 
     capture = FrontierCapture(split.frontier)
-    seeds: list[Seed] = [(e.node, e.output_nr, g) for e, g in zip(root_edges, root_grads) if e.node in split.weight_region]
+    seeds: list[Seed] = [(e.node, e.output_nr, g) for e, g in zip(root_edges, root_grads)
+                         if e.node in split.weight_region]  # roots that reach no input
     needs_w = bool(split.frontier or seeds)
     grads: Sequence[Tensor | None] = ()
     if input_edges:
@@ -181,7 +182,8 @@ def legacy_backward_hooks(module: nn.Module | None) -> list[str]:
     """
     found = []
     nn_module = torch.nn.modules.module
-    if getattr(nn_module, "_global_backward_hooks", None) and getattr(nn_module, "_global_is_full_backward_hook", None) is False:
+    if getattr(nn_module, "_global_backward_hooks", None) \
+            and getattr(nn_module, "_global_is_full_backward_hook", None) is False:
         found.append("*")
     if module is not None and any(_has_legacy_hook(m) for m in module.modules()):
         # (named only when found: B asks for every micro-batch, since hooks may come and go between steps)
@@ -196,8 +198,8 @@ def _has_legacy_hook(module: nn.Module) -> bool:
 def _why_whole(split: SplitGraph, module: nn.Module | None) -> str | None:
     """Why this backward cannot be split (None: it can)."""
     if split.reentrant is not None:
-        return (f"it holds a reentrant torch.utils.checkpoint ({split.reentrant.name()}): torch refuses to back-propagate "
-                "through one in a split backward; pass use_reentrant=False to torch.utils.checkpoint to split it")
+        return (f"it holds a reentrant torch.utils.checkpoint ({split.reentrant.name()}): torch refuses to "
+                "back-propagate through one in a split backward; pass use_reentrant=False to torch.utils.checkpoint to split it")
     hooked = legacy_backward_hooks(module)
     if hooked:
         which = "a global legacy register_module_backward_hook" if hooked[0] == "*" else \
