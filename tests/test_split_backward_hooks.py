@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from pipesched import Pipeline
-from pipesched.runtime import split_backward
+from pipesched.runtime import split_backward, whole_backward
 
 SCHEDULES = [("1f1b", 3, [3, 3, 2]), ("zb-h1", 3, [3, 3, 2]), ("zb-v", 2, [2, 2, 2, 2]),
              ("interleaved-zb", 2, [2, 2, 2, 2])]
@@ -151,7 +151,7 @@ class ReentrantBlock(nn.Module):
 def test_reentrant_checkpoint_inside_layer_under_split_backward(name, ranks, balance, monkeypatch):
     """torch refuses autograd.grad through a reentrant checkpoint: B used to fail with torch's error.
     Now such a stage's B runs its whole backward (exact) and says so once, naming use_reentrant=False."""
-    monkeypatch.setattr(split_backward, "_warned", set())
+    monkeypatch.setattr(whole_backward, "_warned", set())
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(8, 12), ReentrantBlock(12), nn.Tanh(), ReentrantBlock(12), nn.Tanh(),
                           nn.Linear(12, 12), ReentrantBlock(12), nn.Linear(12, 4)).double()
@@ -180,7 +180,7 @@ def _stack_and_reference(hook=None):
 
 def test_reentrant_checkpoint_makes_b_run_the_whole_backward(monkeypatch):
     """backward_input itself: torch refuses autograd.grad through a reentrant checkpoint: B runs whole, W empty."""
-    monkeypatch.setattr(split_backward, "_warned", set())
+    monkeypatch.setattr(whole_backward, "_warned", set())
     model, x, grad, reference, x_ref = _stack_and_reference()
     out = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=True)
     with pytest.warns(UserWarning, match=r"reentrant torch.utils.checkpoint.*use_reentrant=False"):
@@ -194,7 +194,7 @@ def test_reentrant_checkpoint_makes_b_run_the_whole_backward(monkeypatch):
 @pytest.mark.parametrize("where", ["module", "global"])
 def test_a_legacy_module_backward_hook_makes_b_run_the_whole_backward(monkeypatch, where):
     """backward_input itself: B runs whole, exact, and says why once, naming the stage, the module and the fix."""
-    monkeypatch.setattr(split_backward, "_warned", set())
+    monkeypatch.setattr(whole_backward, "_warned", set())
     if where == "global":
         handle = nn.modules.module.register_module_backward_hook(lambda m, gi, go: None)
         try:
@@ -259,3 +259,60 @@ def test_compiled_stage_backward_runs_once_under_zero_bubble(name, ranks, balanc
         pipe.step(x, y)
     assert_same_grads(model, reference)
     assert counts["backward"] == len(balance) * chunks, f"{counts['backward']} backward-graph calls"
+
+
+class _PlainBackend:
+    """A torch.compile backend that runs the captured graph as is (no AOTAutograd)."""
+
+    def __call__(self, gm, example_inputs):
+        return gm.forward
+
+
+def test_compiled_stage_with_donated_buffers_under_zero_bubble():
+    """AOTAutograd's donated buffers refuse a backward that keeps its graph (retain_graph=True), and B used to
+    keep it whenever W had work. Seen after another compiled pipeline ran in the process (the suite's order)."""
+    torch.manual_seed(3)
+    first = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    x, y = batch()
+    with Pipeline(first, schedule="1f1b", balance=[2, 1], devices=["cpu"] * 2, chunks=3,
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.compile(backend=_PlainBackend())
+        pipe.step(x, y)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4)).double()
+    reference = copy.deepcopy(model)
+    nn.CrossEntropyLoss()(reference(x), y).backward()
+    with Pipeline(model, schedule="zb-h1", balance=[3, 2], devices=["cpu"] * 2, chunks=4, checkpoint="never",
+                  loss_fn=nn.CrossEntropyLoss()) as pipe:
+        pipe.compile(backend=_counting_backend({"backward": 0}))
+        pipe.step(x, y)
+    assert_same_grads(model, reference)
+
+
+class _KeepGraphProbe(torch.autograd.Function):
+    """ScaledLinear that records whether the running engine call keeps the graph."""
+
+    seen: list[bool] = []
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        return ScaledLinear.forward(ctx, x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        _KeepGraphProbe.seen.append(torch._C._autograd._get_current_graph_task_keep_graph())
+        return ScaledLinear.backward(ctx, grad)
+
+
+def test_b_does_not_keep_the_graph_when_w_calls_no_node_b_ran():
+    """With only custom Function nodes on the frontier (a compiled stage), nothing B ran runs again: B's engine
+    call must not keep the graph (retain_graph=False), or a compiled backward with donated buffers refuses."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(6, 6, dtype=torch.float64))
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    _KeepGraphProbe.seen = []
+    out = _KeepGraphProbe.apply(torch.tanh(x), weight)
+    _, work = split_backward.backward_input([out], [torch.ones(4, 6, dtype=torch.float64)], [x], [weight])
+    assert _KeepGraphProbe.seen == [False]
+    work.run()
+    expected = 2.0 * torch.ones(6, 4, dtype=torch.float64) @ torch.tanh(x).detach()
+    torch.testing.assert_close(weight.grad, expected, rtol=0, atol=1e-12)

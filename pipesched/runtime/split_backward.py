@@ -42,18 +42,26 @@ many layers the stage has (one per parameter group in torch's).
 Hooks run once each, as in a plain backward, on the same gradients: module
 full backward (pre-)hooks and tensor hooks (``register_hook``,
 ``retain_grad``) on activations in B; parameter hooks (``register_hook``,
-post-accumulate-grad) in W. Two things cannot be split, and then B runs the
-stage's *whole* backward (one plain engine call into every reachable leaf,
-as 1F1B does) and W does nothing for it, with a warning once per stage and
-cause: a legacy ``Module.register_backward_hook`` in the stage (a post-hook
+post-accumulate-grad) in W. Two things cannot be split
+(:mod:`pipesched.runtime.whole_backward`), and then B runs the stage's
+*whole* backward (one plain engine call into every reachable leaf, as 1F1B
+does) and W does nothing for it, with a warning once per stage and cause: a legacy ``Module.register_backward_hook`` in the stage (a post-hook
 on the layer's last node that must see, and may rewrite, the input and the
 weight gradients together) and a reentrant ``torch.utils.checkpoint``
 (``use_reentrant=True``) region, whose backward calls the engine itself and
 which torch refuses inside ``torch.autograd.grad``.
 
+B keeps the graph (``retain_graph``) only when W will call a built-in
+frontier node again: a compiled stage's backward with AOTAutograd's donated
+buffers refuses a kept graph.
+
 Limits: a custom Function's weight-side gradients (a compiled stage's: one
 per parameter) are kept from B to W in place of its saved tensors, which B
-releases; :meth:`WeightWork.nbytes` counts them. W calls the frontier nodes
+releases; :meth:`WeightWork.nbytes` counts them. A compiled stage with graph
+breaks (eager layers between its compiled graphs) has built-in frontier
+nodes, so B keeps the graph, and a compiled graph with donated buffers then
+raises torch's error (which names ``torch._functorch.config.donated_buffer =
+False``). W calls the frontier nodes
 on the calling thread's current CUDA stream, not the stream their forward
 ran on (not tested on CUDA). The non-reentrant checkpoint
 (``use_reentrant=False``) splits, but its saved tensors live under
@@ -63,8 +71,6 @@ does not count (as for any saved-tensor hooks, e.g. CPU offload).
 
 from __future__ import annotations
 
-import threading
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -72,13 +78,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
-from pipesched.runtime.autograd_internals import run_engine
+from pipesched.runtime.autograd_internals import is_python_node, run_engine
 from pipesched.runtime.frontier import FrontierCapture, Seed, ToCall, weight_edge_gradients
 from pipesched.runtime.saved_tensors import count_storage, release_saved, saved_tensors, storage_key
 from pipesched.runtime.split_graph import SplitGraph
 from pipesched.runtime.split_selfcheck import self_check
+from pipesched.runtime.whole_backward import warn_once, whole_backward, why_whole
 
-__all__ = ["WeightWork", "backward_input", "legacy_backward_hooks"]
+__all__ = ["WeightWork", "backward_input"]
 
 
 def backward_input(
@@ -139,20 +146,23 @@ def backward_input(
                 f"inputs[{i}] is not a leaf and its graph ({edge.node.name()}) reaches a parameter: its gradient "
                 "would flow past the stage boundary; pass the stage's detached input (x.detach().requires_grad_())"
             )
-    why_whole = _why_whole(split, module)
-    if why_whole is not None:
-        _warn_once(name, why_whole)
-        return _whole_backward(root_edges, root_grads, inputs, input_edges, name, why_whole), WeightWork._empty()
+    why = why_whole(split.reentrant, module)
+    if why is not None:
+        warn_once(name, why)
+        return whole_backward(root_edges, root_grads, inputs, list(input_edges), name, why), WeightWork._empty()
 
     capture = FrontierCapture(split.frontier)
     seeds: list[Seed] = [(e.node, e.output_nr, g) for e, g in zip(root_edges, root_grads)
                          if e.node in split.weight_region]  # roots that reach no input
     needs_w = bool(split.frontier or seeds)
+    # Only a built-in frontier node runs again (in W) after B ran it, so only it needs B to keep what it saved;
+    # a compiled stage's node refuses a graph kept by retain_graph when it donates its buffers.
+    keep = any(not is_python_node(node) for node in split.frontier)
     grads: Sequence[Tensor | None] = ()
     if input_edges:
         with capture:
             grads = torch.autograd.grad(
-                root_edges, list(input_edges.values()), root_grads, retain_graph=needs_w, allow_unused=True
+                root_edges, list(input_edges.values()), root_grads, retain_graph=keep, allow_unused=True
             )
     input_grads: list[Tensor | None] = [None] * len(inputs)
     for position, grad in zip(input_edges, grads):
@@ -172,79 +182,6 @@ def backward_input(
         exclude=params,
     )
     return tuple(input_grads), work
-
-
-def legacy_backward_hooks(module: nn.Module | None) -> list[str]:
-    """The names of ``module``'s submodules with a legacy ``register_backward_hook`` ('*': a global one).
-
-    Read from ``nn.Module``'s private hook dicts (``getattr`` with defaults:
-    a torch release that renames them finds none rather than failing).
-    """
-    found = []
-    nn_module = torch.nn.modules.module
-    if getattr(nn_module, "_global_backward_hooks", None) \
-            and getattr(nn_module, "_global_is_full_backward_hook", None) is False:
-        found.append("*")
-    if module is not None and any(_has_legacy_hook(m) for m in module.modules()):
-        # (named only when found: B asks for every micro-batch, since hooks may come and go between steps)
-        found += [name or "(the stage)" for name, m in module.named_modules() if _has_legacy_hook(m)]
-    return found
-
-
-def _has_legacy_hook(module: nn.Module) -> bool:
-    return bool(getattr(module, "_backward_hooks", None)) and getattr(module, "_is_full_backward_hook", None) is False
-
-
-def _why_whole(split: SplitGraph, module: nn.Module | None) -> str | None:
-    """Why this backward cannot be split (None: it can)."""
-    if split.reentrant is not None:
-        return (f"it holds a reentrant torch.utils.checkpoint ({split.reentrant.name()}): torch refuses to "
-                "back-propagate through one in a split backward; pass use_reentrant=False to torch.utils.checkpoint to split it")
-    hooked = legacy_backward_hooks(module)
-    if hooked:
-        which = "a global legacy register_module_backward_hook" if hooked[0] == "*" else \
-            f"module {hooked[0]!r} has a legacy register_backward_hook"
-        return (f"{which}, whose rewritten grad_input must include the weight gradients, which a split backward "
-                "computes later; use register_full_backward_hook to split it")
-    return None
-
-
-_warned: set[tuple[str, str]] = set()
-_warned_lock = threading.Lock()
-
-
-def _warn_once(name: str, why: str) -> None:
-    """Say once per (stage, cause) and process that a zero-bubble schedule lost this stage's W."""
-    with _warned_lock:
-        if (name, why) in _warned:
-            return
-        _warned.add((name, why))
-    warnings.warn(f"{name}: its backward runs whole in B and its W does nothing (so its weight gradient work no "
-                  f"longer fills bubbles), because {why}", stacklevel=3)
-
-
-def _whole_backward(
-    root_edges: list[GradientEdge], root_grads: list[Tensor], inputs: Sequence[Tensor],
-    input_edges: dict[int, GradientEdge], name: str, why: str,
-) -> tuple[Tensor | None, ...]:
-    """B as a plain backward (into every reachable leaf); the inputs' gradients from their ``.grad``, restored."""
-    for i in input_edges:
-        if not inputs[i].is_leaf:
-            raise ValueError(f"{name}: inputs[{i}] is not a leaf, and its backward must run whole because {why}; "
-                             "pass the stage's detached input (x.detach().requires_grad_())")
-    leaves = [inputs[i] for i in input_edges]
-    before = [x.grad for x in leaves]
-    for x in leaves:
-        x.grad = None
-    input_grads: list[Tensor | None] = [None] * len(inputs)
-    try:
-        run_engine(root_edges, root_grads)  # no inputs: the engine call a reentrant checkpoint accepts
-        for i in input_edges:
-            input_grads[i] = inputs[i].grad
-    finally:
-        for x, grad in zip(leaves, before):
-            x.grad = grad
-    return tuple(input_grads)
 
 
 class WeightWork:
