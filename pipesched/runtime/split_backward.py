@@ -55,7 +55,11 @@ B keeps the graph (``retain_graph``) only when W will call a built-in
 frontier node again: a compiled stage's backward with AOTAutograd's donated
 buffers refuses a kept graph.
 
-Limits: a custom Function's weight-side gradients (a compiled stage's: one
+Limits: a post-hook put on a built-in frontier node itself
+(``out.grad_fn.register_hook``) runs in B only, where that node's weight-side
+outputs are ``None``: what it returns for them is lost, and node hooks
+cannot be listed to detect it (the legacy module hook, which is one, is
+found on its module). A custom Function's weight-side gradients (a compiled stage's: one
 per parameter) are kept from B to W in place of its saved tensors, which B
 releases; :meth:`WeightWork.nbytes` counts them. A compiled stage with graph
 breaks (eager layers between its compiled graphs) has built-in frontier
