@@ -371,7 +371,8 @@ def _backward_inputs(
         return tuple(None for _ in inputs), None
     # W's targets: every leaf the graph reaches that is not an input, not the stage's parameters:
     # an un-split backward accumulates into all of them (a loss's own parameters, a weight it reads)
-    return backward_input(roots, root_grads, inputs, None)
+    module = ctx.layout.stages[stage]
+    return backward_input(roots, root_grads, inputs, None, module=module, name=f"stage {stage}")
 
 
 def _weight(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> tuple[float, float]:
