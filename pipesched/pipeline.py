@@ -33,7 +33,7 @@ from pipesched.runtime.compiling import compile_callback, compile_refused, compi
 from pipesched.runtime.data_parallel import (
     DataParallelReplicas,
     check_data_parallel_group,
-    scale_input_gradients,
+    combine_replicas,
 )
 from pipesched.runtime.grad_scaling import backward_seed
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
@@ -262,9 +262,8 @@ class Pipeline(PipelineModule):
             def combine() -> None:  # data parallelism: this step's gradients with the other replicas'
                 joined.append(math.nan)
                 local = batch_loss([ctx.results.losses[m] for m in range(count)], weights)
-                joined[0], factor = replicas.reduce(True, normaliser, float(local),  # type: ignore[union-attr]
-                                                    list(self.module.parameters()))
-                scale_input_gradients(ctx, factor)
+                joined[0] = combine_replicas(replicas, ctx, normaliser, float(local),  # type: ignore[arg-type]
+                                             list(self.module.parameters()))
 
             records = runner.run(plan, ctx, self.module.parameters(), statistics=True,
                                  before_commit=None if replicas is None else combine)
@@ -290,6 +289,10 @@ class Pipeline(PipelineModule):
         ``loss_fn(pipe(x), y).backward()``) runs the backward half through the
         pipeline for fill-drain schedules; schedules that interleave forwards
         and backwards raise ``RuntimeError`` there and point to :meth:`step`.
+        With ``data_parallel_group`` that backward combines the replicas'
+        gradients as ``step()`` does, weighting each by its share of the rows
+        (so equal parts average, as ``DistributedDataParallel``), and then
+        broadcasts the first replica's buffers.
         """
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
             raise compile_refused("Pipeline")  # inline on purpose: see pipesched.runtime.compiling
@@ -306,7 +309,7 @@ class Pipeline(PipelineModule):
         if not keep:
             return unflatten(gather(parts), structure)
         session = BackwardSession(runner, ctx, count, split, records, list(self.module.parameters()),
-                                  self._keep_report)
+                                  self._keep_report, self._replicas, self.module)
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
         return unflatten(tuple(outputs), structure)
