@@ -100,7 +100,11 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
             group of the processes holding this process's stages in every
             pipeline. Every step then leaves every replica the gradients and
             the loss of the global batch (see
-            :mod:`pipesched.distributed.data_parallel`). Default: one pipeline.
+            :mod:`pipesched.runtime.data_parallel`). Default: one pipeline.
+
+    Every rank must pass the same options: the constructor compares them
+    across ranks (:mod:`pipesched.distributed.agreement`) and raises on every
+    rank, naming each option that differs, before anything runs.
     """
 
     def __init__(
@@ -156,7 +160,7 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
                       "num_stages": layout.num_stages, "placement": layout.placement,
                       "checkpoint": policy_name(options.checkpoint), "deferred_batch_norm": deferred_batch_norm,
                       "gather_timeline": self.gather_timeline, "data_parallel_group": data_parallel_group is not None}
-        except (TypeError, ValueError, NotImplementedError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001 - raised after the agreement, so no rank waits for this one
             refused = error
         agree_on_options(values, refused, self.rank, self.num_ranks, group)  # raises on every rank if any differ
         self.chunks = options.chunks
@@ -204,14 +208,15 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         Call it on every rank. ``inputs`` matter on the rank owning stage 0,
         ``targets`` on the rank owning the last stage; other ranks may pass
         ``None``. Gradients accumulate into this rank's parameters and equal
-        those of the single-process run. An error on any rank is raised on
+        those of the single-process run; inputs that require grad get their
+        ``.grad`` on stage 0's rank, written as ``Pipeline.step`` writes it. An error on any rank is raised on
         every rank: the original exception where it happened, a
         :class:`~pipesched.distributed.errors.RemoteStepError` naming it elsewhere.
         A rank that dies or stops answering raises
         :class:`~pipesched.distributed.errors.PeerLost` within about ``stall_timeout``,
         and the pipeline is then unusable.
 
-        Three phases, each its own method: agree on the batch size
+        Three phases, each its own method (:mod:`pipesched.distributed.step_frame`): agree on the batch size
         (a broadcast from stage 0's rank), run this rank's share of the plan
         (sending and receiving as the lowering says), share every rank's
         outcome (an all-gather, so errors and the loss reach every rank).
