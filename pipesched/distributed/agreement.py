@@ -57,7 +57,8 @@ def agree_on_options(values: dict[str, Any] | None, error: BaseException | None,
     if refused:
         raise RemoteStepError("; ".join(f"rank {r} could not build its DistributedPipeline: {text}"
                                         for r, text in refused))
-    differ = [name for name in values if any(other[1].get(name) != values[name] for other in every)]  # type: ignore[union-attr]
+    assert values is not None  # no rank refused: every rank sent its options
+    differ = [name for name in values if any(other[1].get(name) != values[name] for other in every)]
     if differ:
         raise ValueError("; ".join(
             f"ranks were built with different {name}: "

@@ -209,15 +209,16 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         ``targets`` on the rank owning the last stage; other ranks may pass
         ``None``. Gradients accumulate into this rank's parameters and equal
         those of the single-process run; inputs that require grad get their
-        ``.grad`` on stage 0's rank, written as ``Pipeline.step`` writes it. An error on any rank is raised on
-        every rank: the original exception where it happened, a
+        ``.grad`` on stage 0's rank, written as ``Pipeline.step`` writes it.
+        An error on any rank is raised on every rank: the original exception
+        where it happened, a
         :class:`~pipesched.distributed.errors.RemoteStepError` naming it elsewhere.
         A rank that dies or stops answering raises
         :class:`~pipesched.distributed.errors.PeerLost` within about ``stall_timeout``,
         and the pipeline is then unusable.
 
-        Three phases, each its own method (:mod:`pipesched.distributed.step_frame`): agree on the batch size
-        (a broadcast from stage 0's rank), run this rank's share of the plan
+        Three phases, each its own method (:mod:`pipesched.distributed.step_frame`):
+        agree on the batch size (a broadcast from stage 0's rank), run this rank's share of the plan
         (sending and receiving as the lowering says), share every rank's
         outcome (an all-gather, so errors and the loss reach every rank).
 
