@@ -292,17 +292,24 @@ class Pipeline(PipelineModule):
         With ``data_parallel_group`` that backward combines the replicas'
         gradients as ``step()`` does, weighting each by its share of the rows
         (so equal parts average, as ``DistributedDataParallel``), and then
-        broadcasts the first replica's buffers.
+        broadcasts the first replica's buffers. A forward (with grad) that
+        fails on one replica joins that exchange as failed, so the others'
+        backward raises :class:`RemoteStepError` rather than wait for it.
         """
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
             raise compile_refused("Pipeline")  # inline on purpose: see pipesched.runtime.compiling
         runner = self._runner
-        split = runner.split_inputs(inputs)
         keep = torch.is_grad_enabled()
-        count = len(split.sizes)
-        plan, lowering = runner.plan(count, "F")
-        ctx = runner.context(lowering, keep=keep, io=StepInputs(split.microbatches))
-        records = runner.run(plan, ctx, (), statistics=True)
+        try:
+            split = runner.split_inputs(inputs)
+            count = len(split.sizes)
+            plan, lowering = runner.plan(count, "F")
+            ctx = runner.context(lowering, keep=keep, io=StepInputs(split.microbatches))
+            records = runner.run(plan, ctx, (), statistics=True)
+        except BaseException:
+            if keep and self._replicas is not None:
+                self._replicas.fail()  # the other replicas' backward halves wait for this one's word
+            raise
         self.last_report = runner.report(count, records, ctx.checkpoint.memory)
         parts = [ctx.results.outputs[m][0] for m in range(count)]
         structure = ctx.results.outputs[0][1]

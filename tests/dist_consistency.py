@@ -105,6 +105,19 @@ def scenario_backward_half_dp(rank: int, world: int, out: dict) -> None:
             ref_opt.step()
             optimizer.step()
         weights = max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+        # a forward failing on replica 1 fails replica 0's backward (no wait), changes no gradient
+        before = [p.grad.clone() for p in model.parameters()]
+        try:
+            loss_fn(pipe(x[mine][:, :5] if rank == 1 else x[mine]), y[mine]).backward()
+            failed = None
+        except RuntimeError as error:  # rank 1: torch's shape error; rank 0: RemoteStepError
+            failed = f"{type(error).__name__}: {error}"
+        unchanged = all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+        optimizer.zero_grad()
+        ref_opt.zero_grad()
+        loss_fn(reference(x), y).backward()
+        loss_fn(pipe(x[mine]), y[mine]).backward()
+        after = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
     # DistributedPipeline's pipe(x) keeps nothing for a backward: its backward must raise, not drift
     pipelines = [dist.new_group([r]) for r in range(world)]
     with DistributedPipeline(mlp(layers=5), schedule="gpipe", chunks=3, group=pipelines[rank],
@@ -118,6 +131,7 @@ def scenario_backward_half_dp(rank: int, world: int, out: dict) -> None:
         "ok": max(grads) < 1e-12 and max(inputs) < 1e-12 and max(apart) == 0.0 and weights < 1e-12,
         "grad_error": max(grads), "input_grad_error": max(inputs), "replicas_apart": max(apart),
         "weight_error": weights, "distributed_raised": distributed,
+        "failed": failed, "unchanged": unchanged, "next_grad_error": after,
     }
 
 

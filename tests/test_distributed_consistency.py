@@ -48,6 +48,9 @@ def test_forward_backward_half_with_data_parallel_group_keeps_replicas_equal(res
     for rank, key, verdict in verdicts(results, "backward_half_dp"):
         assert verdict["ok"], f"rank {rank}, {key}: {verdict}"
         assert "does not require grad" in verdict["distributed_raised"]
+        # replica 1's forward failed: its own error there, RemoteStepError on replica 0; no wait
+        assert verdict["failed"].startswith("RemoteStepError" if rank == 0 else "RuntimeError"), verdict["failed"]
+        assert verdict["unchanged"] and verdict["next_grad_error"] < 1e-12, verdict
 
 
 def test_ranks_with_different_options_fail_at_construction(mismatched):
