@@ -136,7 +136,6 @@ class BackwardSession:
         self.on_report(self.runner.report(count, everything, ctx.checkpoint.memory))
         return tuple(input_gradients(ctx, self.inputs, self.input_positions, self.sizes))
 
-
     def _run(self, ctx: StepContext) -> list[TaskRecord]:
         """The backward plan, combined with the other data-parallel replicas' when there are some."""
         replicas = self.replicas
