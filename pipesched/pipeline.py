@@ -33,7 +33,7 @@ from pipesched.runtime.compiling import compile_callback, compile_refused, compi
 from pipesched.runtime.data_parallel import (
     DataParallelReplicas,
     check_data_parallel_group,
-    scale_input_gradients,
+    combine_replicas,
 )
 from pipesched.runtime.grad_scaling import backward_seed
 from pipesched.runtime.loss_leaves import REPLICAS_DRIFT
@@ -266,9 +266,8 @@ class Pipeline(PipelineModule):
             def combine() -> None:  # data parallelism: this step's gradients with the other replicas'
                 joined.append(math.nan)
                 local = batch_loss([ctx.results.losses[m] for m in range(count)], weights)
-                joined[0], factor = replicas.reduce(True, normaliser, float(local),  # type: ignore[union-attr]
-                                                    list(self.parameters()))
-                scale_input_gradients(ctx, factor)
+                joined[0] = combine_replicas(replicas, ctx, normaliser, float(local),  # type: ignore[arg-type]
+                                             list(self.parameters()))
 
             records = runner.run(plan, ctx, self.parameters(), statistics=True,
                                  before_commit=None if replicas is None else combine)
@@ -294,23 +293,34 @@ class Pipeline(PipelineModule):
         ``loss_fn(pipe(x), y).backward()``) runs the backward half through the
         pipeline for fill-drain schedules; schedules that interleave forwards
         and backwards raise ``RuntimeError`` there and point to :meth:`step`.
+        With ``data_parallel_group`` that backward combines the replicas'
+        gradients as ``step()`` does, weighting each by its share of the rows
+        (so equal parts average, as ``DistributedDataParallel``), and then
+        broadcasts the first replica's buffers. A forward (with grad) that
+        fails on one replica joins that exchange as failed, so the others'
+        backward raises :class:`RemoteStepError` rather than wait for it.
         """
         if torch.compiler.is_compiling() or compile_callback() not in (None, False):
             raise compile_refused("Pipeline")  # inline on purpose: see pipesched.runtime.compiling
         runner = self._runner
-        split = runner.split_inputs(inputs)
         keep = torch.is_grad_enabled()
-        count = len(split.sizes)
-        plan, lowering = runner.plan(count, "F")
-        ctx = runner.context(lowering, keep=keep, io=StepInputs(split.microbatches))
-        records = runner.run(plan, ctx, (), statistics=True)
+        try:
+            split = runner.split_inputs(inputs)
+            count = len(split.sizes)
+            plan, lowering = runner.plan(count, "F")
+            ctx = runner.context(lowering, keep=keep, io=StepInputs(split.microbatches))
+            records = runner.run(plan, ctx, (), statistics=True)
+        except BaseException:
+            if keep and self._replicas is not None:
+                self._replicas.fail()  # the other replicas' backward halves wait for this one's word
+            raise
         self.last_report = runner.report(count, records, ctx.checkpoint.memory)
         parts = [ctx.results.outputs[m][0] for m in range(count)]
         structure = ctx.results.outputs[0][1]
         if not keep:
             return unflatten(gather(parts), structure)
         session = BackwardSession(runner, ctx, count, split, records, list(self.module.parameters()),
-                                  self._keep_report)
+                                  self._keep_report, self._replicas, self.module)
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
         return unflatten(tuple(outputs), structure)

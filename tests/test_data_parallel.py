@@ -37,3 +37,13 @@ def test_data_parallel_group_without_torch_distributed_is_refused_naming_the_fix
     with pytest.raises(RuntimeError, match=r"data_parallel_group needs torch.distributed: call "
                                            r"torch.distributed.init_process_group\('gloo'\) first"):
         Pipeline(mlp(layers=6), balance=[3, 3], devices=["cpu", "cpu"], data_parallel_group=object())
+
+
+def test_data_parallel_refuses_sparse_gradients(one_process_group, no_thread_leak):
+    """Review 1.12: nn.Embedding(sparse=True) failed at the first step with torch's raw 'reshape is
+    not implemented for sparse tensors'; now refused when the pipeline is built, naming the fix."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8, sparse=True), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"parameter '0.weight' .*sparse gradients.*sparse=False"):
+        Pipeline(model, balance=[2, 2], devices=["cpu", "cpu"], loss_fn=nn.CrossEntropyLoss(),
+                 data_parallel_group=dist.group.WORLD)

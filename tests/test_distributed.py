@@ -27,11 +27,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_world(world: int, names: list[str], directory: Path) -> list[dict]:
+def run_world(world: int, names: list[str], directory: Path, entry=None) -> list[dict]:
+    """Run ``entry`` (default: dist_scenarios.entry) in ``world`` processes; each rank's verdicts."""
     context = multiprocessing.get_context("spawn")
     port = free_port()
     processes = [
-        context.Process(target=dist_scenarios.entry, args=(rank, world, port, names, str(directory)))
+        context.Process(target=entry or dist_scenarios.entry, args=(rank, world, port, names, str(directory)))
         for rank in range(world)
     ]
     for process in processes:

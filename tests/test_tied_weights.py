@@ -183,3 +183,23 @@ def test_tied_gpt_on_cuda_gives_unpipelined_gradients_after_optimizer_steps(devi
             torch.cuda.synchronize()
             assert_grads_equal(model, [g.to(p.device) for g, p in zip(want, model.parameters())], atol=1e-10)
             optimizer.step()
+
+
+def test_tied_weights_on_shared_device_rerun_bit_identical():
+    """Two ranks on one device each use the tied weight: their gradients must not be added into the
+    one ``.grad`` in whatever order their threads happen to run (the README promises bit-identical
+    reruns); every rerun of the same step gives the same bits, and the plain model's gradients."""
+    model = gpt_like(6)
+    x, y = tokens(rows=16, seed=3)
+    loss_ref, ref = reference_grads(model, token_loss, x, y)
+    seen = set()
+    with Pipeline(model, schedule="1f1b", balance=[2, 4], devices=["cpu", "cpu"], chunks=8,
+                  loss_fn=token_loss) as pipe:
+        for _ in range(12):
+            for param in model.parameters():
+                param.grad = None
+            loss = pipe.step(x, y)
+            seen.add(tuple(p.grad.numpy().tobytes() for p in model.parameters()))
+            torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-12)
+            assert_grads_equal(model, ref)
+    assert len(seen) == 1, f"12 reruns of one step gave {len(seen)} different sets of gradients"

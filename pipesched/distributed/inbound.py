@@ -152,10 +152,15 @@ class Inbound:
         self._work = self._irecv(buffer, part)
 
     def arrived_now(self) -> bool:
-        """Whether its values are here (for the watchdog's diagnosis; never blocks)."""
+        """Whether its values are here (for the watchdog's diagnosis; never blocks).
+
+        Runs on the watchdog's thread while the compute thread may clear
+        ``_work``: read it once, so the check and the call see the same object.
+        """
         if self.done:
             return self.error is None
-        return self._state == "payload" and self._work is not None and self._work.is_completed()
+        work = self._work
+        return self._state == "payload" and work is not None and work.is_completed()
 
     def finish(self, specs: Any, left: Callable[[], float | None] | None = None) -> None:
         """Wait until values or an error are here (at most ``left()`` seconds per receive).

@@ -50,12 +50,23 @@ class Ownership:
     foreign_layers: frozenset[str] = frozenset()
 
 
-def own_stages(module: Any, balance: Any, num_stages: Any, schedule: Schedule, rank: int, num_ranks: int,
-               group: Any, global_rank: Callable[[int], int]) -> Ownership:
-    """This rank's stages of ``module`` (a full ``nn.Sequential`` or a dict of this rank's stages).
+@dataclass(frozen=True)
+class StageLayout:
+    """How the model is cut and placed: what every rank must agree on (``balance`` is ``None`` with a
+    dict of stages, whose layers no rank sees)."""
 
-    ``global_rank`` maps a rank of ``group`` to its rank in the world (the
-    tied weights' process groups are made of world ranks).
+    balance: tuple[int, ...] | None
+    num_stages: int
+    placement: tuple[int, ...]
+
+
+def stage_layout(module: Any, balance: Any, num_stages: Any, schedule: Schedule, rank: int,
+                 num_ranks: int) -> StageLayout:
+    """The layout ``module`` and the arguments give, with every check that needs no other rank.
+
+    No collective runs here, so a bad argument on one rank raises there
+    before the ranks agree on their options (which then reports it to every
+    rank instead of leaving them waiting in a collective).
     """
     if isinstance(module, nn.Sequential):
         verify_skippables(module)
@@ -63,16 +74,8 @@ def own_stages(module: Any, balance: Any, num_stages: Any, schedule: Schedule, r
             balance = check_balance(balance, len(module))
         else:
             balance = even_balance(len(module), schedule.default_num_stages(num_ranks))
-        num_stages = len(balance)
-        placement = validate_placement(schedule.placement(num_stages, num_ranks), num_stages, num_ranks)
-        stages = split_module(module, balance)
-        check_shared_parameters(stages, placement, None)
-        skips = inspect_skip_layout(stages)  # every rank sees every route: the same plan edges
-        tied = TiedGroups(stages, placement, rank, group, global_rank)
-        own = {s: stages[s] for s in range(num_stages) if placement[s] == rank}
-        layer_stage = {name: s for s, stage in own.items() for name in stage._modules}
-        foreign_layers = frozenset(module._modules) - set(layer_stage)
-        return Ownership(num_stages, placement, own, skips, tied, layer_stage, foreign_layers)
+        placement = validate_placement(schedule.placement(len(balance), num_ranks), len(balance), num_ranks)
+        return StageLayout(tuple(balance), len(balance), tuple(placement))
     if isinstance(module, Mapping):
         if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 1:
             raise ValueError(f"with a dict of stages, num_stages must be an int >= 1, got {num_stages!r}")
@@ -93,7 +96,29 @@ def own_stages(module: Any, balance: Any, num_stages: Any, schedule: Schedule, r
                 f"stages {[(e.src, e.dst) for e in skips.edges]} of this rank are linked by skip "
                 f"connections, which every rank must know of: pass the full nn.Sequential instead of a dict"
             )
-        return Ownership(num_stages, placement, dict(module), skips)
+        return StageLayout(None, num_stages, tuple(placement))
     raise TypeError(
         f"module must be an nn.Sequential or a dict {{stage: nn.Module}}, got {type(module).__name__}"
     )
+
+
+def own_stages(module: Any, layout: StageLayout, rank: int, group: Any,
+               global_rank: Callable[[int], int]) -> Ownership:
+    """This rank's stages of ``module`` (a full ``nn.Sequential`` or a dict of this rank's stages),
+    cut and placed as ``layout`` (:func:`stage_layout`, agreed by every rank) says.
+
+    ``global_rank`` maps a rank of ``group`` to its rank in the world (the
+    tied weights' process groups are made of world ranks).
+    """
+    num_stages, placement = layout.num_stages, list(layout.placement)
+    if layout.balance is not None:
+        stages = split_module(module, list(layout.balance))
+        check_shared_parameters(stages, placement, None)
+        skips = inspect_skip_layout(stages)  # every rank sees every route: the same plan edges
+        tied = TiedGroups(stages, placement, rank, group, global_rank)
+        own = {s: stages[s] for s in range(num_stages) if placement[s] == rank}
+        layer_stage = {name: s for s, stage in own.items() for name in stage._modules}
+        foreign_layers = frozenset(module._modules) - set(layer_stage)
+        return Ownership(num_stages, placement, own, skips, tied, layer_stage, foreign_layers)
+    skips = inspect_skip_layout([module.get(s) for s in range(num_stages)], complete=False)  # no edges: checked
+    return Ownership(num_stages, placement, dict(module), skips)

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipesched.runtime.host_buffer import through_host
+from pipesched.runtime.host_buffer import refuse_sparse_gradients, through_host
 
 
 class TiedGroups:
@@ -52,6 +52,8 @@ class TiedGroups:
         for param, ranks in holders.values():
             if len(ranks) > 1:  # one buffer per holders and dtype
                 by_ranks.setdefault((tuple(sorted(ranks)), param.dtype), []).append(param)
+        tied = {id(p) for params in by_ranks.values() for p in params}
+        refuse_sparse_gradients(stages, "the tied-weight all-reduce", tied)  # before any group is created
         size = dist.get_world_size(group)
         whole_world = size == dist.get_world_size()
         #: (process group, global rank of the lowest holder, the parameters, whether this rank holds

@@ -14,11 +14,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipesched.observe.report import StepReport
 from pipesched.plan.action import Plan
 from pipesched.plan.record import TaskRecord
+from pipesched.runtime.data_parallel import DataParallelReplicas, combine_replicas
 from pipesched.runtime.mailbox import Mailbox
 from pipesched.runtime.microbatch import gather
 from pipesched.runtime.tasks import StepContext, StepInputs
@@ -74,6 +75,15 @@ class BackwardSession:
 
     ``runner`` runs the backward plan; ``on_report`` receives the report of
     the whole forward-and-backward (the pipeline keeps it as ``last_report``).
+    ``replicas`` (with ``data_parallel_group``): the backward combines the
+    gradients with the other replicas' before they are committed, by the
+    same :func:`~pipesched.runtime.data_parallel.combine_replicas` as
+    ``step()``, or every replica would keep only its own and drift apart
+    after the optimizer step. The caller's loss is not known here, only its
+    gradient, so each replica is weighted by its share of the rows: equal
+    parts average (as ``DistributedDataParallel`` does), and for a loss that
+    is a mean over rows the result is the global batch's gradient. Then
+    every replica takes the first one's buffers of ``module``, as after ``step()``.
     """
 
     def __init__(
@@ -85,8 +95,12 @@ class BackwardSession:
         records: list[TaskRecord],
         parameters: Sequence[Tensor],
         on_report: Callable[[StepReport], None],
+        replicas: DataParallelReplicas | None = None,
+        module: nn.Module | None = None,
     ):
         self.runner = runner
+        self.replicas = replicas
+        self.module = module
         self.ctx = ctx
         self.plan, self.lowering = runner.plan(num_microbatches, "B")
         self.full_plan, _ = runner.plan(num_microbatches)
@@ -117,10 +131,32 @@ class BackwardSession:
         ctx = self.ctx
         ctx.io = StepInputs(grad_outputs=[tuple(column[m] for column in per_output) for m in range(count)])
         ctx.mailbox = Mailbox(self.lowering)
-        records = self.runner.run(self.plan, ctx, self.parameters, statistics=False)
+        records = self._run(ctx)
         everything = sorted(self.records + records, key=lambda r: (r.start, r.rank))
         self.on_report(self.runner.report(count, everything, ctx.checkpoint.memory))
         return tuple(input_gradients(ctx, self.inputs, self.input_positions, self.sizes))
+
+    def _run(self, ctx: StepContext) -> list[TaskRecord]:
+        """The backward plan, combined with the other data-parallel replicas' when there are some."""
+        replicas = self.replicas
+        if replicas is None:
+            return self.runner.run(self.plan, ctx, self.parameters, statistics=False)
+        joined = False
+
+        def combine() -> None:
+            nonlocal joined
+            joined = True
+            combine_replicas(replicas, ctx, float(sum(self.sizes)), 0.0, list(self.parameters))
+
+        try:
+            records = self.runner.run(self.plan, ctx, self.parameters, statistics=False, before_commit=combine)
+        except BaseException:
+            if not joined:
+                replicas.fail()  # the other replicas wait for this one's word
+            raise
+        if self.module is not None:
+            replicas.broadcast(self.module)  # buffers (batch-norm statistics): the first replica's
+        return records
 
 
 class BackwardHalf(torch.autograd.Function):

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipesched.runtime.host_buffer import through_host
+from pipesched.runtime.host_buffer import refuse_sparse_gradients, through_host
 from pipesched.runtime.remote_error import RemoteStepError
 
 
@@ -75,6 +75,7 @@ class DataParallelReplicas:
                 "data_parallel_group does not contain this process: pass, on each process, the group of the "
                 "processes that hold the same stages as it in the other pipelines"
             )
+        refuse_sparse_gradients([module], "data_parallel_group")  # the same model on every replica: all refuse
         layouts: list[Any] = [None] * self.size
         dist.all_gather_object(layouts, layout, group=group)
         if any(other != layout for other in layouts):
@@ -149,6 +150,21 @@ class DataParallelReplicas:
         return (float(head[2]) / total if total else math.nan), factor
 
 
+def combine_replicas(replicas: DataParallelReplicas, ctx: Any, normaliser: float | None, loss: float,
+                     parameters: list[nn.Parameter]) -> float:
+    """A successful step's (or backward half's) gradients, its inputs' gradients and its loss,
+    combined with the other replicas'; returns the global batch's loss.
+
+    The one combine that ``Pipeline.step``, ``Pipeline``'s backward half and
+    ``DistributedPipeline.step`` all call, so what data parallelism does to
+    ``.grad`` and to the inputs' gradients cannot differ between them. Call it
+    before the gradients are committed (``.grad`` holds only this step's).
+    """
+    joined, factor = replicas.reduce(True, normaliser, loss, parameters)
+    scale_input_gradients(ctx, factor)
+    return joined
+
+
 def scale_input_gradients(ctx: Any, factor: float) -> None:
     """Weight the gradients a step computed for its inputs (``StepResults.input_grads``) by ``factor``:
     the global batch's loss depends on this replica's inputs through its share only."""
@@ -159,4 +175,4 @@ def scale_input_gradients(ctx: Any, factor: float) -> None:
         results[microbatch] = tuple(None if g is None else g * factor for g in grads)
 
 
-__all__ = ["DataParallelReplicas", "check_data_parallel_group", "scale_input_gradients"]
+__all__ = ["DataParallelReplicas", "check_data_parallel_group", "combine_replicas", "scale_input_gradients"]

@@ -21,11 +21,21 @@ therefore keeps:
   un-pipelined model accumulates. A failed step drops the replicas'
   gradients along with everything else it accumulated.
 
-Stages on one device share the owner directly (autograd serialises their
-accumulations into the one ``.grad``), as before. Device *names* decide:
+Replicas are per *rank*, not per device: two ranks sharing a device (say
+``devices=["cpu", "cpu"]``) run on two threads, and were they to share the
+owner, autograd would add their gradients into the one ``.grad`` in whatever
+order the threads happen to reach it, so reruns of one step would differ in
+the last bits. With a replica per rank each thread accumulates only into
+its own tensor, and :meth:`Replicas.reduce` adds them into the owner in a
+fixed order (ties, then ranks in stage order): bit-identical reruns. The
+cost is one copy of the tied weight per extra rank, on its device. Stages
+of one rank share the owner (one thread: a fixed order already). One layer
+*object* repeated on ranks that share a device cannot hold two tensors under
+one name, so those ranks share the owner as before (and such a layout's
+reruns may differ in the last bits). Device *names* decide what is a device:
 ``devices=["cpu:0", "cpu:1"]`` are two devices to pipesched (as to torch),
-so each keeps its own copy; that runs the replica path of a two-GPU setup
-on a laptop. What cannot be replicated is refused by
+which runs the replica path of a two-GPU setup on a laptop. What cannot be
+replicated is refused by
 :func:`~pipesched.runtime.partition.check_shared_parameters` before anything
 runs: one *layer object* on two devices (it can hold one tensor per name),
 and shared buffers (forwards mutate them).
@@ -47,8 +57,9 @@ class TiedParameter:
 
     owner: nn.Parameter
     home: torch.device
-    #: per other device, the ``(module, name)`` entries that hold the replica during a step
-    slots: dict[torch.device, list[tuple[nn.Module, str]]] = field(default_factory=dict)
+    #: per other rank (or set of ranks sharing a layer object), its device and the
+    #: ``(module, name)`` entries that hold its replica during a step
+    slots: dict[int, tuple[torch.device, list[tuple[nn.Module, str]]]] = field(default_factory=dict)
 
 
 class TiedWeights:
@@ -60,27 +71,29 @@ class TiedWeights:
     @classmethod
     def find(cls, stages: Sequence[nn.Module | None], placement: Sequence[int],
              devices: Sequence[torch.device]) -> TiedWeights:
-        """Every parameter whose stages live on more than one device (``stages[s]`` may be ``None``)."""
-        uses: dict[int, tuple[nn.Parameter, list[tuple[torch.device, nn.Module, str]]]] = {}
+        """Every parameter whose stages run on more than one rank (``stages[s]`` may be ``None``)."""
+        uses: dict[int, tuple[nn.Parameter, list[tuple[int, nn.Module, str]]]] = {}
         for index, stage in enumerate(stages):
             if stage is None:
                 continue
-            device = devices[placement[index]]
+            rank = placement[index]
             for module in stage.modules():
                 for name, param in module._parameters.items():
                     if param is not None:
-                        uses.setdefault(id(param), (param, []))[1].append((device, module, name))
+                        uses.setdefault(id(param), (param, []))[1].append((rank, module, name))
         ties = []
         for param, entries in uses.values():
-            if len({device for device, _, _ in entries}) < 2:
+            keys = _replica_keys(entries, devices)
+            if len(set(keys.values())) < 2:
                 continue
-            home = entries[0][0]  # the device of the first stage using it
-            tie = TiedParameter(param, home)  # type: ignore[arg-type]
-            seen: set[tuple[torch.device, int, str]] = set()
-            for device, module, name in entries:
-                if device != home and (device, id(module), name) not in seen:
-                    seen.add((device, id(module), name))
-                    tie.slots.setdefault(device, []).append((module, name))
+            home_key = keys[entries[0][0]]  # the first stage using it holds the owner
+            tie = TiedParameter(param, devices[entries[0][0]])  # type: ignore[arg-type]
+            seen: set[tuple[int, int, str]] = set()
+            for rank, module, name in entries:
+                key = keys[rank]
+                if key != home_key and (key, id(module), name) not in seen:
+                    seen.add((key, id(module), name))
+                    tie.slots.setdefault(key, (devices[rank], []))[1].append((module, name))
             ties.append(tie)
         return cls(ties)
 
@@ -106,7 +119,7 @@ class TiedWeights:
         made = []
         for tie in self.ties:
             value = tie.owner.detach()
-            for device, slots in tie.slots.items():
+            for device, slots in tie.slots.values():  # in rank order: the order reduce() adds them
                 replica = nn.Parameter(value.to(device, copy=True), requires_grad=tie.owner.requires_grad)
                 made.append((tie.owner, replica, slots))
         return Replicas(made)
@@ -137,7 +150,12 @@ class Replicas:
 
     @torch.no_grad()
     def reduce(self) -> None:
-        """Add each replica's gradient into its owner's ``.grad`` (once), on the owner's device."""
+        """Add each replica's gradient into its owner's ``.grad`` (once), on the owner's device.
+
+        Always in the order the replicas were made (ties, then ranks), on the
+        caller's thread, whatever order the ranks finished in: the sum's bits
+        do not depend on thread timing.
+        """
         for owner, replica, _ in self._made:
             grad = replica.grad
             if grad is None:
@@ -153,6 +171,26 @@ class Replicas:
         """A failed step: forget what the replicas accumulated."""
         for _, replica, _ in self._made:
             replica.grad = None
+
+
+def _replica_keys(entries: Sequence[tuple[int, nn.Module, str]], devices: Sequence[torch.device]
+                  ) -> dict[int, int]:
+    """Which copy each rank using a parameter computes with: its own (key = its rank), except that
+    ranks on one device whose stages hold the same layer *object* share one (the lowest rank's):
+    a layer holds one tensor per name, so it cannot hold a replica for one rank and not another."""
+    keys = {rank: rank for rank, _, _ in entries}
+    holders: dict[tuple[int, str], list[int]] = {}
+    for rank, module, name in entries:
+        holders.setdefault((id(module), name), []).append(rank)
+    changed = True
+    while changed:  # merge transitively: a chain of shared layer objects is one copy
+        changed = False
+        for ranks in holders.values():
+            for rank in ranks:
+                lowest = min(keys[r] for r in ranks if devices[r] == devices[rank])
+                if keys[rank] != lowest:
+                    keys[rank], changed = lowest, True
+    return keys
 
 
 __all__ = ["Replicas", "TiedParameter", "TiedWeights"]
