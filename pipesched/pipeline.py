@@ -36,6 +36,7 @@ from pipesched.runtime.data_parallel import (
     combine_replicas,
 )
 from pipesched.runtime.grad_scaling import backward_seed
+from pipesched.runtime.host_buffer import refuse_sparse_gradients
 from pipesched.runtime.loss_leaves import REPLICAS_DRIFT
 from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import gather
@@ -151,6 +152,7 @@ class Pipeline(PipelineModule):
             raise ValueError("module is an empty nn.Sequential; give it at least one layer")
         if data_parallel_group is not None:
             check_data_parallel_group(data_parallel_group)  # before any thread starts
+            refuse_sparse_gradients([m for m in (module, loss_fn) if isinstance(m, nn.Module)], "data_parallel_group")
         verify_skippables(module)  # every skip name stashed once and popped once after, as torchgpipe's GPipe
         options = StepOptions.check(
             schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
