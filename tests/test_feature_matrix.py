@@ -116,7 +116,9 @@ class RetainedLinear(nn.Module):
         self.kept: list[torch.Tensor] = []
 
     def _retain(self, t):
-        if t.requires_grad:
+        # grad mode too: a checkpointed first run (no graph) still sees a stage's input leaf
+        # requiring grad; what it keeps is never differentiated (the recompute's twin is)
+        if t.requires_grad and torch.is_grad_enabled():
             t.retain_grad()
             self.kept.append(t)
         return t
