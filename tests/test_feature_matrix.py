@@ -336,8 +336,10 @@ def case_retain_grad(data, stages, places=("pre-activation", "output")):
 
 
 def case_retain_grad_of_layer_input(data, stages):
-    """``retain_grad()`` on a layer's input: on a stage's first layer that is the stage's input leaf."""
-    return case_retain_grad(data, stages, places=("input",))
+    """``retain_grad()`` on a layer's input, the layer opening a stage: the input is the stage's input leaf."""
+    layers = base(data, stages)
+    index = insert_at(data, layers, RetainedLinear("input"), low=1)
+    return Case(nn.Sequential(*layers), draw_balance(data, len(layers), stages, required_cuts=[index]))
 
 
 def case_full_backward_hook(data, stages):
@@ -430,37 +432,39 @@ def case_loss_parameter(data, stages):
 
 
 class Regularised:
-    """MSE plus ``coef * ||param||²`` for one parameter of the model (a plain callable)."""
+    """MSE plus ``coef * ||p||²`` for some parameters of the model (a plain callable)."""
 
-    def __init__(self, param: nn.Parameter, coef: float = 0.05):
-        self.param, self.coef = param, coef
+    def __init__(self, params: list[nn.Parameter], coef: float = 0.05):
+        self.params, self.coef = params, coef
 
     def __call__(self, output, target):
-        return F.mse_loss(output, target) + self.coef * self.param.pow(2).sum()
+        return F.mse_loss(output, target) + self.coef * sum(p.pow(2).sum() for p in self.params)
 
 
 class RegularisedModule(nn.Module):
-    """The same as an ``nn.Module`` with a temperature of its own; the model's parameter is not registered."""
+    """The same as an ``nn.Module`` with a temperature of its own; the model's parameters are not registered."""
 
-    def __init__(self, param: nn.Parameter):
+    def __init__(self, params: list[nn.Parameter]):
         super().__init__()
         self.log_temperature = nn.Parameter(torch.tensor(-0.2, dtype=DT))
-        self._param = [param]
+        self._params = list(params)
 
     def forward(self, output, target):
-        return F.mse_loss(output * self.log_temperature.exp(), target) + 0.05 * self._param[0].pow(2).sum()
+        return (F.mse_loss(output * self.log_temperature.exp(), target)
+                + 0.05 * sum(p.pow(2).sum() for p in self._params))
 
 
 def case_loss_reads_model_parameter(data, stages):
+    """The loss reads the first stage's first weight (another rank's) and one drawn parameter."""
     layers = base(data, stages)
     model = nn.Sequential(*layers)
     count = len(list(model.parameters()))
-    which = data.draw(st.integers(0, count - 1), label="regularised parameter")
+    which = sorted({0, data.draw(st.integers(0, count - 1), label="regularised parameter")})
     as_module = data.draw(st.booleans(), label="loss is a module with its own parameter")
 
     def make_loss(m):
-        param = list(m.parameters())[which]
-        return RegularisedModule(param) if as_module else Regularised(param)
+        params = [list(m.parameters())[i] for i in which]
+        return RegularisedModule(params) if as_module else Regularised(params)
 
     return Case(model, draw_balance(data, len(layers), stages), make_loss=make_loss)
 
@@ -524,7 +528,7 @@ def case_everything(data, stages):
     which = data.draw(st.integers(0, len(list(model.parameters())) - 1), label="regularised parameter")
     devices = data.draw(st.sampled_from([["cpu"] * RANKS, [f"cpu:{r}" for r in range(RANKS)]]), label="devices")
     return Case(model, draw_balance(data, len(layers), stages), devices=devices,
-                make_loss=lambda m: RegularisedModule(list(m.parameters())[which]))
+                make_loss=lambda m: RegularisedModule([list(m.parameters())[which]]))
 
 
 FEATURES: dict[str, Callable[[Any, int], Case]] = {
@@ -639,9 +643,9 @@ def batch(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(rows, WIDTH, dtype=DT, generator=g))
 
 
-def draw_run(data) -> dict[str, Any]:
+def draw_run(data, min_chunks: int = 1) -> dict[str, Any]:
     return {
-        "chunks": data.draw(st.integers(1, 4), label="chunks"),
+        "chunks": data.draw(st.integers(min_chunks, 4), label="chunks"),
         "rows": data.draw(st.integers(2, 7), label="rows"),
         "x_requires_grad": data.draw(st.booleans(), label="x requires grad"),
         "seed": data.draw(st.integers(0, 2**16), label="seed"),
@@ -736,7 +740,7 @@ def build_random(data, feature: str, stages: int) -> Case:
 def test_random_layer_replays(feature, schedule, stages, policy, data):
     """Same seed, ``policy`` vs ``"never"``: the recompute must draw what the first forward drew."""
     case = build_random(data, feature, stages)
-    run = draw_run(data)
+    run = draw_run(data, min_chunks=2)  # one micro-batch under except_last is never checkpointed
     x, y = batch(run["rows"], run["seed"])
     results = {}
     for checkpoint in ["never", policy]:
