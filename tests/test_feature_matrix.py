@@ -8,17 +8,32 @@ around one feature with hypothesis (derandomised: CI runs the same examples).
 
 * ``test_feature_matches_unpipelined[feature-schedule-policy]``: the loss and
   every leaf that requires grad (model parameters, ``loss_fn`` parameters,
-  ``x.grad`` when ``x`` requires grad, ``retain_grad`` tensors) equal those of
-  ``loss_fn(model(x), y).backward()`` on an identical plain copy, atol 1e-10.
+  ``x.grad`` when ``x`` requires grad, ``retain_grad`` tensors of every
+  grad-enabled forward, matched to their rows) equal those of
+  ``loss_fn(model(x), y).backward()`` on an identical plain copy, atol 1e-10;
+  and every gradient hook (tensor, module backward, post-accumulate) runs once
+  per micro-batch, as the plain backward runs it once. Features: tensor hooks
+  on a layer's input / pre-activation / output, ``retain_grad`` (inside a
+  layer; on a stage's input leaf), module backward (pre-)hooks, forward
+  (pre-)hooks, parameter hooks, a custom ``autograd.Function`` with a weight,
+  an in-place op opening a stage, a ``loss_fn`` with parameters, a loss
+  reading model parameters (another rank's), tied weights (one device or
+  ``cpu:0``/``cpu:1`` replicas), skip connections, and all of them at once.
 * ``test_random_layer_replays[feature-schedule-policy]``: layers that draw
   random numbers cannot be compared with the plain model (it draws other
   masks), so the replay property instead: with the same ``torch.manual_seed``
   a step under ``policy`` gives the gradients of a step under ``"never"``.
 
+  Random layers: ``nn.Dropout``, ``F.dropout``, ``aten.native_dropout``, an
+  ``aten.bernoulli.p`` mask, ``nn.LSTM(num_layers=2, dropout=0.5)``, Linear and
+  Conv1d subclasses drawing noise in a helper method, and all of them at once.
+
 A failure's id names the feature, the schedule and the policy; its message
 lists every leaf that differs with its largest error. Nothing is skipped or
 xfailed: a combination that is legitimately unsupported must raise a clear
-error naming the fix, which is asserted where it applies (stage counts).
+error naming the fix, which is asserted where it applies (stage counts; an
+in-place op opening a stage may be refused by an error naming the stage, the
+in-place op and a fix, but not by torch's bare "leaf Variable" error).
 
 ``PIPESCHED_MATRIX_EXAMPLES=N`` runs N examples per combination.
 """
@@ -63,6 +78,8 @@ MATRIX = settings(
     phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure's first example is reported as is
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
+#: the replay matrix runs two steps per example
+REPLAY = settings(MATRIX, max_examples=int(_EXAMPLES) if _EXAMPLES else 2)
 
 
 # ===================================================================== layers
@@ -740,7 +757,7 @@ def build_random(data, feature: str, stages: int) -> Case:
 @pytest.mark.parametrize("policy", ["always", "except_last"])
 @pytest.mark.parametrize("schedule,stages", SCHEDULES, ids=SCHEDULE_IDS)
 @pytest.mark.parametrize("feature", [*RANDOM_LAYERS, EVERY_KIND])
-@MATRIX
+@REPLAY
 @given(data=st.data())
 def test_random_layer_replays(feature, schedule, stages, policy, data):
     """Same seed, ``policy`` vs ``"never"``: the recompute must draw what the first forward drew."""
