@@ -15,7 +15,8 @@ around one feature with hypothesis (derandomised: CI runs the same examples).
   per micro-batch, as the plain backward runs it once. Features: tensor hooks
   on a layer's input / pre-activation / output, ``retain_grad`` (inside a
   layer; on a stage's input leaf), module backward (pre-)hooks, forward
-  (pre-)hooks, parameter hooks, a custom ``autograd.Function`` with a weight,
+  (pre-)hooks, parameter hooks, autograd-node (pre-)hooks
+  (``grad_fn.register_hook``), a custom ``autograd.Function`` with a weight,
   an in-place op opening a stage, a ``loss_fn`` with parameters, a loss
   reading model parameters (another rank's), tied weights (one device or
   ``cpu:0``/``cpu:1`` replicas), skip connections, and all of them at once.
@@ -149,6 +150,37 @@ class RetainedLinear(nn.Module):
             h = self._retain(h)
         y = torch.sin(h)
         return self._retain(y) if self.where == "output" else y
+
+
+class NodeHookedLinear(nn.Module):
+    """Linear + tanh with a hook on the product's autograd node (``h.grad_fn``).
+
+    ``kind="post"``: ``grad_fn.register_hook`` scales every gradient the node
+    computes (input, weight and bias sides) by 0.5; ``kind="pre"``:
+    ``grad_fn.register_prehook`` scales the gradient reaching the node by 1.7.
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+        self.kind = kind
+
+    def _post(self, grad_inputs, grad_outputs):
+        self.hook_calls = getattr(self, "hook_calls", 0) + 1
+        return tuple(None if g is None else g * 0.5 for g in grad_inputs)
+
+    def _pre(self, grad_outputs):
+        self.hook_calls = getattr(self, "hook_calls", 0) + 1
+        return tuple(None if g is None else g * 1.7 for g in grad_outputs)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.grad_fn is not None:
+            if self.kind == "post":
+                h.grad_fn.register_hook(self._post)
+            else:
+                h.grad_fn.register_prehook(self._pre)
+        return torch.tanh(h)
 
 
 def scale_grad_input(module, grad_input, grad_output):
@@ -401,6 +433,14 @@ def case_parameter_hook(data, stages):
     return Case(model, draw_balance(data, len(layers), stages), prepare=prepare)
 
 
+def case_node_hook(data, stages):
+    layers = base(data, stages)
+    insert_at(data, layers, NodeHookedLinear("post"), low=1)
+    if data.draw(st.booleans(), label="a pre-hooked layer too"):
+        insert_at(data, layers, NodeHookedLinear("pre"))
+    return Case(nn.Sequential(*layers), draw_balance(data, len(layers), stages))
+
+
 def case_custom_function(data, stages):
     layers = base(data, stages)
     for _ in range(data.draw(st.integers(1, 2), label="function layers")):
@@ -556,6 +596,7 @@ FEATURES: dict[str, Callable[[Any, int], Case]] = {
     "full_backward_hook": case_full_backward_hook,
     "forward_hook": case_forward_hook,
     "parameter_hook": case_parameter_hook,
+    "node_hook": case_node_hook,
     "custom_function": case_custom_function,
     "inplace_first_op": case_inplace_first_op,
     "loss_parameter": case_loss_parameter,
