@@ -38,6 +38,7 @@ from pipesched.runtime.caller_state import SavedTensorHooks
 from pipesched.plan.action import Action
 from pipesched.runtime.rng import StepRandom
 from pipesched.runtime.split_backward import WeightWork
+from pipesched.runtime.stage_input import stage_leaf
 
 CheckpointPolicy = Union[str, Callable[[int, int], bool]]
 POLICIES = ("always", "except_last", "never")
@@ -351,7 +352,7 @@ class CheckpointManager:
         run = held.run
         if held.result is not None:
             return held.inputs, held.result
-        inputs = tuple(_fresh_leaf(x) for x in held.inputs)
+        inputs = tuple(stage_leaf(x, x.requires_grad) for x in held.inputs)
         entry = None
         if self.cache is not None:
             key = (stage, "recompute", self.context, _signature(inputs))
@@ -392,8 +393,3 @@ class CheckpointManager:
         """Forget everything ``action``'s (stage, micro-batch) held; its backward is done."""
         held = self.held.pop((action.stage, action.microbatch))
         self.memory[rank].grow(-held.nbytes, microbatches=-1)
-
-
-def _fresh_leaf(tensor: Tensor) -> Tensor:
-    """A new leaf on the same data, requiring grad like the original input did."""
-    return tensor.detach().requires_grad_(tensor.requires_grad)

@@ -1,0 +1,114 @@
+"""A stage's inputs: leaves the gradients are read from, and what the stage computes on.
+
+Autograd is cut at every stage boundary, so each input of a stage (its
+activation, a received skip tensor, a recompute's copy of either) is a fresh
+leaf that requires grad: the engine reads the stage's input gradients off
+those leaves (``leaf.grad``, or ``autograd.grad(..., leaves)`` in a split
+backward). Every place that makes such a leaf uses :func:`stage_leaf`.
+
+Why the stage must not compute on the leaf itself: autograd forbids an
+in-place op on a leaf that requires grad, and on any view of one. In the
+un-pipelined model the same tensor is an intermediate result, on which
+``nn.ReLU(inplace=True)`` is legal; so a cut right before an in-place layer
+(everywhere in VGG-style ``features``, and a cut ``balance_by_time`` or
+``tune`` may choose) would fail where the plain model runs. The stage
+therefore runs on :func:`stage_views` of its leaves: the output of an
+identity autograd function, which shares the leaf's storage (no copy) but
+is neither a leaf nor a view for autograd, so an in-place op on it is
+recorded like one on any intermediate result, and its gradient flows
+through the identity into the leaf. torchgpipe's partitions got the same
+from the non-leaf outputs of its ``Wait`` function.
+
+An in-place first op writes into the leaf's storage (and, on the CPU, into
+the sending stage's output), as in the plain model it writes into the
+previous layer's output; autograd's version counter catches a write into a
+tensor some backward still needs, in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+
+
+def stage_leaf(tensor: Tensor, wants_grad: bool, *, owned: bool = False) -> Tensor:
+    """A leaf on ``tensor``'s data for a stage's graph, requiring grad if ``wants_grad`` and its dtype can.
+
+    ``owned``: ``tensor`` was received from another stage, is already
+    detached by the sender (:meth:`Transport.send`) and belongs to this
+    consumer alone, so it becomes the leaf itself: one detach per boundary,
+    not two. Otherwise (a caller's micro-batch, a checkpoint's held input)
+    the leaf is always a new tensor: the original must stay as it is.
+    """
+    if owned and tensor.grad_fn is None and not tensor.requires_grad and tensor._base is None:
+        leaf = tensor
+    else:
+        leaf = tensor.detach()
+    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
+        leaf.requires_grad_(True)
+    return leaf
+
+
+class _StageInput(torch.autograd.Function):
+    """The identity, whose output autograd treats as an intermediate result (not a leaf, not a view)."""
+
+    @staticmethod
+    def forward(ctx: Any, leaf: Tensor) -> Tensor:  # type: ignore[override]
+        # detach(), not the leaf itself: an input returned as is would be a view of it
+        return leaf.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
+def stage_views(leaves: tuple[Tensor, ...], copy: tuple[bool, ...] | None = None) -> tuple[Tensor, ...]:
+    """What a stage computes on: per leaf, an alias of its data the stage may modify in place.
+
+    A leaf that needs no gradient, or any leaf while grad mode is off (a
+    checkpointed first run, evaluation), already allows in-place ops, and
+    is passed as it is: the identity costs a few microseconds per input.
+    ``copy[i]``: give input ``i`` a copy instead (a differentiable clone,
+    whose gradient still reaches the leaf), so the stage writes into no
+    data but its own.
+    """
+    if copy is not None and any(copy):
+        return tuple(x.clone() if c else y for x, y, c in zip(leaves, stage_views(leaves), copy))
+    if not torch.is_grad_enabled():
+        return leaves
+    return tuple(_StageInput.apply(x) if x.requires_grad else x for x in leaves)
+
+
+def on_stage_views(run: Callable[[tuple[Tensor, ...]], T]) -> Callable[[tuple[Tensor, ...]], T]:
+    """``run`` of one (stage, micro-batch), called on :func:`stage_views` of the leaves it is given.
+
+    The first call is the forward's first run, a later one its recompute
+    (on fresh leaves of the same data). The first run writes into its input
+    if the stage starts with an in-place op: autograd's version counter of
+    the leaf tells. A recompute of such a stage runs on a copy of that
+    input: on the CPU the data is shared with the previous stage's sent
+    output and, when the stage's output is its written input (a stage that
+    is just ``nn.ReLU(inplace=True)``), with the next stage's input, whose
+    backward may still need it; writing into it again would race with that
+    backward. The recompute starts from the data the first run left, so it
+    repeats the first run exactly for an idempotent in-place op (ReLU,
+    clamp, hardtanh); under a checkpoint policy, a stage that starts with a
+    non-idempotent one (``x.mul_(2)``) recomputes something else, and
+    should be made out of place.
+    """
+    writes: list[tuple[bool, ...]] = []
+
+    def on_views(leaves: tuple[Tensor, ...]) -> T:
+        if writes:  # a recompute
+            return run(stage_views(leaves, copy=writes[0]))
+        before = [x._version for x in leaves]
+        result = run(stage_views(leaves))
+        writes.append(tuple(x._version != v for x, v in zip(leaves, before)))
+        return result
+
+    return on_views
