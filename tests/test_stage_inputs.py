@@ -155,3 +155,15 @@ def test_recompute_of_a_stage_that_wrote_into_its_input_writes_into_a_copy():
     run((leaf,)).sum().backward()
     assert data._version == written
     torch.testing.assert_close(leaf.grad, torch.tensor([0.0, 1.0], dtype=torch.float64))
+
+
+def test_stage_starting_with_inplace_op_under_inference_mode():
+    """Inference tensors have no version counter: the check for a write into the input must not ask them."""
+    model = inplace_model()
+    x, _ = batch()
+    with torch.no_grad():
+        expected = copy.deepcopy(model)(x)
+    with Pipeline(model, schedule="gpipe", balance=[3, 2], devices=["cpu"] * 2, chunks=3) as pipe:
+        with torch.inference_mode():
+            out = pipe(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)

@@ -106,9 +106,14 @@ def on_stage_views(run: Callable[[tuple[Tensor, ...]], T]) -> Callable[[tuple[Te
     def on_views(leaves: tuple[Tensor, ...]) -> T:
         if writes:  # a recompute
             return run(stage_views(leaves, copy=writes[0]))
-        before = [x._version for x in leaves]
+        before = [_version(x) for x in leaves]
         result = run(stage_views(leaves))
-        writes.append(tuple(x._version != v for x, v in zip(leaves, before)))
+        writes.append(tuple(v is not None and _version(x) != v for x, v in zip(leaves, before)))
         return result
 
     return on_views
+
+
+def _version(tensor: Tensor) -> int | None:
+    """Autograd's count of in-place writes into ``tensor``; ``None`` for an inference tensor (no count, no recompute)."""
+    return None if tensor.is_inference() else tensor._version
