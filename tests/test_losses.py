@@ -282,3 +282,16 @@ def test_function_loss_without_ignored_targets_does_not_warn(name):
             pipe.step(x, y)
         with Pipeline(mlp(layers=6), balance=[3, 3], chunks=CHUNKS, loss_fn=nn.CrossEntropyLoss()) as pipe:
             pipe.step(*padded_batch())  # a recognised loss counts the tokens itself: nothing to say
+
+
+@pytest.mark.parametrize("kind", ["bare", "partial"])
+def test_functional_cross_entropy_passed_as_is_is_weighted_exactly(kind):
+    """F.cross_entropy itself (or a partial of keywords) is the module's computation: exact, no warning."""
+    import functools
+
+    x, y = padded_batch()
+    loss_fn = nn.functional.cross_entropy if kind == "bare" else functools.partial(
+        nn.functional.cross_entropy, weight=CLASS_WEIGHT, label_smoothing=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(loss_fn, x, y)

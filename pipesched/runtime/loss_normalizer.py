@@ -11,7 +11,9 @@ What ``N`` counts depends on the loss:
   targets: the targets that are not ``ignore_index``, each counting
   ``weight[target]`` (1 without class weights). ``label_smoothing`` divides
   by the same sum. This is the usual language-model loss on padded batches,
-  where rows hold different numbers of tokens.
+  where rows hold different numbers of tokens. ``F.cross_entropy`` and
+  ``F.nll_loss`` passed as they are (or as a ``functools.partial`` of
+  keywords) count the same way: they are the modules' computation.
 * every other mean-reduced loss (``torch.nn`` losses average over elements or
   rows; CE with probability targets too): rows.
 * ``reduction="sum"``: no normaliser, every micro-batch counts 1.
@@ -103,6 +105,7 @@ class PaddedTargetsCheck:
 
     def __init__(self, loss_fn: Any, loss_normalizer: LossNormalizer | None):
         self.ignored: tuple[int, ...] = ()
+        loss_fn = as_module_loss(loss_fn)
         if loss_fn is None or loss_normalizer is not None or getattr(loss_fn, "reduction", "mean") == "sum":
             return
         if isinstance(loss_fn, _CLASS_INDEX_LOSSES) or type(loss_fn).__module__.startswith("torch.nn."):
@@ -157,6 +160,37 @@ def _filled(cell: Any) -> bool:
     return True
 
 
+#: torch's functional class-index losses, and the module each one is.
+_FUNCTIONAL_LOSSES = {
+    torch.nn.functional.cross_entropy: nn.CrossEntropyLoss,
+    torch.nn.functional.nll_loss: nn.NLLLoss,
+}
+_FUNCTIONAL_KEYWORDS = frozenset({"weight", "ignore_index", "reduction", "label_smoothing"})
+
+
+def as_module_loss(loss_fn: Any) -> Any:
+    """``F.cross_entropy`` / ``F.nll_loss``, bare or a ``functools.partial`` of keywords, as its module.
+
+    Those compute exactly what the module with the same keywords does, so
+    their normaliser is known and the weights are exact; anything else
+    (a lambda, a positional partial, an unknown keyword) is returned as it is.
+    """
+    func = getattr(loss_fn, "func", loss_fn)
+    try:
+        module = _FUNCTIONAL_LOSSES.get(func)
+    except TypeError:  # not hashable
+        return loss_fn
+    if module is None:
+        return loss_fn
+    keywords = dict(getattr(loss_fn, "keywords", None) or {})
+    if getattr(loss_fn, "args", ()) or not keywords.keys() <= _FUNCTIONAL_KEYWORDS:
+        return loss_fn
+    try:
+        return module(**keywords)
+    except (TypeError, ValueError):
+        return loss_fn
+
+
 def _recognised(loss_fn: Any) -> bool:
     return any(isinstance(loss_fn, c) and type(loss_fn).forward is c.forward for c in _CLASS_INDEX_LOSSES)
 
@@ -208,6 +242,7 @@ def loss_counts(loss_fn: Any, targets: Sequence[Any], loss_normalizer: LossNorma
     ``targets``: each micro-batch's targets, exactly as ``loss_fn`` receives them.
     """
     if loss_normalizer is None:
+        loss_fn = as_module_loss(loss_fn)
         if getattr(loss_fn, "reduction", "mean") == "sum":
             return None
         counter: Callable[[Any], float] = (
