@@ -212,8 +212,14 @@ def test_the_popping_stage_recomputes_from_the_tensor_it_received():
     with Pipeline(model, schedule="1f1b", balance=[1, 1, 1], devices=["cpu"] * 3, chunks=2,
                   checkpoint="always", loss_fn=LOSS) as pipe:
         pipe.step(x, y)
+        assert_grads_equal(model, ref)
+        # a stage's first checkpointed run ever copies its inputs once, to learn whether it writes
+        # into them (runtime/stage_input.py); from then on, a stage that does not reads them as received
+        popped["first"].clear()
+        popped["again"].clear()
+        pipe.step(x, y)
+    assert len(popped["first"]) == 2
     assert popped["first"] == popped["again"]  # the same received storage, read twice
-    assert_grads_equal(model, ref)
 
 
 @pytest.mark.parametrize("schedule,ranks", [("1f1b", 4), ("zb-h1", 4), ("zb-v", 2), ("dualpipe-v", 2)])

@@ -30,10 +30,20 @@ SCHEDULES = [
 POLICIES = ["never", "always", "except_last"]
 
 
-def inplace_model() -> nn.Sequential:
+class InplaceAffine(nn.Module):
+    """An in-place op that is not idempotent: a recompute from the written input would show."""
+
+    def forward(self, x):
+        return x.mul_(1.5).add_(0.1)
+
+
+FIRST_OPS = {"relu_": lambda: nn.ReLU(inplace=True), "mul_add_": InplaceAffine}
+
+
+def inplace_model(first_op: str = "relu_") -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(inplace=True), nn.Linear(12, 4),
+        nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), FIRST_OPS[first_op](), nn.Linear(12, 4),
     ).double()
 
 
@@ -42,16 +52,17 @@ def batch(rows: int = 10):
     return torch.randn(rows, 8, dtype=torch.float64, generator=g), torch.randint(0, 4, (rows,), generator=g)
 
 
+@pytest.mark.parametrize("first_op", FIRST_OPS)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("schedule,ranks,balance", SCHEDULES, ids=[s[0] for s in SCHEDULES])
-def test_stage_starting_with_inplace_op(schedule, ranks, balance, policy):
-    model = inplace_model()
+def test_stage_starting_with_inplace_op(schedule, ranks, balance, policy, first_op):
+    model = inplace_model(first_op)
     x, y = batch()
     loss_fn = nn.CrossEntropyLoss()
     ref_loss, ref_grads = reference_grads(model, loss_fn, x, y)
     with Pipeline(model, schedule=schedule, balance=balance, devices=["cpu"] * ranks, chunks=3,
                   checkpoint=policy, loss_fn=loss_fn) as pipe:
-        assert any(isinstance(next(iter(stage.children())), nn.ReLU) for stage in pipe.stages)
+        assert any(type(next(iter(stage.children()))) is type(model[3]) for stage in pipe.stages)
         loss = pipe.step(x, y)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-12)
     assert_grads_equal(model, ref_grads)
@@ -142,19 +153,38 @@ def test_profiling_a_layer_that_starts_with_an_inplace_op():
     assert len(profile.layers) == 5
 
 
-def test_recompute_of_a_stage_that_wrote_into_its_input_writes_into_a_copy():
-    """The held input's data is shared (the sender's output, maybe the next stage's input): a recompute leaves it."""
+def test_checkpointed_stage_that_writes_into_its_input_leaves_the_held_input_as_received():
+    """The held input's data is shared (the sender's output, maybe the next stage's input), and the
+    recompute needs it as it was: neither the checkpointed first run nor the recompute writes into it."""
     from pipesched.runtime.stage_input import on_stage_views
 
+    stage = nn.Identity()
     data = torch.tensor([-1.0, 2.0], dtype=torch.float64)
-    run = on_stage_views(lambda inputs: inputs[0].relu_())
+    version = data._version
+    run = on_stage_views(lambda inputs: inputs[0].mul_(3.0), stage, 1, checkpointing=lambda: True)
     with torch.no_grad():  # a checkpointed first run
-        run((stage_leaf(data, wants_grad=True),))
-    written = data._version
+        first = run((stage_leaf(data, wants_grad=True),))
     leaf = stage_leaf(data, wants_grad=True)
-    run((leaf,)).sum().backward()
-    assert data._version == written
-    torch.testing.assert_close(leaf.grad, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    recomputed = run((leaf,))
+    recomputed.sum().backward()
+    assert data._version == version
+    torch.testing.assert_close(recomputed.detach(), first)
+    torch.testing.assert_close(leaf.grad, torch.full((2,), 3.0, dtype=torch.float64))
+
+
+def test_stage_writing_into_its_input_only_sometimes_under_checkpointing_is_refused():
+    from pipesched.runtime.stage_input import on_stage_views
+
+    stage, calls = nn.Identity(), []
+
+    def sometimes(inputs):
+        calls.append(None)
+        return inputs[0].mul_(3.0) if len(calls) > 1 else inputs[0] * 3.0
+
+    with torch.no_grad():
+        on_stage_views(sometimes, stage, 1, checkpointing=lambda: True)((stage_leaf(torch.ones(2), True),))
+        with pytest.raises(RuntimeError, match=r"stage 1 wrote into its input 0 in place.*inplace=False"):
+            on_stage_views(sometimes, stage, 1, checkpointing=lambda: True)((stage_leaf(torch.ones(2), True),))
 
 
 def test_stage_starting_with_inplace_op_under_inference_mode():

@@ -27,11 +27,12 @@ tensor some backward still needs, in both.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 T = TypeVar("T")
 
@@ -86,31 +87,57 @@ def stage_views(leaves: tuple[Tensor, ...], copy: tuple[bool, ...] | None = None
                  for x, c in zip(leaves, copy))
 
 
-def on_stage_views(run: Callable[[tuple[Tensor, ...]], T]) -> Callable[[tuple[Tensor, ...]], T]:
+#: Per stage (its module), which of its inputs its forward writes into, as its first checkpointed run showed.
+_WRITES: weakref.WeakKeyDictionary[nn.Module, tuple[bool, ...]] = weakref.WeakKeyDictionary()
+
+
+def on_stage_views(run: Callable[[tuple[Tensor, ...]], T], stage: nn.Module, index: int,
+                   checkpointing: Callable[[], bool]) -> Callable[[tuple[Tensor, ...]], T]:
     """``run`` of one (stage, micro-batch), called on :func:`stage_views` of the leaves it is given.
 
     The first call is the forward's first run, a later one its recompute
-    (on fresh leaves of the same data). The first run writes into its input
-    if the stage starts with an in-place op: autograd's version counter of
-    the leaf tells. A recompute of such a stage runs on a copy of that
-    input: on the CPU the data is shared with the previous stage's sent
-    output and, when the stage's output is its written input (a stage that
-    is just ``nn.ReLU(inplace=True)``), with the next stage's input, whose
-    backward may still need it; writing into it again would race with that
-    backward. The recompute starts from the data the first run left, so it
-    repeats the first run exactly for an idempotent in-place op (ReLU,
-    clamp, hardtanh); under a checkpoint policy, a stage that starts with a
-    non-idempotent one (``x.mul_(2)``) recomputes something else, and
-    should be made out of place.
+    (on fresh leaves of the same data). A stage that starts with an
+    in-place op writes into its input: autograd's version counter tells.
+    The recompute must start from the input as it was, and must not write
+    into the held data either (on the CPU it is shared with the previous
+    stage's sent output and, for a stage whose output is its written input,
+    with the next stage's input, whose backward may still need it). So:
+
+    * a checkpointed first run (``checkpointing()``) runs on a copy of each
+      input the stage writes into, learned per stage on its first
+      checkpointed run (which copies every input), so the held input stays
+      as received; in-place ops that are not idempotent (``x.mul_(2)``)
+      recompute exactly too;
+    * a recompute runs on a copy of each input its first run wrote into.
+
+    A stage that writes into an input on some micro-batches only, after a
+    checkpointed run showed it does not, is refused with the fix: its held
+    input is lost.
     """
     writes: list[tuple[bool, ...]] = []
 
     def on_views(leaves: tuple[Tensor, ...]) -> T:
         if writes:  # a recompute
             return run(stage_views(leaves, copy=writes[0]))
-        before = [_version(x) for x in leaves]
-        result = run(stage_views(leaves))
-        writes.append(tuple(v is not None and _version(x) != v for x, v in zip(leaves, before)))
+        copy = None
+        if checkpointing():
+            known = _WRITES.get(stage)
+            copy = known if known is not None and len(known) == len(leaves) else (True,) * len(leaves)
+        inputs = stage_views(leaves, copy)
+        before = [_version(x) for x in inputs]
+        result = run(inputs)
+        wrote = tuple(v is not None and _version(x) != v for x, v in zip(inputs, before))
+        if copy is not None:
+            lost = [i for i, (w, c) in enumerate(zip(wrote, copy)) if w and not c]
+            if lost:
+                raise RuntimeError(
+                    f"stage {index} wrote into its input {lost[0]} in place (an in-place op such as "
+                    f"nn.ReLU(inplace=True) or x.mul_() on the stage's input) on this micro-batch but not "
+                    f"on an earlier checkpointed one, so the input its recompute needs is lost; make the op "
+                    f"out of place (inplace=False, or clone() the input first), or use checkpoint='never'"
+                )
+            _WRITES[stage] = wrote
+        writes.append(wrote)
         return result
 
     return on_views

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pipesched.plan.action import Action
 from pipesched.runtime.batchnorm import frozen_running_stats
-from pipesched.runtime.checkpoint import is_recomputing
+from pipesched.runtime.checkpoint import is_checkpointing, is_recomputing
 from pipesched.runtime.loss_normalizer import weighted_loss
 from pipesched.runtime.mailbox import StepAborted
 from pipesched.plan.record import TaskRecord
@@ -197,8 +197,8 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
     if ctx.skips is not None:  # received skip tensors join the inputs; stashed ones leave with the outputs
         leaves, run = ctx.skips.forward(stage, microbatch, rank, leaves, run, skip_in, ctx.keep)
     # the stage computes on non-leaf aliases of its leaves (an in-place first op is legal), also when recomputed
-    (outputs, out_structure), loss, stashed = ctx.checkpoint.forward(action, rank, leaves, on_stage_views(run),
-                                                                     keep=ctx.keep)
+    run = on_stage_views(run, layout.stages[stage], stage, is_checkpointing)  # type: ignore[arg-type]
+    (outputs, out_structure), loss, stashed = ctx.checkpoint.forward(action, rank, leaves, run, keep=ctx.keep)
     outgoing = ctx.mailbox.outgoing(action)
     if not outgoing:  # the last stage: a loss, or the output for the caller
         if loss is not None:
