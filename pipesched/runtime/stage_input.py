@@ -22,7 +22,9 @@ from the non-leaf outputs of its ``Wait`` function.
 An in-place first op writes into the leaf's storage (and, on the CPU, into
 the sending stage's output), as in the plain model it writes into the
 previous layer's output; autograd's version counter catches a write into a
-tensor some backward still needs, in both.
+tensor some backward still needs, in both. A checkpointed forward and its
+recompute write into copies instead (:func:`on_stage_views`): the recompute
+needs the input as received.
 """
 
 from __future__ import annotations
