@@ -213,3 +213,85 @@ def test_subclass_overriding_forward_warns_and_names_the_fix():
         warnings.simplefilter("error")
         Pipeline(mlp(layers=6), balance=[3, 3], loss_fn=Plain()).close()
         Pipeline(mlp(layers=6), balance=[3, 3], loss_fn=Reshaping(), loss_normalizer=len).close()
+
+
+def lm_batch():
+    """Token targets (16, 3), padded unevenly: rows weigh differently from tokens."""
+    x, _ = padded_batch()
+    generator = torch.Generator().manual_seed(4)
+    y = torch.randint(0, 4, (16, 3), generator=generator)
+    y[12:] = IGNORE
+    y[1, :2] = IGNORE
+    y[5, 1] = IGNORE
+    return x, y
+
+
+def lm_model():
+    return nn.Sequential(*mlp(layers=5), nn.Linear(4, 12).double(), FlatCE())
+
+
+def _around(ce):
+    return lambda out, y: ce(out.flatten(0, 1), y.flatten())
+
+
+FUNCTION_LOSSES = {
+    "F.cross_entropy": lambda out, y: nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), ignore_index=-100),
+    "nn.CrossEntropyLoss": _around(nn.CrossEntropyLoss()),
+}
+
+
+def _normaliser_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if "loss_normalizer=" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", FUNCTION_LOSSES)
+def test_function_loss_with_ignore_index_targets_warns_or_is_exact(name):
+    """Rows weigh the micro-batches of a function pipesched cannot look into: it says so, once per pipeline."""
+    loss_fn = FUNCTION_LOSSES[name]
+    x, y = lm_batch()
+    for _ in range(2):  # each pipeline warns once, however many steps
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Pipeline(lm_model(), schedule="1f1b", balance=[3, 2, 2], chunks=CHUNKS, loss_fn=loss_fn) as pipe:
+                pipe.step(x, y)
+                pipe.step(x, y)
+        messages = _normaliser_warnings(caught)
+        assert len(messages) == 1, messages
+        assert "loss_normalizer=lambda y: (y != -100).sum()" in messages[0] and "-100" in messages[0]
+    with warnings.catch_warnings():  # the fix the warning names is exact, and silences it
+        warnings.simplefilter("error")
+        check(loss_fn, x, y, "1f1b", [3, 2, 2], model=lm_model(), loss_normalizer=lambda t: (t != IGNORE).sum())
+
+
+def test_function_loss_warning_names_a_visible_ignore_index():
+    x, y = lm_batch()
+    y[y == IGNORE] = 3  # class 3 is the padding now
+    loss_fn = _around(nn.CrossEntropyLoss(ignore_index=3))
+    with pytest.warns(UserWarning, match=r"loss_normalizer=lambda y: \(y != 3\).sum\(\)"):
+        with Pipeline(lm_model(), balance=[3, 2, 2], chunks=CHUNKS, loss_fn=loss_fn) as pipe:
+            pipe.step(x, y)
+
+
+@pytest.mark.parametrize("name", FUNCTION_LOSSES)
+def test_function_loss_without_ignored_targets_does_not_warn(name):
+    x, y = lm_batch()
+    y[y == IGNORE] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Pipeline(lm_model(), balance=[3, 2, 2], chunks=CHUNKS, loss_fn=FUNCTION_LOSSES[name]) as pipe:
+            pipe.step(x, y)
+        with Pipeline(mlp(layers=6), balance=[3, 3], chunks=CHUNKS, loss_fn=nn.CrossEntropyLoss()) as pipe:
+            pipe.step(*padded_batch())  # a recognised loss counts the tokens itself: nothing to say
+
+
+@pytest.mark.parametrize("kind", ["bare", "partial"])
+def test_functional_cross_entropy_passed_as_is_is_weighted_exactly(kind):
+    """F.cross_entropy itself (or a partial of keywords) is the module's computation: exact, no warning."""
+    import functools
+
+    x, y = padded_batch()
+    loss_fn = nn.functional.cross_entropy if kind == "bare" else functools.partial(
+        nn.functional.cross_entropy, weight=CLASS_WEIGHT, label_smoothing=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(loss_fn, x, y)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import threading
-import time
 import weakref
 
 import pytest
@@ -105,15 +104,19 @@ def test_skip_edges_of_the_unet_cross_one_two_and_three_stages():
 
 
 def test_input_gradients_and_forward_half():
-    """pipe(x) equals model(x); output.backward() through the pipeline equals the plain backward."""
+    """pipe(x) equals model(x); output.backward() through the pipeline equals the plain backward.
+
+    Not bitwise: a micro-batch and the whole batch may take different CPU
+    kernels, whose float64 sums differ in the last bits (5.6e-17 seen).
+    """
     model = unet()
     x, _ = unet_data()
     with Pipeline(model, schedule="gpipe", balance=UNET_BALANCE, devices=["cpu"] * 4, chunks=3) as pipe:
         with torch.no_grad():
-            assert torch.equal(pipe(x), model(x))
+            torch.testing.assert_close(pipe(x), model(x), rtol=0, atol=1e-12)
         model.eval()
         with torch.no_grad():
-            assert torch.equal(pipe(x), model(x))
+            torch.testing.assert_close(pipe(x), model(x), rtol=0, atol=1e-12)
         model.train()
         xp = x.clone().requires_grad_()
         (pipe(xp) ** 2).sum().backward()
@@ -209,8 +212,14 @@ def test_the_popping_stage_recomputes_from_the_tensor_it_received():
     with Pipeline(model, schedule="1f1b", balance=[1, 1, 1], devices=["cpu"] * 3, chunks=2,
                   checkpoint="always", loss_fn=LOSS) as pipe:
         pipe.step(x, y)
+        assert_grads_equal(model, ref)
+        # a stage's first checkpointed run ever copies its inputs once, to learn whether it writes
+        # into them (runtime/stage_input.py); from then on, a stage that does not reads them as received
+        popped["first"].clear()
+        popped["again"].clear()
+        pipe.step(x, y)
+    assert len(popped["first"]) == 2
     assert popped["first"] == popped["again"]  # the same received storage, read twice
-    assert_grads_equal(model, ref)
 
 
 @pytest.mark.parametrize("schedule,ranks", [("1f1b", 4), ("zb-h1", 4), ("zb-v", 2), ("dualpipe-v", 2)])
@@ -311,13 +320,10 @@ def test_stall_diagnosis_names_the_skip_producer():
             assert "rank 2 at F2.0 waits for F1.0, F0.0" in str(info.value)
         finally:
             release.set()
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                pipe.step(x, y)
-                break
-            except RuntimeError:
-                time.sleep(0.05)
+        returned = threading.Event()
+        pipe._orchestrator.workers[0].submit(returned.set)  # runs once the stuck task has returned
+        assert returned.wait(60), "the stuck task did not return"
+        pipe.step(x, y)  # and the pipeline runs again
 
 
 # ---------------------------------------------------------------- the plan layer: one rule

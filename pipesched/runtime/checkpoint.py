@@ -39,6 +39,7 @@ from pipesched.plan.action import Action
 from pipesched.runtime.rng import StepRandom
 from pipesched.runtime.saved_tensor_meter import SavedTensorMeter, caller_hooks
 from pipesched.runtime.split_backward import WeightWork
+from pipesched.runtime.stage_input import stage_leaf
 
 CheckpointPolicy = Union[str, Callable[[int, int], bool]]
 POLICIES = ("always", "except_last", "never")
@@ -296,7 +297,7 @@ class CheckpointManager:
         run = held.run
         if held.result is not None:
             return held.inputs, held.result
-        inputs = tuple(_fresh_leaf(x) for x in held.inputs)
+        inputs = tuple(stage_leaf(x, x.requires_grad) for x in held.inputs)
         entry = None
         if self.cache is not None:
             key = (stage, "recompute", self.context, _signature(inputs))
@@ -353,7 +354,3 @@ class CheckpointManager:
         while self.held:
             self.held.popitem()
 
-
-def _fresh_leaf(tensor: Tensor) -> Tensor:
-    """A new leaf on the same data, requiring grad like the original input did."""
-    return tensor.detach().requires_grad_(tensor.requires_grad)

@@ -11,7 +11,9 @@ What ``N`` counts depends on the loss:
   targets: the targets that are not ``ignore_index``, each counting
   ``weight[target]`` (1 without class weights). ``label_smoothing`` divides
   by the same sum. This is the usual language-model loss on padded batches,
-  where rows hold different numbers of tokens.
+  where rows hold different numbers of tokens. ``F.cross_entropy`` and
+  ``F.nll_loss`` passed as they are (or as a ``functools.partial`` of
+  keywords) count the same way: they are the modules' computation.
 * every other mean-reduced loss (``torch.nn`` losses average over elements or
   rows; CE with probability targets too): rows.
 * ``reduction="sum"``: no normaliser, every micro-batch counts 1.
@@ -80,6 +82,115 @@ def check_loss_normalizer(loss_normalizer: object, loss_fn: Any) -> LossNormaliz
     return None
 
 
+#: The targets value ``F.cross_entropy``, ``F.nll_loss`` and their modules ignore by default.
+_DEFAULT_IGNORE_INDEX = -100
+
+
+class PaddedTargetsCheck:
+    """Warns, once per pipeline, when a loss pipesched cannot look into meets padded targets.
+
+    A plain function (``lambda out, y: F.cross_entropy(out.flatten(0, 1),
+    y.flatten())``, or a lambda or module around ``nn.CrossEntropyLoss()``)
+    gets micro-batches weighted by rows, but if its mean is over the
+    non-ignored tokens each micro-batch should count its tokens: on padded
+    language-model batches the gradients are then badly wrong (94 % off
+    seen), with nothing to tell. pipesched cannot know the function's mean
+    (it may shift the targets, add a term, average over rows), so it does
+    not guess: it warns when integer targets hold an ignored value (-100, or
+    an ``ignore_index`` it can see: a ``functools.partial`` keyword, a
+    cross-entropy/NLL module the function closes over or refers to, or that
+    a module loss holds), naming ``loss_normalizer=``, which both fixes the
+    weights and silences the warning.
+    """
+
+    def __init__(self, loss_fn: Any, loss_normalizer: LossNormalizer | None):
+        self.ignored: tuple[int, ...] = ()
+        loss_fn = as_module_loss(loss_fn)
+        if loss_fn is None or loss_normalizer is not None or getattr(loss_fn, "reduction", "mean") == "sum":
+            return
+        if isinstance(loss_fn, _CLASS_INDEX_LOSSES) or type(loss_fn).__module__.startswith("torch.nn."):
+            return  # recognised, warned about when built (a subclass), or a torch loss without ignore_index
+        self.ignored = tuple(dict.fromkeys([_DEFAULT_IGNORE_INDEX, *_visible_ignore_indices(loss_fn)]))
+        self.name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+
+    def __call__(self, targets: Sequence[Tensor]) -> None:
+        """Check one batch's target tensors (before splitting); after one warning, never again."""
+        if not self.ignored:
+            return
+        for tensor in targets:
+            if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+                continue
+            for value in self.ignored:
+                if bool((tensor == value).any()):
+                    self.ignored = ()
+                    warnings.warn(
+                        f"loss_fn {self.name} is a function pipesched cannot look into, and the targets hold "
+                        f"{value}, a cross-entropy ignore_index: micro-batches are weighted by rows, so if "
+                        f"its mean is over the non-ignored targets the loss and gradients are wrong. Declare "
+                        f"it: loss_normalizer=lambda y: (y != {value}).sum() for a mean over tokens "
+                        f"(count the targets it keeps, after any shift), or loss_normalizer=lambda y: "
+                        f"y.shape[0] for a mean over rows",
+                        stacklevel=2,
+                    )
+                    return
+
+
+def _visible_ignore_indices(loss_fn: Any) -> list[int]:
+    """The ``ignore_index`` values ``loss_fn`` shows without being called (see :class:`PaddedTargetsCheck`)."""
+    found: list[Any] = []
+    keywords = getattr(loss_fn, "keywords", None)  # functools.partial(F.cross_entropy, ignore_index=0)
+    if isinstance(keywords, dict) and "ignore_index" in keywords:
+        found.append(keywords["ignore_index"])
+    if isinstance(loss_fn, nn.Module):
+        found += [m.ignore_index for m in loss_fn.modules() if isinstance(m, _CLASS_INDEX_LOSSES)]
+    code = getattr(loss_fn, "__code__", None)
+    values = [cell.cell_contents for cell in getattr(loss_fn, "__closure__", None) or () if _filled(cell)]
+    if code is not None:
+        scope = getattr(loss_fn, "__globals__", {})
+        values += [scope[name] for name in code.co_names if name in scope]
+    found += [v.ignore_index for v in values if isinstance(v, _CLASS_INDEX_LOSSES)]
+    return [int(v) for v in found if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return False
+    return True
+
+
+#: torch's functional class-index losses, and the module each one is.
+_FUNCTIONAL_LOSSES = {
+    torch.nn.functional.cross_entropy: nn.CrossEntropyLoss,
+    torch.nn.functional.nll_loss: nn.NLLLoss,
+}
+_FUNCTIONAL_KEYWORDS = frozenset({"weight", "ignore_index", "reduction", "label_smoothing"})
+
+
+def as_module_loss(loss_fn: Any) -> Any:
+    """``F.cross_entropy`` / ``F.nll_loss``, bare or a ``functools.partial`` of keywords, as its module.
+
+    Those compute exactly what the module with the same keywords does, so
+    their normaliser is known and the weights are exact; anything else
+    (a lambda, a positional partial, an unknown keyword) is returned as it is.
+    """
+    func = getattr(loss_fn, "func", loss_fn)
+    try:
+        module = _FUNCTIONAL_LOSSES.get(func)
+    except TypeError:  # not hashable
+        return loss_fn
+    if module is None:
+        return loss_fn
+    keywords = dict(getattr(loss_fn, "keywords", None) or {})
+    if getattr(loss_fn, "args", ()) or not keywords.keys() <= _FUNCTIONAL_KEYWORDS:
+        return loss_fn
+    try:
+        return module(**keywords)
+    except (TypeError, ValueError):
+        return loss_fn
+
+
 def _recognised(loss_fn: Any) -> bool:
     return any(isinstance(loss_fn, c) and type(loss_fn).forward is c.forward for c in _CLASS_INDEX_LOSSES)
 
@@ -131,6 +242,7 @@ def loss_counts(loss_fn: Any, targets: Sequence[Any], loss_normalizer: LossNorma
     ``targets``: each micro-batch's targets, exactly as ``loss_fn`` receives them.
     """
     if loss_normalizer is None:
+        loss_fn = as_module_loss(loss_fn)
         if getattr(loss_fn, "reduction", "mean") == "sum":
             return None
         counter: Callable[[Any], float] = (

@@ -44,7 +44,13 @@ from pipesched.runtime.checkpoint import (
     make_policy,
 )
 from pipesched.runtime.cpu_threads import warn_if_oversubscribed
-from pipesched.runtime.loss_normalizer import LossNormalizer, check_loss_normalizer, loss_counts, weights_of
+from pipesched.runtime.loss_normalizer import (
+    LossNormalizer,
+    PaddedTargetsCheck,
+    check_loss_normalizer,
+    loss_counts,
+    weights_of,
+)
 from pipesched.runtime.mailbox import Mailbox
 from pipesched.runtime.microbatch import as_tensors, batch_size, scatter, split_sizes
 from pipesched.runtime.options import check_chunks, check_flag, check_loss_fn, check_stall_timeout, resolve_schedule
@@ -138,6 +144,7 @@ class StepRunner:
         self.ranks = list(range(self.num_ranks)) if ranks is None else list(ranks)
         self.log_tasks = options.log_tasks
         self._policy = make_policy(options.checkpoint)
+        self._padded_targets = PaddedTargetsCheck(options.loss_fn, options.loss_normalizer)
         self._meter = MeterCache() if options.activation_meter == "once" else None
         self._plans = PlanCache(self.schedule, self.num_stages, self.num_ranks, self.placement, split_backward=True,
                                 skips=self.skips.edges)
@@ -196,6 +203,7 @@ class StepRunner:
             raise ValueError(
                 f"targets hold {rows} rows but inputs hold {sum(sizes)}; they must match row for row"
             )
+        self._padded_targets(target_tensors)
         single = isinstance(targets, Tensor)
         parts = [mb[0] if single else mb for mb in scatter(target_tensors, sizes)]
         counts = loss_counts(self.options.loss_fn, parts, self.options.loss_normalizer)

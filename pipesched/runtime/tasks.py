@@ -6,7 +6,8 @@ in plan order; each action waits for its inputs in the step's
 next rank. The event loop is not involved between two actions.
 
 Autograd is cut at every stage boundary: a stage's input is a fresh leaf
-(``detach().requires_grad_()``) and its backward is an explicit
+(:mod:`~pipesched.runtime.stage_input`; the stage computes on a non-leaf
+alias of it) and its backward is an explicit
 ``torch.autograd.backward(outputs, grad_outputs)``, whose input gradients are
 the next upstream stage's ``grad_outputs``. That is what lets schedules
 interleave forwards and backwards of different micro-batches freely.
@@ -25,13 +26,14 @@ from torch import Tensor, nn
 
 from pipesched.plan.action import Action
 from pipesched.runtime.batchnorm import frozen_running_stats
-from pipesched.runtime.checkpoint import is_recomputing
+from pipesched.runtime.checkpoint import is_checkpointing, is_recomputing
 from pipesched.runtime.loss_leaves import check_loss_leaves
 from pipesched.runtime.loss_normalizer import weighted_loss
 from pipesched.runtime.mailbox import StepAborted
 from pipesched.plan.record import TaskRecord
 from pipesched.runtime.skip.portal import partition, payload
 from pipesched.runtime.split_backward import WeightWork, backward_input
+from pipesched.runtime.stage_input import on_stage_views, stage_leaf
 from pipesched.runtime.stream import TaskClock
 from pipesched.runtime.structure import TUPLE, Structure, flatten, unflatten
 from pipesched.runtime.step_context import (  # noqa: F401 - re-exported: the task bodies' context
@@ -102,27 +104,6 @@ def _as_boundary(value: object, stage: int) -> Boundary:
 
 def _unwrap(tensors: tuple[Any, ...], structure: Structure) -> Any:
     return unflatten(tensors, structure)
-
-
-def _leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
-    """A leaf on ``tensor``'s data for this stage's graph.
-
-    A received value is already detached by the sender (:meth:`Transport.send`)
-    and belongs to this consumer alone, so it becomes the leaf itself: one
-    detach per boundary, not two.
-    """
-    leaf = tensor if tensor.grad_fn is None and not tensor.requires_grad and tensor._base is None else tensor.detach()
-    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
-        leaf.requires_grad_(True)
-    return leaf
-
-
-def _caller_leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
-    """A leaf on a caller's micro-batch: always a new tensor (the caller's own must stay as it is)."""
-    leaf = tensor.detach()
-    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
-        leaf.requires_grad_(True)
-    return leaf
 
 
 def _stage_function(ctx: StepContext, stage: int, microbatch: int, structure: Structure) -> Callable[[tuple[Tensor, ...]], Any]:
@@ -205,17 +186,19 @@ def _forward(ctx: StepContext, rank: int, action: Action, clock: TaskClock) -> t
         tensors, structure = ctx.io.microbatches[microbatch]
         start = clock.start()
         tensors = tuple(t.to(device, non_blocking=True) for t in tensors)
-        leaves = tuple(_caller_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
+        leaves = tuple(stage_leaf(t, ctx.keep and t.requires_grad) for t in tensors)
     else:
         ((_, slot),) = incoming
         packet, structure = slot.get()
         received = layout.transport.receive(packet, rank)
         start = clock.start()
-        leaves = tuple(_leaf(t, ctx.keep) for t in received)
+        leaves = tuple(stage_leaf(t, ctx.keep, owned=True) for t in received)
     results.input_structure[(stage, microbatch)] = structure
     run = _stage_function(ctx, stage, microbatch, structure)
     if ctx.skips is not None:  # received skip tensors join the inputs; stashed ones leave with the outputs
         leaves, run = ctx.skips.forward(stage, microbatch, rank, leaves, run, skip_in, ctx.keep)
+    # the stage computes on non-leaf aliases of its leaves (an in-place first op is legal), also when recomputed
+    run = on_stage_views(run, layout.stages[stage], stage, is_checkpointing)  # type: ignore[arg-type]
     (outputs, out_structure), loss, stashed = ctx.checkpoint.forward(action, rank, leaves, run, keep=ctx.keep)
     outgoing = ctx.mailbox.outgoing(action)
     if not outgoing:  # the last stage: a loss, or the output for the caller

@@ -36,6 +36,7 @@ from pipesched.runtime.microbatch import as_tensors, batch_size
 from pipesched.runtime.partition import resolve_device
 from pipesched.runtime.skip.tracker import SkipKey, SkipTracker, use_skip_tracker
 from pipesched.runtime.split_backward import backward_input
+from pipesched.runtime.stage_input import stage_leaf, stage_views
 from pipesched.tune.costs import LayerProfile, Profile
 
 __all__ = ["Progress", "profile", "progress_reporter"]
@@ -150,11 +151,12 @@ class _ProfileSkips(SkipTracker):
 
     def save(self, key: SkipKey, tensor: Tensor | None) -> None:
         if tensor is not None:
-            tensor = tensor.detach().requires_grad_(tensor.requires_grad)
+            tensor = stage_leaf(tensor, tensor.requires_grad)
         self.tensors[key] = tensor
 
     def load(self, key: SkipKey) -> Tensor | None:
-        return self.tensors[key]
+        tensor = self.tensors[key]
+        return None if tensor is None else stage_views((tensor,))[0]  # a pop may start with an in-place op
 
 
 def _measure_layer(
@@ -174,7 +176,7 @@ def _measure_layer(
     single_out = True
     while run <= repeat or (timeout is not None and time.perf_counter() - began < timeout):
         first = run == 0
-        leaves = tuple(_leaf(x, g) for x, g in zip(inputs, wants_grad))
+        leaves = tuple(stage_leaf(x, g) for x, g in zip(inputs, wants_grad))
         before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         clock.start()
         if first:  # the meter's view: what autograd saves, parameters excluded
@@ -197,7 +199,7 @@ def _measure_layer(
             work.run()
             w = clock.stop()
         del result, roots, grads
-        leaves = tuple(_leaf(x, g) for x, g in zip(inputs, wants_grad))
+        leaves = tuple(stage_leaf(x, g) for x, g in zip(inputs, wants_grad))
         result, roots, grads = _forward(layer, leaves, loss, single)
         full = 0.0
         if roots:
@@ -234,7 +236,8 @@ def _measure_layer(
 def _forward(layer: nn.Module, leaves: tuple[Tensor, ...], loss: Any, single: bool) -> tuple[Any, list[Tensor], list[Any]]:
     """The layer's result, and the backward roots with their seeds (a loss seeds itself: ``None``)."""
     # a stage passes its input on as one value, as nn.Sequential does: a Tensor, or a tuple of them
-    result = layer(leaves[0] if single else leaves)
+    views = stage_views(leaves)  # the layer may start with an in-place op, as a stage may
+    result = layer(views[0] if single else views)
     outs = _tensors(result)
     if loss is not None:
         loss_fn, targets = loss
@@ -293,13 +296,6 @@ def _key(tensor: Tensor) -> tuple[int, int, int, Any]:
 
 def _nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
-    leaf = tensor.detach()
-    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
-        leaf.requires_grad_(True)
-    return leaf
 
 
 def _to(value: Any, device: torch.device) -> Any:

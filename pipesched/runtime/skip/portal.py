@@ -33,6 +33,7 @@ from torch import Tensor
 from pipesched.plan.lowering import SkipEdge, Transfer
 from pipesched.runtime.skip.layout import SkipLayout
 from pipesched.runtime.skip.tracker import SkipKey, SkipTracker, use_skip_tracker
+from pipesched.runtime.stage_input import stage_leaf
 from pipesched.runtime.transport import Transport
 
 #: Per skip edge, its tensors (or their gradients) in the edge's name order; ``None`` where absent.
@@ -85,13 +86,6 @@ def payload(transfer: Transfer, main: tuple[Tensor | None, ...], skips: SkipValu
     return main if transfer.edge.skip is None else skips[transfer.edge.skip]
 
 
-def _leaf(tensor: Tensor, wants_grad: bool) -> Tensor:
-    leaf = tensor.detach()
-    if wants_grad and (leaf.is_floating_point() or leaf.is_complex()):
-        leaf.requires_grad_(True)
-    return leaf
-
-
 class StepSkips:
     """The skip connections of one step, for the ranks of this process.
 
@@ -129,7 +123,7 @@ class StepSkips:
             for value in self.transport.receive(packet, rank):
                 positions.append(None if value is None else count + len(extra))
                 if value is not None:
-                    extra.append(_leaf(value, keep))
+                    extra.append(stage_leaf(value, keep))
             received.append((transfer.edge.skip, tuple(positions)))  # type: ignore[arg-type]
         if received:
             self._inputs[(stage, microbatch)] = (count, received)
