@@ -340,6 +340,8 @@ class Case:
     devices: list[str] = field(default_factory=lambda: ["cpu"] * RANKS)
     allowed_error: Callable[[BaseException], bool] | None = None  # a clear refusal, where acceptable
     prepare: Callable[[nn.Module], None] = lambda model: None  # run on each copy (tensor hooks on parameters)
+    #: a documented limit of split backward: when W ran, these parameters' gradients are known to differ
+    split_limit: tuple[type[nn.Module], ...] = ()
 
 
 def plain(count: int) -> list[nn.Module]:
@@ -433,12 +435,25 @@ def case_parameter_hook(data, stages):
     return Case(model, draw_balance(data, len(layers), stages), prepare=prepare)
 
 
-def case_node_hook(data, stages):
+def case_node_prehook(data, stages):
     layers = base(data, stages)
-    insert_at(data, layers, NodeHookedLinear("post"), low=1)
-    if data.draw(st.booleans(), label="a pre-hooked layer too"):
+    for _ in range(data.draw(st.integers(1, 2), label="pre-hooked layers")):
         insert_at(data, layers, NodeHookedLinear("pre"))
     return Case(nn.Sequential(*layers), draw_balance(data, len(layers), stages))
+
+
+def case_node_posthook(data, stages):
+    """A post-hook on a built-in node's own outputs: the README's documented limit of split backward.
+
+    W calls a built-in frontier node directly (that is what defers its weight
+    half) and no Python API lists a node's post-hooks, so under a plan with W
+    the hook's change to the weight side is lost, undetected. The test pins
+    exactly that: exact without W; with W, only the hooked layers' parameters
+    differ.
+    """
+    layers = base(data, stages)
+    insert_at(data, layers, NodeHookedLinear("post"), low=1)
+    return Case(nn.Sequential(*layers), draw_balance(data, len(layers), stages), split_limit=(NodeHookedLinear,))
 
 
 def case_custom_function(data, stages):
@@ -467,6 +482,10 @@ def case_inplace_first_op(data, stages):
     new = {"ReLU": lambda: nn.ReLU(inplace=True), "LeakyReLU": lambda: nn.LeakyReLU(0.1, inplace=True),
            "mul_": InplaceAffine}[kind]()
     index = insert_at(data, layers, new, low=1)  # never the model's first layer (that is the caller's x)
+    # right after a Linear, whose output nothing saves: after tanh (which saves its output for its
+    # backward) the in-place op would break the plain model's own backward, not the pipeline's
+    layers.insert(index, nn.Linear(WIDTH, WIDTH))
+    index += 1
     return Case(nn.Sequential(*layers), draw_balance(data, len(layers), stages, required_cuts=[index]),
                 allowed_error=inplace_refusal)
 
@@ -596,7 +615,8 @@ FEATURES: dict[str, Callable[[Any, int], Case]] = {
     "full_backward_hook": case_full_backward_hook,
     "forward_hook": case_forward_hook,
     "parameter_hook": case_parameter_hook,
-    "node_hook": case_node_hook,
+    "node_prehook": case_node_prehook,
+    "node_posthook": case_node_posthook,
     "custom_function": case_custom_function,
     "inplace_first_op": case_inplace_first_op,
     "loss_parameter": case_loss_parameter,
@@ -776,6 +796,14 @@ def test_feature_matches_unpipelined(feature, schedule, stages, policy, data):
     loss_error = (loss - ref_loss.detach()).abs().item()
     if loss_error > ATOL:
         errors.insert(0, f"loss: |error| {loss_error:.3g}")
+    if case.split_limit and any(task.kind == "W" for task in pipe.last_report.tasks):
+        limited = {f"parameter {name}.{p}" for name, m in case.model.named_modules()
+                   if isinstance(m, case.split_limit) for p, _ in m.named_parameters()}
+        if errors and all(e.split(":")[0] in limited for e in errors):
+            pytest.xfail(f"documented limit of split backward ({feature}): {'; '.join(errors)}")
+        if not errors:
+            pytest.fail(f"{feature} under {schedule} is now exact with W: lift the README's limit and this "
+                        f"test's split_limit", pytrace=False)
     if errors:  # pytest.fail: no assertion introspection of the list, the message says it all
         pytest.fail(f"{feature} under {schedule} (balance {case.balance}, devices {case.devices}, "
                     f"chunks {run['chunks']}, rows {run['rows']}, x requires grad {run['x_requires_grad']}) "
