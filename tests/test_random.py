@@ -182,7 +182,7 @@ def test_caller_generator_advances_by_one_draw_only_when_a_stage_may_draw():
 
 
 class Quiet(nn.Module):
-    """A custom layer that draws nothing: runs under the tripwire, never takes the lock."""
+    """A custom layer that draws nothing: runs watched, never takes the lock."""
 
     def __init__(self):
         super().__init__()
@@ -221,7 +221,7 @@ class AlwaysDrop(nn.Module):
         return nn.functional.dropout(x, 0.5, True)
 
 
-def test_tripwire_watches_only_the_thread_that_runs_its_stage():
+def test_watcher_watches_only_the_thread_that_runs_its_stage():
     """A drawing stage on one rank does not mark the silent stages running beside it."""
     model = nn.Sequential(Quiet(), AlwaysDrop(), Quiet()).double()
     x, y = batch(rows=32)
@@ -232,4 +232,25 @@ def test_tripwire_watches_only_the_thread_that_runs_its_stage():
         assert pipe._random.known_to_draw(1, True)
         assert not pipe._random.known_to_draw(0, True)
         assert not pipe._random.known_to_draw(2, True)
-    assert not torch._C._is_torch_function_mode_enabled()
+    assert torch._C._len_torch_dispatch_stack() == 0
+
+
+class SwitchedOff(nn.Module):
+    """Calls random functions with the argument that switches their draw off."""
+
+    def forward(self, x):
+        x = nn.functional.dropout(x, 0.0, True) + nn.functional.dropout(x, 0.5, False)
+        x = nn.functional.rrelu(x, training=False)
+        q = x.view(x.shape[0], 1, 2, 5)
+        return x + nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.0).reshape(x.shape)
+
+
+def test_calls_that_switch_their_draw_off_do_not_mark_a_stage_drawing():
+    """dropout(p=0) / training=False, rrelu in eval, SDPA with dropout_p=0: no lock, no seed."""
+    model = nn.Sequential(SwitchedOff(), nn.Dropout(0.5).eval(), SwitchedOff()).double()
+    x, y = batch()
+    with Pipeline(model, schedule="1f1b", balance=[2, 1], devices=["cpu"] * 2, chunks=4,
+                  checkpoint="except_last", loss_fn=nn.MSELoss()) as pipe:
+        pipe.step(x, y)
+        assert not pipe._random.known_to_draw(0, True)
+        assert not pipe._random.known_to_draw(1, True)

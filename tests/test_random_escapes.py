@@ -1,0 +1,144 @@
+"""Draws a name list or a trusted ``forward`` missed: replayed exactly now, or refused loudly.
+
+The oracle: the same seed under ``checkpoint="never"`` and ``"always"``. A
+recompute that draws other masks than its first run gives gradients of
+another forward than the loss, so the two policies' gradients differ; with
+every draw on its (stage, micro-batch) stream they agree to round-off.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pipesched import Pipeline
+
+SCHEDULES = ["1f1b", "zb-h1"]
+
+
+def grads_under(model: nn.Module, schedule: str, policy: str, x: Tensor, y: Tensor, steps: int = 1):
+    torch.manual_seed(123)
+    with Pipeline(model, schedule=schedule, balance=[len(model) // 2, len(model) - len(model) // 2],
+                  devices=["cpu", "cpu"], chunks=4, checkpoint=policy, loss_fn=nn.MSELoss()) as pipe:
+        for _ in range(steps):
+            pipe.step(x, y)
+    return [p.grad for p in model.parameters()]
+
+
+def assert_replayed(model: nn.Module, schedule: str, x: Tensor, y: Tensor) -> None:
+    """Same seed: the gradients under "never" and "always" agree to round-off."""
+    never = grads_under(copy.deepcopy(model), schedule, "never", x, y)
+    always = grads_under(copy.deepcopy(model), schedule, "always", x, y)
+    for index, (a, b) in enumerate(zip(never, always)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=f"parameter {index}")
+
+
+def data(*shape: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(*shape, dtype=torch.float64, generator=g), torch.randn(*shape, dtype=torch.float64, generator=g)
+
+
+class Recurrent(nn.Module):
+    """``nn.LSTM``/``nn.GRU`` with dropout between its two layers, drawn inside the C++ op."""
+
+    def __init__(self, cls: type[nn.RNNBase]):
+        super().__init__()
+        self.rnn = cls(6, 6, num_layers=2, dropout=0.5, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rnn(x)[0]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_lstm_dropout_between_layers_replays_under_recompute(cls, schedule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), Recurrent(cls), Recurrent(cls), nn.Linear(6, 6)).double()
+    assert_replayed(model, schedule, *data(8, 5, 6))
+
+
+class AtenDropout(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.aten.native_dropout.default(x, 0.5, True)[0]
+
+
+class AtenBernoulli(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.ops.aten.bernoulli.p(x.detach(), 0.5)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("layer", [AtenDropout, AtenBernoulli], ids=["native_dropout.default", "bernoulli.p"])
+def test_aten_overload_draws_replay(layer, schedule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), layer(), nn.Linear(6, 6), layer()).double()
+    assert_replayed(model, schedule, *data(8, 6))
+
+
+class NoisyConv(nn.Conv1d):
+    """Keeps ``nn.Conv1d.forward``; draws weight noise in ``_conv_forward``."""
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return super()._conv_forward(input, weight + 0.3 * torch.randn_like(weight), bias)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_quiet_class_subclass_drawing_elsewhere_replays(schedule):
+    torch.manual_seed(0)
+    model = nn.Sequential(NoisyConv(3, 3, 3, padding=1), nn.Tanh(), NoisyConv(3, 3, 3, padding=1)).double()
+    assert_replayed(model, schedule, *data(8, 3, 7))
+
+
+def test_other_thread_drawing_during_step_is_detected():
+    """A thread drawing from torch's global generator during step() takes numbers from the
+    forwards' streams (pipesched re-seeds that process-wide generator): the recompute would
+    draw other masks than the first run. That must fail loudly, naming the stage and the cause."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 6), nn.Dropout(0.5)).double()
+    x, y = data(16, 6)
+    stop, drawing = threading.Event(), threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            torch.rand(64)
+            drawing.set()
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        drawing.wait()
+        with pytest.raises(RuntimeError, match=r"stage \d, micro-batch \d+: .*[Aa]nother thread drew from torch's "
+                                               r"global generator during step\(\)"):
+            grads_under(model, "1f1b", "always", x, y, steps=50)
+    finally:
+        stop.set()
+        thread.join()
+
+
+@torch.library.custom_op("pipesched_test::untagged_noise", mutates_args=())
+def untagged_noise(x: Tensor) -> Tensor:
+    """A custom op registered without torch's nondeterministic_seeded tag that draws inside."""
+    return x + torch.rand_like(x)
+
+
+untagged_noise.register_fake(lambda x: torch.empty_like(x))
+untagged_noise.register_autograd(lambda ctx, grad: grad)
+
+
+class Untagged(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return untagged_noise(x)
+
+
+@pytest.mark.parametrize("policy", ["never", "always"])
+def test_escaped_draw_raises_naming_the_stage(policy):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), Untagged()).double()
+    x, y = data(8, 6)
+    with pytest.raises(RuntimeError, match=r"stage 1, micro-batch \d: torch's CPU random generator moved .*"
+                                           r"a random draw escaped .*nondeterministic_seeded"):
+        grads_under(model, "1f1b", policy, x, y)
