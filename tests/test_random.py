@@ -17,7 +17,7 @@ from torch import nn
 from conftest import assert_grads_equal
 from pipesched import Pipeline
 from pipesched.runtime.microbatch import split_sizes
-from pipesched.runtime.rng import draw_step_seed, forward_seed, holding_generators
+from pipesched.runtime.rng import draw_step_seed, draws_nothing, forward_seed, holding_generators
 
 POLICIES = ["never", "always", "except_last", lambda stage, mb: (stage + mb) % 2 == 0]
 
@@ -195,7 +195,8 @@ class Quiet(nn.Module):
 @pytest.mark.parametrize("model_factory", [
     lambda: nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10)),
     lambda: nn.Sequential(Quiet(), Quiet(), Quiet()),
-], ids=["torch-layers", "custom-layers"])
+    lambda: nn.Sequential(*[nn.TransformerEncoderLayer(10, 2, 16, dropout=0.0) for _ in range(3)]),
+], ids=["torch-layers", "custom-layers", "transformer-dropout-0"])
 def test_stages_that_draw_nothing_never_wait_for_the_generator_lock(model_factory):
     """While another thread holds the CPU generator's lock, a non-drawing pipeline still steps."""
     model = model_factory().double()
@@ -233,6 +234,27 @@ def test_watcher_watches_only_the_thread_that_runs_its_stage():
         assert not pipe._random.known_to_draw(0, True)
         assert not pipe._random.known_to_draw(2, True)
     assert torch._C._len_torch_dispatch_stack() == 0
+
+
+class NoisyLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + torch.rand_like(x)
+
+
+def test_only_exact_quiet_classes_in_a_quiet_state_are_trusted():
+    def quiet(*layers):
+        return draws_nothing(nn.Sequential(*layers))
+
+    assert quiet(nn.Linear(2, 2), nn.Dropout(0.0), nn.Dropout(0.5).eval(), nn.RReLU().eval(),
+                 nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0))
+    assert not quiet(nn.Dropout(0.5))
+    assert not quiet(nn.RReLU())
+    assert not quiet(NoisyLinear(2, 2))  # a subclass of a quiet class is watched
+    assert not quiet(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1))
+    assert not quiet(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation=lambda x: x * torch.rand_like(x)))
+    hooked = nn.Linear(2, 2)
+    hooked.register_forward_hook(lambda *args: None)
+    assert not quiet(hooked)
 
 
 class SwitchedOff(nn.Module):

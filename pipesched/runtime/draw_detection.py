@@ -25,10 +25,12 @@ on it instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipesched.runtime.generators import Held
@@ -50,6 +52,30 @@ _QUIET_CLASSES: set[type[nn.Module]] = {
     nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
     nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
     nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+    nn.ModuleList, nn.ModuleDict, nn.modules.linear.NonDynamicallyQuantizableLinear,
+    nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer,
+}
+
+
+def _dropout_off(m: Any) -> bool:
+    return not m.training or m.p == 0
+
+
+def _own_draws_only_through_children(m: Any) -> bool:
+    """A transformer layer draws only through its dropout children, unless its activation
+    is a function other than relu/gelu (an ``activation=`` callable may draw)."""
+    return isinstance(m.activation, nn.Module) or m.activation in (F.relu, F.gelu)
+
+
+#: Exact classes quiet in some states: dropout switched off (eval mode or p=0), a
+#: transformer layer whose own code calls nothing that draws. Asked at every step.
+_QUIET_WHEN: dict[type[nn.Module], Callable[[Any], bool]] = {
+    **{cls: _dropout_off for cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                                      nn.FeatureAlphaDropout)},
+    nn.MultiheadAttention: lambda m: not m.training or m.dropout == 0,
+    nn.RReLU: lambda m: not m.training,
+    nn.TransformerEncoderLayer: _own_draws_only_through_children,
+    nn.TransformerDecoderLayer: _own_draws_only_through_children,
 }
 
 
@@ -64,18 +90,28 @@ def declare_quiet(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def _quiet(m: nn.Module) -> bool:
+    if m._forward_hooks or m._forward_pre_hooks:
+        return False
+    cls = type(m)
+    if cls in _QUIET_CLASSES:
+        return True
+    when = _QUIET_WHEN.get(cls)
+    return when is not None and when(m)
+
+
 def draws_nothing(stage: nn.Module | None) -> bool:
     """Whether ``stage`` is built only of exact quiet classes, without hooks (``None``: not here).
 
-    Forward hooks, the module's own or global ones, may draw, so a hooked
-    layer is not trusted.
+    Asked at the start of every step, so a dropout layer put in eval mode (or
+    its ``p`` set to 0) counts as quiet from the next step on. Forward hooks,
+    the module's own or global ones, may draw, so a hooked layer is not trusted.
     """
     if stage is None:
         return True
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    return all(type(m) in _QUIET_CLASSES and not (m._forward_hooks or m._forward_pre_hooks)
-               for m in stage.modules())
+    return all(_quiet(m) for m in stage.modules())
 
 
 # ---------------------------------------------------------------- which kernels draw

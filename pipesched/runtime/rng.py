@@ -31,9 +31,11 @@ the same way.
 Two checks turn the draws this cannot see into errors instead of wrong
 gradients:
 
-* *Backstop*: a watched forward must leave the generators' live states as it
-  found them until its first seeded draw. If one moved, a kernel drew without
-  torch's tag (a custom op) or another thread drew during ``step()``.
+* *Backstop*: a watched forward of a stage in training mode must leave the
+  generators' live states as it found them until its first seeded draw. If
+  one moved, a kernel drew without torch's tag (a custom op) or another thread
+  drew during ``step()``. (In eval mode nothing is recomputed, and a thread
+  drawing while ``pipe(x)`` runs inference is left alone.)
 * *Replay check*: the state a seeded checkpointed forward leaves the
   generators in is kept, and its recompute must leave the same. Another
   thread drawing from the process-wide generator while a seeded forward runs
@@ -167,7 +169,7 @@ class StepRandom:
             with seeding:
                 result = fn(*args)
         else:
-            before = live_states(device)
+            before = live_states(device) if training else None  # eval: see the module docstring
             watcher = Watcher(seeding)
             try:
                 with watcher:
@@ -176,9 +178,10 @@ class StepRandom:
                 watcher.release()
                 if watcher.fired:
                     self.streams.learn(stage, training)
-            after = seeding.entry if watcher.fired else live_states(device)
-            if after != before:
-                raise _escaped(stage, microbatch, _moved(device, before, after))
+            if before is not None:
+                after = seeding.entry if watcher.fired else live_states(device)
+                if after != before:
+                    raise _escaped(stage, microbatch, _moved(device, before, after))
             if not watcher.fired:
                 return result
         self._check_replay(stage, microbatch, device, phase, seeding.end)
