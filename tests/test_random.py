@@ -192,14 +192,32 @@ class Quiet(nn.Module):
         return torch.tanh(self.linear(x))
 
 
+class GatedQuiet(Quiet):
+    """Quiet; its first forward waits for ``held``: by then the step's seed is drawn (that one draw
+    holds the lock, so that it never takes numbers from a seeded forward of another pipeline)."""
+
+    def __init__(self, started: threading.Event, held: threading.Event):
+        super().__init__()
+        self.started, self.held = started, held
+
+    def forward(self, x):
+        if not self.started.is_set():
+            self.started.set()
+            self.held.wait(timeout=30)
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("model_factory", [
-    lambda: nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10)),
-    lambda: nn.Sequential(Quiet(), Quiet(), Quiet()),
-    lambda: nn.Sequential(*[nn.TransformerEncoderLayer(10, 2, 16, dropout=0.0) for _ in range(3)]),
+    lambda started, held: nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10)),
+    lambda started, held: nn.Sequential(GatedQuiet(started, held), Quiet(), Quiet()),
+    lambda started, held: nn.Sequential(*[nn.TransformerEncoderLayer(10, 2, 16, dropout=0.0) for _ in range(3)]),
 ], ids=["torch-layers", "custom-layers", "transformer-dropout-0"])
 def test_stages_that_draw_nothing_never_wait_for_the_generator_lock(model_factory):
-    """While another thread holds the CPU generator's lock, a non-drawing pipeline still steps."""
-    model = model_factory().double()
+    """While another thread holds the CPU generator's lock, a non-drawing pipeline's forwards still run."""
+    started, held = threading.Event(), threading.Event()
+    model = model_factory(started, held).double()
+    if not isinstance(model[0], GatedQuiet):
+        started.set()  # no step seed to draw: hold the lock from the start
     x, y = batch()
     done = threading.Event()
 
@@ -209,9 +227,11 @@ def test_stages_that_draw_nothing_never_wait_for_the_generator_lock(model_factor
             pipe.step(x, y)
         done.set()
 
+    thread = threading.Thread(target=step, daemon=True)
+    thread.start()
+    assert started.wait(timeout=30)
     with holding_generators(torch.device("cpu")):
-        thread = threading.Thread(target=step, daemon=True)
-        thread.start()
+        held.set()
         finished = done.wait(timeout=30)
     thread.join(timeout=30)
     assert finished, "a stage that draws nothing waited for the generator lock"

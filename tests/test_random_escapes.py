@@ -18,21 +18,24 @@ from torch import Tensor, nn
 from pipesched import Pipeline
 
 SCHEDULES = ["1f1b", "zb-h1"]
+CPU = ["cpu", "cpu"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-def grads_under(model: nn.Module, schedule: str, policy: str, x: Tensor, y: Tensor, steps: int = 1):
+def grads_under(model: nn.Module, schedule: str, policy: str, x: Tensor, y: Tensor, steps: int = 1,
+                devices: list[str] = CPU):
     torch.manual_seed(123)
     with Pipeline(model, schedule=schedule, balance=[len(model) // 2, len(model) - len(model) // 2],
-                  devices=["cpu", "cpu"], chunks=4, checkpoint=policy, loss_fn=nn.MSELoss()) as pipe:
+                  devices=devices, chunks=4, checkpoint=policy, loss_fn=nn.MSELoss()) as pipe:
         for _ in range(steps):
             pipe.step(x, y)
     return [p.grad for p in model.parameters()]
 
 
-def assert_replayed(model: nn.Module, schedule: str, x: Tensor, y: Tensor) -> None:
+def assert_replayed(model: nn.Module, schedule: str, x: Tensor, y: Tensor, devices: list[str] = CPU) -> None:
     """Same seed: the gradients under "never" and "always" agree to round-off."""
-    never = grads_under(copy.deepcopy(model), schedule, "never", x, y)
-    always = grads_under(copy.deepcopy(model), schedule, "always", x, y)
+    never = grads_under(copy.deepcopy(model), schedule, "never", x, y, devices=devices)
+    always = grads_under(copy.deepcopy(model), schedule, "always", x, y, devices=devices)
     for index, (a, b) in enumerate(zip(never, always)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=f"parameter {index}")
 
@@ -142,3 +145,64 @@ def test_escaped_draw_raises_naming_the_stage(policy):
     with pytest.raises(RuntimeError, match=r"stage 1, micro-batch \d: torch's CPU random generator moved .*"
                                            r"a random draw escaped .*nondeterministic_seeded"):
         grads_under(model, "1f1b", policy, x, y)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("layer", [lambda: Recurrent(nn.LSTM), AtenDropout, lambda: nn.Dropout(0.5)],
+                         ids=["lstm", "native_dropout", "dropout"])
+@pytest.mark.parametrize("devices", [["cuda:0", "cuda:0"], ["cuda:0", "cpu"]], ids=["cuda-cuda", "cuda-cpu"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_cuda_draws_replay_under_recompute(schedule, devices, layer):
+    """On CUDA, dropout (fused native_dropout), cuDNN's LSTM dropout: the device generator's stream."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), layer(), nn.Linear(6, 6), layer()).double()
+    x, y = data(8, 5, 6)
+    assert_replayed(model, schedule, x, y, devices=devices)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_escaped_draw_on_a_cuda_generator_raises_naming_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), Untagged()).double()
+    x, y = data(8, 6)
+    with pytest.raises(RuntimeError, match=r"stage 1, micro-batch \d: torch's cuda:0 random generator moved"):
+        grads_under(model, "1f1b", "always", x, y, devices=["cuda:0", "cuda:0"])
+
+
+
+def test_two_pipelines_stepping_at_once_raise_no_false_alarm():
+    """A step's seed is drawn holding the generator's lock, as a counted move of its live state:
+    another pipeline stepping meanwhile neither loses numbers of its streams to it nor mistakes
+    it for an escaped draw (its watched forwards check the live state)."""
+
+    class Quiet(nn.Module):  # watched, never drawing: its forwards check the live state
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(6, 6)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.linear(x).tanh()
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(Quiet(), nn.Dropout(0.5), Quiet(), nn.Dropout(0.5)).double() for _ in range(2)]
+    x, y = data(16, 6)
+    go, errors = threading.Barrier(2), []
+
+    def train(model: nn.Module) -> None:
+        try:
+            with Pipeline(model, schedule="1f1b", balance=[2, 2], devices=CPU, chunks=4, checkpoint="always",
+                          loss_fn=nn.MSELoss()) as pipe:
+                go.wait()
+                for _ in range(20):
+                    pipe.step(x, y)
+        except Exception as error:  # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=train, args=(model,)) for model in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors

@@ -10,61 +10,83 @@ The checks of :mod:`pipesched.runtime.rng` must read a generator's live state
 without waiting for the lock, because a stage that draws nothing must never
 wait for one that draws. While a holder is in, the generator itself shows a
 seeded state, not the live one. So each generator carries a small seqlock:
-the first holder saves the live state before it touches the generator, and
-every entry and exit bumps an epoch; a reader takes the saved state while a
-holder is in, the generator's own state otherwise, and reads again if the
-epoch changed meanwhile.
+the first holder saves the live state before it touches the generator; a
+reader takes the saved state while a holder is in, the generator's own state
+otherwise, and reads again if a holder came or went meanwhile. Drawing a step's seed moves the live state on
+purpose: it does so as a holder and counts the move, so a check that sees the
+count change knows the state moved legitimately.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+#: A generator's live state as a reader sees it: (legitimate moves so far, state bytes).
+Live = tuple[int, bytes]
 
 #: Reentrant: a compiled stage re-takes it inside a drawing forward (see :mod:`pipesched.runtime.compiling`).
 CPU_LOCK = threading.RLock()
 
 
 class _Guard:
-    """One generator's lock, holder count, change epoch and (while held) saved live state."""
+    """One generator's lock, and what readers need: holders, saved live state, legitimate moves.
+
+    ``version`` is a seqlock counter: odd while a holder updates the fields
+    below, so a reader that saw it odd, or saw it change, reads again.
+    """
 
     def __init__(self, name: str, lock: threading.RLock, generator: torch.Generator):
         self.name = name
         self.lock = lock
         self.generator = generator
+        self.version = 0
         self.holders = 0
-        self.epoch = 0
-        self.saved: torch.Tensor | None = None
+        self.moves = 0
+        self.saved: torch.Tensor | None = None  # the live state while holders > 0
 
     def enter(self) -> torch.Tensor:
-        """Call holding ``lock``: become a holder; returns the state to put back on :meth:`exit`."""
+        """Call holding ``lock``, before touching the generator: returns the state to put back."""
         state = self.generator.get_state()
+        self.version += 1
         if self.holders == 0:
-            self.saved = state  # before the epoch moves: a reader that sees no saved state retries
+            self.saved = state
         self.holders += 1
-        self.epoch += 1
+        self.version += 1
         return state
+
+    def moved(self) -> None:
+        """Call as a holder after drawing from the live state on purpose: it is the new live state."""
+        self.version += 1
+        self.moves += 1
+        self.saved = self.generator.get_state()
+        self.version += 1
 
     def exit(self) -> None:
         """Call holding ``lock``, after putting the state back."""
-        self.epoch += 1
+        self.version += 1
         self.holders -= 1
         if self.holders == 0:
             self.saved = None
+        self.version += 1
 
-    def live(self) -> bytes:
+    def live(self) -> Live:
         """The live state (what it is, or will be again once the holders are out), without the lock."""
         for _ in range(1000):
-            epoch = self.epoch
-            saved = self.saved
+            version = self.version
+            if version % 2:
+                continue
+            moves, saved = self.moves, self.saved
             state = saved if saved is not None else self.generator.get_state()
-            if self.epoch == epoch:
-                return fingerprint(state)
+            if self.version == version:
+                return moves, fingerprint(state)
         with self.lock:  # holders kept coming and going all along: wait for a quiet moment instead
-            return fingerprint(self.saved if self.saved is not None else self.generator.get_state())
+            return self.moves, fingerprint(self.saved if self.saved is not None else self.generator.get_state())
 
 
 def fingerprint(state: torch.Tensor) -> bytes:
@@ -90,9 +112,24 @@ def guards(device: torch.device) -> list[_Guard]:
     return [_CPU, guard]
 
 
-def live_states(device: torch.device) -> list[bytes]:
+def live_states(device: torch.device) -> list[Live]:
     """The live states of ``device``'s generators, read without waiting for their locks."""
     return [guard.live() for guard in guards(device)]
+
+
+def draw_live(draw: Callable[[], T]) -> T:
+    """``draw()`` from the CPU generator's live state, as a counted, legitimate move.
+
+    Holding the lock, so it never takes numbers from a seeded forward's stream
+    (another pipeline's, stepping in another thread).
+    """
+    with _CPU.lock:
+        _CPU.enter()
+        try:
+            return draw()
+        finally:
+            _CPU.moved()
+            _CPU.exit()
 
 
 class Held:
@@ -108,7 +145,7 @@ class Held:
         self.guards = guards(device)
         self.seed = seed
         self.keep_end = keep_end
-        self.entry: list[bytes] = []
+        self.entry: list[Live] = []
         self.end: list[bytes] | None = None
         self._restore: list[torch.Tensor] = []
 
@@ -123,7 +160,7 @@ class Held:
             self._leave(taken)
             raise
         if self.seed is not None:
-            self.entry = [fingerprint(state) for state in self._restore]
+            self.entry = [(guard.moves, fingerprint(state)) for guard, state in zip(self.guards, self._restore)]
             for guard in self.guards:
                 guard.generator.manual_seed(self.seed)
         return self

@@ -54,7 +54,7 @@ from torch import nn
 from pipesched.runtime.draw_detection import Watcher, draws_nothing
 from pipesched.runtime.draw_detection import declare_quiet as declare_quiet  # re-exported
 from pipesched.runtime.generators import CPU_LOCK as _CPU_LOCK  # noqa: F401  (tests check it is free)
-from pipesched.runtime.generators import Held, guards, live_states
+from pipesched.runtime.generators import Held, Live, draw_live, guards, live_states
 from pipesched.runtime.generators import holding_generators as holding_generators  # re-exported
 
 T = TypeVar("T")
@@ -78,7 +78,7 @@ def forward_seed(step_seed: int, stage: int, microbatch: int) -> int:
 
 def draw_step_seed() -> int:
     """One draw from the caller's CPU generator: the seed of a step's random streams."""
-    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item())
+    return draw_live(lambda: int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item()))
 
 
 def generators_held(device: torch.device) -> Held:
@@ -115,8 +115,10 @@ def _not_replayed(stage: int, microbatch: int, moved: list[str]) -> RuntimeError
     )
 
 
-def _moved(device: torch.device, before: list[bytes], after: list[bytes]) -> list[str]:
-    return [guard.name for guard, b, a in zip(guards(device), before, after) if b != a]
+def _moved(device: torch.device, before: list[Live], after: list[Live]) -> list[str]:
+    """The generators whose state changed, unless it moved legitimately (a step seed drawn meanwhile)."""
+    return [guard.name for guard, (b_moves, b), (a_moves, a) in zip(guards(device), before, after)
+            if b_moves == a_moves and b != a]
 
 
 class RandomStreams:
@@ -180,8 +182,9 @@ class StepRandom:
                     self.streams.learn(stage, training)
             if before is not None:
                 after = seeding.entry if watcher.fired else live_states(device)
-                if after != before:
-                    raise _escaped(stage, microbatch, _moved(device, before, after))
+                moved = _moved(device, before, after)
+                if moved:
+                    raise _escaped(stage, microbatch, moved)
             if not watcher.fired:
                 return result
         self._check_replay(stage, microbatch, device, phase, seeding.end)
@@ -194,4 +197,4 @@ class StepRandom:
         elif phase == "recompute" and end is not None:
             first = self._ends.pop((stage, microbatch), None)
             if first is not None and first != end:
-                raise _not_replayed(stage, microbatch, _moved(device, first, end))
+                raise _not_replayed(stage, microbatch, [g.name for g, a, b in zip(guards(device), first, end) if a != b])
