@@ -3,7 +3,8 @@
 Runs a small transformer pipeline (2 CPU ranks, 1f1b, 8 micro-batches, the
 default checkpoint policy) in alternating child processes, one importing this
 checkout's pipesched and one a ``git archive`` of ``--base``, and prints the
-median step time of each and their ratio, for three stages:
+median wall time and process CPU time per step of each and their ratios (CPU
+time is the steadier figure on a shared machine), for three stages:
 
 * ``dropout=0``: ``nn.TransformerEncoderLayer`` in training. The base watched
   every forward with its tripwire; this checkout trusts the exact classes in a
@@ -58,11 +59,15 @@ def child(config: str, steps: int) -> None:
     times = []
     with Pipeline(model, schedule="1f1b", balance=[2, 2], devices=["cpu", "cpu"], chunks=8,
                   loss_fn=nn.MSELoss()) as pipe:
-        for _ in range(3 + steps):
+        for _ in range(3):
+            pipe.step(x, y)
+        cpu = time.process_time()
+        for _ in range(steps):
             start = time.perf_counter()
             pipe.step(x, y)
             times.append(time.perf_counter() - start)
-    print(json.dumps({"step_ms": statistics.median(times[3:]) * 1e3}))
+        cpu = time.process_time() - cpu
+    print(json.dumps({"step_ms": statistics.median(times) * 1e3, "cpu_ms": cpu / steps * 1e3}))
 
 
 def forward_costs(base_dir: str, repeats: int) -> None:
@@ -140,17 +145,19 @@ def main() -> None:
         forward_costs(base_dir, args.rounds * 40)
         trees = {"base": base_dir, "this": str(ROOT)}
         for config in CONFIGS:
-            ms: dict[str, list[float]] = {name: [] for name in trees}
+            ms: dict[str, dict[str, list[float]]] = {name: {"step_ms": [], "cpu_ms": []} for name in trees}
             for _ in range(args.rounds):
                 for name, tree in trees.items():
                     env = {**os.environ, "PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}
                     out = subprocess.run([sys.executable, __file__, "--child", config, "--steps", str(args.steps)],
                                          env=env, check=True, capture_output=True, text=True).stdout
-                    ms[name].append(json.loads(out.splitlines()[-1])["step_ms"])
-            base, this = statistics.median(ms["base"]), statistics.median(ms["this"])
-            print(f"{config}: base {args.base} {base:.1f} ms/step, this checkout {this:.1f} ms/step, "
-                  f"ratio {this / base:.3f}  (rounds: base {[round(v, 1) for v in ms['base']]}, "
-                  f"this {[round(v, 1) for v in ms['this']]})")
+                    for key, value in json.loads(out.splitlines()[-1]).items():
+                        ms[name][key].append(value)
+            for key, what in (("step_ms", "wall ms/step"), ("cpu_ms", "process CPU ms/step")):
+                base, this = statistics.median(ms["base"][key]), statistics.median(ms["this"][key])
+                print(f"{config}: {what}: base {args.base} {base:.1f}, this checkout {this:.1f}, "
+                      f"ratio {this / base:.3f}  (rounds: base {[round(v, 1) for v in ms['base'][key]]}, "
+                      f"this {[round(v, 1) for v in ms['this'][key]]})")
 
 
 if __name__ == "__main__":

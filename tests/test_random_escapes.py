@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import pipesched
 from pipesched import Pipeline
 
 SCHEDULES = ["1f1b", "zb-h1"]
@@ -23,19 +24,22 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def grads_under(model: nn.Module, schedule: str, policy: str, x: Tensor, y: Tensor, steps: int = 1,
-                devices: list[str] = CPU):
+                devices: list[str] = CPU, compile: bool = False):
     torch.manual_seed(123)
     with Pipeline(model, schedule=schedule, balance=[len(model) // 2, len(model) - len(model) // 2],
                   devices=devices, chunks=4, checkpoint=policy, loss_fn=nn.MSELoss()) as pipe:
+        if compile:
+            pipe.compile(backend="eager")
         for _ in range(steps):
             pipe.step(x, y)
     return [p.grad for p in model.parameters()]
 
 
-def assert_replayed(model: nn.Module, schedule: str, x: Tensor, y: Tensor, devices: list[str] = CPU) -> None:
+def assert_replayed(model: nn.Module, schedule: str, x: Tensor, y: Tensor, devices: list[str] = CPU,
+                    compile: bool = False) -> None:
     """Same seed: the gradients under "never" and "always" agree to round-off."""
-    never = grads_under(copy.deepcopy(model), schedule, "never", x, y, devices=devices)
-    always = grads_under(copy.deepcopy(model), schedule, "always", x, y, devices=devices)
+    never = grads_under(copy.deepcopy(model), schedule, "never", x, y, devices=devices, compile=compile)
+    always = grads_under(copy.deepcopy(model), schedule, "always", x, y, devices=devices, compile=compile)
     for index, (a, b) in enumerate(zip(never, always)):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=f"parameter {index}")
 
@@ -82,6 +86,17 @@ def test_aten_overload_draws_replay(layer, schedule):
     assert_replayed(model, schedule, *data(8, 6))
 
 
+def test_compiled_stages_watched_for_draws_replay():
+    """Dynamo compiles a watched stage (the watcher lets it) and the compiled kernels are seen."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), AtenBernoulli(), nn.Linear(6, 6), AtenDropout()).double()
+    counters.clear()
+    assert_replayed(model, "1f1b", *data(8, 6), compile=True)
+    assert counters["stats"]["unique_graphs"] >= 2, "the watched stages ran uncompiled"
+
+
 class NoisyConv(nn.Conv1d):
     """Keeps ``nn.Conv1d.forward``; draws weight noise in ``_conv_forward``."""
 
@@ -96,30 +111,45 @@ def test_quiet_class_subclass_drawing_elsewhere_replays(schedule):
     assert_replayed(model, schedule, *data(8, 3, 7))
 
 
+class ThreadDrawsDuringFirstRun(nn.Module):
+    """During the first run of its checkpointed forward, another thread calls ``torch.rand`` in
+    a loop until an Event is set; it has drawn at least once before this forward goes on. No
+    thread draws during the recompute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if pipesched.is_checkpointing() and not self.draws:
+            stop, drawn = threading.Event(), threading.Event()
+
+            def draw() -> None:
+                while not stop.is_set():
+                    torch.rand(64)
+                    self.draws += 1
+                    drawn.set()
+
+            thread = threading.Thread(target=draw, daemon=True)
+            thread.start()
+            drawn.wait()
+            stop.set()
+            thread.join()
+        return x
+
+
 def test_other_thread_drawing_during_step_is_detected():
     """A thread drawing from torch's global generator during step() takes numbers from the
     forwards' streams (pipesched re-seeds that process-wide generator): the recompute would
     draw other masks than the first run. That must fail loudly, naming the stage and the cause."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 6), nn.Dropout(0.5)).double()
+    drawer = ThreadDrawsDuringFirstRun()
+    model = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 6), nn.Dropout(0.5), drawer).double()
     x, y = data(16, 6)
-    stop, drawing = threading.Event(), threading.Event()
-
-    def draw() -> None:
-        while not stop.is_set():
-            torch.rand(64)
-            drawing.set()
-
-    thread = threading.Thread(target=draw, daemon=True)
-    thread.start()
-    try:
-        drawing.wait()
-        with pytest.raises(RuntimeError, match=r"stage \d, micro-batch \d+: .*[Aa]nother thread drew from torch's "
-                                               r"global generator during step\(\)"):
-            grads_under(model, "1f1b", "always", x, y, steps=50)
-    finally:
-        stop.set()
-        thread.join()
+    with pytest.raises(RuntimeError, match=r"stage 1, micro-batch \d+: .*[Aa]nother thread drew from torch's "
+                                           r"global generator during step\(\)"):
+        grads_under(model, "1f1b", "always", x, y)
+    assert drawer.draws > 0
 
 
 @torch.library.custom_op("pipesched_test::untagged_noise", mutates_args=())

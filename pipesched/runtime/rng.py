@@ -10,7 +10,8 @@ The rule here:
 
 * At the start of a step, one 62-bit *step seed* is drawn from the caller's
   CPU generator (one draw, so consecutive steps differ and a seeded run
-  repeats). Nothing is drawn when no stage can draw.
+  repeats), holding its lock (:func:`pipesched.runtime.generators.draw_live`).
+  Nothing is drawn when no stage can draw.
 * Every forward of (stage, micro-batch) that draws runs with the process's
   generators (CPU, and its CUDA device's) re-seeded to
   :func:`forward_seed` ``(step seed, stage, micro-batch)``, holding their
@@ -108,10 +109,12 @@ def _not_replayed(stage: int, microbatch: int, moved: list[str]) -> RuntimeError
     return RuntimeError(
         f"stage {stage}, micro-batch {microbatch}: the recompute of this checkpointed forward drew other random "
         f"numbers than its first run (torch's {' and '.join(moved)} generator ended elsewhere), so its gradient "
-        f"would belong to another forward than its loss. Another thread drew from torch's global generator "
-        f"during step(): pipesched re-seeds that process-wide generator for each forward that draws, so such a "
-        f"thread takes numbers from the forward's stream. Give that thread its own torch.Generator (e.g. "
-        f"torch.rand(..., generator=g)) or draw before step(); checkpoint='never' avoids recomputes."
+        f"would belong to another forward than its loss. Most likely another thread drew from torch's global "
+        f"generator during step(): pipesched re-seeds that process-wide generator for each forward that draws, "
+        f"so such a thread takes numbers from the forward's stream. Give that thread its own torch.Generator "
+        f"(e.g. torch.rand(..., generator=g)) or draw before step(). Else the forward draws differently when "
+        f"run again (depending on pipesched.is_recomputing() or on grad mode). checkpoint='never' avoids "
+        f"recomputes."
     )
 
 
@@ -197,4 +200,5 @@ class StepRandom:
         elif phase == "recompute" and end is not None:
             first = self._ends.pop((stage, microbatch), None)
             if first is not None and first != end:
-                raise _not_replayed(stage, microbatch, [g.name for g, a, b in zip(guards(device), first, end) if a != b])
+                moved = [guard.name for guard, a, b in zip(guards(device), first, end) if a != b]
+                raise _not_replayed(stage, microbatch, moved)
