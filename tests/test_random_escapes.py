@@ -49,6 +49,23 @@ def data(*shape: int) -> tuple[Tensor, Tensor]:
     return torch.randn(*shape, dtype=torch.float64, generator=g), torch.randn(*shape, dtype=torch.float64, generator=g)
 
 
+def test_every_op_taking_a_generator_carries_the_tag_the_watcher_asks_for():
+    """The watcher's premise: an op that can draw says so with torch.Tag.nondeterministic_seeded."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers prims.inductor_seeds)
+
+    untagged = []
+    for namespace in (torch.ops.aten, torch.ops.prims):
+        for name in dir(namespace):
+            packet = getattr(namespace, name, None)
+            for overload in getattr(packet, "overloads", lambda: [])():
+                op = getattr(packet, overload)
+                takes_generator = any("Generator" in str(a.type) for a in op._schema.arguments)
+                if takes_generator and torch.Tag.nondeterministic_seeded not in op.tags:
+                    untagged.append(str(op))
+    assert not untagged
+    assert torch.Tag.nondeterministic_seeded in torch.ops.prims.inductor_seeds.default.tags
+
+
 class Recurrent(nn.Module):
     """``nn.LSTM``/``nn.GRU`` with dropout between its two layers, drawn inside the C++ op."""
 
@@ -150,6 +167,22 @@ def test_other_thread_drawing_during_step_is_detected():
                                            r"global generator during step\(\)"):
         grads_under(model, "1f1b", "always", x, y)
     assert drawer.draws > 0
+
+
+class DrawsOnlyWhenRecomputed(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.dropout(x, 0.5, pipesched.is_recomputing())
+
+
+def test_recompute_drawing_where_its_first_run_did_not_raises():
+    """The recompute of a forward whose first run, watched, drew nothing is checked by the
+    generators' state instead of watched again: a draw there still fails loudly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), DrawsOnlyWhenRecomputed()).double()
+    x, y = data(8, 6)
+    with pytest.raises(RuntimeError, match=r"stage 1, micro-batch \d: torch's CPU random generator moved.*"
+                                           r"this recompute drew although the forward's first run drew nothing"):
+        grads_under(model, "1f1b", "always", x, y)
 
 
 @torch.library.custom_op("pipesched_test::untagged_noise", mutates_args=())

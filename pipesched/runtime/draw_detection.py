@@ -8,15 +8,18 @@ of function names: that fails open (``nn.LSTM``'s inter-layer dropout is drawn
 inside the C++ ``lstm`` op; ``torch.ops.aten.bernoulli.p`` is named
 ``bernoulli.p``). So:
 
-* A stage made only of layers of *exactly* a class known not to draw (no
-  subclasses: a subclass may draw in any method it overrides, e.g.
-  ``_conv_forward``), without forward hooks, is not watched.
+* A stage made only of layers of *exactly* a class known not to draw, or not
+  to draw in its current state (dropout in eval mode or with p=0), without
+  forward hooks, is not watched. No subclasses: a subclass may draw in any
+  method it overrides, e.g. ``_conv_forward``.
 * Any other forward runs under :class:`Watcher`, a thread-local
   ``TorchDispatchMode``. It sits below autograd and composite ops, so it sees
   every ATen kernel the forward runs (``lstm`` and ``dropout`` arrive as their
   ``bernoulli_``), and it asks torch itself whether a kernel draws: the
   ``nondeterministic_seeded`` tag that torch puts on every op consuming a
-  generator. The first such kernel seeds the generators right then.
+  generator (every op with a ``Generator`` argument has it, and so does
+  Inductor's ``prims.inductor_seeds``; a test checks that on each torch
+  version). The first such kernel seeds the generators right then.
 
 A kernel that draws without the tag (a custom op registered without it) is
 not seen; the generator backstop in :mod:`pipesched.runtime.rng` fails loudly

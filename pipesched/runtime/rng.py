@@ -27,7 +27,9 @@ as is; any other forward runs under a dispatch-level watcher that seeds at
 the first kernel torch tags as drawing, after which the stage is known to
 draw and is seeded up front (no watcher cost). A stage that starts drawing
 late (input-dependent dropout, a module switched to training later) is caught
-the same way.
+the same way. The recompute of a forward whose first run was watched and drew
+nothing is not watched again: it must draw nothing either, which the
+generators' live states show (as below) at a fraction of the watcher's cost.
 
 Two checks turn the draws this cannot see into errors instead of wrong
 gradients:
@@ -93,7 +95,9 @@ def generators_held(device: torch.device) -> Held:
     return Held(device)
 
 
-def _escaped(stage: int, microbatch: int, moved: list[str]) -> RuntimeError:
+def _escaped(stage: int, microbatch: int, moved: list[str], recompute: bool = False) -> RuntimeError:
+    also = (" Or this recompute drew although the forward's first run drew nothing (a forward that draws "
+            "depending on pipesched.is_recomputing() or on grad mode)." if recompute else "")
     return RuntimeError(
         f"stage {stage}, micro-batch {microbatch}: torch's {' and '.join(moved)} random generator moved during "
         f"a forward that pipesched had not seeded, so a random draw escaped the per-(stage, micro-batch) streams "
@@ -101,7 +105,7 @@ def _escaped(stage: int, microbatch: int, moved: list[str]) -> RuntimeError:
         f"Either a kernel drew without torch's nondeterministic_seeded tag (a custom op: register it with "
         f"tags=(torch.Tag.nondeterministic_seeded,)), or another thread drew from torch's global generator during "
         f"step() (give that thread its own torch.Generator, e.g. torch.rand(..., generator=g), or draw before "
-        f"step())."
+        f"step()).{also}"
     )
 
 
@@ -159,6 +163,7 @@ class StepRandom:
         self.devices = devices
         self.training = training
         self._ends: dict[tuple[int, int], list[bytes]] = {}  # where checkpointed first runs left the generators
+        self._silent: set[tuple[int, int]] = set()  # checkpointed first runs that ran watched and drew nothing
 
     def run(self, stage: int, microbatch: int, fn: Callable[..., T], *args: Any, phase: Phase = "once") -> T:
         """Run ``fn(*args)`` (a forward of ``stage`` on ``microbatch``) on that pair's random stream.
@@ -173,6 +178,15 @@ class StepRandom:
         if self.streams.known_to_draw(stage, training):
             with seeding:
                 result = fn(*args)
+        elif phase == "recompute" and (stage, microbatch) in self._silent:
+            # its first run, watched, drew nothing: the same forward again must not either, and the
+            # generators' live states tell whether it did (the watcher would only cost time here)
+            before = live_states(device)
+            result = fn(*args)
+            moved = _moved(device, before, live_states(device))
+            if moved:
+                raise _escaped(stage, microbatch, moved, recompute=True)
+            return result
         else:
             before = live_states(device) if training else None  # eval: see the module docstring
             watcher = Watcher(seeding)
@@ -189,6 +203,8 @@ class StepRandom:
                 if moved:
                     raise _escaped(stage, microbatch, moved)
             if not watcher.fired:
+                if phase == "checkpointed":
+                    self._silent.add((stage, microbatch))
                 return result
         self._check_replay(stage, microbatch, device, phase, seeding.end)
         return result
