@@ -117,6 +117,23 @@ def test_compiled_stages_watched_for_draws_replay():
         torch._dynamo.reset()  # Dynamo's per-process state (dynamic-shape profiles) would leak into later tests
 
 
+def test_a_higher_order_op_under_the_watcher_counts_as_a_draw():
+    """``torch.cond``'s branches run below the watcher, unseen: the watcher seeds before it (a
+    dispatch mode without HOP support would make the call fail instead)."""
+    from pipesched.runtime.draw_detection import Watcher
+    from pipesched.runtime.generators import Held
+
+    x = torch.randn(4)
+    watcher = Watcher(Held(torch.device("cpu"), seed=1))
+    try:
+        with watcher:
+            torch.cond(x.sum() > -1e9, lambda t: nn.functional.dropout(t, 0.5, True), lambda t: t * 1.0, (x,))
+    finally:
+        watcher.release()
+        torch._dynamo.reset()  # torch.cond compiles its branches, in eager mode too
+    assert watcher.fired
+
+
 class NoisyConv(nn.Conv1d):
     """Keeps ``nn.Conv1d.forward``; draws weight noise in ``_conv_forward``."""
 

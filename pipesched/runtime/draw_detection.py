@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._ops import HigherOrderOperator
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -165,6 +166,10 @@ class Watcher(TorchDispatchMode):
     dispatch mode: it watches only the worker that entered it.
     """
 
+    #: Higher-order ops (``torch.cond``, eager ``flex_attention``, ...) come here too instead of
+    #: failing; their inner kernels run below this mode, unseen, so one counts as a draw.
+    supports_higher_order_operators = True
+
     def __init__(self, seeding: Held):
         super().__init__()
         self.seeding = seeding
@@ -177,7 +182,7 @@ class Watcher(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if not self.fired and kernel_draws(func, args, kwargs):
+        if not self.fired and (isinstance(func, HigherOrderOperator) or kernel_draws(func, args, kwargs)):
             self.seeding.__enter__()
             self.fired = True
         return func(*args, **kwargs)
