@@ -17,7 +17,7 @@ from torch import nn
 from conftest import assert_grads_equal
 from pipesched import Pipeline
 from pipesched.runtime.microbatch import split_sizes
-from pipesched.runtime.rng import draw_step_seed, forward_seed, holding_generators
+from pipesched.runtime.rng import draw_step_seed, draws_nothing, forward_seed, holding_generators
 
 POLICIES = ["never", "always", "except_last", lambda stage, mb: (stage + mb) % 2 == 0]
 
@@ -182,7 +182,7 @@ def test_caller_generator_advances_by_one_draw_only_when_a_stage_may_draw():
 
 
 class Quiet(nn.Module):
-    """A custom layer that draws nothing: runs under the tripwire, never takes the lock."""
+    """A custom layer that draws nothing: runs watched, never takes the lock."""
 
     def __init__(self):
         super().__init__()
@@ -192,13 +192,32 @@ class Quiet(nn.Module):
         return torch.tanh(self.linear(x))
 
 
+class GatedQuiet(Quiet):
+    """Quiet; its first forward waits for ``held``: by then the step's seed is drawn (that one draw
+    holds the lock, so that it never takes numbers from a seeded forward of another pipeline)."""
+
+    def __init__(self, started: threading.Event, held: threading.Event):
+        super().__init__()
+        self.started, self.held = started, held
+
+    def forward(self, x):
+        if not self.started.is_set():
+            self.started.set()
+            self.held.wait(timeout=30)
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("model_factory", [
-    lambda: nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10)),
-    lambda: nn.Sequential(Quiet(), Quiet(), Quiet()),
-], ids=["torch-layers", "custom-layers"])
+    lambda started, held: nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10)),
+    lambda started, held: nn.Sequential(GatedQuiet(started, held), Quiet(), Quiet()),
+    lambda started, held: nn.Sequential(*[nn.TransformerEncoderLayer(10, 2, 16, dropout=0.0) for _ in range(3)]),
+], ids=["torch-layers", "custom-layers", "transformer-dropout-0"])
 def test_stages_that_draw_nothing_never_wait_for_the_generator_lock(model_factory):
-    """While another thread holds the CPU generator's lock, a non-drawing pipeline still steps."""
-    model = model_factory().double()
+    """While another thread holds the CPU generator's lock, a non-drawing pipeline's forwards still run."""
+    started, held = threading.Event(), threading.Event()
+    model = model_factory(started, held).double()
+    if not isinstance(model[0], GatedQuiet):
+        started.set()  # no step seed to draw: hold the lock from the start
     x, y = batch()
     done = threading.Event()
 
@@ -208,9 +227,11 @@ def test_stages_that_draw_nothing_never_wait_for_the_generator_lock(model_factor
             pipe.step(x, y)
         done.set()
 
+    thread = threading.Thread(target=step, daemon=True)
+    thread.start()
+    assert started.wait(timeout=30)
     with holding_generators(torch.device("cpu")):
-        thread = threading.Thread(target=step, daemon=True)
-        thread.start()
+        held.set()
         finished = done.wait(timeout=30)
     thread.join(timeout=30)
     assert finished, "a stage that draws nothing waited for the generator lock"
@@ -221,7 +242,7 @@ class AlwaysDrop(nn.Module):
         return nn.functional.dropout(x, 0.5, True)
 
 
-def test_tripwire_watches_only_the_thread_that_runs_its_stage():
+def test_watcher_watches_only_the_thread_that_runs_its_stage():
     """A drawing stage on one rank does not mark the silent stages running beside it."""
     model = nn.Sequential(Quiet(), AlwaysDrop(), Quiet()).double()
     x, y = batch(rows=32)
@@ -232,4 +253,46 @@ def test_tripwire_watches_only_the_thread_that_runs_its_stage():
         assert pipe._random.known_to_draw(1, True)
         assert not pipe._random.known_to_draw(0, True)
         assert not pipe._random.known_to_draw(2, True)
-    assert not torch._C._is_torch_function_mode_enabled()
+    assert torch._C._len_torch_dispatch_stack() == 0
+
+
+class NoisyLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) + torch.rand_like(x)
+
+
+def test_only_exact_quiet_classes_in_a_quiet_state_are_trusted():
+    def quiet(*layers):
+        return draws_nothing(nn.Sequential(*layers))
+
+    assert quiet(nn.Linear(2, 2), nn.Dropout(0.0), nn.Dropout(0.5).eval(), nn.RReLU().eval(),
+                 nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0))
+    assert not quiet(nn.Dropout(0.5))
+    assert not quiet(nn.RReLU())
+    assert not quiet(NoisyLinear(2, 2))  # a subclass of a quiet class is watched
+    assert not quiet(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1))
+    assert not quiet(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation=lambda x: x * torch.rand_like(x)))
+    hooked = nn.Linear(2, 2)
+    hooked.register_forward_hook(lambda *args: None)
+    assert not quiet(hooked)
+
+
+class SwitchedOff(nn.Module):
+    """Calls random functions with the argument that switches their draw off."""
+
+    def forward(self, x):
+        x = nn.functional.dropout(x, 0.0, True) + nn.functional.dropout(x, 0.5, False)
+        x = nn.functional.rrelu(x, training=False)
+        q = x.view(x.shape[0], 1, 2, 5)
+        return x + nn.functional.scaled_dot_product_attention(q, q, q, dropout_p=0.0).reshape(x.shape)
+
+
+def test_calls_that_switch_their_draw_off_do_not_mark_a_stage_drawing():
+    """dropout(p=0) / training=False, rrelu in eval, SDPA with dropout_p=0: no lock, no seed."""
+    model = nn.Sequential(SwitchedOff(), nn.Dropout(0.5).eval(), SwitchedOff()).double()
+    x, y = batch()
+    with Pipeline(model, schedule="1f1b", balance=[2, 1], devices=["cpu"] * 2, chunks=4,
+                  checkpoint="except_last", loss_fn=nn.MSELoss()) as pipe:
+        pipe.step(x, y)
+        assert not pipe._random.known_to_draw(0, True)
+        assert not pipe._random.known_to_draw(1, True)

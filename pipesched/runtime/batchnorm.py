@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from pipesched.runtime.checkpoint import is_recomputing
-from pipesched.runtime.rng import trust_forward
+from pipesched.runtime.rng import declare_quiet
 from pipesched.runtime.worker import on_worker_thread
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -194,22 +194,21 @@ def _check_chunks(chunks: object) -> int:
     return chunks
 
 
-# draws no random numbers: stages of plain layers and deferred norms skip the RNG tripwire
-trust_forward(DeferredBatchNorm.forward)
-
-
+@declare_quiet  # its forward draws nothing; a user subclass converted gets a class of its own, watched
 class DeferredBatchNorm1d(DeferredBatchNorm, nn.BatchNorm1d):
     """An ``nn.BatchNorm1d`` converted by :meth:`DeferredBatchNorm.convert`."""
 
     _check_input_dim = nn.BatchNorm1d._check_input_dim
 
 
+@declare_quiet
 class DeferredBatchNorm2d(DeferredBatchNorm, nn.BatchNorm2d):
     """An ``nn.BatchNorm2d`` converted by :meth:`DeferredBatchNorm.convert`."""
 
     _check_input_dim = nn.BatchNorm2d._check_input_dim
 
 
+@declare_quiet
 class DeferredBatchNorm3d(DeferredBatchNorm, nn.BatchNorm3d):
     """An ``nn.BatchNorm3d`` converted by :meth:`DeferredBatchNorm.convert`."""
 

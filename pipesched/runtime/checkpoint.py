@@ -237,7 +237,7 @@ class CheckpointManager:
             if entry is not None:  # measured before: run without the meter's hooks
                 if checkpointed:
                     with torch.no_grad(), _checkpointing_scope():
-                        result = self.random.run(stage, microbatch, run, inputs)
+                        result = self.random.run(stage, microbatch, run, inputs, phase="checkpointed")
                 else:
                     with self._user_hooks():
                         result = self.random.run(stage, microbatch, run, inputs)
@@ -249,7 +249,7 @@ class CheckpointManager:
         meter.add(inputs)
         if checkpointed:
             with torch.no_grad(), _checkpointing_scope():
-                result = self.random.run(stage, microbatch, run, inputs)
+                result = self.random.run(stage, microbatch, run, inputs, phase="checkpointed")
             kept = None
         else:
             with meter.hooks():
@@ -304,12 +304,12 @@ class CheckpointManager:
             entry = self.cache.entries.get(key)
         if entry is not None:
             with torch.enable_grad(), self._user_hooks(), _recomputing_scope():
-                result = self.random.run(stage, microbatch, run, inputs)
+                result = self.random.run(stage, microbatch, run, inputs, phase="recompute")
             nbytes = entry[0]
         else:
             meter = SavedTensorMeter(self.exclude[stage] | {x.data_ptr() for x in held.inputs}, self.user_hooks)
             with torch.enable_grad(), meter.hooks(), _recomputing_scope():
-                result = self.random.run(stage, microbatch, run, inputs)
+                result = self.random.run(stage, microbatch, run, inputs, phase="recompute")
             nbytes = meter.total
             if self.cache is not None:
                 self.cache.entries[key] = [nbytes, None]

@@ -10,62 +10,60 @@ The rule here:
 
 * At the start of a step, one 62-bit *step seed* is drawn from the caller's
   CPU generator (one draw, so consecutive steps differ and a seeded run
-  repeats). Nothing is drawn when no stage can draw.
+  repeats), holding its lock (:func:`pipesched.runtime.generators.draw_live`).
+  Nothing is drawn when no stage can draw.
 * Every forward of (stage, micro-batch) that draws runs with the process's
   generators (CPU, and its CUDA device's) re-seeded to
   :func:`forward_seed` ``(step seed, stage, micro-batch)``, holding their
-  locks, and puts the live generator states back afterwards. Its masks are
-  therefore a function of (step seed, stage, micro-batch) only: identical on
-  every rerun, under every schedule with the same balance, and in the
-  recompute of a checkpointed forward, which simply runs seeded again. No
-  generator state needs to be kept between a forward and its recompute.
+  locks, and puts the live generator states back afterwards
+  (:mod:`pipesched.runtime.generators`). Its masks are therefore a function of
+  (step seed, stage, micro-batch) only: identical on every rerun, under every
+  schedule with the same balance, and in the recompute of a checkpointed
+  forward, which simply runs seeded again.
 
-Stages that draw nothing must not pay for the lock, since it serialises the
-forwards of the ranks that take it:
+Which forwards draw is found where it cannot be missed
+(:mod:`pipesched.runtime.draw_detection`): stages of exact quiet classes run
+as is; any other forward runs under a dispatch-level watcher that seeds at
+the first kernel torch tags as drawing, after which the stage is known to
+draw and is seeded up front (no watcher cost). A stage that starts drawing
+late (input-dependent dropout, a module switched to training later) is caught
+the same way. The recompute of a forward whose first run was watched and drew
+nothing is not watched again: it must draw nothing either, which the
+generators' live states show (as below) at a fraction of the watcher's cost.
 
-* A stage built only from ``torch.nn`` layers known not to draw (Linear,
-  convolutions, activations other than RReLU, norms, pooling, embeddings, ...;
-  their classes' own ``forward``, no hooks) runs as is.
-* Any other stage runs under a *tripwire*: a thread-local
-  ``TorchFunctionMode`` that watches for random functions (dropout, rand,
-  bernoulli, ...). The first one it sees takes the locks and seeds the
-  generators right then, before the draw: nothing was drawn before it in that
-  forward, so the draws are the same as if the whole forward had run seeded.
-  From then on the stage is known to draw and its forwards are seeded up
-  front (no tripwire cost). A stage that starts drawing late (input-dependent
-  dropout, a module switched to training later) is caught the same way, so
-  replay is exact whatever the first forwards did.
+Two checks turn the draws this cannot see into errors instead of wrong
+gradients:
 
-CUDA devices each have their own generator and lock; a stage on a CUDA device
-seeds both its device's generator and the CPU one, taking the CPU lock first
-(one global order, so two locks never deadlock).
+* *Backstop*: a watched forward of a stage in training mode must leave the
+  generators' live states as it found them until its first seeded draw. If
+  one moved, a kernel drew without torch's tag (a custom op) or another thread
+  drew during ``step()``. (In eval mode nothing is recomputed, and a thread
+  drawing while ``pipe(x)`` runs inference is left alone.)
+* *Replay check*: the state a seeded checkpointed forward leaves the
+  generators in is kept, and its recompute must leave the same. Another
+  thread drawing from the process-wide generator while a seeded forward runs
+  takes numbers from its stream, so the two runs end elsewhere (unless that
+  thread happened to draw exactly as much during both).
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+
+from pipesched.runtime.draw_detection import Watcher, draws_nothing
+from pipesched.runtime.draw_detection import declare_quiet as declare_quiet  # re-exported
+from pipesched.runtime.generators import CPU_LOCK as _CPU_LOCK  # noqa: F401  (tests check it is free)
+from pipesched.runtime.generators import Held, Live, draw_live, guards, live_states
+from pipesched.runtime.generators import holding_generators as holding_generators  # re-exported
 
 T = TypeVar("T")
-
-_CPU_LOCK = threading.RLock()  # reentrant: a compiled stage re-takes it inside a drawing forward
-_CUDA_LOCKS: dict[int, threading.RLock] = {}
-_CUDA_LOCKS_GUARD = threading.Lock()
+#: How a forward is run: once; the first run of a checkpointed forward; its recompute.
+Phase = Literal["once", "checkpointed", "recompute"]
 _MASK64 = (1 << 64) - 1
-
-
-def _locks(device: torch.device) -> list[threading.RLock]:
-    if device.type != "cuda":
-        return [_CPU_LOCK]
-    with _CUDA_LOCKS_GUARD:
-        lock = _CUDA_LOCKS.setdefault(device.index, threading.RLock())
-    return [_CPU_LOCK, lock]  # always CPU first: one global order, no lock-order deadlock
 
 
 def _mix(value: int) -> int:
@@ -83,143 +81,51 @@ def forward_seed(step_seed: int, stage: int, microbatch: int) -> int:
 
 def draw_step_seed() -> int:
     """One draw from the caller's CPU generator: the seed of a step's random streams."""
-    return int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item())
+    return draw_live(lambda: int(torch.randint(0, 1 << 62, (), dtype=torch.int64).item()))
 
 
-# ---------------------------------------------------------------- which layers draw
+def generators_held(device: torch.device) -> Held:
+    """Hold the generators a forward on ``device`` draws from, without re-seeding them (reentrant).
 
-_QUIET_CLASSES: tuple[type[nn.Module], ...] = (
-    nn.Sequential, nn.Identity, nn.Linear, nn.Bilinear, nn.LazyLinear, nn.Flatten, nn.Unflatten,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
-    nn.Softsign, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.LogSigmoid, nn.GLU, nn.Tanhshrink,
-    nn.Hardshrink, nn.Softshrink, nn.Threshold, nn.Softmax2d,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm,
-    nn.Embedding, nn.EmbeddingBag,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
-    nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
-)
-_QUIET_FORWARDS: set[Callable[..., Any]] = {cls.forward for cls in _QUIET_CLASSES}
-
-
-def trust_forward(forward: Callable[..., Any]) -> None:
-    """Declare a module ``forward`` function as never drawing random numbers.
-
-    Stages made only of such modules skip the tripwire. Used for pipesched's
-    own layers (deferred batch norm); a wrong declaration breaks replay.
+    For code that moves the process-wide generators without drawing: Dynamo
+    saves and restores them around every compilation, which would rewind the
+    draws of a forward running on another rank meanwhile (see
+    :mod:`pipesched.runtime.compiling`).
     """
-    _QUIET_FORWARDS.add(forward)
+    return Held(device)
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def _escaped(stage: int, microbatch: int, moved: list[str], recompute: bool = False) -> RuntimeError:
+    also = (" Or this recompute drew although the forward's first run drew nothing (a forward that draws "
+            "depending on pipesched.is_recomputing() or on grad mode)." if recompute else "")
+    return RuntimeError(
+        f"stage {stage}, micro-batch {microbatch}: torch's {' and '.join(moved)} random generator moved during "
+        f"a forward that pipesched had not seeded, so a random draw escaped the per-(stage, micro-batch) streams "
+        f"and a checkpointed recompute would not replay it (its gradient would belong to another forward). "
+        f"Either a kernel drew without torch's nondeterministic_seeded tag (a custom op: register it with "
+        f"tags=(torch.Tag.nondeterministic_seeded,)), or another thread drew from torch's global generator during "
+        f"step() (give that thread its own torch.Generator, e.g. torch.rand(..., generator=g), or draw before "
+        f"step()).{also}"
+    )
 
 
-def draws_nothing(stage: nn.Module | None) -> bool:
-    """Whether ``stage`` is built only of layers known not to draw (``None``: not here).
-
-    Forward hooks, the module's own or global ones, may draw, so a hooked
-    layer is not trusted.
-    """
-    if stage is None:
-        return True
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-    return all(type(m).forward in _QUIET_FORWARDS and not _has_hooks(m) for m in stage.modules())
-
-
-_RANDOM_NAMES = frozenset({
-    "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "alpha_dropout_",
-    "feature_dropout", "feature_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_",
-    "native_dropout", "_fused_dropout", "fused_dropout", "rrelu", "rrelu_", "rrelu_with_noise",
-    "rrelu_with_noise_", "bernoulli", "bernoulli_", "multinomial", "normal", "normal_", "poisson",
-    "binomial", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm",
-    "uniform_", "exponential_", "geometric_", "cauchy_", "log_normal_", "random_", "gumbel_softmax",
-    "_standard_gamma", "_sample_dirichlet", "scaled_dot_product_attention",
-})
-#: Random functions that draw only when an argument says so:
-#: (position, keyword, default, value that means "no draw").
-_CONDITIONAL: dict[str, tuple[int, str, object, object]] = {
-    **{name: (2, "training", True, False) for name in (
-        "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")},
-    "rrelu": (3, "training", False, False),
-    "scaled_dot_product_attention": (4, "dropout_p", 0.0, 0.0),
-}
-_names: dict[Any, str] = {}
+def _not_replayed(stage: int, microbatch: int, moved: list[str]) -> RuntimeError:
+    return RuntimeError(
+        f"stage {stage}, micro-batch {microbatch}: the recompute of this checkpointed forward drew other random "
+        f"numbers than its first run (torch's {' and '.join(moved)} generator ended elsewhere), so its gradient "
+        f"would belong to another forward than its loss. Most likely another thread drew from torch's global "
+        f"generator during step(): pipesched re-seeds that process-wide generator for each forward that draws, "
+        f"so such a thread takes numbers from the forward's stream. Give that thread its own torch.Generator "
+        f"(e.g. torch.rand(..., generator=g)) or draw before step(). Else the forward draws differently when "
+        f"run again (depending on pipesched.is_recomputing() or on grad mode). checkpoint='never' avoids "
+        f"recomputes."
+    )
 
 
-def _name(func: Any) -> str:
-    try:
-        return _names[func]
-    except (KeyError, TypeError):
-        name = getattr(func, "__name__", "")
-        with contextlib.suppress(TypeError):
-            _names[func] = name
-        return name
-
-
-def _is_random(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether calling ``func(*args, **kwargs)`` may draw random numbers (conservatively)."""
-    name = _name(func)
-    if name not in _RANDOM_NAMES:
-        return False
-    condition = _CONDITIONAL.get(name)
-    if condition is None:
-        return True
-    position, keyword, default, off = condition
-    value = kwargs.get(keyword, args[position] if len(args) > position else default)
-    return not (isinstance(value, (bool, float, int)) and value == off)
-
-
-class _Seeding:
-    """Holds the generator locks and the live states of one seeded forward."""
-
-    def __init__(self, device: torch.device, seed: int):
-        self.device = device
-        self.seed = seed
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> _Seeding:
-        for lock in _locks(self.device):
-            self._stack.enter_context(lock)
-        cpu = torch.get_rng_state()
-        self._stack.callback(torch.set_rng_state, cpu)
-        torch.default_generator.manual_seed(self.seed)
-        if self.device.type == "cuda":
-            cuda = torch.cuda.get_rng_state(self.device)
-            self._stack.callback(torch.cuda.set_rng_state, cuda, self.device)
-            with torch.cuda.device(self.device):
-                torch.cuda.manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stack.close()  # live states back, then the locks, in reverse order
-
-
-class _Tripwire(TorchFunctionMode):
-    """Seeds the generators at the first random function a forward calls (thread-local mode)."""
-
-    def __init__(self, device: torch.device, seed: int):
-        super().__init__()
-        self.seeding = _Seeding(device, seed)
-        self.fired = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if not self.fired and _is_random(func, args, kwargs or {}):
-            self.seeding.__enter__()
-            self.fired = True
-        return func(*args, **(kwargs or {}))
-
-    def release(self) -> None:
-        if self.fired:
-            self.seeding.__exit__(None, None, None)
+def _moved(device: torch.device, before: list[Live], after: list[Live]) -> list[str]:
+    """The generators whose state changed, unless it moved legitimately (a step seed drawn meanwhile)."""
+    return [guard.name for guard, (b_moves, b), (a_moves, a) in zip(guards(device), before, after)
+            if b_moves == a_moves and b != a]
 
 
 class RandomStreams:
@@ -227,14 +133,12 @@ class RandomStreams:
 
     def __init__(self) -> None:
         self._drawing: set[tuple[int, bool]] = set()
-        self._lock = threading.Lock()
 
     def known_to_draw(self, stage: int, training: bool) -> bool:
         return (stage, training) in self._drawing
 
     def learn(self, stage: int, training: bool) -> None:
-        with self._lock:
-            self._drawing.add((stage, training))
+        self._drawing.add((stage, training))  # one atomic set operation under the GIL
 
     def step(
         self, stages: Sequence[nn.Module | None], devices: Sequence[torch.device], training: Sequence[bool]
@@ -258,41 +162,59 @@ class StepRandom:
         self.quiet = quiet
         self.devices = devices
         self.training = training
+        self._ends: dict[tuple[int, int], list[bytes]] = {}  # where checkpointed first runs left the generators
+        self._silent: set[tuple[int, int]] = set()  # checkpointed first runs that ran watched and drew nothing
 
-    def run(self, stage: int, microbatch: int, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` (a forward of ``stage`` on ``microbatch``) on that pair's random stream."""
+    def run(self, stage: int, microbatch: int, fn: Callable[..., T], *args: Any, phase: Phase = "once") -> T:
+        """Run ``fn(*args)`` (a forward of ``stage`` on ``microbatch``) on that pair's random stream.
+
+        ``phase``: whether this is the only run, the first run of a
+        checkpointed forward, or its recompute (which must draw the same).
+        """
         if self.seed is None or self.quiet[stage]:
             return fn(*args)
         device, training = self.devices[stage], self.training[stage]
-        seed = forward_seed(self.seed, stage, microbatch)
+        seeding = Held(device, forward_seed(self.seed, stage, microbatch), keep_end=phase != "once")
         if self.streams.known_to_draw(stage, training):
-            with _Seeding(device, seed):
-                return fn(*args)
-        tripwire = _Tripwire(device, seed)
-        try:
-            with tripwire:
-                return fn(*args)
-        finally:
-            tripwire.release()
-            if tripwire.fired:
-                self.streams.learn(stage, training)
+            with seeding:
+                result = fn(*args)
+        elif phase == "recompute" and (stage, microbatch) in self._silent:
+            # its first run, watched, drew nothing: the same forward again must not either, and the
+            # generators' live states tell whether it did (the watcher would only cost time here)
+            before = live_states(device)
+            result = fn(*args)
+            moved = _moved(device, before, live_states(device))
+            if moved:
+                raise _escaped(stage, microbatch, moved, recompute=True)
+            return result
+        else:
+            before = live_states(device) if training else None  # eval: see the module docstring
+            watcher = Watcher(seeding)
+            try:
+                with watcher:
+                    result = fn(*args)
+            finally:
+                watcher.release()
+                if watcher.fired:
+                    self.streams.learn(stage, training)
+            if before is not None:
+                after = seeding.entry if watcher.fired else live_states(device)
+                moved = _moved(device, before, after)
+                if moved:
+                    raise _escaped(stage, microbatch, moved)
+            if not watcher.fired:
+                if phase == "checkpointed":
+                    self._silent.add((stage, microbatch))
+                return result
+        self._check_replay(stage, microbatch, device, phase, seeding.end)
+        return result
 
-
-@contextlib.contextmanager
-def holding_generators(device: torch.device) -> Iterator[None]:
-    """Hold the generator locks of ``device`` (tests use it to check nothing keeps them)."""
-    with contextlib.ExitStack() as stack:
-        for lock in _locks(device):
-            stack.enter_context(lock)
-        yield
-
-
-def generators_held(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """Hold the locks of the generators a forward on ``device`` draws from (reentrant).
-
-    For code that moves the process-wide generators without drawing: Dynamo
-    saves and restores them around every compilation, which would rewind the
-    draws of a forward running on another rank meanwhile (see
-    :mod:`pipesched.runtime.compiling`).
-    """
-    return holding_generators(device)
+    def _check_replay(self, stage: int, microbatch: int, device: torch.device, phase: Phase,
+                      end: list[bytes] | None) -> None:
+        if phase == "checkpointed" and end is not None:
+            self._ends[(stage, microbatch)] = end
+        elif phase == "recompute" and end is not None:
+            first = self._ends.pop((stage, microbatch), None)
+            if first is not None and first != end:
+                moved = [guard.name for guard, a, b in zip(guards(device), first, end) if a != b]
+                raise _not_replayed(stage, microbatch, moved)
