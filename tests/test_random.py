@@ -296,3 +296,33 @@ def test_calls_that_switch_their_draw_off_do_not_mark_a_stage_drawing():
         pipe.step(x, y)
         assert not pipe._random.known_to_draw(0, True)
         assert not pipe._random.known_to_draw(1, True)
+
+
+_WATCHED_STEP = r"""
+import sys, torch
+from torch import nn
+from pipesched import Pipeline
+
+class Custom(nn.Module):  # not an exact quiet class: its forwards run under the draw watcher
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, 0.2, self.training)
+
+model = nn.Sequential(nn.Linear(8, 8), Custom(), nn.Tanh(), nn.Linear(8, 4)).double()
+x, y = torch.randn(8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))
+with Pipeline(model, schedule="1f1b", balance=[2, 2], devices=["cpu", "cpu"], chunks=4, checkpoint="always",
+              loss_fn=nn.CrossEntropyLoss()) as pipe:
+    pipe.step(x, y)
+print("dynamo imported:", "torch._dynamo" in sys.modules)
+"""
+
+
+def test_the_draw_watcher_does_not_import_dynamo_on_the_first_step():
+    """torch wraps every dispatch mode's ``__torch_dispatch__`` in ``_disable_dynamo``, whose first call
+    imports torch._dynamo: 2-3 s inside the first watched forward, which tripped a 2 s stall_timeout
+    on a loaded machine. The watcher now keeps Dynamo out itself, only once Dynamo is loaded."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _WATCHED_STEP], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "dynamo imported: False" in done.stdout, done.stdout + done.stderr

@@ -28,6 +28,7 @@ on it instead.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -180,8 +181,21 @@ class Watcher(TorchDispatchMode):
         """Let Dynamo compile under it (else a compiled stage falls back to eager while watched)."""
         return True
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """Keep torch from wrapping ``__torch_dispatch__`` in ``_disable_dynamo``: that wrapper imports
+        ``torch._dynamo`` at the first kernel, some 2-3 s in a process's first step (long enough to
+        trip a short ``stall_timeout``). :meth:`__torch_dispatch__` skips Dynamo itself, once it is
+        loaded, which is the only time it could trace the watcher."""
+        return False
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:  # not loaded, so nothing is compiling: no frame to keep from it
+            return self._watch(func, args, kwargs or {})
+        return _dynamo_disabled(dynamo)(self, func, args, kwargs or {})
+
+    def _watch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not self.fired and (isinstance(func, HigherOrderOperator) or kernel_draws(func, args, kwargs)):
             self.seeding.__enter__()
             self.fired = True
@@ -191,3 +205,13 @@ class Watcher(TorchDispatchMode):
         """Put the live generator states back and release them, if the watcher seeded."""
         if self.fired:
             self.seeding.__exit__(None, None, None)
+
+
+_DISABLED: list[Callable[..., Any]] = []
+
+
+def _dynamo_disabled(dynamo: Any) -> Callable[..., Any]:
+    """``Watcher._watch`` kept out of Dynamo's tracing, as torch does for every dispatch mode (made once)."""
+    if not _DISABLED:
+        _DISABLED.append(dynamo.disable(Watcher._watch, recursive=True))
+    return _DISABLED[0]
