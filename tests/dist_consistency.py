@@ -9,15 +9,12 @@ float64 reference from the same seeds and writes a verdict per rank.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import traceback
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_scenarios import data, grad_error, mlp
+from dist_scenarios import data, grad_error, mlp, run_scenarios
 
 
 def scenario_input_grads(rank: int, world: int, out: dict) -> None:
@@ -200,17 +197,4 @@ SCENARIOS = {
 
 def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
     """Process entry point: run the named scenarios in order, write the verdicts."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out: dict = {}
-    try:
-        for name in names:
-            try:
-                SCENARIOS[name](rank, world, out)
-            except Exception:  # noqa: BLE001 - one scenario's failure must not hide the others'
-                out[f"{name}:crash"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
-            json.dump(out, file)
-        dist.destroy_process_group()
+    run_scenarios(rank, world, port, names, directory, lambda name, out: SCENARIOS[name](rank, world, out), isolate=True)

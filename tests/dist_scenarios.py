@@ -13,6 +13,7 @@ from collections import OrderedDict
 import math
 import os
 import traceback
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -946,23 +947,45 @@ SCENARIOS = {
 LEAVE_ABRUPTLY = {"stall", "peer_exits", "peer_freezes"}
 
 
-def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
-    """Process entry point: run the named scenarios in order, write the verdicts."""
+def run_scenarios(rank: int, world: int, port: int, names: list[str], directory: str,
+                  run: Callable[[str, dict], None], isolate: bool = False, leave_abruptly: bool = False) -> None:
+    """One process of a gloo world on 127.0.0.1: ``run(name, out)`` for each name in order, then the verdicts
+    ``out`` go to ``directory/rank{rank}.json`` for the test to read.
+
+    ``isolate``: a scenario's exception is recorded as ``out["<name>:crash"]`` and the next one still
+    runs (one failure must not hide the others'); otherwise the first one ends the process, recorded
+    as ``out["crash"]``. ``leave_abruptly``: a scenario left a rank stuck or gone, so the process
+    exits without leaving the group.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     out: dict = {}
     try:
         for name in names:
-            if name == "timeline":
-                scenario_timeline(rank, world, out, directory)
-            else:
-                SCENARIOS[name](rank, world, out)
+            try:
+                run(name, out)
+            except Exception:  # noqa: BLE001 - reported to the test through the file
+                if not isolate:
+                    raise
+                out[f"{name}:crash"] = traceback.format_exc()
     except BaseException:  # noqa: BLE001 - reported to the test through the file
         out["crash"] = traceback.format_exc()
     finally:
         with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
             json.dump(out, file)
-        if LEAVE_ABRUPTLY & set(names):  # a rank was left stuck or is gone
+        if leave_abruptly:
             os._exit(0)
         dist.destroy_process_group()
+
+
+def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
+    """Process entry point: run the named scenarios in order, write the verdicts."""
+
+    def run(name: str, out: dict) -> None:
+        if name == "timeline":
+            scenario_timeline(rank, world, out, directory)
+        else:
+            SCENARIOS[name](rank, world, out)
+
+    run_scenarios(rank, world, port, names, directory, run, leave_abruptly=bool(LEAVE_ABRUPTLY & set(names)))

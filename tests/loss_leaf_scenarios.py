@@ -8,14 +8,13 @@ only reads the verdicts.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import traceback
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from dist_scenarios import run_scenarios
 
 
 def mlp() -> nn.Sequential:
@@ -143,16 +142,4 @@ SCENARIOS = {"dp_distributed": scenario_distributed_replicas, "split": scenario_
 
 def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
     """Process entry point: run the named scenarios in order, write the verdicts."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out: dict = {}
-    try:
-        for name in names:
-            SCENARIOS[name](rank, world, out)
-    except BaseException:  # noqa: BLE001 - reported to the test through the file
-        out["crash"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
-            json.dump(out, file)
-        dist.destroy_process_group()
+    run_scenarios(rank, world, port, names, directory, lambda name, out: SCENARIOS[name](rank, world, out))

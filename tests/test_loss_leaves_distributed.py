@@ -7,51 +7,15 @@ un-pipelined float64 references.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import socket
-import time
-from pathlib import Path
-
 import loss_leaf_scenarios
 import pytest
-
-DEADLINE = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from test_distributed import run_world
 
 
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory) -> list[dict]:
-    directory: Path = tmp_path_factory.mktemp("loss-leaves")
-    context = multiprocessing.get_context("spawn")
-    port = free_port()
     names = ["split", "foreign", "replicas", "dp_distributed"]
-    processes = [context.Process(target=loss_leaf_scenarios.entry, args=(rank, 2, port, names, str(directory)))
-                 for rank in range(2)]
-    for process in processes:
-        process.start()
-    deadline = time.monotonic() + DEADLINE
-    try:
-        for process in processes:
-            process.join(max(0.0, deadline - time.monotonic()))
-        hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
-        assert not hung, f"ranks {hung} did not finish within {DEADLINE:.0f}s (hang)"
-    finally:
-        for process in processes:
-            if process.is_alive():
-                process.kill()
-                process.join(5)
-    results = []
-    for rank in range(2):
-        result = json.loads((directory / f"rank{rank}.json").read_text())
-        assert "crash" not in result, f"rank {rank} crashed:\n{result['crash']}"
-        results.append(result)
-    return results
+    return run_world(2, names, tmp_path_factory.mktemp("loss-leaves"), loss_leaf_scenarios.entry)
 
 
 def test_loss_fn_parameter_in_distributed_pipeline(verdicts):
