@@ -170,6 +170,7 @@ def scenario_refusals(mesh, rank: int) -> dict:
 
 
 CASES = [(schedule, kind) for kind in ("fsdp", "ddp") for schedule in ("gpipe", "1f1b", "zb-h1")]
+CASES += [("interleaved-1f1b", "fsdp"), ("zb-v", "fsdp"), ("zb-v", "ddp")]  # 2 stages per rank
 
 
 def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
