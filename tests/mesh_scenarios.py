@@ -74,21 +74,23 @@ def unwatch_reductions() -> None:
     _fsdp_param_group.foreach_reduce, MeshReplicas._exchange = _saved["reduce"], _saved["exchange"]
 
 
-def scenario_exact(mesh, rank: int, schedule: str, kind: str) -> dict:
-    """Two SGD steps: loss, every owned parameter's full gradient, and the weights vs the plain model."""
+def scenario_exact(mesh, rank: int, schedule: str, kind: str, reduction: str = "mean") -> dict:
+    """Two AdamW steps: loss, every owned parameter's full gradient, and the weights vs the plain model.
+
+    ``reduction="mean"``: token-normalised (replicas count 3 and 1 tokens); ``"sum"``: a summed loss."""
     model, reference = mlp(), mlp()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(rank % 2)  # replica 1 starts elsewhere: every replica must start from the dp root's weights
     x, y = data()
     mine = slice(ROWS * (rank % 2), ROWS * (rank % 2) + ROWS)
-    loss_fn = nn.CrossEntropyLoss()
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.1)
     errors = {"loss": 0.0, "grad": 0.0, "weight": 0.0}
     pipe = DistributedPipeline(model, schedule=schedule, chunks=2, loss_fn=loss_fn, mesh=mesh,
                                data_parallel=kind, log_tasks=False)
     own = {id(p) for p in pipe.parameters()}
-    optimizer = torch.optim.SGD(pipe.parameters(), lr=0.5)
+    optimizer = torch.optim.AdamW(pipe.parameters(), lr=0.1)  # its state: DTensors, sharded under fsdp
     sharded = any(isinstance(p, DTensor) and p.to_local().numel() < p.numel() for p in pipe.parameters())
     for step in range(2):
         events = watch_reductions() if step == 0 else None
@@ -183,6 +185,7 @@ def entry(rank: int, world: int, port: int, names: list[str], directory: str) ->
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
         for schedule, kind in CASES:
             out[f"{schedule}-{kind}"] = scenario_exact(mesh, rank, schedule, kind)
+        out["summed"] = scenario_exact(mesh, rank, "1f1b", "fsdp", reduction="sum")
         out["refusals"] = scenario_refusals(mesh, rank)
     except BaseException:  # noqa: BLE001 - reported to the test through the file
         out["crash"] = traceback.format_exc()

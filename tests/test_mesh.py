@@ -6,7 +6,7 @@ rank (interleaved-1f1b, zb-v).
 Every case runs in one world (``tests/mesh_scenarios.py``): the replicas
 count different numbers of tokens (``CrossEntropyLoss`` ignoring padded
 targets) and start from different weights, and the loss, every parameter's
-full gradient and the weights after two SGD steps equal the plain model's on
+full gradient and the weights after two AdamW steps equal the plain model's on
 the global batch in float64.
 """
 
@@ -33,6 +33,12 @@ def test_gradients_loss_and_weights_equal_the_plain_model_on_the_global_batch(re
         assert case["weight"] <= TOLERANCE, (rank, case)
         assert case["sharded"] == (kind == "fsdp"), (rank, case)  # fsdp holds a shard, ddp the whole stage
         assert case["resharded"], (rank, case)
+
+
+def test_a_summed_loss_sums_the_replicas(results):
+    for rank, result in enumerate(results):
+        case = result["summed"]
+        assert max(case["loss"], case["grad"], case["weight"], case["after"]) <= TOLERANCE, (rank, case)
 
 
 @pytest.mark.parametrize("schedule,kind", mesh_scenarios.CASES, ids=[f"{s}-{k}" for s, k in mesh_scenarios.CASES])
