@@ -86,7 +86,7 @@ def scenario_exact(mesh, rank: int, schedule: str, kind: str, reduction: str = "
     mine = slice(ROWS * (rank % 2), ROWS * (rank % 2) + ROWS)
     loss_fn = nn.CrossEntropyLoss(reduction=reduction)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=0.1)
-    errors = {"loss": 0.0, "grad": 0.0, "weight": 0.0}
+    errors = {"loss": 0.0, "grad": 0.0, "weight": 0.0, "input": 0.0, "input_seen": False}
     pipe = DistributedPipeline(model, schedule=schedule, chunks=2, loss_fn=loss_fn, mesh=mesh,
                                data_parallel=kind, log_tasks=False)
     own = {id(p) for p in pipe.parameters()}
@@ -95,10 +95,15 @@ def scenario_exact(mesh, rank: int, schedule: str, kind: str, reduction: str = "
     for step in range(2):
         events = watch_reductions() if step == 0 else None
         ref_opt.zero_grad()
-        ref_loss = loss_fn(reference(x), y)
+        ref_x = x.clone().requires_grad_(True)
+        ref_loss = loss_fn(reference(ref_x), y)
         ref_loss.backward()
         optimizer.zero_grad()
-        loss = pipe.step(x[mine], y[mine])
+        part = x[mine].clone().requires_grad_(True)
+        loss = pipe.step(part, y[mine])
+        if part.grad is not None:  # stage 0's rank: the input's gradient is its share of the global batch's
+            errors["input"] = max(errors["input"], (part.grad - ref_x.grad[mine]).abs().max().item())
+            errors["input_seen"] = True
         if events is not None:
             errors["reductions"] = list(events)
             unwatch_reductions()

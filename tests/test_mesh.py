@@ -31,14 +31,21 @@ def test_gradients_loss_and_weights_equal_the_plain_model_on_the_global_batch(re
         assert case["loss"] <= TOLERANCE, (rank, case)
         assert case["grad"] <= TOLERANCE, (rank, case)
         assert case["weight"] <= TOLERANCE, (rank, case)
+        assert case["input"] <= TOLERANCE, (rank, case)  # inputs that require grad, on stage 0's rank
         assert case["sharded"] == (kind == "fsdp"), (rank, case)  # fsdp holds a shard, ddp the whole stage
         assert case["resharded"], (rank, case)
+
+
+@pytest.mark.parametrize("schedule,kind", mesh_scenarios.CASES, ids=[f"{s}-{k}" for s, k in mesh_scenarios.CASES])
+def test_the_inputs_gradients_are_checked_on_stage_0s_rank_of_each_replica(results, schedule, kind):
+    seen = [result[f"{schedule}-{kind}"]["input_seen"] for result in results]
+    assert seen[0] and seen[1], seen  # pipeline rank 0 holds stage 0 under every schedule here
 
 
 def test_a_summed_loss_sums_the_replicas(results):
     for rank, result in enumerate(results):
         case = result["summed"]
-        assert max(case["loss"], case["grad"], case["weight"], case["after"]) <= TOLERANCE, (rank, case)
+        assert max(case["loss"], case["grad"], case["weight"], case["input"], case["after"]) <= TOLERANCE, (rank, case)
 
 
 @pytest.mark.parametrize("schedule,kind", mesh_scenarios.CASES, ids=[f"{s}-{k}" for s, k in mesh_scenarios.CASES])
