@@ -46,6 +46,7 @@ from pipesched.distributed.agreement import agree_on_options, policy_name
 from pipesched.distributed.clock import measure_clock_offset
 from pipesched.distributed.comm import Communicator
 from pipesched.distributed.errors import PeerLost, RemoteStepError
+from pipesched.distributed.mesh_parallel import MeshReplicas, refuse_under_mesh, split_mesh
 from pipesched.distributed.grad_norm import clip_grad_norm_across
 from pipesched.distributed.model_keys import ModelKeyedState
 from pipesched.distributed.outcome import merged_costs
@@ -101,6 +102,13 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
             pipeline. Every step then leaves every replica the gradients and
             the loss of the global batch (see
             :mod:`pipesched.runtime.data_parallel`). Default: one pipeline.
+        mesh: a ``DeviceMesh`` with a dimension ``"pp"`` and optionally
+            ``"dp"``, instead of ``group``/``data_parallel_group``: the
+            pipeline runs over ``mesh["pp"]`` and torch replicates each
+            rank's stages over ``mesh["dp"]`` (see
+            :mod:`pipesched.distributed.mesh_parallel`).
+        data_parallel: with a ``"dp"`` dimension, ``"fsdp"`` (FSDP2
+            ``fully_shard`` per stage) or ``"ddp"`` (``replicate``).
 
     Every rank must pass the same options: the constructor compares them
     across ranks (:mod:`pipesched.distributed.agreement`) and raises on every
@@ -126,6 +134,8 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         gather_timeline: bool = False,
         activation_meter: str = "once",
         data_parallel_group: Any = None,
+        mesh: Any = None,
+        data_parallel: str = "fsdp",
     ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -133,6 +143,7 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
                 "DistributedPipeline needs torch.distributed: call "
                 "torch.distributed.init_process_group('gloo') first (torchrun sets its environment)"
             )
+        group, dp_mesh = split_mesh(mesh, data_parallel, group, data_parallel_group)  # same on every rank
         backend = dist.get_backend(group)
         if backend != "gloo":
             raise NotImplementedError(
@@ -149,6 +160,9 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
                 # every rank checks the whole model (a dict: its own stages), so all refuse alike
                 parts = module.values() if isinstance(module, Mapping) else [module]
                 refuse_sparse_gradients([m for m in parts if isinstance(m, nn.Module)], "data_parallel_group")
+            if dp_mesh is not None:
+                parts = module.values() if isinstance(module, Mapping) else [module]
+                refuse_under_mesh([m for m in parts if isinstance(m, nn.Module)], loss_fn, deferred_batch_norm)
             options = StepOptions.check(
                 schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
                 loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
@@ -159,7 +173,8 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
             values = {"schedule": options.schedule.name, "chunks": options.chunks, "balance": layout.balance,
                       "num_stages": layout.num_stages, "placement": layout.placement,
                       "checkpoint": policy_name(options.checkpoint), "deferred_batch_norm": deferred_batch_norm,
-                      "gather_timeline": self.gather_timeline, "data_parallel_group": data_parallel_group is not None}
+                      "gather_timeline": self.gather_timeline, "data_parallel_group": data_parallel_group is not None,
+                      "data_parallel": data_parallel if dp_mesh is not None else None}
         except Exception as error:  # noqa: BLE001 - raised after the agreement, so no rank waits for this one
             refused = error
         agree_on_options(values, refused, self.rank, self.num_ranks, group)  # raises on every rank if any differ
@@ -174,6 +189,9 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         self.num_stages, self.placement = ownership.num_stages, ownership.placement
         self._skips, self._tied = ownership.skips, ownership.tied
         self._layer_stage, self._foreign_layers = ownership.layer_stage, ownership.foreign_layers
+        if dp_mesh is not None and self._tied:  # every rank sees the same model: all refuse alike, no thread yet
+            raise NotImplementedError("weights tied across pipeline ranks are not supported with a mesh that has "
+                                      "a 'dp' dimension yet: use group=/data_parallel_group=")
         own = ownership.stages
         self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
         self._runner = StepRunner(options, self._stages, self.placement, [self.device] * self.num_ranks,
@@ -186,7 +204,10 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         if self._tied:
             self._tied.broadcast_values()  # tied copies start equal, whatever each process's seed
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
-        self._replicas = None
+        self._replicas, self._mesh = None, None
+        if dp_mesh is not None:
+            shape = tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items()))
+            self._mesh = MeshReplicas(dp_mesh, data_parallel, own, (self.rank, tuple(self.placement), shape))
         if data_parallel_group is not None:
             stages = (self.rank, self.num_stages, tuple(self.placement),
                       tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items())))
@@ -239,14 +260,22 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         if not torch.is_grad_enabled():
             raise grad_disabled()
         last = self.placement[-1]
+        if self._mesh is not None:
+            if scaler is not None:
+                raise NotImplementedError("scaler= is not supported with a mesh that has a 'dp' dimension yet")
+            self._mesh.unshard()  # first, on every replica: a collective no failure may skip
         try:
             statuses, effects, ctx, split, comm = self._train(inputs, targets, scaler)
         except BaseException:
             self._replicas_failed()
+            if self._mesh is not None and self._broken is None:
+                self._mesh.fail()
             raise
         value, dtype = statuses[last]["loss"]
         if self._replicas is not None:
             value = self._reduce_replicas(statuses[last], value, effects, ctx)
+        if self._mesh is not None:
+            value = self._reduce_mesh(statuses[last], value, effects, ctx)
         effects.commit()
         if self._replicas is not None:
             self._replicas.broadcast(self.local_stages)  # batch-norm statistics: the first replica's
@@ -272,7 +301,8 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
             except TypeError as error:  # raised on every rank, as any step error
                 local_error = error
         ctx = self._runner.context(lowering, keep=True, io=io, clock_offset=self.clock_offset)
-        effects = self._runner.effects(self.parameters())
+        # under a mesh the stages are gathered now: their .grad is FSDP's, the optimizer's are the shards'
+        effects = self._runner.effects(self._mesh.parameters if self._mesh is not None else self.parameters())
         records, local_error, comm = self._run_plan(plan, ctx, effects, local_error, shapes)
         statuses = self._share_outcome(ctx, records, local_error, effects, scaled=io.loss_seed is not None)
         if any(s["nonfinite"] for s in statuses):
@@ -292,6 +322,15 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
             raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.runtime.compiling
         if self._broken is not None:
             raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
+        if self._mesh is not None:
+            self._mesh.unshard()  # first, on every replica
+            try:
+                return self._forward(inputs)
+            finally:
+                self._mesh.reshard()
+        return self._forward(inputs)
+
+    def _forward(self, inputs: Any) -> Any:
         split, shapes, local_error = self._agree_on_batch(inputs, None)
         count = len(split.sizes)
         plan, lowering = self._runner.plan(count, "F")
@@ -318,6 +357,8 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         same factor. Returns the total norm (float64), the same on every rank.
         See :mod:`pipesched.distributed.grad_norm`.
         """
+        if self._mesh is not None:
+            raise NotImplementedError("clip_grad_norm_ is not supported with a mesh that has a 'dp' dimension yet")
         elsewhere = self._tied.counted_elsewhere(self._global(self.rank)) if self._tied else set()
         return clip_grad_norm_across(self.parameters(), max_norm, norm_type, error_if_nonfinite, self.group,
                                      elsewhere)

@@ -77,6 +77,18 @@ class StepFrame:
             effects.rollback()
             raise self._lose(PeerLost(f"a data-parallel replica is gone ({error})")) from error
 
+    def _reduce_mesh(self, last: Mapping[str, Any], loss: float, effects: StepEffects, ctx: StepContext) -> float:
+        """This step's gradients summed by FSDP over ``mesh["dp"]``, each replica weighted by its share
+        (:meth:`~pipesched.distributed.mesh_parallel.MeshReplicas.reduce`); the global batch's loss."""
+        try:
+            return self._mesh.reduce(last["normaliser"], loss, ctx)  # type: ignore[attr-defined]
+        except RemoteStepError:
+            effects.rollback()
+            raise
+        except RuntimeError as error:  # a replica's process is gone
+            effects.rollback()
+            raise self._lose(PeerLost(f"a data-parallel replica (mesh['dp']) is gone ({error})")) from error
+
     def _replicas_failed(self) -> None:
         """This pipeline's step failed: tell the other replicas, so none waits for this one."""
         if self._replicas is not None and self._broken is None:
