@@ -1,0 +1,235 @@
+"""Any model in, stages out: Hugging Face LLMs (and any nn.Module) pipelined without rewriting them.
+
+Every exactness test compares with the un-pipelined model in float64: the
+loss is HF's shifted cross-entropy recomputed in float64 (HF's own ``labels=``
+loss downcasts to float32), and every parameter's gradient must agree to
+1e-12. Batches are right-padded with labels -100 on padding, and each pipeline
+runs a second step at another batch size and sequence length (uneven
+micro-batches) with no rebuild.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipesched import CausalLMLoss, Pipeline
+from pipesched.runtime.any_model import balance_blocks
+from pipesched.runtime.model_cut import ModelCutError
+
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 1e-12
+
+
+def gpt2() -> nn.Module:
+    config = transformers.GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=100, n_positions=64,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).double()
+
+
+def llama(**extra) -> nn.Module:
+    config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100, **extra)
+    return transformers.LlamaForCausalLM(config).double()
+
+
+def batch(rows: int, tokens: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-padded rows of different lengths; labels are the ids, -100 on padding (HF's convention)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 100, (rows, tokens), generator=generator)
+    mask = torch.ones(rows, tokens, dtype=torch.long)
+    for row in range(rows):
+        mask[row, tokens - row % 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
+
+
+def reference(model: nn.Module, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The plain model's loss (shifted cross-entropy, float64) and gradients."""
+    model.zero_grad()
+    logits = model(**inputs).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+def assert_exact_steps(model: nn.Module, pipe: Pipeline) -> None:
+    for rows, tokens, seed in ((8, 16, 1), (6, 9, 2)):  # the second: another shape, micro-batches 2, 2, 1, 1
+        inputs, labels = batch(rows, tokens, seed)
+        expected, grads = reference(model, inputs, labels)
+        loss = pipe.step(inputs, labels)
+        assert abs(float(loss - expected)) <= TOLERANCE
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            assert float((p.grad - grads[name]).abs().max()) <= TOLERANCE, name
+        model.zero_grad()
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "gpipe"])
+def test_gpt2_tied_exact_at_two_shapes(schedule):
+    torch.manual_seed(0)
+    model = gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with Pipeline(model, split_points=["transformer.h.2"], schedule=schedule, chunks=4,
+                  loss_fn=CausalLMLoss()) as pipe:
+        assert_exact_steps(model, pipe)
+        assert model.lm_head.weight is model.transformer.wte.weight  # still one Parameter, never copied
+        assert list(pipe.state_dict()) == list(model.state_dict())
+
+
+def test_llama_default_cut_exact_and_forward_equal():
+    torch.manual_seed(0)
+    model = llama()
+    with Pipeline(model, schedule="1f1b", chunks=4, loss_fn=CausalLMLoss()) as pipe:  # split_points=None
+        assert pipe._cut.split_points == ["model.layers.2"]  # the block list, cut by parameter count
+        assert_exact_steps(model, pipe)
+        inputs, _ = batch(5, 7, 3)
+        with torch.no_grad():
+            out = pipe(inputs)
+            assert torch.equal(out["logits"], model(**inputs).logits)
+
+
+def test_llama_three_stages_zero_bubble_and_use_cache_model():
+    """zb-h1 on three stages; the config keeps HF's default use_cache=True (pipesched passes False)."""
+    torch.manual_seed(0)
+    model = llama(tie_word_embeddings=True)
+    assert model.config.use_cache
+    with Pipeline(model, split_points=["model.layers.1", "model.layers.3"], schedule="zb-h1",
+                  devices=["cpu"] * 3, chunks=4, loss_fn=CausalLMLoss()) as pipe:
+        assert_exact_steps(model, pipe)
+        # only activations and the model's own 2-D inputs cross stages: the 4-D mask and rotary
+        # cos/sin are rebuilt per stage from them
+        for stage in pipe.stages[1:]:
+            received = [n.meta["val"] for n in stage.graph.graph.nodes if n.op == "placeholder"]
+            assert {v.dim() for v in received} <= {2, 3}
+            assert sum(v.dim() == 3 for v in received) == 1  # one hidden state
+
+
+def test_balance_counts_blocks():
+    torch.manual_seed(0)
+    model = gpt2()
+    with Pipeline(model, balance=[1, 3], schedule="1f1b", chunks=2, loss_fn=CausalLMLoss()) as pipe:
+        assert pipe._cut.split_points == ["transformer.h.1"]
+    assert balance_blocks([10, 10, 10, 10], 2) == [2, 2]
+    assert balance_blocks([30, 10, 10, 10], 2) == [1, 3]
+
+
+class Scaled(nn.Module):
+    """Not a transformer: a block list with logic outside it (an input scale and an output softcap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(4))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x, scale):
+        h = x * 3.0
+        for block in self.blocks:
+            h = block(h) * scale
+        return {"logits": 5.0 * torch.tanh(self.head(h) / 5.0)}
+
+
+def test_any_module_with_keyword_inputs():
+    torch.manual_seed(0)
+    model = Scaled().double()
+    example = {"x": torch.randn(2, 6, dtype=torch.float64), "scale": torch.rand(2, 1, dtype=torch.float64)}
+    loss_fn = lambda out, y: F.cross_entropy(out["logits"], y)  # noqa: E731
+    with Pipeline(model, example_inputs=example, schedule="1f1b", chunks=3, loss_fn=loss_fn) as pipe:
+        assert pipe._cut.split_points == ["blocks.2"]
+        inputs = {"x": torch.randn(7, 6, dtype=torch.float64), "scale": torch.rand(7, 1, dtype=torch.float64)}
+        targets = torch.randint(0, 3, (7,))
+        model.zero_grad()
+        loss_fn(model(**inputs), targets).backward()
+        expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        pipe.step(inputs, targets)
+        for name, p in model.named_parameters():
+            assert float((p.grad - expected[name]).abs().max()) <= TOLERANCE, name
+        with pytest.raises(ValueError, match=r"inputs has keys \['x'\], but the cut was traced with"):
+            pipe.step({"x": inputs["x"]}, targets)
+        with pytest.raises(TypeError, match="inputs must be a dict of the model's keyword tensors"):
+            pipe.step(inputs["x"], targets)
+        model.eval()
+        with pytest.raises(RuntimeError, match="traced in training mode and is now in eval mode"):
+            pipe(inputs)
+
+
+def test_causal_lm_loss_shifts_and_declares_its_normaliser():
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, 3, -100, -100], [4, 5, 6, 0, 1]])
+    loss = CausalLMLoss()
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert loss(logits, labels).dtype == torch.float64
+    assert torch.equal(loss(logits, labels), expected)
+    assert torch.equal(loss({"logits": logits}, labels), expected)
+    assert int(loss.loss_normalizer(labels)) == 6
+    with pytest.raises(ValueError, match="pass the unshifted labels"):
+        loss(logits, labels[:, 1:])
+    with pytest.raises(TypeError, match="a mapping with 'logits'"):
+        loss({"scores": logits}, labels)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_refuses_a_split_point_that_is_no_module():
+    with pytest.raises(ModelCutError, match=r"split_points\[0\] = 'model.layer.2' is not a submodule of "
+                                            r"LlamaForCausalLM \(its blocks are model.layers.0 to model.layers.3\)"):
+        Pipeline(llama(), split_points=["model.layer.2"], loss_fn=CausalLMLoss())
+
+
+def test_refuses_split_points_for_a_sequential_and_a_cache():
+    with pytest.raises(ValueError, match="split_points=\\['0'\\] is for models that are not an nn.Sequential"):
+        Pipeline(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), split_points=["0"])
+    with pytest.raises(ModelCutError, match=r"forward_kwargs\['use_cache'\] = True"):
+        Pipeline(gpt2(), split_points=["transformer.h.2"], forward_kwargs={"use_cache": True})
+
+
+def test_refuses_split_points_out_of_forward_order():
+    model = Scaled().double()
+    example = {"x": torch.randn(2, 6, dtype=torch.float64), "scale": torch.rand(2, 1, dtype=torch.float64)}
+    with pytest.raises(ModelCutError, match=r"split_points\[1\] = 'blocks.1' runs no operation after"):
+        Pipeline(model, split_points=["blocks.2", "blocks.1"], example_inputs=example, devices=["cpu"] * 3)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+            if x.sum() > 0:  # control flow on values: torch.export cannot capture it
+                x = -x
+        return x
+
+
+def test_refuses_a_model_export_cannot_capture():
+    with pytest.raises(ModelCutError, match="DataDependent cannot be captured by torch.export"):
+        Pipeline(DataDependent(), example_inputs={"x": torch.randn(2, 4)})
+
+
+class Counting(nn.Module):
+    """A forward that changes with every call: a trace records one call, so the cut disagrees."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        for block in self.blocks:
+            x = block(x)
+        return x * self.calls
+
+
+def test_refuses_a_cut_that_disagrees_with_the_model():
+    with pytest.raises(ModelCutError, match=r"the cut of Counting at split_points=\['blocks.1'\] disagrees with "
+                                            r"the model's own forward on a probe batch \(output 0: max"):
+        Pipeline(Counting().double(), example_inputs={"x": torch.randn(2, 4, dtype=torch.float64)})
