@@ -18,13 +18,16 @@ Rules of the cut, each there for a reason:
   qualified name (``get_attr`` targets are FQNs), never copies: gradients land
   in ``model.<name>.grad`` and a tied embedding/head stays one ``Parameter``,
   which the existing tied-weight paths handle (:mod:`pipesched.runtime.tied`).
-* **What depends on no parameter is recomputed, not sent.** The attention
-  mask, position ids, rotary cos/sin and every symbolic size are functions of
-  the model's inputs (and buffers), so each stage that needs them rebuilds
-  them from the inputs, which travel as they came (the 2-D mask, never a
-  ``(B, 1, T, T)`` tensor). Only activations (values that depend on a
-  parameter, hence carry gradients) cross a stage boundary. So no Python
-  ``int`` (a symbolic size) ever crosses one.
+* **What is a function of the inputs alone is recomputed, not sent.** The
+  attention mask, position ids and every symbolic size depend on no
+  parameter and no buffer, so each stage that needs them rebuilds them from
+  the inputs, which travel as they came (the 2-D mask, never a
+  ``(B, 1, T, T)`` tensor), and no Python ``int`` (a symbolic size) ever
+  crosses a stage. What reads a buffer (rotary cos/sin from ``inv_freq``) is
+  computed once, where the forward computes it, and sent like an activation:
+  a buffer read by stages on two devices would be refused
+  (:func:`~pipesched.runtime.partition.check_shared_parameters`), since
+  forwards may update buffers in place.
 * **Shapes stay dynamic**: batch and sequence dims are traced as symbols, so
   another batch size, sequence length or uneven micro-batches run with no
   rebuild. A dim the trace had to fix is checked on every call instead.
@@ -100,13 +103,13 @@ def _inside(path: str, split_point: str) -> bool:
     return path == split_point or path.startswith(split_point + ".")
 
 
-def _needs_grad_free(node: fx.Node, attrs: Mapping[str, Any], free: dict[fx.Node, bool]) -> bool:
-    """Whether ``node`` depends on no parameter and is safe to run again (so stages recompute it)."""
+def _replayable(node: fx.Node, owned: frozenset[str], free: dict[fx.Node, bool]) -> bool:
+    """Whether ``node`` is a function of the inputs alone (no parameter, no buffer of the model)
+    and safe to run again, so that every stage needing it recomputes it."""
     if node.op == "placeholder":
         return True
     if node.op == "get_attr":
-        value = attrs[node.target]  # type: ignore[index]
-        return not (isinstance(value, Tensor) and value.requires_grad)
+        return node.target not in owned  # a constant of the trace (each stage holds its own copy)
     if node.op != "call_function":
         return False
     target = node.target
@@ -143,18 +146,29 @@ class CutStage(nn.Module):
         return pytree.tree_unflatten(list(out), self._out_spec)
 
 
+_missing = object()
+
+
 def _attribute(model: nn.Module, traced: nn.Module, target: str) -> Any:
-    """The user's own tensor at ``target`` (an FQN); the trace's only for constants the model lacks."""
+    """The user's own tensor at ``target`` (an FQN), or ``_missing`` for a constant only the trace has."""
     owner, _, name = target.rpartition(".")
     try:
         module = model.get_submodule(owner) if owner else model
         found = getattr(module, name)
-        if isinstance(found, Tensor):
-            return found
     except AttributeError:
-        pass
-    module = traced.get_submodule(owner) if owner else traced
-    return getattr(module, name)
+        return _missing
+    return found if isinstance(found, Tensor) else _missing
+
+
+def _owned_by(model: nn.Module, target: str) -> bool:
+    owner, _, name = target.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return name in module._parameters or name in module._buffers
+
+
+def _constant(traced: nn.Module, target: str) -> Any:
+    owner, _, name = target.rpartition(".")
+    return getattr(traced.get_submodule(owner) if owner else traced, name)
 
 
 def cut_exported(model: nn.Module, program: torch.export.ExportedProgram, split_points: Sequence[str],
@@ -164,6 +178,8 @@ def cut_exported(model: nn.Module, program: torch.export.ExportedProgram, split_
     graph = traced.graph
     nodes = [n for n in graph.nodes if not (n.op == "call_module" and str(n.target).startswith("_guards"))]
     attrs = {n.target: _attribute(model, traced, n.target) for n in nodes if n.op == "get_attr"}
+    owned = frozenset(t for t, v in attrs.items() if v is not _missing and _owned_by(model, t))
+    attrs = {t: (v if t in owned else _constant(traced, t)) for t, v in attrs.items()}
     # stage of every computing node: execution order, advancing at the first node of each split point
     stage_of: dict[fx.Node, int] = {}
     current = 0
@@ -184,7 +200,7 @@ def cut_exported(model: nn.Module, program: torch.export.ExportedProgram, split_
     free: dict[fx.Node, bool] = {}
     for node in nodes:
         if node.op != "output":
-            free[node] = _needs_grad_free(node, attrs, free)
+            free[node] = _replayable(node, owned, free)
     output = next(n for n in nodes if n.op == "output")
     count = len(split_points) + 1
     # what each stage receives: values made by an earlier stage and used later (recomputable ones are
@@ -218,7 +234,7 @@ def cut_exported(model: nn.Module, program: torch.export.ExportedProgram, split_
     for stage in range(count):
         inputs = live[stage]
         sends = None if stage == count - 1 else live[stage + 1]
-        module = _stage_graph(nodes, stage, stage_of, free, attrs, inputs, sends, output)
+        module = _stage_graph(nodes, stage, stage_of, free, attrs, owned, inputs, sends, output)
         stages.append(CutStage(module, keys if stage == 0 else None, constants,
                                out_spec if stage == count - 1 else None))
     return stages
@@ -262,7 +278,7 @@ def _made_before(node: fx.Node, boundary: int, stage_of: Mapping[fx.Node, int]) 
 
 
 def _stage_graph(nodes: list[fx.Node], stage: int, stage_of: Mapping[fx.Node, int], free: Mapping[fx.Node, bool],
-                 attrs: Mapping[str, Any], inputs: list[fx.Node], sends: list[fx.Node] | None,
+                 attrs: Mapping[str, Any], owned: frozenset[str], inputs: list[fx.Node], sends: list[fx.Node] | None,
                  output: fx.Node) -> fx.GraphModule:
     """One stage's graph: its inputs, the recomputed free values it uses, its own nodes, its outputs."""
     graph = fx.Graph()
@@ -294,4 +310,6 @@ def _stage_graph(nodes: list[fx.Node], stage: int, stage_of: Mapping[fx.Node, in
         graph.output(tuple(value(n) for n in sends))
     graph.eliminate_dead_code()
     used = {n.target for n in graph.nodes if n.op == "get_attr"}
-    return fx.GraphModule({t: attrs[t] for t in used}, graph, class_name=f"Stage{stage}")
+    # the trace's own constants are copied per stage (no buffer shared across devices); the model's are its own
+    return fx.GraphModule({t: attrs[t] if t in owned else attrs[t].clone() for t in used}, graph,
+                          class_name=f"Stage{stage}")
