@@ -256,3 +256,33 @@ def test_other_architectures_exact(name):
     with Pipeline(model, split_points=["model.layers.2"], schedule="1f1b", chunks=4,
                   loss_fn=CausalLMLoss()) as pipe:
         assert_exact_steps(model, pipe)
+
+
+class Dropping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5)) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_traced_dropout_is_seeded_per_forward_and_replayed_by_recompute():
+    """A traced graph calls aten.dropout.default, not F.dropout: the random-stream tripwire must see it,
+    or reruns differ and a checkpointed recompute draws another mask (silently wrong gradients)."""
+    torch.manual_seed(0)
+    model = Dropping().double()
+    example = {"x": torch.randn(2, 6, dtype=torch.float64)}
+    inputs, targets = {"x": torch.randn(6, 6, dtype=torch.float64)}, torch.randn(6, 6, dtype=torch.float64)
+    grads = []
+    for checkpoint in ("always", "never", "never"):
+        with Pipeline(model, example_inputs=example, schedule="1f1b", chunks=3, checkpoint=checkpoint,
+                      loss_fn=nn.MSELoss()) as pipe:
+            torch.manual_seed(1)
+            pipe.step(inputs, targets)
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))

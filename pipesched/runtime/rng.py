@@ -160,6 +160,8 @@ def _name(func: Any) -> str:
         return _names[func]
     except (KeyError, TypeError):
         name = getattr(func, "__name__", "")
+        if isinstance(func, torch._ops.OpOverload):  # a traced graph's aten.dropout.default: "dropout"
+            name = func.overloadpacket.__name__
         with contextlib.suppress(TypeError):
             _names[func] = name
         return name
