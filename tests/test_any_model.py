@@ -91,6 +91,10 @@ def test_llama_default_cut_exact_and_forward_equal():
         with torch.no_grad():
             out = pipe(inputs)
             assert torch.equal(out["logits"], model(**inputs).logits)
+            one_token = {k: v[:, :1] for k, v in inputs.items()}  # export assumed sizes >= 2
+            with pytest.raises(ValueError, match=r"inputs\['input_ids'\] has size 1 in dim 1, but the traced "
+                                                 r"forward holds for sizes 2 to inf there"):
+                pipe(one_token)
 
 
 def test_llama_tied_three_devices_zero_bubble_and_use_cache_model():
@@ -286,3 +290,15 @@ def test_traced_dropout_is_seeded_per_forward_and_replayed_by_recompute():
         model.zero_grad()
     for other in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+def test_refuses_a_size_the_trace_does_not_hold_for():
+    torch.manual_seed(0)
+    model = Scaled().double()
+    example = {"x": torch.randn(2, 6, dtype=torch.float64), "scale": torch.rand(2, 1, dtype=torch.float64)}
+    with Pipeline(model, example_inputs=example, chunks=2) as pipe:
+        with pytest.raises(ValueError, match=r"inputs\['scale'\] has size 2 in dim 1, but the traced forward "
+                                             r"is fixed to 1 there"):
+            pipe({"x": torch.randn(4, 6, dtype=torch.float64), "scale": torch.rand(4, 2, dtype=torch.float64)})
+        out = pipe({"x": torch.randn(3, 6, dtype=torch.float64), "scale": torch.rand(3, 1, dtype=torch.float64)})
+        assert out["logits"].shape == (3, 3)

@@ -141,20 +141,30 @@ class ModelCut:
         self._kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
         program = export_model(model, kwargs)
         self.stages: list[CutStage] = cut_exported(model, program, self.split_points, kwargs)
-        self._fixed = self._fixed_dims(program)
+        self._dims = self._traced_dims(program)
         self._probe(model, example)
         self._probe(model, {k: v[:1] for k, v in example.items()})
 
     @staticmethod
-    def _fixed_dims(program: torch.export.ExportedProgram) -> dict[str, dict[int, int]]:
-        """Per input, the dims the trace fixed to a number (others are symbols)."""
-        fixed: dict[str, dict[int, int]] = {}
+    def _traced_dims(program: torch.export.ExportedProgram) -> dict[str, dict[int, tuple[int, float]]]:
+        """Per input and dim, the sizes the trace holds for: ``(n, n)`` for a dim it fixed, else
+        the symbol's range (export assumes >= 2: 0 and 1 are specialised)."""
+        dims: dict[str, dict[int, tuple[int, float]]] = {}
         for node in program.graph_module.graph.nodes:
             if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
                 val = node.meta.get("val")
-                if isinstance(val, Tensor):
-                    fixed[node.name] = {d: s for d, s in enumerate(val.shape) if isinstance(s, int)}
-        return fixed
+                if not isinstance(val, Tensor):
+                    continue
+                dims[node.name] = {}
+                for dim, size in enumerate(val.shape):
+                    if isinstance(size, int):
+                        dims[node.name][dim] = (size, size)
+                        continue
+                    bounds = program.range_constraints.get(size.node.expr)
+                    if bounds is not None:
+                        upper = bounds.upper if bounds.upper.is_finite else float("inf")
+                        dims[node.name][dim] = (int(bounds.lower), float(upper))
+        return dims
 
     def check_inputs(self, inputs: object, training: bool) -> None:
         """Refuse, before any thread runs, inputs the traced graph was not made for.
@@ -181,12 +191,18 @@ class ModelCut:
             )
         for key in self.keys:
             value = inputs[key]
-            for dim, size in self._fixed.get(key, {}).items():
-                if isinstance(value, Tensor) and value.dim() > dim and value.shape[dim] != size and dim > 0:
-                    raise ValueError(
-                        f"inputs[{key!r}] has size {value.shape[dim]} in dim {dim}, but the traced forward "
-                        f"fixed it to {size} (the model's code made it static); pass size {size}"
-                    )
+            if not isinstance(value, Tensor):
+                continue  # refused by the micro-batch split, naming the key
+            for dim, (lower, upper) in self._dims.get(key, {}).items():
+                size = value.shape[dim] if value.dim() > dim else None
+                if dim == 0 or size is None or lower <= size <= upper:
+                    continue  # rows: micro-batches of 1 row were probed, more are in range
+                held = f"is fixed to {lower}" if lower == upper else f"holds for sizes {lower} to {upper}"
+                raise ValueError(
+                    f"inputs[{key!r}] has size {size} in dim {dim}, but the traced forward {held} there "
+                    f"(torch.export specialises sizes 0 and 1, and the model's code may fix a size); "
+                    f"pass a size in that range"
+                )
 
     def run(self, inputs: Mapping[str, Tensor]) -> Any:
         """The stages one after another on one batch (what the pipeline computes, without it)."""
