@@ -205,6 +205,8 @@ class Pipeline(PipelineModule):
             convert_deferred_batch_norm(module)
         for stage, rank in zip(self._stages, self.placement):
             stage.to(self.devices[rank])
+        if self._cut is not None:
+            self._cut.place([self.devices[rank] for rank in self.placement])
         self._runner.ties.place_owners()  # a tied weight lives on its first stage's device
         self.last_report: StepReport | None = None
         # the model's parameters and loss_fn's (an nn.Module loss): trained, rolled back and combined alike

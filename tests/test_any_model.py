@@ -314,3 +314,33 @@ def test_left_padding_exact(name, attention):
     model = (gpt2 if name == "gpt2" else llama)(attn_implementation=attention)
     with Pipeline(model, schedule="1f1b", chunks=4, loss_fn=CausalLMLoss()) as pipe:
         assert_exact_steps(model, pipe, left=True)
+
+
+class Positional(nn.Module):
+    """Creates tensors on its input's device in the middle of its blocks: the trace bakes that device in."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(6, 6) for _ in range(2))
+
+    def forward(self, x):
+        h = self.blocks[0](x)
+        h = h + torch.arange(h.shape[1], device=h.device, dtype=h.dtype)
+        return self.blocks[1](h) + torch.ones(h.shape[0], 1, device=x.device, dtype=h.dtype)
+
+
+def test_stages_create_their_tensors_on_their_own_device():
+    """A stage placed on another device names that device where the trace recorded the trace's
+    (checked on the meta device, where a tensor left on the CPU would raise)."""
+    from pipesched.runtime.any_model import ModelCut
+
+    cut = ModelCut(Positional(), ["blocks.1"], {"x": torch.randn(2, 6)}, None)
+    meta = torch.device("meta")
+    cut.place([meta, meta])
+    for stage in cut.stages:
+        stage.to(meta)
+        devices = {v for n in stage.graph.graph.nodes
+                   for v in torch.utils._pytree.tree_leaves((n.args, n.kwargs)) if isinstance(v, torch.device)}
+        assert devices <= {meta}
+    out = cut.run({"x": torch.randn(3, 6, device=meta)})
+    assert out.device == meta and out.shape == (3, 6)

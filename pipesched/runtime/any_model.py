@@ -136,6 +136,7 @@ class ModelCut:
             raise ModelCutError(f"example_inputs must be a non-empty dict of str to batch-first Tensors, "
                                 f"got {example_inputs!r}")
         self.keys = tuple(example)
+        self.traced_on = next(iter(example.values())).device
         self.forward_kwargs = dict(forward_kwargs or {})
         kwargs = trace_inputs(model, example, self.forward_kwargs)
         self._kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
@@ -203,6 +204,11 @@ class ModelCut:
                     f"(torch.export specialises sizes 0 and 1, and the model's code may fix a size); "
                     f"pass a size in that range"
                 )
+
+    def place(self, devices: Sequence[torch.device]) -> None:
+        """Stage ``s`` creates its tensors on ``devices[s]`` (the stages' parameters are moved by the caller)."""
+        for stage, device in zip(self.stages, devices):
+            stage.retarget(self.traced_on, device)
 
     def run(self, inputs: Mapping[str, Tensor]) -> Any:
         """The stages one after another on one batch (what the pipeline computes, without it)."""

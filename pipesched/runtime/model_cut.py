@@ -145,6 +145,28 @@ class CutStage(nn.Module):
             return tuple(out)
         return pytree.tree_unflatten(list(out), self._out_spec)
 
+    def retarget(self, traced_on: torch.device, device: torch.device) -> None:
+        """Make the graph create its tensors on ``device`` where the trace recorded ``traced_on``.
+
+        A trace bakes devices into its calls (``arange(..., device=cpu)``, the
+        ``_assert_tensor_metadata`` checks): a stage placed elsewhere must
+        name its own device, as the model's forward would if run there.
+        """
+        if _same_device(traced_on, device):
+            return
+
+        def swap(value: Any) -> Any:
+            return device if isinstance(value, torch.device) and _same_device(value, traced_on) else value
+
+        for node in self.graph.graph.nodes:
+            node.args = pytree.tree_map(swap, node.args)
+            node.kwargs = pytree.tree_map(swap, node.kwargs)
+        self.graph.recompile()
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
 
 _missing = object()
 
