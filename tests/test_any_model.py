@@ -344,3 +344,22 @@ def test_stages_create_their_tensors_on_their_own_device():
         assert devices <= {meta}
     out = cut.run({"x": torch.randn(3, 6, device=meta)})
     assert out.device == meta and out.shape == (3, 6)
+
+
+class Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)) for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_refuses_a_forward_that_updates_buffers():
+    """Batch-norm statistics in training mode: a recompute would update them twice."""
+    model = Normed()
+    with pytest.raises(ModelCutError, match=r"Normed's forward updates buffers in place \(blocks.0.1.num_batches"):
+        Pipeline(model, example_inputs={"x": torch.randn(4, 4)})
+    assert int(model.blocks[0][1].num_batches_tracked) == 0  # the user's model is left as it was

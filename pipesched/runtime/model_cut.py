@@ -188,6 +188,21 @@ def _owned_by(model: nn.Module, target: str) -> bool:
     return name in module._parameters or name in module._buffers
 
 
+def _buffers_written(node: fx.Node) -> list[str]:
+    """The attributes ``node`` writes in place: arguments its schema marks written (``add_``), and a
+    training-mode batch norm's running statistics (which ``aten.batch_norm`` updates unmarked)."""
+    if node.op != "call_function":
+        return []
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    written = [arg for spec, arg in zip(schema.arguments, node.args)
+               if spec.alias_info is not None and spec.alias_info.is_write]
+    if schema.name in ("aten::batch_norm", "aten::native_batch_norm") and len(node.args) > 5 and node.args[5]:
+        written += list(node.args[3:5])
+    return [str(arg.target) for arg in written if isinstance(arg, fx.Node) and arg.op == "get_attr"]
+
+
 def _constant(traced: nn.Module, target: str) -> Any:
     owner, _, name = target.rpartition(".")
     return getattr(traced.get_submodule(owner) if owner else traced, name)
@@ -195,9 +210,22 @@ def _constant(traced: nn.Module, target: str) -> Any:
 
 def cut_exported(model: nn.Module, program: torch.export.ExportedProgram, split_points: Sequence[str],
                  kwargs: Mapping[str, Any]) -> list[CutStage]:
-    """Stages of ``program`` (an export of ``model(**kwargs)``), each beginning at its split point."""
+    """Stages of ``program`` (an export of ``model(**kwargs)``), each beginning at its split point.
+
+    A forward that updates buffers in place (batch-norm running statistics in
+    training mode) is refused: the trace moves the update to the end of the
+    graph, and a checkpointed stage's recompute would apply it a second time.
+    """
     traced = program.module()
     graph = traced.graph
+    mutated = sorted({*program.graph_signature.buffers_to_mutate.values(),
+                      *(name for node in graph.nodes for name in _buffers_written(node))})
+    if mutated:
+        raise ModelCutError(
+            f"{type(model).__name__}'s forward updates buffers in place ({', '.join(mutated[:3])}"
+            f"{', ...' if len(mutated) > 3 else ''}), which a traced cut cannot replay exactly; trace it in eval "
+            f"mode (model.eval()), or give it as an nn.Sequential (with deferred_batch_norm=True for batch norms)"
+        )
     nodes = [n for n in graph.nodes if not (n.op == "call_module" and str(n.target).startswith("_guards"))]
     attrs = {n.target: _attribute(model, traced, n.target) for n in nodes if n.op == "get_attr"}
     owned = frozenset(t for t, v in attrs.items() if v is not _missing and _owned_by(model, t))
@@ -250,7 +278,7 @@ def cut_exported(model: nn.Module, program: torch.export.ExportedProgram, split_
                     f"Choose another split point"
                 )
     out_spec = program.call_spec.out_spec
-    keys = [spec for spec in _input_keys(program, kwargs)]
+    keys = _input_keys(program, kwargs)
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
     stages = []
     for stage in range(count):
