@@ -245,8 +245,9 @@ class Pipeline(PipelineModule):
         return devices, even_balance(num_layers, schedule.default_num_stages(len(devices)))
 
     @property
-    def stages(self) -> list[nn.Sequential]:
-        """The stage modules (sharing layers with ``module``), in stage order."""
+    def stages(self) -> list[nn.Module]:
+        """The stage modules, in stage order: ``nn.Sequential`` objects sharing layers with ``module``,
+        or for a traced model :class:`~pipesched.runtime.model_cut.CutStage` objects holding its tensors."""
         return list(self._stages)
 
     # -------------------------------------------------------------- execution
@@ -255,11 +256,13 @@ class Pipeline(PipelineModule):
     def _random(self) -> Any:
         return self._runner.random
 
-    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor | tuple[Tensor, ...], *,
+    def step(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor], targets: Tensor | tuple[Tensor, ...], *,
              scaler: Any = None) -> Tensor:
         """Forward and backward of the whole batch under the schedule; returns the detached loss.
 
-        Gradients are *accumulated* into ``.grad`` (call ``optimizer.zero_grad()``
+        ``inputs``: a Tensor or a tuple of them, or a dict of batch-first
+        keyword tensors (a traced model's ``forward(**inputs)``), split along
+        dim 0 into micro-batches. Gradients are *accumulated* into ``.grad`` (call ``optimizer.zero_grad()``
         between steps as usual). If a tensor of ``inputs`` requires grad, its
         ``.grad`` receives the input gradient too.
 
@@ -309,7 +312,7 @@ class Pipeline(PipelineModule):
         loss = batch_loss([ctx.results.losses[m] for m in range(count)], weights)
         return loss if replicas is None else torch.full_like(loss, joined[0])
 
-    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Any:
+    def forward(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]) -> Any:
         """Forward half only; the output is gathered on the last rank's device.
 
         It has the last stage's structure: a Tensor, a tuple of Tensors, or a

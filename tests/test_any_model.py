@@ -363,3 +363,17 @@ def test_refuses_a_forward_that_updates_buffers():
     with pytest.raises(ModelCutError, match=r"Normed's forward updates buffers in place \(blocks.0.1.num_batches"):
         Pipeline(model, example_inputs={"x": torch.randn(4, 4)})
     assert int(model.blocks[0][1].num_batches_tracked) == 0  # the user's model is left as it was
+
+
+def test_dict_inputs_reach_a_sequential_whose_first_layer_takes_them():
+    class Pick(nn.Module):
+        def forward(self, batch):
+            return batch["x"] * batch["scale"]
+
+    model = nn.Sequential(Pick(), nn.Linear(3, 2)).double()
+    inputs = {"x": torch.randn(5, 3, dtype=torch.float64), "scale": torch.rand(5, 1, dtype=torch.float64)}
+    with Pipeline(model, balance=[1, 1], chunks=3) as pipe:
+        with torch.no_grad():
+            assert float((pipe(inputs) - model(inputs)).abs().max()) <= TOLERANCE
+        with pytest.raises(TypeError, match=r"inputs is a dict with \{'x': 'Tensor', 'scale': 'float'\}; a dict"):
+            pipe({"x": inputs["x"], "scale": 2.0})

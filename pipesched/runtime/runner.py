@@ -188,7 +188,11 @@ class StepRunner:
         """``inputs`` (a Tensor, a tuple of them, or a mapping of keyword names to batch-first
         Tensors) as ``chunks`` near-equal micro-batches; a mapping stays a mapping per micro-batch."""
         if isinstance(inputs, Mapping):
-            tensors, structure = flatten(inputs, "inputs")  # a non-empty mapping of str to Tensors, or refused
+            if not inputs or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in inputs.items()):
+                found = {k: type(v).__name__ for k, v in inputs.items()}
+                raise TypeError(f"inputs is a {type(inputs).__name__} with {found}; a dict of inputs must map "
+                                f"keyword names (str) to batch-first Tensors")
+            tensors, structure = flatten(inputs, "inputs")
             return self.split_rows(tensors, batch_size(tensors, "inputs"), False, structure)
         tensors = as_tensors(inputs, "inputs")
         return self.split_rows(tensors, batch_size(tensors, "inputs"), isinstance(inputs, Tensor))
