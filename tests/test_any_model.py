@@ -71,13 +71,14 @@ def assert_exact_steps(model: nn.Module, pipe: Pipeline, left: bool = False) -> 
         model.zero_grad()
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "gpipe"])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1", "gpipe", "zb-v"])
 def test_gpt2_tied_exact_at_two_shapes(schedule):
+    """zb-v: four stages in a V on two ranks, so the tied embedding and head share rank 0."""
     torch.manual_seed(0)
     model = gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
-    with Pipeline(model, split_points=["transformer.h.2"], schedule=schedule, chunks=4,
-                  loss_fn=CausalLMLoss()) as pipe:
+    points = ["transformer.h.1", "transformer.h.2", "transformer.h.3"] if schedule == "zb-v" else ["transformer.h.2"]
+    with Pipeline(model, split_points=points, schedule=schedule, chunks=4, loss_fn=CausalLMLoss()) as pipe:
         assert_exact_steps(model, pipe)
         assert model.lm_head.weight is model.transformer.wte.weight  # still one Parameter, never copied
         assert list(pipe.state_dict()) == list(model.state_dict())
@@ -186,6 +187,13 @@ def test_refuses_a_split_point_that_is_no_module():
     with pytest.raises(ModelCutError, match=r"split_points\[0\] = 'model.layer.2' is not a submodule of "
                                             r"LlamaForCausalLM \(its blocks are model.layers.0 to model.layers.3\)"):
         Pipeline(llama(), split_points=["model.layer.2"], loss_fn=CausalLMLoss())
+
+
+def test_refuses_a_model_without_example_inputs():
+    model = Scaled()
+    with pytest.raises(ModelCutError, match=r"Scaled is not an nn.Sequential and pipesched cannot guess its inputs; "
+                                            r"give example_inputs="):
+        Pipeline(model)
 
 
 def test_refuses_split_points_for_a_sequential_and_a_cache():
