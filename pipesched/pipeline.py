@@ -43,11 +43,8 @@ from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import gather
 from pipesched.runtime.options import grad_disabled, missing_loss_fn
 from pipesched.runtime.partition import (
-    check_balance,
     check_shared_parameters,
-    default_devices,
-    even_balance,
-    resolve_device,
+    resolve_layout,
     split_module,
 )
 from pipesched.runtime.pipeline_module import PipelineModule
@@ -70,6 +67,12 @@ class Pipeline(PipelineModule):
             with ``torch.export`` and cut at ``split_points``, keeping its own
             forward logic and its own parameters (:mod:`pipesched.runtime.any_model`);
             its inputs are then a dict of keyword tensors.
+            In an ``nn.Sequential`` a layer object listed twice is two layers. A parameter shared by
+            stages (a tied embedding and head) is exact: stages on one device
+            share it, stages on other devices use a replica refreshed from it
+            at the start of every step or forward, whose gradients are summed
+            into it (:mod:`pipesched.runtime.tied`). Shared buffers, and one
+            layer object on two devices, are refused naming the fix.
         split_points: for a model that is not an ``nn.Sequential``: fully qualified
             module names, each the first module of a new stage
             (``["model.layers.2"]``). ``None``: cuts in its block list (longest
@@ -78,16 +81,11 @@ class Pipeline(PipelineModule):
         forward_kwargs: non-tensor keyword arguments of the model's forward, given once.
         example_inputs: a dict of a few rows of the keyword tensors, to trace and
             probe with. Default for a Hugging Face LM: ``input_ids`` and ``attention_mask``.
-            A layer object listed twice is two layers. A parameter shared by
-            stages (a tied embedding and head) is exact: stages on one device
-            share it, stages on other devices use a replica refreshed from it
-            at the start of every step or forward, whose gradients are summed
-            into it (:mod:`pipesched.runtime.tied`). Shared buffers, and one
-            layer object on two devices, are refused naming the fix.
         schedule: a registered name (``"gpipe"``, ``"1f1b"``,
             ``"interleaved-1f1b"``/``"interleaved"``, or one you registered) or
             a :class:`~pipesched.Schedule` instance.
-        balance: layers per stage; sums to ``len(module)``. Default: the
+        balance: layers per stage; sums to ``len(module)`` (a traced model: blocks
+            of its block list per stage). Default: the
             schedule's stage count for the ranks (one per rank; two per rank
             for interleaved), layers split as evenly as possible.
         devices: one device per rank (several ranks may share ``"cpu"``;
@@ -181,10 +179,9 @@ class Pipeline(PipelineModule):
         self.loss_normalizer = options.loss_normalizer
         self._cut: ModelCut | None = None
         if sequential:
-            self.devices, self.balance = self._resolve_shape(len(module), schedule, balance, devices)
+            self.devices, self.balance = resolve_layout(len(module), schedule, balance, devices)
         else:
-            points, self.devices, self.balance = resolve_cut(module, schedule, split_points, balance, devices,
-                                                             self._resolve_shape)
+            points, self.devices, self.balance = resolve_cut(module, schedule, split_points, balance, devices)
         self.num_ranks = len(self.devices)
         self.num_stages = len(self.balance)
         self.placement = validate_placement(
@@ -213,36 +210,6 @@ class Pipeline(PipelineModule):
         layout = ("Pipeline", tuple(self.balance), tuple(self.placement), sum(p.numel() for p in self.parameters()))
         self._replicas = (DataParallelReplicas(data_parallel_group, layout, self)
                           if data_parallel_group is not None else None)
-
-    # ------------------------------------------------------------------ shape
-
-    @staticmethod
-    def _resolve_shape(
-        num_layers: int, schedule: Schedule, balance: Any, devices: Any
-    ) -> tuple[list[torch.device], list[int]]:
-        if devices is not None:
-            if isinstance(devices, (str, bytes, torch.device)) or not isinstance(devices, Sequence) or not devices:
-                raise ValueError(f"devices must be a non-empty list (one entry per rank), got {devices!r}")
-            devices = [resolve_device(d, i) for i, d in enumerate(devices)]
-        if balance is not None:
-            balance = check_balance(balance, num_layers)
-            if devices is None:
-                ranks = next(
-                    (r for r in range(1, len(balance) + 1) if schedule.default_num_stages(r) == len(balance)),
-                    None,
-                )
-                if ranks is None:
-                    raise ValueError(
-                        f"schedule {schedule.name!r} cannot place {len(balance)} stages on any number "
-                        f"of ranks by default; pass devices explicitly"
-                    )
-                devices = default_devices(ranks)
-            return devices, balance
-        if devices is None:
-            devices = default_devices(None)
-            while len(devices) > 1 and schedule.default_num_stages(len(devices)) > num_layers:
-                devices = devices[:-1]
-        return devices, even_balance(num_layers, schedule.default_num_stages(len(devices)))
 
     @property
     def stages(self) -> list[nn.Module]:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from pipesched.runtime.model_cut import CutStage, ModelCutError, cut_exported, export_model, trace_inputs
+from pipesched.runtime.partition import resolve_layout
 
 
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -295,14 +296,13 @@ def check_cut_arguments(module: object, **arguments: Any) -> bool:
     return False
 
 
-def resolve_cut(module: nn.Module, schedule: Any, split_points: object, balance: object, devices: Any,
-                resolve_shape: Any) -> tuple[list[str], Any, list[int]]:
+def resolve_cut(module: nn.Module, schedule: Any, split_points: object, balance: object,
+                devices: Any) -> tuple[list[str], list[torch.device], list[int]]:
     """Split points, devices and units per stage for a model that is not an ``nn.Sequential``.
 
-    ``resolve_shape(units, schedule, balance, devices)`` is the pipeline's own
-    rule for devices and a balance over ``units`` (stages with the schedule's
-    default count); here a unit is a stage (with ``split_points``) or a block
-    of the block list (without).
+    Devices and units per stage follow the ``nn.Sequential`` rule
+    (:func:`~pipesched.runtime.partition.resolve_layout`), where a unit is a
+    stage (with ``split_points``) or a block of the block list (without).
     """
     if split_points is not None:
         if balance is not None:
@@ -311,7 +311,7 @@ def resolve_cut(module: nn.Module, schedule: Any, split_points: object, balance:
                 f"(where each stage begins) or balance (blocks per stage), not both"
             )
         points = check_split_points(module, split_points)
-        devices, units = resolve_shape(len(points) + 1, schedule, [1] * (len(points) + 1), devices)
+        devices, units = resolve_layout(len(points) + 1, schedule, [1] * (len(points) + 1), devices)
         return points, devices, units
     name, blocks = block_list(module)
     if balance is not None:
@@ -321,8 +321,8 @@ def resolve_cut(module: nn.Module, schedule: Any, split_points: object, balance:
                 f"balance {list(balance)} sums to {sum(balance)}, but balance counts the blocks of {name} "
                 f"({len(blocks)} blocks) for a model that is not an nn.Sequential; make it sum to {len(blocks)}"
             )
-        devices, counts = resolve_shape(len(blocks), schedule, balance, devices)
+        devices, counts = resolve_layout(len(blocks), schedule, balance, devices)
     else:
-        devices, even = resolve_shape(len(blocks), schedule, None, devices)
+        devices, even = resolve_layout(len(blocks), schedule, None, devices)
         counts = balance_blocks([sum(p.numel() for p in block.parameters()) for block in blocks], len(even))
     return split_points_from_balance(name, counts), devices, counts
