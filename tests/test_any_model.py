@@ -385,3 +385,16 @@ def test_dict_inputs_reach_a_sequential_whose_first_layer_takes_them():
             assert float((pipe(inputs) - model(inputs)).abs().max()) <= TOLERANCE
         with pytest.raises(TypeError, match=r"inputs is a dict with \{'x': 'Tensor', 'scale': 'float'\}; a dict"):
             pipe({"x": inputs["x"], "scale": 2.0})
+
+
+def test_a_traced_stage_without_random_ops_skips_the_tripwire():
+    """Its graph lists every op, so a stage with no random op is declared quiet (no per-op hook);
+    one with dropout is not (and is replayed exactly: see the dropout test above)."""
+    from pipesched.runtime.rng import draws_nothing
+
+    quiet = Pipeline(Scaled().double(), example_inputs={"x": torch.randn(2, 6, dtype=torch.float64),
+                                                        "scale": torch.rand(2, 1, dtype=torch.float64)})
+    drawing = Pipeline(Dropping().double(), example_inputs={"x": torch.randn(2, 6, dtype=torch.float64)})
+    with quiet, drawing:
+        assert all(draws_nothing(stage) for stage in quiet.stages)
+        assert not any(draws_nothing(stage) for stage in drawing.stages)

@@ -45,6 +45,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
+from pipesched.runtime.rng import may_draw
+
 
 class ModelCutError(ValueError):
     """The model cannot be cut as asked; the message names the argument, the value and the fix."""
@@ -135,6 +137,10 @@ class CutStage(nn.Module):
         self._keys = list(keys) if keys is not None else None
         self._constants = dict(constants)
         self._out_spec = out_spec
+        #: whether any op of the graph may draw random numbers: read by :func:`~pipesched.runtime.rng.draws_nothing`,
+        #: so a stage with none runs without the random-stream tripwire (a Python hook on every op)
+        self.draws_random = any(n.op == "call_function" and may_draw(n.target, n.args, dict(n.kwargs))
+                                for n in graph_module.graph.nodes)
 
     def forward(self, value: Any) -> Any:
         if self._keys is None:

@@ -26,6 +26,8 @@ forwards of the ranks that take it:
 * A stage built only from ``torch.nn`` layers known not to draw (Linear,
   convolutions, activations other than RReLU, norms, pooling, embeddings, ...;
   their classes' own ``forward``, no hooks) runs as is.
+* A stage that declares ``draws_random = False`` runs as is too: a traced
+  stage (:mod:`pipesched.runtime.model_cut`) knows every op of its graph.
 * Any other stage runs under a *tripwire*: a thread-local
   ``TorchFunctionMode`` that watches for random functions (dropout, rand,
   bernoulli, ...). The first one it sees takes the locks and seeds the
@@ -132,6 +134,9 @@ def draws_nothing(stage: nn.Module | None) -> bool:
         return True
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
+    declared = getattr(stage, "draws_random", None)
+    if isinstance(declared, bool) and not _has_hooks(stage):
+        return not declared  # a traced stage knows every op it runs (pipesched.runtime.model_cut)
     return all(type(m).forward in _QUIET_FORWARDS and not _has_hooks(m) for m in stage.modules())
 
 
@@ -178,6 +183,17 @@ def _is_random(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool
     position, keyword, default, off = condition
     value = kwargs.get(keyword, args[position] if len(args) > position else default)
     return not (isinstance(value, (bool, float, int)) and value == off)
+
+
+def may_draw(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a traced graph's call ``func(*args, **kwargs)`` may draw random numbers (conservatively).
+
+    An aten op torch marks as seeded counts too, unless a rule here clears
+    this call (``scaled_dot_product_attention`` with ``dropout_p=0.0``).
+    """
+    if _is_random(func, args, kwargs):
+        return True
+    return bool(getattr(func, "_nondeterministic_seeded", False)) and _name(func) not in _CONDITIONAL
 
 
 class _Seeding:
