@@ -87,7 +87,14 @@ def test_gpt2_tied_exact_at_two_shapes(schedule):
 def test_llama_default_cut_exact_and_forward_equal():
     torch.manual_seed(0)
     model = llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attributes = {name: dict(vars(m)) for name, m in model.named_modules()}
+    config = model.config.to_dict()
     with Pipeline(model, schedule="1f1b", chunks=4, loss_fn=CausalLMLoss()) as pipe:  # split_points=None
+        # building (trace, cut, probe) leaves the model as it was: tensors, attributes, hooks, config
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+        assert {name: dict(vars(m)) for name, m in model.named_modules()} == attributes
+        assert model.config.to_dict() == config
         assert pipe._cut.split_points == ["model.layers.2"]  # the block list, cut by parameter count
         assert_exact_steps(model, pipe)
         inputs, _ = batch(5, 7, 3)
