@@ -167,6 +167,9 @@ def test_any_module_with_keyword_inputs():
             pipe.step({"x": inputs["x"]}, targets)
         with pytest.raises(TypeError, match="inputs must be a dict of the model's keyword tensors"):
             pipe.step(inputs["x"], targets)
+        with pytest.raises(ValueError, match=r"inputs\['x'\] is a 2-dim torch.float32 tensor, but the cut was "
+                                             r"traced with a 2-dim torch.float64 one"):
+            pipe.step({**inputs, "x": inputs["x"].float()}, targets)
         model.eval()
         with pytest.raises(RuntimeError, match="traced in training mode and is now in eval mode"):
             pipe(inputs)

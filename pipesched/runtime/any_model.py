@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipesched.runtime.model_cut import CutStage, ModelCutError, cut_exported, export_model, trace_inputs
+from pipesched.runtime.model_cut import (
+    CutStage,
+    ModelCutError,
+    cut_exported,
+    export_model,
+    input_keys,
+    trace_inputs,
+)
 from pipesched.runtime.partition import resolve_layout
 
 
@@ -143,29 +150,34 @@ class ModelCut:
         self._kwargs = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
         program = export_model(model, kwargs)
         self.stages: list[CutStage] = cut_exported(model, program, self.split_points, kwargs)
-        self._dims = self._traced_dims(program)
+        self._dims = self._traced_dims(program, kwargs)
+        self._dtypes = {k: (v.dtype, v.dim()) for k, v in example.items()}
         self._probe(model, example)
         self._probe(model, {k: v[:1] for k, v in example.items()})
 
     @staticmethod
-    def _traced_dims(program: torch.export.ExportedProgram) -> dict[str, dict[int, tuple[int, float]]]:
+    def _traced_dims(program: torch.export.ExportedProgram,
+                     kwargs: Mapping[str, Any]) -> dict[str, dict[int, tuple[int, float]]]:
         """Per input and dim, the sizes the trace holds for: ``(n, n)`` for a dim it fixed, else
         the symbol's range (export assumes >= 2: 0 and 1 are specialised)."""
+        placeholders = {n.name: n for n in program.graph_module.graph.nodes if n.op == "placeholder"}
+        names = program.graph_signature.user_inputs  # in the order of the flattened keyword inputs
         dims: dict[str, dict[int, tuple[int, float]]] = {}
-        for node in program.graph_module.graph.nodes:
-            if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
-                val = node.meta.get("val")
-                if not isinstance(val, Tensor):
+        for key, name in zip(input_keys(program, kwargs), names, strict=True):
+            node = placeholders.get(name) if isinstance(name, str) else None  # a constant input: its value
+            val = node.meta.get("val") if node is not None else None
+            if not isinstance(val, Tensor):
+                continue
+            dims[key] = {}
+            for dim, size in enumerate(val.shape):
+                if isinstance(size, int):
+                    dims[key][dim] = (size, size)
                     continue
-                dims[node.name] = {}
-                for dim, size in enumerate(val.shape):
-                    if isinstance(size, int):
-                        dims[node.name][dim] = (size, size)
-                        continue
-                    bounds = program.range_constraints.get(size.node.expr)
-                    if bounds is not None:
-                        upper = bounds.upper if bounds.upper.is_finite else float("inf")
-                        dims[node.name][dim] = (int(bounds.lower), float(upper))
+                bounds = program.range_constraints.get(size.node.expr)
+                if bounds is None:  # a derived size: no range of its own, only the symbols it comes from
+                    continue
+                upper = bounds.upper if bounds.upper.is_finite else float("inf")
+                dims[key][dim] = (int(bounds.lower), float(upper))
         return dims
 
     def check_inputs(self, inputs: object, training: bool) -> None:
@@ -195,6 +207,13 @@ class ModelCut:
             value = inputs[key]
             if not isinstance(value, Tensor):
                 continue  # refused by the micro-batch split, naming the key
+            if (value.dtype, value.dim()) != self._dtypes[key]:
+                dtype, ndim = self._dtypes[key]
+                raise ValueError(
+                    f"inputs[{key!r}] is a {value.dim()}-dim {value.dtype} tensor, but the cut was traced with "
+                    f"a {ndim}-dim {dtype} one; pass {dtype} (the traced graph bakes in what the forward did "
+                    f"with that dtype), or build the Pipeline with example_inputs of the dtype you pass"
+                )
             for dim, (lower, upper) in self._dims.get(key, {}).items():
                 size = value.shape[dim] if value.dim() > dim else None
                 if dim == 0 or size is None or lower <= size <= upper:

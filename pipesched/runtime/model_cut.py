@@ -284,7 +284,7 @@ def cut_exported(model: nn.Module, program: torch.export.ExportedProgram, split_
                     f"Choose another split point"
                 )
     out_spec = program.call_spec.out_spec
-    keys = _input_keys(program, kwargs)
+    keys = input_keys(program, kwargs)
     constants = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor)}
     stages = []
     for stage in range(count):
@@ -296,7 +296,7 @@ def cut_exported(model: nn.Module, program: torch.export.ExportedProgram, split_
     return stages
 
 
-def _input_keys(program: torch.export.ExportedProgram, kwargs: Mapping[str, Any]) -> list[str]:
+def input_keys(program: torch.export.ExportedProgram, kwargs: Mapping[str, Any]) -> list[str]:
     """The keyword names in the order of the graph's placeholders (export's flattened inputs)."""
     in_spec = program.call_spec.in_spec
     paths, _ = pytree.tree_flatten_with_path(((), dict(kwargs)))
