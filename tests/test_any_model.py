@@ -408,3 +408,19 @@ def test_a_traced_stage_without_random_ops_skips_the_tripwire():
     with quiet, drawing:
         assert all(draws_nothing(stage) for stage in quiet.stages)
         assert not any(draws_nothing(stage) for stage in drawing.stages)
+
+
+def test_compiled_traced_stages_stay_exact():
+    torch.manual_seed(0)
+    model = Scaled().double()
+    example = {"x": torch.randn(2, 6, dtype=torch.float64), "scale": torch.rand(2, 1, dtype=torch.float64)}
+    loss_fn = lambda out, y: F.cross_entropy(out["logits"], y)  # noqa: E731
+    inputs = {"x": torch.randn(6, 6, dtype=torch.float64), "scale": torch.rand(6, 1, dtype=torch.float64)}
+    targets = torch.randint(0, 3, (6,))
+    loss_fn(model(**inputs), targets).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with Pipeline(model, example_inputs=example, schedule="1f1b", chunks=2, loss_fn=loss_fn) as pipe:
+        pipe.compile(backend="aot_eager")
+        pipe.step(inputs, targets)
+    assert max(float((p.grad - g).abs().max()) for p, g in zip(model.parameters(), expected)) <= TOLERANCE

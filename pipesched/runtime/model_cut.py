@@ -81,9 +81,11 @@ def trace_inputs(model: nn.Module, inputs: Mapping[str, Tensor], forward_kwargs:
 
 
 def export_model(model: nn.Module, kwargs: Mapping[str, Any]) -> torch.export.ExportedProgram:
-    """``torch.export`` of ``model(**kwargs)`` with every tensor's dims 0 and 1 dynamic, or a refusal."""
-    auto = torch.export.Dim.AUTO
-    dynamic = {k: ({d: auto for d in range(min(2, v.dim()))} if isinstance(v, Tensor) else None)
+    """``torch.export`` of ``model(**kwargs)`` with every tensor's dims 0 and 1 dynamic, or a refusal.
+
+    ``strict=False``: the forward runs as Python (as Hugging Face models expect), only torch ops are traced."""
+    auto = torch.export.Dim.AUTO  # a size of 1 would be specialised anyway (with a warning): leave it static
+    dynamic = {k: ({d: auto for d in range(min(2, v.dim())) if v.shape[d] > 1} if isinstance(v, Tensor) else None)
                for k, v in kwargs.items()}
     try:
         return torch.export.export(model, (), dict(kwargs), dynamic_shapes=dynamic, strict=False)
