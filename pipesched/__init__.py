@@ -33,6 +33,7 @@ _EXPORTS = {
     "Timeline": "pipesched.observe.timeline",
     "TimelineAnalysis": "pipesched.observe.timeline",
     "configure_jsonl_logging": "pipesched.observe.timeline",
+    "CausalLMLoss": "pipesched.runtime.causal_lm_loss",
     "DeferredBatchNorm": "pipesched.runtime.batchnorm",
     "convert_deferred_batch_norm": "pipesched.runtime.batchnorm",
     "is_checkpointing": "pipesched.runtime.checkpoint",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never executed
     from pipesched.plan.schedule import Schedule, validate_plan
     from pipesched.plan.simulate import LowerBound, SimResult, lower_bound, simulate
     from pipesched.runtime.batchnorm import DeferredBatchNorm, convert_deferred_batch_norm
+    from pipesched.runtime.causal_lm_loss import CausalLMLoss
     from pipesched.runtime.checkpoint import is_checkpointing, is_recomputing
     from pipesched.runtime.orchestrator import StepStalled
     from pipesched.tune import tune

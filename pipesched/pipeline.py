@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from pipesched.observe.report import StepReport
 from pipesched.plan.schedule import Schedule, validate_placement
 from pipesched.runtime.backward_half import BackwardHalf, BackwardSession, backward_into_inputs
+from pipesched.runtime.any_model import ModelCut, check_cut_arguments, resolve_cut
 from pipesched.runtime.batchnorm import convert_deferred_batch_norm
 from pipesched.runtime.checkpoint import CheckpointPolicy
 from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
@@ -42,11 +43,8 @@ from pipesched.runtime.loss_normalizer import LossNormalizer, batch_loss
 from pipesched.runtime.microbatch import gather
 from pipesched.runtime.options import grad_disabled, missing_loss_fn
 from pipesched.runtime.partition import (
-    check_balance,
     check_shared_parameters,
-    default_devices,
-    even_balance,
-    resolve_device,
+    resolve_layout,
     split_module,
 )
 from pipesched.runtime.pipeline_module import PipelineModule
@@ -61,20 +59,33 @@ LossFn = Callable[[Any, Any], Tensor]
 
 
 class Pipeline(PipelineModule):
-    """Run an ``nn.Sequential`` as a pipeline of stages on ranks under a pluggable schedule.
+    """Run a model as a pipeline of stages on ranks under a pluggable schedule.
 
     Args:
-        module: the model, an ``nn.Sequential``; its layers are cut into stages.
-            A layer object listed twice is two layers. A parameter shared by
+        module: the model. An ``nn.Sequential``'s layers are cut into stages by
+            ``balance``. Any other ``nn.Module`` (a Hugging Face LLM) is traced
+            with ``torch.export`` and cut at ``split_points``, keeping its own
+            forward logic and its own parameters (:mod:`pipesched.runtime.any_model`);
+            its inputs are then a dict of keyword tensors.
+            In an ``nn.Sequential`` a layer object listed twice is two layers. A parameter shared by
             stages (a tied embedding and head) is exact: stages on one device
             share it, stages on other devices use a replica refreshed from it
             at the start of every step or forward, whose gradients are summed
             into it (:mod:`pipesched.runtime.tied`). Shared buffers, and one
             layer object on two devices, are refused naming the fix.
+        split_points: for a model that is not an ``nn.Sequential``: fully qualified
+            module names, each the first module of a new stage
+            (``["model.layers.2"]``). ``None``: cuts in its block list (longest
+            ``nn.ModuleList`` of one class), by parameter count or by ``balance``
+            counted in blocks.
+        forward_kwargs: non-tensor keyword arguments of the model's forward, given once.
+        example_inputs: a dict of a few rows of the keyword tensors, to trace and
+            probe with. Default for a Hugging Face LM: ``input_ids`` and ``attention_mask``.
         schedule: a registered name (``"gpipe"``, ``"1f1b"``,
             ``"interleaved-1f1b"``/``"interleaved"``, or one you registered) or
             a :class:`~pipesched.Schedule` instance.
-        balance: layers per stage; sums to ``len(module)``. Default: the
+        balance: layers per stage; sums to ``len(module)`` (a traced model: blocks
+            of its block list per stage). Default: the
             schedule's stage count for the ranks (one per rank; two per rank
             for interleaved), layers split as evenly as possible.
         devices: one device per rank (several ranks may share ``"cpu"``;
@@ -127,8 +138,11 @@ class Pipeline(PipelineModule):
 
     def __init__(
         self,
-        module: nn.Sequential,
+        module: nn.Module,
         *,
+        split_points: Sequence[str] | None = None,
+        forward_kwargs: Mapping[str, Any] | None = None,
+        example_inputs: Mapping[str, Tensor] | None = None,
         schedule: str | Schedule = "gpipe",
         balance: Sequence[int] | None = None,
         devices: Sequence[str | int | torch.device] | None = None,
@@ -143,12 +157,9 @@ class Pipeline(PipelineModule):
         data_parallel_group: Any = None,
     ):
         super().__init__()
-        if not isinstance(module, nn.Sequential):
-            raise TypeError(
-                f"module must be an nn.Sequential, got {type(module).__name__}; "
-                f"wrap your layers in nn.Sequential(...)"
-            )
-        if len(module) == 0:
+        sequential = check_cut_arguments(module, split_points=split_points, forward_kwargs=forward_kwargs,
+                                         example_inputs=example_inputs, deferred_batch_norm=deferred_batch_norm)
+        if sequential and len(module) == 0:
             raise ValueError("module is an empty nn.Sequential; give it at least one layer")
         if data_parallel_group is not None:
             check_data_parallel_group(data_parallel_group)  # before any thread starts
@@ -166,13 +177,21 @@ class Pipeline(PipelineModule):
         self.checkpoint = checkpoint
         self.loss_fn = loss_fn
         self.loss_normalizer = options.loss_normalizer
-        self.devices, self.balance = self._resolve_shape(module, schedule, balance, devices)
+        self._cut: ModelCut | None = None
+        if sequential:
+            self.devices, self.balance = resolve_layout(len(module), schedule, balance, devices)
+        else:
+            points, self.devices, self.balance = resolve_cut(module, schedule, split_points, balance, devices)
         self.num_ranks = len(self.devices)
         self.num_stages = len(self.balance)
         self.placement = validate_placement(
             schedule.placement(self.num_stages, self.num_ranks), self.num_stages, self.num_ranks
         )
-        self._stages = split_module(module, self.balance)
+        if sequential:
+            self._stages = split_module(module, self.balance)
+        else:
+            self._cut = ModelCut(module, points, example_inputs, forward_kwargs)
+            self._stages = list(self._cut.stages)
         # refuse weights shared across devices, and a shape the schedule cannot run (the
         # runner validates its plan first), before the module is changed in place
         check_shared_parameters(self._stages, self.placement, self.devices)
@@ -183,6 +202,8 @@ class Pipeline(PipelineModule):
             convert_deferred_batch_norm(module)
         for stage, rank in zip(self._stages, self.placement):
             stage.to(self.devices[rank])
+        if self._cut is not None:
+            self._cut.place([self.devices[rank] for rank in self.placement])
         self._runner.ties.place_owners()  # a tied weight lives on its first stage's device
         self.last_report: StepReport | None = None
         # the model's parameters and loss_fn's (an nn.Module loss): trained, rolled back and combined alike
@@ -190,39 +211,10 @@ class Pipeline(PipelineModule):
         self._replicas = (DataParallelReplicas(data_parallel_group, layout, self)
                           if data_parallel_group is not None else None)
 
-    # ------------------------------------------------------------------ shape
-
-    @staticmethod
-    def _resolve_shape(
-        module: nn.Sequential, schedule: Schedule, balance: Any, devices: Any
-    ) -> tuple[list[torch.device], list[int]]:
-        if devices is not None:
-            if isinstance(devices, (str, bytes, torch.device)) or not isinstance(devices, Sequence) or not devices:
-                raise ValueError(f"devices must be a non-empty list (one entry per rank), got {devices!r}")
-            devices = [resolve_device(d, i) for i, d in enumerate(devices)]
-        if balance is not None:
-            balance = check_balance(balance, len(module))
-            if devices is None:
-                ranks = next(
-                    (r for r in range(1, len(balance) + 1) if schedule.default_num_stages(r) == len(balance)),
-                    None,
-                )
-                if ranks is None:
-                    raise ValueError(
-                        f"schedule {schedule.name!r} cannot place {len(balance)} stages on any number "
-                        f"of ranks by default; pass devices explicitly"
-                    )
-                devices = default_devices(ranks)
-            return devices, balance
-        if devices is None:
-            devices = default_devices(None)
-            while len(devices) > 1 and schedule.default_num_stages(len(devices)) > len(module):
-                devices = devices[:-1]
-        return devices, even_balance(len(module), schedule.default_num_stages(len(devices)))
-
     @property
-    def stages(self) -> list[nn.Sequential]:
-        """The stage modules (sharing layers with ``module``), in stage order."""
+    def stages(self) -> list[nn.Module]:
+        """The stage modules, in stage order: ``nn.Sequential`` objects sharing layers with ``module``,
+        or for a traced model :class:`~pipesched.runtime.model_cut.CutStage` objects holding its tensors."""
         return list(self._stages)
 
     # -------------------------------------------------------------- execution
@@ -231,11 +223,13 @@ class Pipeline(PipelineModule):
     def _random(self) -> Any:
         return self._runner.random
 
-    def step(self, inputs: Tensor | tuple[Tensor, ...], targets: Tensor | tuple[Tensor, ...], *,
+    def step(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor], targets: Tensor | tuple[Tensor, ...], *,
              scaler: Any = None) -> Tensor:
         """Forward and backward of the whole batch under the schedule; returns the detached loss.
 
-        Gradients are *accumulated* into ``.grad`` (call ``optimizer.zero_grad()``
+        ``inputs``: a Tensor or a tuple of them, or a dict of batch-first
+        keyword tensors (a traced model's ``forward(**inputs)``), split along
+        dim 0 into micro-batches. Gradients are *accumulated* into ``.grad`` (call ``optimizer.zero_grad()``
         between steps as usual). If a tensor of ``inputs`` requires grad, its
         ``.grad`` receives the input gradient too.
 
@@ -255,7 +249,7 @@ class Pipeline(PipelineModule):
         replicas = self._replicas
         joined: list[float] = []  # the global loss, once this step joined the replicas' exchange
         try:
-            split = runner.split_inputs(inputs)
+            split = runner.split_inputs(self._checked(inputs))
             targets_mb, weights, normaliser = runner.split_targets(targets, split.sizes)
             count = len(split.sizes)
             plan, lowering = runner.plan(count)
@@ -285,7 +279,7 @@ class Pipeline(PipelineModule):
         loss = batch_loss([ctx.results.losses[m] for m in range(count)], weights)
         return loss if replicas is None else torch.full_like(loss, joined[0])
 
-    def forward(self, inputs: Tensor | tuple[Tensor, ...]) -> Any:
+    def forward(self, inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]) -> Any:
         """Forward half only; the output is gathered on the last rank's device.
 
         It has the last stage's structure: a Tensor, a tuple of Tensors, or a
@@ -307,7 +301,7 @@ class Pipeline(PipelineModule):
         runner = self._runner
         keep = torch.is_grad_enabled()
         try:
-            split = runner.split_inputs(inputs)
+            split = runner.split_inputs(self._checked(inputs))
             count = len(split.sizes)
             plan, lowering = runner.plan(count, "F")
             ctx = runner.context(lowering, keep=keep, io=StepInputs(split.microbatches))
@@ -326,6 +320,12 @@ class Pipeline(PipelineModule):
         anchor = torch.empty(0, requires_grad=True)
         outputs = BackwardHalf.apply(session, anchor, *session.inputs_requiring_grad)
         return unflatten(tuple(outputs), structure)
+
+    def _checked(self, inputs: Any) -> Any:
+        """``inputs``, after a traced model's cut checked them (keys, fixed dims, training mode)."""
+        if self._cut is not None:
+            self._cut.check_inputs(inputs, self.module.training)
+        return inputs
 
     def _keep_report(self, report: StepReport) -> None:
         self.last_report = report

@@ -2,7 +2,7 @@
 """Install pipesched and what it needs into the running Python, without surprise downloads.
 
     python scripts/bootstrap.py           # torch (if missing), anyio, structlog, pipesched
-    python scripts/bootstrap.py --test    # ... plus pytest, pytest-asyncio, hypothesis
+    python scripts/bootstrap.py --test    # ... plus pytest, pytest-asyncio, hypothesis, transformers
     python scripts/bootstrap.py --plot    # ... plus matplotlib (Gantt charts)
 
 Why a script and not just ``pip install -e .``: pip resolves a bare ``torch``

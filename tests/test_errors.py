@@ -18,7 +18,7 @@ def build(**kwargs):
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        ({"module": nn.Linear(2, 2)}, TypeError, "nn.Sequential"),
+        ({"module": nn.Linear(2, 2)}, ValueError, "no block list .* or an nn.Sequential of its layers"),
         ({"module": nn.Sequential(), "balance": None}, ValueError, "empty nn.Sequential"),
         ({"balance": [3, 2]}, ValueError, "sums to 5"),
         ({"balance": [6, 0]}, ValueError, r"balance\[1\] = 0"),

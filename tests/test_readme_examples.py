@@ -43,6 +43,7 @@ RECOMPUTING = "class CountingLayer(nn.Module):"
 DISTRIBUTED = 'dist.init_process_group("gloo")'
 JSONL = 'log = configure_jsonl_logging("run.jsonl")'
 PROFILER = "with torch.profiler.profile(experimental_config=_ExperimentalConfig(profile_all_threads=True))"
+ANY_MODEL = 'pipe = Pipeline(model, split_points=["model.layers.2"]'
 
 # old -> new, applied to the block before it runs: only what a CPU-only test machine needs
 SUBSTITUTIONS: dict[str, dict[str, str]] = {
@@ -147,7 +148,7 @@ def classification_batch(rows: int = 16, width: int = 8, classes: int = 4):
 
 def test_every_readme_block_is_covered():
     keys = [QUICK_START, TRAINING_STEP, SKIP_UNET, TORCHGPIPE, AUTO, CUSTOM, BALANCE, TUNE, RECOMPUTING, DISTRIBUTED,
-            JSONL, PROFILER]
+            JSONL, PROFILER, ANY_MODEL]
     for index, block in enumerate(python_blocks()):
         matching = [key for key in keys if key in block]
         assert len(matching) == 1, (
@@ -381,3 +382,15 @@ def test_profiler_labels(monkeypatch, tmp_path, tracked, opened):
     assert "pipesched F0.0" in trace
     for task in pipe.last_report.tasks:
         assert f'"pipesched {task.kind}{task.stage}.{task.microbatch}"' in trace
+
+
+def test_any_model(opened):
+    """The Hugging Face block runs; its loss is HF's shifted loss on the padded batch (float32 here)."""
+    pytest.importorskip("transformers")
+    ns = run_block(ANY_MODEL, readme_block(ANY_MODEL), {}, opened)
+    model, ids, mask, labels = ns["model"], ns["ids"], ns["mask"], ns["labels"]
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    expected = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    assert abs(float(ns["loss"]) - expected.item()) < 1e-5
+    assert torch.allclose(ns["logits"], logits, atol=1e-5)
+    assert all(p.grad is not None for p in model.parameters())

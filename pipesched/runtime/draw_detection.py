@@ -116,6 +116,9 @@ def draws_nothing(stage: nn.Module | None) -> bool:
         return True
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
+    declared = getattr(stage, "draws_random", None)
+    if isinstance(declared, bool) and not (stage._forward_hooks or stage._forward_pre_hooks):
+        return not declared  # a traced stage has read every call of its graph (see call_draws)
     return all(_quiet(m) for m in stage.modules())
 
 
@@ -157,6 +160,20 @@ def kernel_draws(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool
         if value is not None and not isinstance(value, torch.Tensor) and value == off:
             return False
     return True
+
+
+def call_draws(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a call of a traced graph (an ``fx`` ``call_function`` node) may draw random numbers.
+
+    An ATen kernel is asked as at dispatch (:func:`kernel_draws`; an argument
+    that is another node's value, not a constant, cannot switch a draw off).
+    Python's ``operator`` functions (``getitem``, size arithmetic) never draw.
+    Anything else, a higher-order op whose body is another graph included, is
+    counted as drawing: that costs only the seeding, never a missed draw.
+    """
+    if isinstance(target, torch._ops.OpOverload):
+        return kernel_draws(target, args, kwargs)
+    return getattr(target, "__module__", None) not in ("_operator", "operator")
 
 
 class Watcher(TorchDispatchMode):

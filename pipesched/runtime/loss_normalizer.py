@@ -17,6 +17,9 @@ What ``N`` counts depends on the loss:
 * every other mean-reduced loss (``torch.nn`` losses average over elements or
   rows; CE with probability targets too): rows.
 * ``reduction="sum"``: no normaliser, every micro-batch counts 1.
+* a module loss with a ``loss_normalizer(targets)`` method
+  (:class:`~pipesched.runtime.causal_lm_loss.CausalLMLoss`: its kept,
+  shifted tokens): that count, declared by the loss itself.
 * a ``loss_normalizer(targets_of_a_microbatch) -> count`` given by the user:
   that count, whatever the loss. This is the way to declare the normaliser of
   a plain function such as ``lambda out, y: F.cross_entropy(out, y)``, which
@@ -66,6 +69,9 @@ def check_loss_normalizer(loss_normalizer: object, loss_fn: Any) -> LossNormaliz
                 f"{loss_normalizer!r}; e.g. loss_normalizer=lambda y: (y != -100).sum()"
             )
         return loss_normalizer  # type: ignore[return-value]
+    declared = getattr(loss_fn, "loss_normalizer", None)
+    if isinstance(loss_fn, nn.Module) and callable(declared):
+        return declared  # a module loss that declares its normaliser (pipesched.CausalLMLoss)
     if (
         isinstance(loss_fn, _CLASS_INDEX_LOSSES)
         and not _recognised(loss_fn)

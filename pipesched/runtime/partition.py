@@ -1,4 +1,4 @@
-"""Cut an ``nn.Sequential`` into stages and resolve the devices of ranks.
+"""Cut an ``nn.Sequential`` into stages and resolve the devices of ranks (and layers per stage).
 
 A stage is a run of consecutive layers wrapped in its own ``nn.Sequential``
 that shares the layer objects (and so the parameters) with the user's module,
@@ -9,9 +9,12 @@ trains.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from pipesched.plan.schedule import Schedule
 
 DeviceLike = str | int | torch.device
 
@@ -41,6 +44,36 @@ def even_balance(num_layers: int, num_stages: int) -> list[int]:
             f"give fewer devices or a module with more layers"
         )
     return [num_layers // num_stages + (1 if i < num_layers % num_stages else 0) for i in range(num_stages)]
+
+
+def resolve_layout(
+    num_layers: int, schedule: Schedule, balance: Any, devices: Any
+) -> tuple[list[torch.device], list[int]]:
+    """One device per rank and layers per stage, from what the user gave (see ``Pipeline``'s
+    ``balance`` and ``devices``); ``num_layers`` is what ``balance`` counts."""
+    if devices is not None:
+        if isinstance(devices, (str, bytes, torch.device)) or not isinstance(devices, Sequence) or not devices:
+            raise ValueError(f"devices must be a non-empty list (one entry per rank), got {devices!r}")
+        devices = [resolve_device(d, i) for i, d in enumerate(devices)]
+    if balance is not None:
+        balance = check_balance(balance, num_layers)
+        if devices is None:
+            ranks = next(
+                (r for r in range(1, len(balance) + 1) if schedule.default_num_stages(r) == len(balance)),
+                None,
+            )
+            if ranks is None:
+                raise ValueError(
+                    f"schedule {schedule.name!r} cannot place {len(balance)} stages on any number "
+                    f"of ranks by default; pass devices explicitly"
+                )
+            devices = default_devices(ranks)
+        return devices, balance
+    if devices is None:
+        devices = default_devices(None)
+        while len(devices) > 1 and schedule.default_num_stages(len(devices)) > num_layers:
+            devices = devices[:-1]
+    return devices, even_balance(num_layers, schedule.default_num_stages(len(devices)))
 
 
 def split_module(module: nn.Sequential, balance: Sequence[int]) -> list[nn.Sequential]:

@@ -60,7 +60,7 @@ from pipesched.runtime.skip.layout import SkipLayout
 from pipesched.runtime.skip.portal import StepSkips
 from pipesched.runtime.step_effects import StepEffects
 from pipesched.runtime.tied import TiedWeights
-from pipesched.runtime.structure import TENSOR, TUPLE
+from pipesched.runtime.structure import TENSOR, TUPLE, Structure, flatten
 from pipesched.runtime.tasks import (
     Boundary,
     PipelineLayout,
@@ -185,13 +185,22 @@ class StepRunner:
     # ------------------------------------------------------------- batches
 
     def split_inputs(self, inputs: Any) -> SplitBatch:
-        """``inputs`` (a Tensor or a tuple of them) as ``chunks`` near-equal micro-batches."""
+        """``inputs`` (a Tensor, a tuple of them, or a mapping of keyword names to batch-first
+        Tensors) as ``chunks`` near-equal micro-batches; a mapping stays a mapping per micro-batch."""
+        if isinstance(inputs, Mapping):
+            if not inputs or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in inputs.items()):
+                found = {k: type(v).__name__ for k, v in inputs.items()}
+                raise TypeError(f"inputs is a {type(inputs).__name__} with {found}; a dict of inputs must map "
+                                f"keyword names (str) to batch-first Tensors")
+            tensors, structure = flatten(inputs, "inputs")
+            return self.split_rows(tensors, batch_size(tensors, "inputs"), False, structure)
         tensors = as_tensors(inputs, "inputs")
         return self.split_rows(tensors, batch_size(tensors, "inputs"), isinstance(inputs, Tensor))
 
-    def split_rows(self, tensors: tuple[Tensor, ...], rows: int, single: bool) -> SplitBatch:
+    def split_rows(self, tensors: tuple[Tensor, ...], rows: int, single: bool,
+                   structure: Structure | None = None) -> SplitBatch:
         sizes = split_sizes(rows, self.options.chunks)
-        structure = TENSOR if single else TUPLE
+        structure = structure or (TENSOR if single else TUPLE)
         return SplitBatch(tensors, sizes, [(mb, structure) for mb in scatter(tensors, sizes)])
 
     def split_targets(self, targets: Any, sizes: list[int]) -> tuple[list[Any], list[float], float | None]:
