@@ -1,6 +1,6 @@
 """An independent count of one stage's activation bytes for one micro-batch.
 
-The definition is the README's: the stage input plus the distinct tensors
+The definition is docs/guide/pipeline.md's: the stage input plus the distinct tensors
 autograd saves for backward (seen through ``saved_tensors_hooks``), other than
 the stage's parameters and buffers. Measured here on the bare stage module,
 outside the engine, so the memory benchmark's theory (per-stage bytes × what

@@ -15,7 +15,7 @@ checkpoints only in training mode, refuses ``.to(device)``, and converts batch
 norms to deferred ones (updating once per ``chunks`` micro-batches) when
 asked. Where it deliberately differs (stricter argument types, repeated
 layers and tied weights that work, the model's own state-dict keys) the
-README's migration section says so.
+migration guide (docs/guide/torchgpipe.md) says so.
 """
 
 from __future__ import annotations

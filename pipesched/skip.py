@@ -1,6 +1,6 @@
 """Skip connections, at torchgpipe's import path: ``from pipesched.skip import skippable, stash, pop``.
 
-See :mod:`pipesched.runtime.skip` (and the README, "Skip connections").
+See :mod:`pipesched.runtime.skip` (and docs/guide/shared-layers-and-skips.md, "Skip connections").
 """
 
 from pipesched.runtime.skip import (

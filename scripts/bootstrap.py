@@ -2,7 +2,8 @@
 """Install pipesched and what it needs into the running Python, without surprise downloads.
 
     python scripts/bootstrap.py           # torch (if missing), anyio, structlog, pipesched
-    python scripts/bootstrap.py --test    # ... plus pytest, pytest-asyncio, hypothesis, transformers
+    python scripts/bootstrap.py --test    # ... plus pytest, pytest-asyncio, hypothesis, transformers,
+                                          #     and the docs tools (mkdocs-material, mkdocstrings)
     python scripts/bootstrap.py --plot    # ... plus matplotlib (Gantt charts)
 
 Why a script and not just ``pip install -e .``: pip resolves a bare ``torch``
@@ -59,13 +60,14 @@ def ensure_torch() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test", action="store_true", help="also install the test dependencies")
+    parser.add_argument("--test", action="store_true", help="also install the test and documentation dependencies")
     parser.add_argument("--plot", action="store_true", help="also install matplotlib for Gantt charts")
     args = parser.parse_args()
     if sys.version_info < (3, 10):
         sys.exit(f"bootstrap: pipesched needs Python >= 3.10, this is {sys.version.split()[0]}")
     ensure_torch()
-    extras = [name for name, wanted in (("test", args.test), ("plot", args.plot)) if wanted]
+    # --test also installs the docs extra: tests/test_docs.py builds the site with mkdocs --strict
+    extras = [name for name, wanted in (("test", args.test), ("docs", args.test), ("plot", args.plot)) if wanted]
     target = f"{ROOT}[{','.join(extras)}]" if extras else str(ROOT)
     if pip("--quiet", "-e", target):
         sys.exit("bootstrap: installing pipesched failed")

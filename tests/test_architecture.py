@@ -1,6 +1,6 @@
 """The folder list is the architecture: imports only point down, and nothing imports in a cycle.
 
-Layers, from the bottom (README, "How it runs"; ../shared/DESIGN.md):
+Layers, from the bottom (docs/architecture.md, "How it runs"):
 
     plan  <  observe  <  runtime  <  pipesched.pipeline, distributed  <  pipesched.gpipe, tune  <  cli
 

@@ -147,7 +147,7 @@ def named_costs(name: str, stages: int) -> tuple[dict, float]:
 
 @pytest.mark.parametrize("cap", ["none", "p", "1f1b"])
 def test_auto_is_never_worse_on_the_benchmark_grid(cap):
-    """The README table's grid, contiguous placement: every cell at most the best built-in."""
+    """The auto table's grid (docs/guide/auto-and-tune.md), contiguous placement: every cell at most the best built-in."""
     for p, m, name in GRID:
         if m == 32 and p == 8 and cap != "none":
             continue  # the largest cells only once, to keep the suite fast

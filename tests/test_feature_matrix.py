@@ -443,7 +443,7 @@ def case_node_prehook(data, stages):
 
 
 def case_node_posthook(data, stages):
-    """A post-hook on a built-in node's own outputs: the README's documented limit of split backward.
+    """A post-hook on a built-in node's own outputs: the documented limit of split backward (docs/guide/zero-bubble.md).
 
     W calls a built-in frontier node directly (that is what defers its weight
     half) and no Python API lists a node's post-hooks, so under a plan with W
@@ -802,7 +802,7 @@ def test_feature_matches_unpipelined(feature, schedule, stages, policy, data):
         if errors and all(e.split(":")[0] in limited for e in errors):
             pytest.xfail(f"documented limit of split backward ({feature}): {'; '.join(errors)}")
         if not errors:
-            pytest.fail(f"{feature} under {schedule} is now exact with W: lift the README's limit and this "
+            pytest.fail(f"{feature} under {schedule} is now exact with W: lift the docs' limit (docs/guide/zero-bubble.md) and this "
                         f"test's split_limit", pytrace=False)
     if errors:  # pytest.fail: no assertion introspection of the list, the message says it all
         pytest.fail(f"{feature} under {schedule} (balance {case.balance}, devices {case.devices}, "

@@ -2,7 +2,7 @@
 
 The oracle is written with plain torch: the un-pipelined layers run one
 micro-batch at a time, each stage's forward seeded with
-``forward_seed(step_seed, stage, microbatch)`` — the rule the README states.
+``forward_seed(step_seed, stage, microbatch)`` — the rule docs/guide/checkpointing.md states.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Every ```python example of README.md runs, and does what the text around it says.
+"""Every ```python example of README.md and docs/**/*.md runs, and does what the text around it says.
 
 Blocks are found by a distinctive line of their text, not by position, so
-reordering the README is harmless; a block that disappears or whose key line
+reordering the README or moving a block between pages is harmless (a block the
+README and a docs page both show must be the same text: it is collected once); a block that disappears or whose key line
 changes fails naming that line, and a new block fails
 ``test_every_readme_block_is_covered`` until it gets a test here.
 
@@ -28,7 +29,13 @@ from conftest import assert_grads_equal, mlp, reference_grads
 import pipesched
 from pipesched import GPipe, Pipeline, get_schedule, list_schedules
 
-README = Path(__file__).parent.parent / "README.md"
+ROOT = Path(__file__).parent.parent
+README = ROOT / "README.md"
+
+
+def documents() -> list[Path]:
+    """The README and every page of the docs site."""
+    return [README, *sorted((ROOT / "docs").rglob("*.md"))]
 
 # the key line of each block (a substring that must occur in exactly one ```python block)
 QUICK_START = 'pipe = Pipeline(model, schedule="1f1b", balance=[4, 3], devices=["cpu", "cpu"]'
@@ -69,19 +76,27 @@ SKIPPED = {
 
 
 def python_blocks() -> list[str]:
-    """Every ```python block of the README, dedented (one is indented inside a list)."""
-    text = README.read_text(encoding="utf-8")
+    """Every distinct ```python block of the README and the docs, dedented (one is indented inside a list)."""
     pattern = re.compile(r"^([ \t]*)```python[ \t]*\n(.*?)^\1```[ \t]*$", re.DOTALL | re.MULTILINE)
-    return [textwrap.dedent(match.group(2)) for match in pattern.finditer(text)]
+    blocks: list[str] = []
+    for path in documents():
+        for match in pattern.finditer(path.read_text(encoding="utf-8")):
+            block = textwrap.dedent(match.group(2))
+            if block not in blocks:
+                blocks.append(block)
+    return blocks
 
 
 def readme_block(key: str) -> str:
     found = [block for block in python_blocks() if key in block]
     assert found, (
-        f"README.md has no ```python block containing {key!r}: the example was removed or its key line "
-        f"changed; update tests/test_readme_examples.py"
+        f"README.md and docs/ have no ```python block containing {key!r}: the example was removed or its "
+        f"key line changed; update tests/test_readme_examples.py"
     )
-    assert len(found) == 1, f"{len(found)} ```python blocks of README.md contain {key!r}; pick a distinctive line"
+    assert len(found) == 1, (
+        f"{len(found)} different ```python blocks of README.md and docs/ contain {key!r}; pick a distinctive "
+        f"line (or make the copies the same text)"
+    )
     return found[0]
 
 
@@ -152,7 +167,7 @@ def test_every_readme_block_is_covered():
     for index, block in enumerate(python_blocks()):
         matching = [key for key in keys if key in block]
         assert len(matching) == 1, (
-            f"README ```python block #{index} (starting {block.strip().splitlines()[0]!r}) matches "
+            f"README/docs ```python block #{index} (starting {block.strip().splitlines()[0]!r}) matches "
             f"{len(matching)} keys of tests/test_readme_examples.py; give it a test"
         )
 

@@ -74,7 +74,7 @@ def test_real_heap_agrees_with_the_meter_within_working_memory(schedule):
     """Real peak = the meter's per-rank peaks summed, within a stated tolerance.
 
     The meter counts, per rank, what autograd saves plus the stage inputs it
-    keeps (README, "What the memory figures count"). Summing the ranks'
+    keeps (docs/guide/pipeline.md, "What the memory figures count"). Summing the ranks'
     peaks over-counts views of the caller's batch and targets (no new bytes)
     and under-counts each running task's temporaries (at most 3 boundaries a
     rank here). Tolerance: between half the sum and the sum plus 3

@@ -187,7 +187,7 @@ def test_tied_gpt_on_cuda_gives_unpipelined_gradients_after_optimizer_steps(devi
 
 def test_tied_weights_on_shared_device_rerun_bit_identical():
     """Two ranks on one device each use the tied weight: their gradients must not be added into the
-    one ``.grad`` in whatever order their threads happen to run (the README promises bit-identical
+    one ``.grad`` in whatever order their threads happen to run (docs/guide/shared-layers-and-skips.md promises bit-identical
     reruns); every rerun of the same step gives the same bits, and the plain model's gradients."""
     model = gpt_like(6)
     x, y = tokens(rows=16, seed=3)

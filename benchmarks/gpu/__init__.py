@@ -2,6 +2,6 @@
 
 ``python -m benchmarks.gpu --out DIR`` on a CUDA machine (``--cpu-dry-run``
 runs the same code at tiny sizes on the CPU). ``scripts/gpu_check.sh`` wraps
-it with the installation and the CUDA test runs; the README's "Checking on a
-GPU" says how a session with a device calls it.
+it with the installation and the CUDA test runs; docs/guide/gpu-check.md ("Checking on
+a GPU") says how a session with a device calls it.
 """

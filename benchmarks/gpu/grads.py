@@ -6,7 +6,7 @@ device, never something the pipeline computed:
 
 * ``float64``: an MLP, against one backward of the whole batch; max |Δ| ≤ 1e-10.
 * ``dropout``: the MLP with dropout in every stage, float64, against the
-  README's oracle: the plain layers run one micro-batch at a time, each
+  docs' oracle (docs/guide/checkpointing.md): the plain layers run one micro-batch at a time, each
   stage's forward seeded ``forward_seed(step_seed, stage, micro-batch)``;
   max |Δ| ≤ 1e-10. This is the CUDA RNG replay of checkpointed forwards.
 * ``float32``: convolutions + GroupNorm (no batch norm: its statistics depend

@@ -135,7 +135,7 @@ def intra_op_threads(requested: int | None, ranks_here: int) -> int:
     ``requested`` when given; else the cores per rank (this process's ranks
     and the other local processes of a torchrun job share the cores): on CPU,
     ranks with torch's default thread count fight for the same cores, which
-    measured about 0.6x as fast as one thread per rank (README, "Performance").
+    measured about 0.6x as fast as one thread per rank (benchmarks/RESULTS.md, "When a CPU pipeline pays").
     """
     if requested is not None:
         return requested

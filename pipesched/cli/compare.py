@@ -127,7 +127,7 @@ class CompareConfig:
     #: set by the recompute, not by how many micro-batches the schedule keeps in flight.
     checkpoint: str = "never"
     seed: int = 0
-    #: Intra-op threads per CPU rank; None: the cores per rank (what wins on CPU, see the README).
+    #: Intra-op threads per CPU rank; None: the cores per rank (what wins on CPU, see benchmarks/RESULTS.md).
     threads: int | None = None
 
 

@@ -86,8 +86,7 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         balance: layers per stage, with a full ``nn.Sequential``; default: the
             schedule's stage count for the world size, split evenly.
         num_stages: total number of stages, with a dict of stages.
-        schedule, chunks, checkpoint, loss_fn, loss_normalizer,
-        deferred_batch_norm, stall_timeout, log_tasks, activation_meter: as for
+        schedule, chunks, checkpoint, loss_fn, loss_normalizer, deferred_batch_norm, stall_timeout, log_tasks, activation_meter: as for
             :class:`~pipesched.Pipeline` (``loss_fn`` and ``loss_normalizer``
             are called on the last stage's rank only, where the targets are;
             ``log_tasks=False`` also silences the ``"comm"`` events).

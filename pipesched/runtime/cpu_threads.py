@@ -4,7 +4,7 @@ Every CPU rank of a pipeline runs its ops on torch's intra-op thread pool,
 whose size (``torch.get_num_threads()``, by default the number of cores) is
 read by each worker thread when it first computes. Two CPU ranks with the
 default each try to use every core, so their ops fight for the same cores:
-measured on 2 cores (README, "Performance"), a GPT-style model ran at about
+measured on 2 cores (benchmarks/RESULTS.md, "When a CPU pipeline pays"), a GPT-style model ran at about
 half the speed it reaches with one intra-op thread per rank. The fix is one
 line before the pipeline is built: ``torch.set_num_threads(cores // ranks)``.
 """
@@ -64,7 +64,7 @@ def warn_if_oversubscribed(devices: Sequence[torch.device]) -> None:
         f"each, so the ranks fight for the same cores and every op runs slower. Call "
         f"torch.set_num_threads({share}) before building the pipeline (cores // CPU ranks). "
         f"On CPU, pipelining saves memory per rank but is rarely faster than plain training on the same "
-        f"cores; see the README, 'Performance'",
+        f"cores; see benchmarks/RESULTS.md, 'When a CPU pipeline pays'",
         UserWarning,
         stacklevel=4,
     )
