@@ -19,7 +19,7 @@ A rank found gone in any phase marks the pipeline unusable (:meth:`StepFrame._lo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch.distributed as dist
@@ -67,27 +67,29 @@ class StepFrame:
                          ctx: StepContext) -> float:
         """This step's gradients, inputs' gradients and loss combined with the other pipelines'
         (data parallelism), by the function ``Pipeline.step`` uses."""
-        try:
-            return combine_replicas(self._replicas, ctx, last["normaliser"], loss,  # type: ignore[arg-type]
-                                    list(self.parameters()))
-        except RemoteStepError:
-            effects.rollback()
-            raise
-        except RuntimeError as error:  # a replica's process is gone
-            effects.rollback()
-            raise self._lose(PeerLost(f"a data-parallel replica is gone ({error})")) from error
+        return self._across_replicas(
+            lambda: combine_replicas(self._replicas, ctx, last["normaliser"], loss,  # type: ignore[arg-type]
+                                     list(self.parameters())),
+            effects, "a data-parallel replica")
 
     def _reduce_mesh(self, last: Mapping[str, Any], loss: float, effects: StepEffects, ctx: StepContext) -> float:
         """This step's gradients summed by FSDP over ``mesh["dp"]``, each replica weighted by its share
         (:meth:`~pipesched.distributed.mesh_parallel.MeshReplicas.reduce`); the global batch's loss."""
+        return self._across_replicas(
+            lambda: self._mesh.reduce(last["normaliser"], loss, ctx),  # type: ignore[attr-defined]
+            effects, "a data-parallel replica (mesh['dp'])")
+
+    def _across_replicas(self, reduce: Callable[[], float], effects: StepEffects, who: str) -> float:
+        """Run the replicas' exchange ``reduce``; a replica's failure rolls this step back, and a lost
+        process marks the pipeline unusable."""
         try:
-            return self._mesh.reduce(last["normaliser"], loss, ctx)  # type: ignore[attr-defined]
+            return reduce()
         except RemoteStepError:
             effects.rollback()
             raise
         except RuntimeError as error:  # a replica's process is gone
             effects.rollback()
-            raise self._lose(PeerLost(f"a data-parallel replica (mesh['dp']) is gone ({error})")) from error
+            raise self._lose(PeerLost(f"{who} is gone ({error})")) from error
 
     def _replicas_failed(self) -> None:
         """This pipeline's step failed: tell the other replicas, so none waits for this one."""
