@@ -74,3 +74,16 @@ def test_readme_is_short_and_shows_the_ci_command():
     assert len(lines) <= 250, f"README.md has {len(lines)} lines: move text into docs/"
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
     assert any(line.split("#")[0].strip() == ci for line in lines), f"README.md does not show CI's command {ci!r}"
+
+
+def test_timeline_pictures_are_drawn_from_a_measured_step(tmp_path):
+    """The README's pictures come from ``scripts/timeline_gantt.py``: it runs a real step per schedule
+    and writes one PNG each (needs matplotlib, the ``plot`` extra)."""
+    pytest.importorskip("matplotlib")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "timeline_gantt.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    for schedule in ("1f1b", "zb-h1"):
+        png = tmp_path / f"timeline-{schedule}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", schedule
+        assert f"timeline-{schedule}.png" in (ROOT / "README.md").read_text(encoding="utf-8")
