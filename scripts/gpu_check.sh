@@ -76,6 +76,11 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA
       "| cuDNN", torch.backends.cudnn.version(), "| structlog", structlog.__version__)
 print("pipesched from", pipesched.__file__, "| schedules for 2 ranks:", ", ".join(names))
 assert len(names) >= 8, f"built-in schedules missing (entry points not registered?): {names}"
+try:
+    import transformers
+    print("transformers", transformers.__version__, "(the any-model item uses a Hugging Face Llama)")
+except ImportError as error:
+    print("no transformers:", error, "(the any-model item uses its own causal LM)")
 assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
 print("device:", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
 EOF

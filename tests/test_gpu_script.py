@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-ITEMS = ("gradients", "resnet", "memory", "orchestration")
+ITEMS = ("gradients", "resnet", "memory", "orchestration", "any_model")
 
 
 def dry_run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +43,8 @@ def test_cpu_dry_run_measures_every_item_and_writes_json_and_markdown(tmp_path):
     assert {"naive-1", "pipeline-1"} <= experiments
     markdown = (tmp_path / "gpu.md").read_text()
     assert "no wrong gradients" in markdown
-    for title in ("## 2. Gradients", "## 3. ResNet-101", "## 4. AmoebaNet-D", "## 5. Orchestration"):
+    assert all(row["ok"] for row in document["items"]["any_model"]["rows"])
+    for title in ("## 2. Gradients", "## 3. ResNet-101", "## 4. AmoebaNet-D", "## 5. Orchestration", "## 6. Any model"):
         assert title in markdown
 
 
