@@ -197,10 +197,19 @@ def _post_backward(stage: FSDPModule, reduce: bool) -> None:
     stage.set_requires_gradient_sync(reduce)
     state = stage._get_fsdp_state()  # fully_shard's or replicate's
     for each in state._state_ctx.all_states:
-        for group in each._fsdp_param_groups:
+        for group in _param_groups(each):
             group.post_backward()
     state._root_post_backward_final_callback()
     stage.reshard()
+
+
+def _param_groups(state: object) -> list[object]:
+    """An FSDP state's parameter groups: a list in torch 2.13, one group (or None) in 2.11 (the GPU image)."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
 
 
 __all__ = ["DATA_PARALLEL_KINDS", "MeshReplicas", "refuse_under_mesh", "split_mesh"]
