@@ -89,3 +89,16 @@ def test_what_a_dp_mesh_does_not_support_yet_is_refused(results, name):
     for result in results:
         for schedule, kind in mesh_scenarios.CASES:
             assert "not supported with a mesh that has a 'dp' dimension yet" in result[f"{schedule}-{kind}"][name]
+
+
+def test_fsdp_param_groups_found_on_torch_2_11_states_too():
+    """torch 2.11 (the GPU image) keeps one ``_fsdp_param_group``, 2.13 a list ``_fsdp_param_groups``:
+    reading only the list crashed every mesh step on 2.11."""
+    from types import SimpleNamespace
+
+    from pipesched.distributed.mesh_parallel import _param_groups
+
+    first, second = object(), object()
+    assert _param_groups(SimpleNamespace(_fsdp_param_groups=[first, second])) == [first, second]
+    assert _param_groups(SimpleNamespace(_fsdp_param_group=first)) == [first]
+    assert _param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
