@@ -213,3 +213,25 @@ def test_tune_accepts_a_cut_model():
     with pytest.raises(TypeError, match=r"GPT2LMHeadModel is not an nn.Sequential, so it is traced and cut like "
                                         r"Pipeline\(model\) cuts it; inputs must be a dict"):
         pipesched.tune(model, inputs["input_ids"], labels, CausalLMLoss(), devices=RANKS)
+
+
+def test_tune_units_leave_out_and_restore_none_entries():
+    """A cut stage may output ``None`` entries (skipped by transport); the profiler passes tuples of
+    tensors, so a unit leaves them out and the next puts them back where the trace had them."""
+    from pipesched.tune.units import BlockUnit
+
+    class Emit(nn.Module):
+        def forward(self, value):
+            return (value[0] * 2, None, value[1])
+
+    class Take(nn.Module):
+        def forward(self, value):
+            first, nothing, last = value
+            assert nothing is None
+            return (first + last,)
+
+    x, y = torch.randn(3, 2), torch.randn(3, 2)
+    sent = BlockUnit(Emit(), None, holes_in=[], holes_out=[1])((x, y))
+    assert len(sent) == 2 and all(isinstance(t, torch.Tensor) for t in sent)
+    (out,) = BlockUnit(Take(), None, holes_in=[1], holes_out=[])(sent)
+    assert torch.equal(out, 2 * x + y)
