@@ -31,7 +31,7 @@ KINDS: tuple[str, ...] = ("F", "B", "W")
 Plan = list[list["Action"]]
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True, order=True, init=False)
 class Action:
     """Forward (``"F"``), backward (``"B"``) or weight gradient (``"W"``) of ``stage`` on ``microbatch``."""
 
@@ -43,13 +43,17 @@ class Action:
     # seed, hence __reduce__: a pickled action is rebuilt, and rehashed, where it lands.
     _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"Action kind must be one of {KINDS}, got {self.kind!r}")
-        for name, value in (("stage", self.stage), ("microbatch", self.microbatch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Action {name} must be an int >= 0, got {value!r}")
-        object.__setattr__(self, "_hash", hash((self.kind, self.stage, self.microbatch)))
+    def __init__(self, kind: Kind, stage: int, microbatch: int) -> None:
+        # A plan at cluster scale holds millions of actions, so the common case (an exact
+        # int, a known kind) is one test, and the fields are set through the slots'
+        # descriptors rather than the frozen class's refusing __setattr__.
+        if not (kind in _KIND_SET and type(stage) is int and type(microbatch) is int
+                and stage >= 0 and microbatch >= 0):
+            _check_fields(kind, stage, microbatch)
+        _set_kind(self, kind)
+        _set_stage(self, stage)
+        _set_microbatch(self, microbatch)
+        _set_hash(self, hash((kind, stage, microbatch)))
 
     def __hash__(self) -> int:
         return self._hash
@@ -59,6 +63,22 @@ class Action:
 
     def __str__(self) -> str:
         return f"{self.kind}{self.stage}.{self.microbatch}"
+
+
+_KIND_SET = frozenset(KINDS)
+_set_kind = Action.kind.__set__  # type: ignore[attr-defined]
+_set_stage = Action.stage.__set__  # type: ignore[attr-defined]
+_set_microbatch = Action.microbatch.__set__  # type: ignore[attr-defined]
+_set_hash = Action._hash.__set__  # type: ignore[attr-defined]
+
+
+def _check_fields(kind: object, stage: object, microbatch: object) -> None:
+    """The slow path of ``Action(...)``: raise the error that names a bad field (int subclasses pass)."""
+    if kind not in KINDS:
+        raise ValueError(f"Action kind must be one of {KINDS}, got {kind!r}")
+    for name, value in (("stage", stage), ("microbatch", microbatch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"Action {name} must be an int >= 0, got {value!r}")
 
 
 def split_backwards(actions: Any) -> set[tuple[int, int]]:

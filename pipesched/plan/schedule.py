@@ -34,6 +34,7 @@ __all__ = [
     "require_one_stage_per_rank",
     "require_v_shape",
     "v_shape_placement",
+    "validate_actions_reference",
     "validate_placement",
     "validate_plan",
 ]
@@ -262,6 +263,11 @@ def validate_plan(
     cannot run W); ``kinds="F"`` checks a forward-only plan. ``skips``: the
     model's skip connections (:class:`~pipesched.plan.lowering.SkipEdge`),
     whose edges join the deadlock check.
+
+    The checks run on arrays (:mod:`pipesched.plan.fast_simulate`), linear in
+    the plan's size with a small constant; a plan that fails one is walked
+    again by :func:`validate_actions_reference`, whose error names the first
+    offending action.
     """
     placement = validate_placement(placement, num_stages, num_ranks)
     skips = check_skips(skips, num_stages)
@@ -272,6 +278,29 @@ def validate_plan(
     if isinstance(plan, (str, bytes)) or not isinstance(plan, Sequence) or len(plan) != num_ranks:
         got = len(plan) if isinstance(plan, Sequence) else type(plan).__name__
         raise ValueError(f"a plan must hold one action list per rank ({num_ranks}), got {got}")
+    from pipesched.plan.fast_simulate import validate_plan_fast  # numpy loads with the first check
+    from pipesched.plan.plan_arrays import NotFast
+
+    try:
+        return validate_plan_fast(plan, num_stages, num_microbatches, placement, kinds, skips)
+    except NotFast:  # some check fails: the reference walk names the first offending action
+        return validate_actions_reference(plan, num_stages, num_microbatches, placement, kinds, skips)
+
+
+def validate_actions_reference(
+    plan: Sequence[Sequence[Action]],
+    num_stages: int,
+    num_microbatches: int,
+    placement: Sequence[int],
+    kinds: str,
+    skips: Sequence[SkipEdge],
+) -> Plan:
+    """The per-action checks of :func:`validate_plan`, one action at a time, and the deadlock check by replay.
+
+    Arguments as :func:`validate_plan` has checked them. The yardstick of the
+    array-based checks (:func:`pipesched.plan.fast_simulate.validate_plan_fast`),
+    and what words the error of a plan that fails them.
+    """
     checked: Plan = []
     seen: dict[Action, int] = {}
     for rank, actions in enumerate(plan):

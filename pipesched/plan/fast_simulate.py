@@ -1,0 +1,191 @@
+"""The simulator and the plan validator on arrays: what :func:`~pipesched.plan.simulate.simulate` and
+:func:`~pipesched.plan.schedule.validate_plan` run by default.
+
+Both answer exactly what the reference code answers (the dict-based walk of
+:func:`pipesched.plan.replay.replay`, kept as the yardstick the tests hold
+this module to): the same start and end of every action, bit for bit, the
+same makespan, busy times, peaks and critical path, the same verdict on a
+plan, the same :class:`~pipesched.plan.replay.Deadlock`. They get there in a
+few passes over numpy columns (:mod:`pipesched.plan.plan_arrays`,
+:mod:`pipesched.plan.fast_replay`) instead of one dict operation after
+another, which is what makes a plan of 256 ranks and 4096 micro-batches
+(two million actions) a matter of seconds, not minutes.
+
+Wherever the answer is an error (a malformed plan, a bad cost, a missing
+input), these functions raise :class:`~pipesched.plan.plan_arrays.NotFast`
+and the caller runs the reference, which names the problem exactly as it
+always did. Costs given as a mapping or a callable are read once per
+``(kind, stage)`` (and split or whole backward), as their contract
+``(kind, stage) -> seconds`` allows; measured records, whose cost depends on
+the micro-batch, are read per action.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from pipesched.plan.action import Action, Plan
+from pipesched.plan.costs import Costs, as_cost_function, check_comm
+from pipesched.plan.fast_replay import replay_arrays
+from pipesched.plan.lowering import Skips, SkipEdge, check_skips
+from pipesched.plan.plan_arrays import ActionTable, NotFast, PlanArrays
+from pipesched.plan.simulate import SimResult, ratio
+
+__all__ = ["simulate_fast", "validate_plan_fast"]
+
+_F, _B, _W = 0, 1, 2
+
+
+def simulate_fast(
+    plan: Sequence[Sequence[Action]],
+    costs: Costs,
+    comm: float = 0.0,
+    num_stages: int | None = None,
+    skips: Sequence[SkipEdge] = (),
+    engine: str | None = None,
+) -> SimResult:
+    """:func:`pipesched.plan.simulate.simulate` on arrays; :class:`NotFast` where it would raise (but a deadlock)."""
+    arrays = PlanArrays(plan, 0 if num_stages is None else _stage_count(num_stages))
+    top = int(arrays.stage.max()) + 1 if arrays.size else 0
+    if num_stages is None:
+        num_stages = top
+    if arrays.num_stages != num_stages:  # a stage beyond num_stages: the reference names it
+        raise NotFast
+    deps, wanted = arrays.dependencies()
+    if (wanted & (deps < 0)).any():
+        raise NotFast  # IncompletePlan
+    checked_skips = check_skips(skips, num_stages)
+    comm = check_comm(comm)
+    if checked_skips:
+        deps, wanted = arrays.dependencies(checked_skips)
+        if (wanted & (deps < 0)).any():
+            raise NotFast  # a skip's producer is missing
+    duration = _durations(arrays, costs)
+    timed = replay_arrays(arrays, deps, duration, comm, checked_skips, engine)
+    assert timed is not None
+    start, end = timed.start, timed.end
+    makespan = float(end.max()) if arrays.size else 0.0
+    spent = (end - start).tolist()
+    busy = [math.fsum(spent[o:o + n]) for o, n in zip(arrays.offsets.tolist(), arrays.lengths.tolist())]
+    idle = [max(0.0, makespan - b) for b in busy]
+    total_busy, total_idle = math.fsum(busy), math.fsum(idle)
+    return SimResult(
+        makespan=makespan,
+        busy=busy,
+        idle=idle,
+        bubble_over_total=[ratio(i, makespan) for i in idle],
+        bubble_over_ideal=[ratio(i, b) for i, b in zip(idle, busy)],
+        overall_bubble_over_total=ratio(total_idle, makespan * arrays.num_ranks),
+        overall_bubble_over_ideal=ratio(total_idle, total_busy),
+        peak_inflight=_peaks(arrays),
+        critical_path=_critical_path(arrays, end, timed.because),
+        start=ActionTable(arrays, start),
+        end=ActionTable(arrays, end),
+        rank_of=ActionTable(arrays, arrays.rank),
+        num_stages=num_stages,
+    )
+
+
+def validate_plan_fast(
+    plan: Sequence[Sequence[Action]],
+    num_stages: int,
+    num_microbatches: int,
+    placement: Sequence[int],
+    kinds: str,
+    skips: Skips,
+) -> Plan:
+    """The per-action checks of :func:`~pipesched.plan.schedule.validate_plan`, on columns.
+
+    The caller has checked the arguments (placement, kinds, skips, one list
+    per rank). Any failed check raises :class:`NotFast` (the reference then
+    names the first offending action); a deadlock raises
+    :class:`~pipesched.plan.replay.Deadlock` here, with the reference's words.
+    """
+    arrays = PlanArrays(plan, num_stages, num_microbatches)
+    if arrays.num_stages != num_stages or arrays.num_microbatches != num_microbatches:
+        raise NotFast  # out of range
+    codes = {"FBW".index(k) for k in kinds}
+    present = np.bincount(arrays.kind, minlength=3)
+    if any(present[code] and code not in codes for code in range(3)):
+        raise NotFast  # a kind the plan may not hold
+    if arrays.size and not np.array_equal(np.asarray(placement, dtype=np.int64)[arrays.stage], arrays.rank):
+        raise NotFast  # an action off its stage's rank
+    position = np.arange(arrays.size)
+    for kind, before in ((_B, _F), (_W, _B)):
+        mine = arrays.kind == kind
+        if mine.any():
+            earlier = arrays.find(before, arrays.stage[mine], arrays.microbatch[mine])
+            if ((earlier < 0) | (earlier > position[mine])).any():
+                raise NotFast  # a B before its F, a W before its B (same rank: placement holds)
+    required = [code for code in (_F, _B) if code in codes]
+    if any(present[code] != num_stages * num_microbatches for code in required):
+        raise NotFast  # actions missing
+    deps, _ = arrays.dependencies(skips)
+    replay_arrays(arrays, deps, None, 0.0, skips)
+    return [list(row) for row in plan]
+
+
+def _stage_count(num_stages: Any) -> int:
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < 0:
+        raise NotFast
+    return num_stages
+
+
+def _durations(arrays: PlanArrays, costs: Costs) -> np.ndarray:
+    """Seconds per action (flat order), priced by :func:`~pipesched.plan.costs.as_cost_function` itself.
+
+    A mapping or callable prices by ``(kind, stage)`` and whether a B is
+    split, so one representative action of each such class is asked and the
+    answer spread over the class; records are asked per action.
+    """
+    split_b = (arrays.kind == _B) & (arrays.find(_W, arrays.stage, arrays.microbatch) >= 0)
+    try:
+        if isinstance(costs, Mapping) or callable(costs):
+            group = (arrays.kind * arrays.num_stages + arrays.stage) * 2 + split_b
+            groups, first, inverse = np.unique(group, return_index=True, return_inverse=True)
+            representatives = [arrays.actions[i] for i in first.tolist()]
+            cost = as_cost_function(costs, _split_pairs(representatives, split_b[first].tolist()))
+            return np.array([cost(a) for a in representatives], dtype=np.float64)[inverse.reshape(-1)]
+        pairs = _split_pairs(arrays.actions, split_b.tolist())
+        cost = as_cost_function(costs, pairs)
+        return np.fromiter(map(cost, arrays.actions), dtype=np.float64, count=arrays.size)
+    except Exception as error:  # noqa: BLE001 - the reference raises it again, in its own order
+        raise NotFast from error
+
+
+def _split_pairs(actions: Sequence[Action], split: Sequence[bool]) -> set[tuple[int, int]]:
+    return {(a.stage, a.microbatch) for a, is_split in zip(actions, split) if is_split}
+
+
+def _peaks(arrays: PlanArrays) -> list[int]:
+    """:func:`~pipesched.plan.simulate.peak_inflight` of every rank: a running sum per rank, its maximum."""
+    if not arrays.size:
+        return [0] * arrays.num_ranks
+    w_at = arrays.find(_W, arrays.stage, arrays.microbatch)
+    split_here = (w_at >= 0) & (arrays.rank[np.maximum(w_at, 0)] == arrays.rank)
+    delta = np.where(arrays.kind == _F, 1, np.where((arrays.kind == _W) | ~split_here, -1, 0))
+    running = np.cumsum(delta)
+    first = np.minimum(arrays.offsets, arrays.size - 1)  # an empty rank's offset may be past the end
+    base = np.repeat(running[first] - delta[first], arrays.lengths)
+    held = running - base
+    peaks = np.zeros(arrays.num_ranks, dtype=np.int64)
+    filled = arrays.lengths > 0
+    peaks[filled] = np.maximum.reduceat(held, arrays.offsets[filled])
+    return np.maximum(peaks, 0).tolist()
+
+
+def _critical_path(arrays: PlanArrays, end: np.ndarray, because: np.ndarray) -> list[Action]:
+    """Back from the first action (plan order) to end last, along what decided each start."""
+    if not arrays.size:
+        return []
+    path = []
+    node = int(end.argmax())
+    while node >= 0:
+        path.append(arrays.actions[node])
+        node = int(because[node])
+    path.reverse()
+    return path
