@@ -32,6 +32,7 @@ actions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,111 +74,131 @@ def replay_arrays(
         engine = "waves" if arrays.num_ranks >= WAVE_MIN_RANKS else "loop"
     if engine not in ("waves", "loop"):
         raise ValueError(f"engine must be 'waves' or 'loop', got {engine!r}")
-    run = _waves if engine == "waves" else _loop
-    cursor, result = run(arrays, deps, duration, comm)
-    if (cursor < arrays.offsets + arrays.lengths).any():
-        _raise_deadlock(arrays, cursor, result_done(arrays, cursor), skips)
-    return result
-
-
-def result_done(arrays: PlanArrays, cursor: np.ndarray) -> np.ndarray:
-    """Whether each action ran, given each rank's first action not run (actions run in plan order per rank)."""
-    position = np.arange(arrays.size) - np.repeat(arrays.offsets, arrays.lengths)
-    return position < np.repeat(cursor - arrays.offsets, arrays.lengths)
-
-
-def _waves(arrays: PlanArrays, deps: np.ndarray, duration: np.ndarray | None,
-           comm: float) -> tuple[np.ndarray, ArrayReplay | None]:
     size = arrays.size
     dep = np.where(deps < 0, size, deps)  # size: a sentinel input, always done, arriving at -inf
-    done = np.zeros(size + 1, dtype=bool)
-    done[size] = True
-    timed = duration is not None
-    if timed:
+    hop = None
+    if duration is not None:
         producer_rank = np.append(arrays.rank, -1)[dep]
         hop = np.where((producer_rank != arrays.rank[:, None]) & (dep < size), comm, 0.0)
-        start = np.zeros(size)
-        end = np.full(size + 1, -np.inf)
-        because = np.full(size, -1, dtype=np.int64)
-        rank_end = np.zeros(arrays.num_ranks)
-        rank_last = np.full(arrays.num_ranks, -1, dtype=np.int64)
-    cursor = arrays.offsets.copy()
-    stop = arrays.offsets + arrays.lengths
+    if engine == "waves":
+        cursor, end = _waves(arrays, dep, hop, duration)
+    else:
+        cursor, end = _loop(arrays, dep, hop, duration)
+    if (cursor < arrays.offsets + arrays.lengths).any():
+        _raise_deadlock(arrays, cursor, skips)
+    if duration is None:
+        return None
+    return _explain(arrays, dep, hop, end)
+
+
+def _waves(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray | None,
+           duration: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per rank, the first action not run; per action, its end (NaN: not run; sentinel last, at -inf)."""
+    size = arrays.size
+    end = np.full(size + 1, np.nan)
+    end[size] = -np.inf
+    timed = duration is not None
+    cursor = arrays.offsets + arrays.lengths  # finished ranks end there; the others are written back below
     ranks = np.nonzero(arrays.lengths)[0]
-    heads, ends = cursor[ranks], stop[ranks]
+    heads = arrays.offsets[ranks].copy()
+    ends = cursor[ranks]
+    rank_end = np.zeros(ranks.size)
     while ranks.size:
         inputs = dep[heads]
-        ready = done[inputs].all(axis=1)
-        if not ready.all():
+        arrival = end[inputs]
+        if np.isnan(arrival).any():
+            ready = ~np.isnan(arrival).any(axis=1)
             if not ready.any():
                 break
-            moving, moving_ranks, inputs = heads[ready], ranks[ready], inputs[ready]
+            moving = heads[ready]
+            arrival = arrival[ready]
         else:
-            moving, moving_ranks = heads, ranks
+            ready, moving = None, heads
         if timed:
-            candidates = np.concatenate((rank_end[moving_ranks][:, None], end[inputs] + hop[moving]), axis=1)
-            choice = candidates.argmax(axis=1)
-            rows = np.arange(moving.size)
-            begin = candidates[rows, choice]
-            finish = begin + duration[moving]
-            start[moving] = begin
+            arrival += hop[moving]  # type: ignore[index]
+            finish = arrival.max(axis=1)
+            if ready is None:
+                np.maximum(finish, rank_end, out=finish)
+                finish += duration[moving]  # type: ignore[index]
+                rank_end = finish
+            else:
+                finish = np.maximum(finish, rank_end[ready]) + duration[moving]  # type: ignore[index]
+                rank_end[ready] = finish
             end[moving] = finish
-            because[moving] = np.where(choice == 0, rank_last[moving_ranks],
-                                       inputs[rows, np.maximum(choice - 1, 0)])
-            rank_end[moving_ranks] = finish
-            rank_last[moving_ranks] = moving
-        done[moving] = True
-        heads = heads + ready
-        cursor[moving_ranks] += 1
+        else:
+            end[moving] = 0.0
+        if ready is None:
+            heads = heads + 1
+        else:
+            heads = heads + ready
         left = heads < ends
         if not left.all():
-            ranks, heads, ends = ranks[left], heads[left], ends[left]
-    if not timed:
-        return cursor, None
-    return cursor, ArrayReplay(start, end[:size], because)
+            ranks, heads, ends, rank_end = ranks[left], heads[left], ends[left], rank_end[left]
+    cursor[ranks] = heads
+    return cursor, end[:size]
 
 
-def _loop(arrays: PlanArrays, deps: np.ndarray, duration: np.ndarray | None,
-          comm: float) -> tuple[np.ndarray, ArrayReplay | None]:
+def _loop(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray | None,
+          duration: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The same rule as :func:`_waves`, one action at a time, sweeping the ranks until none can move."""
     size = arrays.size
-    rank = arrays.rank.tolist()
-    inputs = [[j for j in row if j >= 0] for row in deps.tolist()]
+    inputs = dep.tolist()
+    delays = hop.tolist() if hop is not None else [[0.0] * dep.shape[1]] * size
     cost = duration.tolist() if duration is not None else [0.0] * size
-    done = [False] * size
-    start, end, because = [0.0] * size, [0.0] * size, [-1] * size
+    end = [math.nan] * size + [-math.inf]
     cursor = arrays.offsets.tolist()
     stop = (arrays.offsets + arrays.lengths).tolist()
     rank_end = [0.0] * arrays.num_ranks
-    rank_last = [-1] * arrays.num_ranks
     moved = True
     while moved:
         moved = False
         for r in range(arrays.num_ranks):
-            i, last, begin_at = cursor[r], rank_last[r], rank_end[r]
+            i, begin_at = cursor[r], rank_end[r]
             while i < stop[r]:
-                needs = inputs[i]
-                if not all(done[j] for j in needs):
-                    break
-                begin, why = begin_at, last
-                for j in needs:
-                    arrival = end[j] + (comm if rank[j] != r else 0.0)
+                begin = begin_at
+                for j, delay in zip(inputs[i], delays[i]):
+                    arrival = end[j] + delay
+                    if arrival != arrival:  # NaN: not run yet
+                        break
                     if arrival > begin:
-                        begin, why = arrival, j
-                start[i], because[i] = begin, why
-                end[i] = begin_at = begin + cost[i]
-                done[i] = True
-                last = i
-                i += 1
+                        begin = arrival
+                else:
+                    end[i] = begin_at = begin + cost[i]
+                    i += 1
+                    continue
+                break
             if i != cursor[r]:
-                cursor[r], rank_last[r], rank_end[r], moved = i, last, begin_at, True
-    result = ArrayReplay(np.array(start), np.array(end), np.array(because, dtype=np.int64)) \
-        if duration is not None else None
-    return np.array(cursor, dtype=np.int64), result
+                cursor[r], rank_end[r], moved = i, begin_at, True
+    return np.array(cursor, dtype=np.int64), np.array(end[:size])
 
 
-def _raise_deadlock(arrays: PlanArrays, cursor: np.ndarray, done: np.ndarray, skips: Skips) -> None:
+def _explain(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray, end: np.ndarray) -> ArrayReplay:
+    """Start and deciding predecessor of every action, from the ends (the reference's rule, all at once).
+
+    An action started at the latest of its rank's previous end (0 for a
+    rank's first action) and its inputs' arrivals; what decided it is the
+    first of those, in that order, to reach the maximum, as the reference's
+    "later only if strictly later" walk finds it.
+    """
+    size = arrays.size
+    first = np.zeros(size, dtype=bool)
+    first[arrays.offsets[arrays.lengths > 0]] = True
+    previous = np.arange(-1, size - 1)
+    previous[first] = -1
+    tail = np.where(first, 0.0, np.append(end, 0.0)[previous])
+    candidates = np.concatenate((tail[:, None], np.append(end, -np.inf)[dep] + hop), axis=1)
+    choice = candidates.argmax(axis=1)
+    rows = np.arange(size)
+    start = candidates[rows, choice]
+    inputs = np.where(dep >= size, -1, dep)
+    because = np.where(choice == 0, previous, inputs[rows, np.maximum(choice - 1, 0)]) if size else previous
+    return ArrayReplay(start, end, because.astype(np.int64))
+
+
+def _raise_deadlock(arrays: PlanArrays, cursor: np.ndarray, skips: Skips) -> None:
     """The reference's :class:`Deadlock`: per stuck rank, its first action not run and the inputs it lacks."""
+    position = np.arange(arrays.size) - np.repeat(arrays.offsets, arrays.lengths)
+    done = position < np.repeat(cursor - arrays.offsets, arrays.lengths)
     stuck = []
     for r in range(arrays.num_ranks):
         head_at = int(cursor[r])

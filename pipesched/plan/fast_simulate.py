@@ -49,10 +49,9 @@ def simulate_fast(
     engine: str | None = None,
 ) -> SimResult:
     """:func:`pipesched.plan.simulate.simulate` on arrays; :class:`NotFast` where it would raise (but a deadlock)."""
-    arrays = PlanArrays(plan, 0 if num_stages is None else _stage_count(num_stages))
-    top = int(arrays.stage.max()) + 1 if arrays.size else 0
+    arrays = _arrays_of(plan, 0 if num_stages is None else _stage_count(num_stages))
     if num_stages is None:
-        num_stages = top
+        num_stages = arrays.num_stages
     if arrays.num_stages != num_stages:  # a stage beyond num_stages: the reference names it
         raise NotFast
     deps, wanted = arrays.dependencies()
@@ -105,7 +104,7 @@ def validate_plan_fast(
     names the first offending action); a deadlock raises
     :class:`~pipesched.plan.replay.Deadlock` here, with the reference's words.
     """
-    arrays = PlanArrays(plan, num_stages, num_microbatches)
+    arrays = _arrays_of(plan, num_stages, num_microbatches)
     if arrays.num_stages != num_stages or arrays.num_microbatches != num_microbatches:
         raise NotFast  # out of range
     codes = {"FBW".index(k) for k in kinds}
@@ -118,7 +117,7 @@ def validate_plan_fast(
     for kind, before in ((_B, _F), (_W, _B)):
         mine = arrays.kind == kind
         if mine.any():
-            earlier = arrays.find(before, arrays.stage[mine], arrays.microbatch[mine])
+            earlier = arrays.partner(before)[mine]
             if ((earlier < 0) | (earlier > position[mine])).any():
                 raise NotFast  # a B before its F, a W before its B (same rank: placement holds)
     required = [code for code in (_F, _B) if code in codes]
@@ -126,7 +125,34 @@ def validate_plan_fast(
         raise NotFast  # actions missing
     deps, _ = arrays.dependencies(skips)
     replay_arrays(arrays, deps, None, 0.0, skips)
-    return [list(row) for row in plan]
+    checked = CheckedPlan(list(row) for row in plan)
+    checked.arrays = arrays
+    return checked
+
+
+class CheckedPlan(list):  # type: ignore[type-arg]
+    """A plan :func:`validate_plan_fast` passed: a plain list of per-rank lists that keeps its arrays.
+
+    Simulating a plan right after checking it is the common case (``auto``,
+    ``pipesched schedule show``), so :func:`simulate_fast` reuses the arrays
+    when the plan still holds the very same action objects, rank by rank
+    (:meth:`PlanArrays.describes`); an edited plan is read again. Pickles and
+    copies as a plain list.
+    """
+
+    __slots__ = ("arrays",)
+
+    def __reduce__(self) -> tuple[Any, tuple[list[Any]]]:
+        return (list, (list(self),))
+
+
+def _arrays_of(plan: Sequence[Sequence[Action]], num_stages: int, num_microbatches: int | None = None) -> PlanArrays:
+    """The arrays a :class:`CheckedPlan` keeps, when they still describe it and its shape; else new ones."""
+    kept = getattr(plan, "arrays", None) if isinstance(plan, CheckedPlan) else None
+    if kept is not None and kept.num_stages >= num_stages and kept.num_microbatches >= (num_microbatches or 0) \
+            and kept.describes(plan):
+        return kept
+    return PlanArrays(plan, num_stages, num_microbatches)
 
 
 def _stage_count(num_stages: Any) -> int:
@@ -142,7 +168,7 @@ def _durations(arrays: PlanArrays, costs: Costs) -> np.ndarray:
     split, so one representative action of each such class is asked and the
     answer spread over the class; records are asked per action.
     """
-    split_b = (arrays.kind == _B) & (arrays.find(_W, arrays.stage, arrays.microbatch) >= 0)
+    split_b = (arrays.kind == _B) & (arrays.partner(_W) >= 0)
     try:
         if isinstance(costs, Mapping) or callable(costs):
             group = (arrays.kind * arrays.num_stages + arrays.stage) * 2 + split_b
@@ -165,7 +191,7 @@ def _peaks(arrays: PlanArrays) -> list[int]:
     """:func:`~pipesched.plan.simulate.peak_inflight` of every rank: a running sum per rank, its maximum."""
     if not arrays.size:
         return [0] * arrays.num_ranks
-    w_at = arrays.find(_W, arrays.stage, arrays.microbatch)
+    w_at = arrays.partner(_W)
     split_here = (w_at >= 0) & (arrays.rank[np.maximum(w_at, 0)] == arrays.rank)
     delta = np.where(arrays.kind == _F, 1, np.where((arrays.kind == _W) | ~split_here, -1, 0))
     running = np.cumsum(delta)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, is_
 from typing import Any
 
 import numpy as np
@@ -50,8 +50,10 @@ class PlanArrays:
     (0, 1, 2 for F, B, W), ``stage``, ``microbatch``, ``rank``, ``key``;
     ``offsets[r]`` / ``lengths[r]``: where rank r's list sits in the flat
     order; ``index``: key -> flat position or -1. ``actions``: the plan's own
-    Action objects, flat. Raises :class:`NotFast` for anything that is not a
-    list of Action lists, or for duplicates.
+    Action objects, flat; ``rows``: their list per rank. Raises
+    :class:`NotFast` for anything that is not a list of Action lists, or
+    for duplicates. Integers are 32-bit where they fit (half the memory
+    traffic of every pass).
     """
 
     def __init__(self, plan: Sequence[Sequence[Action]], num_stages: int, num_microbatches: int | None = None):
@@ -69,32 +71,44 @@ class PlanArrays:
         self.num_ranks = len(rows)
         self.lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         self.offsets = np.concatenate(([0], np.cumsum(self.lengths)[:-1])).astype(np.int64)
-        self.kind = np.fromiter(map(_KIND_CODE.__getitem__, map(_kind_of, self.actions)), dtype=np.int64, count=size)
-        self.stage = np.fromiter(map(_stage_of, self.actions), dtype=np.int64, count=size)
-        self.microbatch = np.fromiter(map(_microbatch_of, self.actions), dtype=np.int64, count=size)
-        self.rank = np.repeat(np.arange(len(rows), dtype=np.int64), self.lengths)
-        top_stage = int(self.stage.max()) + 1 if size else 0
-        top_mb = int(self.microbatch.max()) + 1 if size else 0
-        self.num_stages = max(num_stages, top_stage)
-        self.num_microbatches = max(num_microbatches or 0, top_mb, 1)
+        stage = np.fromiter(map(_stage_of, self.actions), dtype=np.int64, count=size)
+        microbatch = np.fromiter(map(_microbatch_of, self.actions), dtype=np.int64, count=size)
+        self.num_stages = max(num_stages, int(stage.max()) + 1 if size else 0)
+        self.num_microbatches = max(num_microbatches or 0, int(microbatch.max()) + 1 if size else 0, 1)
         span = len(KINDS) * self.num_stages * self.num_microbatches
         if span > 8 * size + 4096:
             raise NotFast  # sparse micro-batch numbers: a dense key table would dwarf the plan
+        self.dtype = np.int32 if span < 2**31 else np.int64
+        self.stage = stage.astype(self.dtype)
+        self.microbatch = microbatch.astype(self.dtype)
+        self.kind = np.fromiter(map(_KIND_CODE.__getitem__, map(_kind_of, self.actions)), dtype=self.dtype, count=size)
+        self.rank = np.repeat(np.arange(len(rows), dtype=self.dtype), self.lengths)
         self.key = self.key_of(self.kind, self.stage, self.microbatch)
-        self.index = np.full(span, -1, dtype=np.int64)
-        self.index[self.key] = np.arange(size, dtype=np.int64)
+        self.index = np.full(span, -1, dtype=self.dtype)
+        self.index[self.key] = np.arange(size, dtype=self.dtype)
         if size and not np.array_equal(self.index[self.key], np.arange(size)):
             raise NotFast  # an action twice
+        self._dependencies: dict[Skips, tuple[np.ndarray, np.ndarray]] = {}
+
+    def describes(self, plan: Sequence[Sequence[Action]]) -> bool:
+        """Whether ``plan`` still holds exactly these actions, the very objects, rank by rank."""
+        if len(plan) != self.num_ranks or any(len(row) != n for row, n in zip(plan, self.lengths.tolist())):
+            return False
+        return all(map(is_, chain.from_iterable(plan), self.actions))
 
     def key_of(self, kind: Any, stage: Any, microbatch: Any) -> Any:
         return (kind * self.num_stages + stage) * self.num_microbatches + microbatch
 
-    def find(self, kind: int, stage: Any, microbatch: Any) -> np.ndarray:
-        """Flat positions of ``(kind, stage, microbatch)`` (arrays), -1 where absent or out of range."""
-        stage = np.asarray(stage)
-        inside = (stage >= 0) & (stage < self.num_stages)
-        found = self.index[self.key_of(kind, np.where(inside, stage, 0), microbatch)]
-        return np.where(inside, found, -1)
+    def at(self, keys: np.ndarray, wanted: np.ndarray | None = None) -> np.ndarray:
+        """Flat positions of ``keys`` (-1: no such action, or not ``wanted``)."""
+        inside = (keys >= 0) & (keys < self.index.size)
+        if wanted is not None:
+            inside &= wanted
+        return np.where(inside, self.index[np.where(inside, keys, 0)], -1)
+
+    def partner(self, kind: int) -> np.ndarray:
+        """Per action, the flat position of the action of ``kind`` with the same stage and micro-batch (-1: none)."""
+        return self.at(self.key + (kind - self.kind) * (self.num_stages * self.num_microbatches))
 
     def position(self, action: Any) -> int:
         """Flat position of ``action``, or -1 when the plan does not hold it."""
@@ -109,20 +123,26 @@ class PlanArrays:
         stage, or B's own F, or W's B; then B's next stage; then one column
         per skip edge. ``wanted`` marks the cells the rule asks for, so
         ``wanted & (deps < 0)`` are the inputs no action of the plan makes.
+        Keys differ by fixed offsets along the rule (one stage is
+        ``num_microbatches`` keys, one kind ``num_stages * num_microbatches``),
+        which makes each column one addition and one lookup. Kept per ``skips``.
         """
-        kind, stage, mb = self.kind, self.stage, self.microbatch
+        if skips in self._dependencies:
+            return self._dependencies[skips]
+        kind, stage, key = self.kind, self.stage, self.key
+        per_stage, per_kind = self.num_microbatches, self.num_stages * self.num_microbatches
         is_f, is_b = kind == _F, kind == _B
-        first_kind = np.where(is_f, _F, np.where(is_b, _F, _B))
-        first_stage = np.where(is_f, stage - 1, stage)
-        columns = [(self.find(first_kind, first_stage, mb), ~is_f | (stage > 0))]
-        columns.append((self.find(_B, stage + 1, mb), is_b & (stage + 1 < self.num_stages)))
+        first_wanted = ~is_f | (stage > 0)
+        columns = [(np.where(is_f, key - per_stage, key - per_kind), first_wanted)]
+        columns.append((key + per_stage, is_b & (stage + 1 < self.num_stages)))
         for skip in skips:
             to_f = is_f & (stage == skip.dst)
             to_b = is_b & (stage == skip.src)
-            source = np.where(to_f, self.find(_F, skip.src, mb), self.find(_B, skip.dst, mb))
-            columns.append((source, to_f | to_b))
-        deps = np.stack([np.where(w, d, -1) for d, w in columns], axis=1)
-        wanted = np.stack([w for _, w in columns], axis=1)
+            jump = (skip.src - skip.dst) * per_stage
+            columns.append((np.where(to_f, key + jump, key - jump), to_f | to_b))
+        deps = np.stack([self.at(keys, wanted) for keys, wanted in columns], axis=1)
+        wanted = np.stack([wanted for _, wanted in columns], axis=1)
+        self._dependencies[skips] = deps, wanted
         return deps, wanted
 
 
