@@ -77,7 +77,7 @@ def replay_arrays(
     size = arrays.size
     dep = np.where(deps < 0, size, deps)  # size: a sentinel input, always done, arriving at -inf
     hop = None
-    if duration is not None:
+    if duration is not None and comm != 0.0:  # the delay on each input: comm across ranks, else none
         producer_rank = np.append(arrays.rank, -1)[dep]
         hop = np.where((producer_rank != arrays.rank[:, None]) & (dep < size), comm, 0.0)
     if engine == "waves":
@@ -115,7 +115,8 @@ def _waves(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray | None,
         else:
             ready, moving = None, heads
         if timed:
-            arrival += hop[moving]  # type: ignore[index]
+            if hop is not None:
+                arrival += hop[moving]
             finish = arrival.max(axis=1)
             if ready is None:
                 np.maximum(finish, rank_end, out=finish)
@@ -143,7 +144,7 @@ def _loop(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray | None,
     """The same rule as :func:`_waves`, one action at a time, sweeping the ranks until none can move."""
     size = arrays.size
     inputs = dep.tolist()
-    delays = hop.tolist() if hop is not None else [[0.0] * dep.shape[1]] * size
+    delays = hop.tolist() if hop is not None else [[0.0] * dep.shape[1]] * size  # one shared row: read only
     cost = duration.tolist() if duration is not None else [0.0] * size
     end = [math.nan] * size + [-math.inf]
     cursor = arrays.offsets.tolist()
@@ -172,13 +173,14 @@ def _loop(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray | None,
     return np.array(cursor, dtype=np.int64), np.array(end[:size])
 
 
-def _explain(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray, end: np.ndarray) -> ArrayReplay:
+def _explain(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray | None, end: np.ndarray) -> ArrayReplay:
     """Start and deciding predecessor of every action, from the ends (the reference's rule, all at once).
 
     An action started at the latest of its rank's previous end (0 for a
-    rank's first action) and its inputs' arrivals; what decided it is the
-    first of those, in that order, to reach the maximum, as the reference's
-    "later only if strictly later" walk finds it.
+    rank's first action) and its inputs' arrivals. What decided it is the
+    rank's previous action unless an input arrives strictly later, else the
+    first input, in :func:`~pipesched.plan.lowering.inputs_of` order, to
+    arrive last: what the reference's "replace only if strictly later" walk finds.
     """
     size = arrays.size
     first = np.zeros(size, dtype=bool)
@@ -186,12 +188,15 @@ def _explain(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray, end: np.ndarr
     previous = np.arange(-1, size - 1)
     previous[first] = -1
     tail = np.where(first, 0.0, np.append(end, 0.0)[previous])
-    candidates = np.concatenate((tail[:, None], np.append(end, -np.inf)[dep] + hop), axis=1)
-    choice = candidates.argmax(axis=1)
-    rows = np.arange(size)
-    start = candidates[rows, choice]
-    inputs = np.where(dep >= size, -1, dep)
-    because = np.where(choice == 0, previous, inputs[rows, np.maximum(choice - 1, 0)]) if size else previous
+    arrival = np.append(end, -np.inf)[dep]
+    if hop is not None:
+        arrival += hop
+    latest = arrival.max(axis=1) if dep.shape[1] else np.full(size, -np.inf)
+    start = np.maximum(tail, latest)
+    blamed = np.full(size, -1, dtype=np.int64)
+    for column in reversed(range(dep.shape[1])):  # the first column to reach the latest wins
+        blamed = np.where(arrival[:, column] == latest, dep[:, column], blamed)
+    because = np.where(tail >= latest, previous, blamed)
     return ArrayReplay(start, end, because.astype(np.int64))
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipesched.plan.action import Action, Plan
+from pipesched.plan.action import KINDS, Action, Plan
 from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.fast_replay import replay_arrays
 from pipesched.plan.lowering import Skips, SkipEdge, check_skips
@@ -164,18 +164,24 @@ def _stage_count(num_stages: Any) -> int:
 def _durations(arrays: PlanArrays, costs: Costs) -> np.ndarray:
     """Seconds per action (flat order), priced by :func:`~pipesched.plan.costs.as_cost_function` itself.
 
-    A mapping or callable prices by ``(kind, stage)`` and whether a B is
-    split, so one representative action of each such class is asked and the
-    answer spread over the class; records are asked per action.
+    A mapping or a callable prices by ``(kind, stage)`` and whether a B is
+    split, so each such class present is priced once, through an action of
+    that class, and the price spread over the class; records (a price per
+    micro-batch) are asked per action.
     """
     split_b = (arrays.kind == _B) & (arrays.partner(_W) >= 0)
     try:
         if isinstance(costs, Mapping) or callable(costs):
             group = (arrays.kind * arrays.num_stages + arrays.stage) * 2 + split_b
-            groups, first, inverse = np.unique(group, return_index=True, return_inverse=True)
-            representatives = [arrays.actions[i] for i in first.tolist()]
-            cost = as_cost_function(costs, _split_pairs(representatives, split_b[first].tolist()))
-            return np.array([cost(a) for a in representatives], dtype=np.float64)[inverse.reshape(-1)]
+            present = np.flatnonzero(np.bincount(group, minlength=6 * arrays.num_stages))
+            kind, rest = np.divmod(present, 2 * arrays.num_stages)
+            stage, split = np.divmod(rest, 2)
+            # one action per class: micro-batch 1 stands for the split backwards of its stage, 0 for the rest
+            classes = [Action(KINDS[k], s, b) for k, s, b in zip(kind.tolist(), stage.tolist(), split.tolist())]
+            cost = as_cost_function(costs, {(a.stage, 1) for a in classes if a.microbatch})
+            prices = np.zeros(6 * arrays.num_stages)
+            prices[present] = [cost(a) for a in classes]
+            return prices[group]
         pairs = _split_pairs(arrays.actions, split_b.tolist())
         cost = as_cost_function(costs, pairs)
         return np.fromiter(map(cost, arrays.actions), dtype=np.float64, count=arrays.size)

@@ -110,10 +110,11 @@ def one_forward_one_backward(
     they only decide the two orders and the warm-up depth.
     """
     warmup = max(0, min(warmup, len(forwards)))
-    order = list(forwards[:warmup])
-    for i in range(len(forwards) - warmup):
-        order += [forwards[warmup + i], backwards[i]]
-    return order + list(backwards[len(forwards) - warmup :])
+    pairs = len(forwards) - warmup
+    steady: list[Action] = [None] * (2 * pairs)  # type: ignore[list-item]
+    steady[0::2] = forwards[warmup:]  # by slices: a plan at cluster scale has millions of actions
+    steady[1::2] = backwards[:pairs]
+    return list(forwards[:warmup]) + steady + list(backwards[pairs:])
 
 
 def defer_weight_passes(order: Sequence[Action], delay: int) -> list[Action]:
