@@ -117,7 +117,7 @@ def _waves(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray | None,
         if timed:
             if hop is not None:
                 arrival += hop[moving]
-            finish = arrival.max(axis=1)
+            finish = arrival[:, 0] if arrival.shape[1] == 1 else np.maximum.reduce(arrival, axis=1)
             if ready is None:
                 np.maximum(finish, rank_end, out=finish)
                 finish += duration[moving]  # type: ignore[index]
@@ -188,14 +188,17 @@ def _explain(arrays: PlanArrays, dep: np.ndarray, hop: np.ndarray | None, end: n
     previous = np.arange(-1, size - 1)
     previous[first] = -1
     tail = np.where(first, 0.0, np.append(end, 0.0)[previous])
-    arrival = np.append(end, -np.inf)[dep]
+    ended = np.append(end, -np.inf)
+    arrivals = [ended[dep[:, column]] for column in range(dep.shape[1])]  # column by column: no (n, k) reductions
     if hop is not None:
-        arrival += hop
-    latest = arrival.max(axis=1) if dep.shape[1] else np.full(size, -np.inf)
+        arrivals = [arrival + hop[:, column] for column, arrival in enumerate(arrivals)]
+    latest = np.full(size, -np.inf)
+    for arrival in arrivals:
+        np.maximum(latest, arrival, out=latest)
     start = np.maximum(tail, latest)
     blamed = np.full(size, -1, dtype=np.int64)
     for column in reversed(range(dep.shape[1])):  # the first column to reach the latest wins
-        blamed = np.where(arrival[:, column] == latest, dep[:, column], blamed)
+        blamed = np.where(arrivals[column] == latest, dep[:, column], blamed)
     because = np.where(tail >= latest, previous, blamed)
     return ArrayReplay(start, end, because.astype(np.int64))
 
