@@ -33,10 +33,10 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from pipesched.plan.action import Action, Plan, split_backwards
+from pipesched.plan.action import Action, Plan
 from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.lowering import inputs_of
-from pipesched.plan.replay import replay
+from pipesched.plan.ready_queue import ReadyQueue
 from pipesched.plan.simulate import peak_inflight, simulate
 
 __all__ = ["check_tuning", "fastest", "list_schedule", "span_bound", "tune_order", "unit_costs"]
@@ -107,11 +107,13 @@ def list_schedule(
     duration = {a: cost(a) for a in actions}
     waiting = dict(inputs)
     arrival: dict[Action, float] = {a: 0.0 for a in actions}
-    # released[r]: actions of rank r whose inputs are all scheduled -> when the last one arrives
-    released: list[dict[Action, float]] = [{} for _ in range(num_ranks)]
+    # ready[r]: actions of rank r whose inputs are all scheduled, by when the last one arrives and by kind
+    ready = [ReadyQueue((s for s in range(num_stages) if placement[s] == r), forward_key) for r in range(num_ranks)]
+    releases = 0
     for a in actions:
         if waiting[a] == 0:
-            released[rank_of[a]][a] = 0.0
+            ready[rank_of[a]].release(a, 0.0, releases)
+            releases += 1
     free_at = [0.0] * num_ranks
     inflight = [0.0] * num_ranks
     # with reserve: what each rank has promised to micro-batches it admitted (held, or still to come)
@@ -124,11 +126,11 @@ def list_schedule(
     left = len(actions)
 
     def run(rank: int, action: Action, start: float) -> None:
-        nonlocal left
+        nonlocal left, releases
         end = start + duration[action]
         free_at[rank] = end
         order[rank].append(action)
-        del released[rank][action]
+        ready[rank].take(action)
         left -= 1
         if action.kind == "F":
             inflight[rank] += weight[action.stage]
@@ -145,8 +147,16 @@ def list_schedule(
             arrival[consumer] = max(arrival[consumer], end + (comm if target != rank else 0.0))
             waiting[consumer] -= 1
             if waiting[consumer] == 0:
-                released[target][consumer] = arrival[consumer]
+                ready[target].release(consumer, arrival[consumer], releases)
+                releases += 1
                 heapq.heappush(wakeups, (arrival[consumer], target))
+
+    def admits(rank: int) -> Callable[[int], bool]:
+        """Whether the rank's memory limit lets a forward of a stage start now."""
+        cap = limits[rank] * (1 + 1e-9)
+        if reserve:
+            return lambda stage: stage != entry[rank] or committed[rank] + whole[rank] <= cap
+        return lambda stage: inflight[rank] + weight[stage] <= cap
 
     while left:
         if not wakeups:
@@ -157,34 +167,22 @@ def list_schedule(
         now, rank = heapq.heappop(wakeups)
         if free_at[rank] > now:
             continue
-        forwards, backwards, weights, upcoming, blocked = [], [], [], math.inf, False
-        for a, t in released[rank].items():
-            if t > now:
-                if a.kind != "W":
-                    upcoming = min(upcoming, t)
-            elif a.kind == "B":
-                backwards.append(a)
-            elif a.kind == "W":
-                weights.append(a)
-            elif (inflight[rank] + weight[a.stage] <= limits[rank] * (1 + 1e-9)) if not reserve else (
-                a.stage != entry[rank] or committed[rank] + whole[rank] <= limits[rank] * (1 + 1e-9)
-            ):
-                forwards.append(a)
-            else:
-                blocked = True  # a ready forward that memory holds back
+        queue = ready[rank]
+        queue.advance(now)
+        forward, blocked = queue.forward(admits(rank))
+        backward = queue.backward()
         choice: Action | None = None
-        if forwards and backwards:
+        if forward is not None and backward is not None:
             pick_forward = prefer == "forward" or (prefer == "alternate" and last_kind[rank] != "F")
-            choice = min(forwards, key=forward_key) if pick_forward else min(backwards, key=_backward_key)
-        elif backwards:
-            choice = min(backwards, key=_backward_key)
-        elif forwards:
-            choice = min(forwards, key=forward_key)
-        elif weights:
-            w = min(weights, key=lambda a: (arrival[a], a.microbatch, -a.stage))
-            at_limit = blocked or inflight[rank] >= limits[rank]
-            if fill_short_gaps or at_limit or upcoming >= now + duration[w]:
-                choice = w
+            choice = forward if pick_forward else backward
+        elif backward is not None or forward is not None:
+            choice = backward if backward is not None else forward
+        else:
+            w = queue.weight()
+            if w is not None:
+                at_limit = blocked or inflight[rank] >= limits[rank]
+                if fill_short_gaps or at_limit or queue.upcoming() >= now + duration[w]:
+                    choice = w
         if choice is not None:
             run(rank, choice, now)
     return order
@@ -211,11 +209,6 @@ def _split_graph(
         for edge in edges:
             consumers[edge.producer].append(a)
     return actions, {a: tuple(c) for a, c in consumers.items()}, inputs
-
-
-def _backward_key(action: Action) -> tuple[int, int]:
-    """Earliest micro-batch first, then the latest stage (the longest backward chain still ahead)."""
-    return (action.microbatch, -action.stage)
 
 
 def fastest(candidates: Sequence[Plan], num_stages: int, costs: Costs, comm: float = 0.0) -> Plan:
@@ -298,8 +291,7 @@ def tune_order(
     """
     num_stages = len(placement)
     costs = unit_costs(num_stages) if costs is None else costs
-    cost = as_cost_function(costs, split_backwards(a for row in handmade for a in row))
-    makespan = replay(handmade, num_stages, cost, comm).makespan
+    makespan = simulate(handmade, costs, comm=comm, num_stages=num_stages).makespan
     if makespan <= span_bound(handmade, num_stages, costs, comm) * (1 + 1e-9):
         return handmade
     limits = [peak_inflight(row) for row in handmade]
