@@ -33,6 +33,7 @@ BENCHMARKS = {
     "cpu_pays": "benchmarks.bench_cpu_pays",
     "auto": "benchmarks.bench_auto",
     "tune": "benchmarks.bench_tune",
+    "plan_scale": "benchmarks.bench_plan_scale",
     "distributed": "benchmarks.bench_distributed",
 }
 

@@ -239,3 +239,22 @@ def test_arrays_decline_what_only_the_reference_can_word():
         PlanArrays([[Action("F", 0, 10**9)]], 1)  # a key space far larger than the plan
     with pytest.raises(NotFast):
         validate_plan_fast([[Action("B", 0, 0), Action("F", 0, 0)]], 1, 1, [0], "FB", check_skips((), 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    index=st.integers(0, len(SCHEDULES) - 1),
+    p=st.integers(1, 5),
+    m=st.integers(1, 8),
+    seed=st.integers(0, 2**32 - 1),
+    comm=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_the_span_bound_on_arrays_is_the_reference_bound(index, p, m, seed, comm):
+    from pipesched.plan.greedy import span_bound, span_bound_reference
+
+    try:
+        plan, _, stages = built(index, p, m)
+    except ValueError:
+        return
+    costs = cost_table(random.Random(seed), stages, with_w=True)
+    assert span_bound(plan, stages, costs, comm) == span_bound_reference(plan, stages, costs, comm)

@@ -35,7 +35,7 @@ from pipesched.plan.lowering import Skips, SkipEdge, check_skips
 from pipesched.plan.plan_arrays import ActionTable, NotFast, PlanArrays
 from pipesched.plan.simulate import SimResult, ratio
 
-__all__ = ["simulate_fast", "validate_plan_fast"]
+__all__ = ["CheckedPlan", "action_durations", "simulate_fast", "validate_plan_fast"]
 
 _F, _B, _W = 0, 1, 2
 
@@ -63,7 +63,7 @@ def simulate_fast(
         deps, wanted = arrays.dependencies(checked_skips)
         if (wanted & (deps < 0)).any():
             raise NotFast  # a skip's producer is missing
-    duration = _durations(arrays, costs)
+    duration = action_durations(arrays, costs)
     timed = replay_arrays(arrays, deps, duration, comm, checked_skips, engine)
     assert timed is not None
     start, end = timed.start, timed.end
@@ -161,7 +161,7 @@ def _stage_count(num_stages: Any) -> int:
     return num_stages
 
 
-def _durations(arrays: PlanArrays, costs: Costs) -> np.ndarray:
+def action_durations(arrays: PlanArrays, costs: Costs) -> np.ndarray:
     """Seconds per action (flat order), priced by :func:`~pipesched.plan.costs.as_cost_function` itself.
 
     A mapping or a callable prices by ``(kind, stage)`` and whether a B is

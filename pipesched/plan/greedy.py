@@ -237,7 +237,22 @@ def span_bound(plan: Sequence[Sequence[Action]], num_stages: int, costs: Costs, 
     what lets a schedule tell an order that can still improve from one that
     cannot (1F1B under F = B is at this bound; so are ZB-H1 and ZB-V with
     F = B = W and enough micro-batches).
+
+    Computed on arrays (:func:`pipesched.plan.fast_bound.span_bound_fast`, the
+    same number); this walk through dicts answers where that one declines.
     """
+    from pipesched.plan.fast_bound import span_bound_fast  # numpy loads with the first bound
+    from pipesched.plan.plan_arrays import NotFast
+
+    try:
+        return span_bound_fast(plan, num_stages, costs, comm)
+    except NotFast:
+        return span_bound_reference(plan, num_stages, costs, comm)
+
+
+def span_bound_reference(plan: Sequence[Sequence[Action]], num_stages: int, costs: Costs,
+                         comm: float = 0.0) -> float:
+    """:func:`span_bound` action by action through dicts: the yardstick of the array version."""
     actions = [a for row in plan for a in row]
     rank_of = {a: r for r, row in enumerate(plan) for a in row}
     cost = as_cost_function(costs, {(a.stage, a.microbatch) for a in actions if a.kind == "W"})
