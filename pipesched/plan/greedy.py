@@ -102,17 +102,22 @@ def list_schedule(
     costs = unit_costs(num_stages) if costs is None else costs
     cost = as_cost_function(costs, {(s, m) for s in range(num_stages) for m in range(num_microbatches)})
     forward_key = forward_priority or (lambda a: (a.microbatch, -a.stage))
+    # actions by number ((stage * m + micro-batch) * 3 + kind), state in lists: no hashing per step
     actions, consumers, inputs = _split_graph(num_stages, num_microbatches)
-    rank_of = {a: placement[a.stage] for a in actions}
-    duration = {a: cost(a) for a in actions}
-    waiting = dict(inputs)
-    arrival: dict[Action, float] = {a: 0.0 for a in actions}
+    rank_of = [placement[a.stage] for a in actions]
+    duration = [cost(a) for a in actions]
+    waiting = list(inputs)
+    arrival = [0.0] * len(actions)
+
+    def number(action: Action) -> int:
+        return (action.stage * num_microbatches + action.microbatch) * 3 + _KIND_NUMBER[action.kind]
+
     # ready[r]: actions of rank r whose inputs are all scheduled, by when the last one arrives and by kind
     ready = [ReadyQueue((s for s in range(num_stages) if placement[s] == r), forward_key) for r in range(num_ranks)]
     releases = 0
-    for a in actions:
-        if waiting[a] == 0:
-            ready[rank_of[a]].release(a, 0.0, releases)
+    for i, a in enumerate(actions):
+        if waiting[i] == 0:
+            ready[rank_of[i]].release(a, 0.0, releases)
             releases += 1
     free_at = [0.0] * num_ranks
     inflight = [0.0] * num_ranks
@@ -127,7 +132,7 @@ def list_schedule(
 
     def run(rank: int, action: Action, start: float) -> None:
         nonlocal left, releases
-        end = start + duration[action]
+        end = start + duration[number(action)]
         free_at[rank] = end
         order[rank].append(action)
         ready[rank].take(action)
@@ -142,12 +147,12 @@ def list_schedule(
         if action.kind != "W":
             last_kind[rank] = action.kind
         heapq.heappush(wakeups, (end, rank))
-        for consumer in consumers[action]:
+        for consumer in consumers[number(action)]:
             target = rank_of[consumer]
             arrival[consumer] = max(arrival[consumer], end + (comm if target != rank else 0.0))
             waiting[consumer] -= 1
             if waiting[consumer] == 0:
-                ready[target].release(consumer, arrival[consumer], releases)
+                ready[target].release(actions[consumer], arrival[consumer], releases)
                 releases += 1
                 heapq.heappush(wakeups, (arrival[consumer], target))
 
@@ -181,34 +186,40 @@ def list_schedule(
             w = queue.weight()
             if w is not None:
                 at_limit = blocked or inflight[rank] >= limits[rank]
-                if fill_short_gaps or at_limit or queue.upcoming() >= now + duration[w]:
+                if fill_short_gaps or at_limit or queue.upcoming() >= now + duration[number(w)]:
                     choice = w
         if choice is not None:
             run(rank, choice, now)
     return order
 
 
+_KIND_NUMBER = {"F": 0, "B": 1, "W": 2}
+
+
 @functools.lru_cache(maxsize=16)
 def _split_graph(
     num_stages: int, num_microbatches: int
-) -> tuple[tuple[Action, ...], dict[Action, tuple[Action, ...]], dict[Action, int]]:
+) -> tuple[tuple[Action, ...], tuple[tuple[int, ...], ...], tuple[int, ...]]:
     """Every action of a step with every backward split, who consumes each, and how many inputs each has.
 
-    The same for every call with the same shape, and the costly part of a
-    list schedule's set-up, so searches that try many rules share it.
+    Actions are numbered ``(stage * num_microbatches + microbatch) * 3 + kind``
+    (F, B, W = 0, 1, 2); consumers are given by number. The same for every
+    call with the same shape, and the costly part of a list schedule's
+    set-up, so searches that try many rules share it.
     """
     actions = tuple(
         Action(kind, stage, mb)  # type: ignore[arg-type]
         for stage in range(num_stages) for mb in range(num_microbatches) for kind in "FBW"
     )
-    consumers: dict[Action, list[Action]] = {a: [] for a in actions}
-    inputs: dict[Action, int] = {}
-    for a in actions:
+    index = {a: i for i, a in enumerate(actions)}
+    consumers: list[list[int]] = [[] for _ in actions]
+    inputs = []
+    for i, a in enumerate(actions):
         edges = inputs_of(a, num_stages)
-        inputs[a] = len(edges)
+        inputs.append(len(edges))
         for edge in edges:
-            consumers[edge.producer].append(a)
-    return actions, {a: tuple(c) for a, c in consumers.items()}, inputs
+            consumers[index[edge.producer]].append(i)
+    return actions, tuple(map(tuple, consumers)), tuple(inputs)
 
 
 def fastest(candidates: Sequence[Plan], num_stages: int, costs: Costs, comm: float = 0.0) -> Plan:
