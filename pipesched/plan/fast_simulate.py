@@ -33,7 +33,7 @@ from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.fast_replay import replay_arrays
 from pipesched.plan.lowering import Skips, SkipEdge, check_skips
 from pipesched.plan.plan_arrays import ActionTable, NotFast, PlanArrays
-from pipesched.plan.simulate import SimResult, ratio
+from pipesched.plan.simulate import SimResult
 
 __all__ = ["CheckedPlan", "action_durations", "simulate_fast", "validate_plan_fast"]
 
@@ -69,17 +69,9 @@ def simulate_fast(
     start, end = timed.start, timed.end
     makespan = float(end.max()) if arrays.size else 0.0
     spent = (end - start).tolist()
-    busy = [math.fsum(spent[o:o + n]) for o, n in zip(arrays.offsets.tolist(), arrays.lengths.tolist())]
-    idle = [max(0.0, makespan - b) for b in busy]
-    total_busy, total_idle = math.fsum(busy), math.fsum(idle)
-    return SimResult(
+    return SimResult.summarise(
         makespan=makespan,
-        busy=busy,
-        idle=idle,
-        bubble_over_total=[ratio(i, makespan) for i in idle],
-        bubble_over_ideal=[ratio(i, b) for i, b in zip(idle, busy)],
-        overall_bubble_over_total=ratio(total_idle, makespan * arrays.num_ranks),
-        overall_bubble_over_ideal=ratio(total_idle, total_busy),
+        busy=[math.fsum(spent[o:o + n]) for o, n in zip(arrays.offsets.tolist(), arrays.lengths.tolist())],
         peak_inflight=_peaks(arrays),
         critical_path=_critical_path(arrays, end, timed.because),
         start=ActionTable(arrays, start),

@@ -102,6 +102,30 @@ class SimResult:
     def num_ranks(self) -> int:
         return len(self.busy)
 
+    @classmethod
+    def summarise(
+        cls, makespan: float, busy: list[float], peak_inflight: list[int], critical_path: list[Action],
+        start: Mapping[Action, float], end: Mapping[Action, float], rank_of: Mapping[Action, int], num_stages: int,
+    ) -> SimResult:
+        """The result of a run that took ``makespan`` with ``busy`` seconds per rank: idle time and bubbles derived."""
+        idle = [max(0.0, makespan - b) for b in busy]
+        total_busy, total_idle = math.fsum(busy), math.fsum(idle)
+        return cls(
+            makespan=makespan,
+            busy=busy,
+            idle=idle,
+            bubble_over_total=[ratio(i, makespan) for i in idle],
+            bubble_over_ideal=[ratio(i, b) for i, b in zip(idle, busy)],
+            overall_bubble_over_total=ratio(total_idle, makespan * len(busy)),
+            overall_bubble_over_ideal=ratio(total_idle, total_busy),
+            peak_inflight=peak_inflight,
+            critical_path=critical_path,
+            start=start,
+            end=end,
+            rank_of=rank_of,
+            num_stages=num_stages,
+        )
+
     def records(self) -> list[TaskRecord]:
         """The simulated run as task records, ordered by start time.
 
@@ -208,17 +232,9 @@ def simulate_reference(
     result = replay(rows, num_stages, cost, comm, skips)
     makespan = result.makespan
 
-    busy = [math.fsum(result.end[a] - result.start[a] for a in row) for row in rows]
-    idle = [max(0.0, makespan - b) for b in busy]
-    total_busy, total_idle = math.fsum(busy), math.fsum(idle)
-    return SimResult(
+    return SimResult.summarise(
         makespan=makespan,
-        busy=busy,
-        idle=idle,
-        bubble_over_total=[ratio(i, makespan) for i in idle],
-        bubble_over_ideal=[ratio(i, b) for i, b in zip(idle, busy)],
-        overall_bubble_over_total=ratio(total_idle, makespan * len(rows)),
-        overall_bubble_over_ideal=ratio(total_idle, total_busy),
+        busy=[math.fsum(result.end[a] - result.start[a] for a in row) for row in rows],
         peak_inflight=[peak_inflight(row) for row in rows],
         critical_path=_critical_path(rows, result.end, result.critical),
         start=result.start,
