@@ -105,7 +105,11 @@ def list_schedule(
     # actions by number ((stage * m + micro-batch) * 3 + kind), state in lists: no hashing per step
     actions, consumers, inputs = _split_graph(num_stages, num_microbatches)
     rank_of = [placement[a.stage] for a in actions]
-    duration = [cost(a) for a in actions]
+    if actions and (isinstance(costs, Mapping) or callable(costs)):  # priced by (kind, stage): ask once a class
+        prices = [[cost(actions[stage * num_microbatches * 3 + k]) for k in range(3)] for stage in range(num_stages)]
+        duration = [price for stage in prices for _ in range(num_microbatches) for price in stage]
+    else:
+        duration = [cost(a) for a in actions]
     waiting = list(inputs)
     arrival = [0.0] * len(actions)
 
@@ -132,7 +136,8 @@ def list_schedule(
 
     def run(rank: int, action: Action, start: float) -> None:
         nonlocal left, releases
-        end = start + duration[number(action)]
+        me = number(action)
+        end = start + duration[me]
         free_at[rank] = end
         order[rank].append(action)
         ready[rank].take(action)
@@ -147,7 +152,7 @@ def list_schedule(
         if action.kind != "W":
             last_kind[rank] = action.kind
         heapq.heappush(wakeups, (end, rank))
-        for consumer in consumers[number(action)]:
+        for consumer in consumers[me]:
             target = rank_of[consumer]
             arrival[consumer] = max(arrival[consumer], end + (comm if target != rank else 0.0))
             waiting[consumer] -= 1
