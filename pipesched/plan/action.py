@@ -20,7 +20,7 @@ name kept for older imports (it *is* :func:`pipesched.plan.lowering.dependencies
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Kind = Literal["F", "B", "W"]
@@ -31,17 +31,19 @@ KINDS: tuple[str, ...] = ("F", "B", "W")
 Plan = list[list["Action"]]
 
 
+class _HashSlot:
+    """Where an :class:`Action` keeps its hash once asked for it (a slot, not a dataclass field)."""
+
+    __slots__ = ("_hash",)
+
+
 @dataclass(frozen=True, slots=True, order=True, init=False)
-class Action:
+class Action(_HashSlot):
     """Forward (``"F"``), backward (``"B"``) or weight gradient (``"W"``) of ``stage`` on ``microbatch``."""
 
     kind: Kind
     stage: int
     microbatch: int
-    # Plans are walked through dicts keyed by action (replay, validation, tuning, the
-    # runtime), so the hash is computed once. It depends on the process's string-hash
-    # seed, hence __reduce__: a pickled action is rebuilt, and rehashed, where it lands.
-    _hash: int = field(init=False, repr=False, compare=False)
 
     def __init__(self, kind: Kind, stage: int, microbatch: int) -> None:
         # A plan at cluster scale holds millions of actions, so the common case (an exact
@@ -53,10 +55,18 @@ class Action:
         _set_kind(self, kind)
         _set_stage(self, stage)
         _set_microbatch(self, microbatch)
-        _set_hash(self, hash((kind, stage, microbatch)))
 
     def __hash__(self) -> int:
-        return self._hash
+        # Plans are walked through dicts keyed by action (replay, validation, tuning, the
+        # runtime), so the hash is computed once, when first asked for (many actions of a
+        # large plan never are). It depends on the process's string-hash seed, hence
+        # __reduce__: a pickled action is rebuilt, and rehashed, where it lands.
+        try:
+            return self._hash
+        except AttributeError:
+            value = hash((self.kind, self.stage, self.microbatch))
+            _set_hash(self, value)
+            return value
 
     def __reduce__(self) -> tuple[Any, tuple[str, int, int]]:
         return (Action, (self.kind, self.stage, self.microbatch))
@@ -69,7 +79,7 @@ _KIND_SET = frozenset(KINDS)
 _set_kind = Action.kind.__set__  # type: ignore[attr-defined]
 _set_stage = Action.stage.__set__  # type: ignore[attr-defined]
 _set_microbatch = Action.microbatch.__set__  # type: ignore[attr-defined]
-_set_hash = Action._hash.__set__  # type: ignore[attr-defined]
+_set_hash = _HashSlot._hash.__set__  # type: ignore[attr-defined]
 
 
 def _check_fields(kind: object, stage: object, microbatch: object) -> None:
