@@ -265,10 +265,8 @@ def validate_plan(
     model's skip connections (:class:`~pipesched.plan.lowering.SkipEdge`),
     whose edges join the deadlock check.
 
-    The checks run on arrays (:mod:`pipesched.plan.fast_simulate`), linear in
-    the plan's size with a small constant; a plan that fails one is walked
-    again by :func:`validate_actions_reference`, whose error names the first
-    offending action.
+    The checks run on arrays (:mod:`pipesched.plan.fast_simulate`); a plan that
+    fails one is walked by :func:`validate_actions_reference`, which words the error.
     """
     placement = validate_placement(placement, num_stages, num_ranks)
     skips = check_skips(skips, num_stages)
@@ -296,11 +294,9 @@ def validate_actions_reference(
     kinds: str,
     skips: Sequence[SkipEdge],
 ) -> Plan:
-    """The per-action checks of :func:`validate_plan`, one action at a time, and the deadlock check by replay.
+    """:func:`validate_plan`'s per-action checks one by one, then replay.
 
-    Arguments as :func:`validate_plan` has checked them. The yardstick of the
-    array-based checks (:func:`pipesched.plan.fast_simulate.validate_plan_fast`),
-    and what words the error of a plan that fails them.
+    The yardstick of the array checks, and what words every error.
     """
     checked: Plan = []
     seen: dict[Action, int] = {}
