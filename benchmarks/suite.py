@@ -35,6 +35,7 @@ BENCHMARKS = {
     "tune": "benchmarks.bench_tune",
     "distributed": "benchmarks.bench_distributed",
     "hf_pipelining": "benchmarks.bench_hf_pipelining",
+    "plan_scale": "benchmarks.bench_plan_scale",
 }
 
 

@@ -37,6 +37,7 @@ SPECIFIC = {
     "cpu_pays": {"workload", "cores", "balance", "rows", "threads_seen", "best_pipeline", "memory"},
     "auto": {"workload", "rows"},
     "tune": {"workload", "rows", "chosen_over_best"},
+    "plan_scale": {"workload", "rows", "others", "auto"},
     "distributed": {"per_m", "baseline_src"},
     "hf_pipelining": {"workload", "per_m", "gradients", "tied_weight", "build_seconds"},
 }
@@ -54,6 +55,7 @@ TABLE_MARKS = {
     "cpu_pays": "speed vs plain",
     "auto": "auto makespan / best built-in's",
     "tune": "|pred-meas|/meas",
+    "plan_scale": "µs/task",
     "distributed": "torch.distributed.pipelining",
     "hf_pipelining": "pipesched / torch step time",
 }
