@@ -12,11 +12,8 @@ step are compared with the same uninterrupted reference.
 
 from __future__ import annotations
 
-import os
-import traceback
-
 import torch
-import torch.distributed as dist
+from dist_scenarios import run_scenarios
 from mesh_scenarios import data, full
 from torch import nn
 from torch.distributed import checkpoint as dcp
@@ -151,17 +148,5 @@ def train_reference(reference: Reference, steps: int) -> None:
 
 
 def _run(rank: int, world: int, port: int, directory: str, run) -> None:
-    import json
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out: dict = {}
-    try:
-        run(out)
-    except BaseException:  # noqa: BLE001 - reported to the test through the file
-        out["crash"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
-            json.dump(out, file)
-        dist.destroy_process_group()
+    """``run(out)`` in one process of the gloo world, through the shared harness (verdicts to rank<r>.json)."""
+    run_scenarios(rank, world, port, ["dcp"], directory, lambda _, out: run(out))

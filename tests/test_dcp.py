@@ -50,6 +50,7 @@ def test_checkpoint_keys_are_the_models_own_names(saved):
     assert together == names  # pp ranks together hold the whole model
 
 
+@pytest.mark.slow  # two more worlds of processes
 @pytest.mark.parametrize("layout,world", [("pp4", 4), ("pp2xdp1", 2)])
 def test_a_checkpoint_of_pp2_x_dp2_reloads_into_another_layout_and_training_continues_exactly(
         saved, tmp_path, layout, world):

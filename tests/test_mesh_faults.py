@@ -15,11 +15,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import traceback
 
 import pytest
-import torch
-import torch.distributed as dist
+from dist_scenarios import ExitProcess, run_scenarios
 from mesh_scenarios import ROWS, data, mlp
 from test_distributed import DEADLINE, free_port
 from torch import nn
@@ -28,57 +26,47 @@ from torch.distributed.device_mesh import init_device_mesh
 STALL = 3.0
 
 
-class ExitProcess(nn.Module):
-    """While armed, ends its process abruptly (no clean-up; the OS closes its sockets)."""
+def write(directory: str, rank: int, out: dict) -> None:
+    with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
+        json.dump(out, file)
 
-    armed = False
 
-    def forward(self, x):
-        if self.armed:
-            os._exit(17)
-        return x
+def scenario(rank: int, directory: str, out: dict) -> None:
+    from pipesched.distributed import DistributedPipeline, PeerLost
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    exiting = ExitProcess()
+    layers = list(mlp())
+    layers.insert(3, exiting)  # inside stage 1 (pipeline rank 1)
+    x, y = data()
+    mine = slice(ROWS * (rank % 2), ROWS * (rank % 2) + ROWS)
+    pipe = DistributedPipeline(nn.Sequential(*layers), schedule="1f1b", chunks=2, loss_fn=nn.CrossEntropyLoss(),
+                               mesh=mesh, stall_timeout=STALL, log_tasks=False)
+    pipe.step(x[mine], y[mine])  # a healthy step first
+    if rank == 2:
+        write(directory, rank, {"exits": True})
+        exiting.armed = True
+    try:
+        pipe.step(x[mine], y[mine])
+        out["raised"] = None
+    except PeerLost as error:
+        out.update(raised="PeerLost", message=str(error))
+    except BaseException as error:  # noqa: BLE001 - the test reads what it was
+        out.update(raised=type(error).__name__, message=str(error))
+    try:
+        pipe.step(x[mine], y[mine])
+        out["next"] = None
+    except RuntimeError as error:
+        out["next"] = str(error)
+    if rank == 0:  # alive and silent, as a process whose pipeline broke: process 1 must not wait for it
+        write(directory, rank, out)
+        multiprocessing.Event().wait()
 
 
 def entry(rank: int, world: int, port: int, directory: str) -> None:
-    from pipesched.distributed import DistributedPipeline, PeerLost
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out: dict = {}
-    try:
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
-        exiting = ExitProcess()
-        layers = list(mlp())
-        layers.insert(3, exiting)  # inside stage 1 (pipeline rank 1)
-        x, y = data()
-        mine = slice(ROWS * (rank % 2), ROWS * (rank % 2) + ROWS)
-        pipe = DistributedPipeline(nn.Sequential(*layers), schedule="1f1b", chunks=2, loss_fn=nn.CrossEntropyLoss(),
-                                   mesh=mesh, stall_timeout=STALL, log_tasks=False)
-        pipe.step(x[mine], y[mine])  # a healthy step first
-        if rank == 2:
-            with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
-                json.dump({"exits": True}, file)
-            exiting.armed = True
-        try:
-            pipe.step(x[mine], y[mine])
-            out["raised"] = None
-        except PeerLost as error:
-            out.update(raised="PeerLost", message=str(error))
-        except BaseException as error:  # noqa: BLE001 - the test reads what it was
-            out.update(raised=type(error).__name__, message=str(error))
-        try:
-            pipe.step(x[mine], y[mine])
-            out["next"] = None
-        except RuntimeError as error:
-            out["next"] = str(error)
-    except BaseException:  # noqa: BLE001 - reported to the test through the file
-        out["crash"] = traceback.format_exc()
-    with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
-        json.dump(out, file)
-    if rank == 0:  # alive and silent, as a process whose pipeline broke: process 1 must not wait for it
-        multiprocessing.Event().wait()
-    os._exit(0)  # the process group has a dead member: no clean shutdown to wait for
+    """One process; leaves abruptly (os._exit) after its verdicts: the group has a dead member."""
+    run_scenarios(rank, world, port, ["faults"], directory, lambda _, out: scenario(rank, directory, out),
+                  leave_abruptly=True)
 
 
 @pytest.fixture(scope="module")
