@@ -17,13 +17,14 @@ import multiprocessing
 import os
 
 import pytest
+import torch.distributed as dist
 from dist_scenarios import ExitProcess, run_scenarios
 from mesh_scenarios import ROWS, data, mlp
 from test_distributed import DEADLINE, free_port
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-STALL = 3.0
+STALL = 5.0
 
 
 def write(directory: str, rank: int, out: dict) -> None:
@@ -42,7 +43,10 @@ def scenario(rank: int, directory: str, out: dict) -> None:
     mine = slice(ROWS * (rank % 2), ROWS * (rank % 2) + ROWS)
     pipe = DistributedPipeline(nn.Sequential(*layers), schedule="1f1b", chunks=2, loss_fn=nn.CrossEntropyLoss(),
                                mesh=mesh, stall_timeout=STALL, log_tasks=False)
+    # replicas must enter a step within STALL of each other: line them up (this machine may be loaded)
+    dist.barrier()
     pipe.step(x[mine], y[mine])  # a healthy step first
+    dist.barrier()
     if rank == 2:
         write(directory, rank, {"exits": True})
         exiting.armed = True
