@@ -28,7 +28,6 @@ stage), so each schedule family and each checkpoint policy is checked on one:
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -47,7 +46,7 @@ SCHEDULES = schedules_for(RANKS)  # (name, stages): every family, "auto" and dua
 SCHEDULE_IDS = [name for name, _ in SCHEDULES]
 POLICIES = ("never", "except_last", "always")
 SHAPES = ((8, 12, 1), (6, 9, 2))  # rows, tokens, seed: the second gives micro-batches of 2, 2, 1, 1
-slow = pytest.mark.skipif(not os.environ.get("PIPESCHED_SLOW"), reason="slow: run with PIPESCHED_SLOW=1")
+slow = pytest.mark.slow  # run with PIPESCHED_SLOW=1 (tests/conftest.py)
 
 
 def split_points(stages: int) -> list[str]:
