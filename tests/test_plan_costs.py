@@ -16,7 +16,7 @@ import pytest
 from pipesched import Action, get_schedule, simulate
 from pipesched.plan.costs import FUSED, as_cost_function, median_costs, task_overhead
 from pipesched.plan.record import TaskRecord
-from schedules.auto import merge_measured
+from pipesched.schedules.auto import merge_measured
 
 P, M = 4, 8
 
