@@ -66,6 +66,11 @@ def format_table(result: Any, top: int | None = 10) -> str:
         "",
         "best: " + result.best.pipeline_line(),
     ]
+    spreads = [p.spread for p in getattr(result, "profiles", {}).values()]
+    if spreads:
+        lines.append(f"profile spread (slowest - fastest run / median, median over layers): "
+                     f"{100 * max(spreads):.0f} % at worst; intra-op threads per rank while measuring: "
+                     f"{getattr(result, 'threads', None) or '-'}")
     if getattr(result, "advice", None):
         lines.append(result.advice)
     return "\n".join(lines)
