@@ -53,11 +53,31 @@ def workload(cfg: RunConfig) -> GPTWorkload:
 
 def auto_vs_built_ins(cfg: RunConfig, gpt: GPTWorkload, chunks: int) -> dict[str, Any]:
     x, y = gpt.data()
-    loss = nn.CrossEntropyLoss()
-    base = gpt.model()
+    return auto_race(cfg, gpt.model(), x, y, chunks, dict(balance=gpt.two_rank_balance(),
+                                                           loss_fn=nn.CrossEntropyLoss()))
+
+
+def tiny_llama() -> tuple[nn.Module, Any, Any] | None:
+    """A 4-layer Llama of width 64 from ``transformers`` (random weights), a batch and its labels; None without it."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    import torch
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    model = transformers.LlamaForCausalLM(config)
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids
+
+
+def auto_race(cfg: RunConfig, base: nn.Module, x: Any, y: Any, chunks: int, options: dict[str, Any]) -> dict[str, Any]:
+    """``auto`` and every built-in, each its own ``Pipeline(copy, **options)``, in alternating rounds."""
     models = {name: copy.deepcopy(base) for name in (*BUILT_INS, "auto")}
-    pipes = {name: Pipeline(model, schedule=name, balance=gpt.two_rank_balance(), devices=["cpu"] * RANKS,
-                            chunks=chunks, loss_fn=loss) for name, model in models.items()}
+    pipes = {name: Pipeline(model, schedule=name, devices=["cpu"] * RANKS, chunks=chunks, **options)
+             for name, model in models.items()}
     try:
         def stepper(name: str):
             def step() -> None:
@@ -134,6 +154,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     part_a = auto_vs_built_ins(cfg, gpt, chunks)
     cfg.log("B: tune, then every candidate measured")
     part_b = tune_vs_brute_force(cfg, gpt)
+    llama = None if cfg.level == "tiny" else tiny_llama()
+    part_c = None
+    if llama is not None:
+        from pipesched import CausalLMLoss
+
+        cfg.log("C: auto vs built-ins on a tiny Hugging Face Llama, cut at split_points")
+        model, inputs, labels = llama
+        part_c = auto_race(cfg, model, inputs, labels, 4, dict(split_points=["model.layers.2"],
+                                                                loss_fn=CausalLMLoss()))
 
     table_a = format_table(
         ["schedule", "step ms median [min..max]"],
@@ -153,20 +182,34 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     notes_b = (f"tune's pick: {part_b['chosen']}; fastest measured: {part_b['fastest']}; chosen/best "
                f"{part_b['chosen_over_best']:.3f}; engine cost per task {part_b['overhead_s'] * 1e6:.0f} us; "
                f"advice: {part_b['advice'] or '-'}; tune warned {len(part_b['warnings'])} time(s)")
+    parts = [table_a, notes_a, "", table_b, notes_b]
     targets = [
         Target("auto / best built-in, measured step (median of paired per-round ratios)", part_a["auto_over_best"], 1.02,
                higher_is_better=False, note=f"best built-in {part_a['best_built_in']}"),
         Target("tune's pick measured / brute-force best measured", part_b["chosen_over_best"], 1.10,
                higher_is_better=False, note=f"{part_b['chosen']} vs {part_b['fastest']}"),
     ]
+    if part_c is not None:
+        ratios_c = part_c["auto_over_best_per_round"]
+        parts += ["", format_table(
+            ["schedule", "step ms median [min..max]"],
+            [[n, fmt({k: v * 1e3 for k, v in part_c["seconds"][n].items()}, 1)] for n in (*BUILT_INS, "auto")],
+            title=f"C: tiny HF Llama (4 layers, width 64, 8 x 32 tokens), split_points=['model.layers.2'], "
+                  f"4 micro-batches, {part_c['rounds']} alternating rounds"),
+            f"auto / best built-in ({part_c['best_built_in']}) paired per round: median {part_c['auto_over_best']:.3f} "
+            f"[{min(ratios_c):.3f}..{max(ratios_c):.3f}]; auto ran: {part_c['auto_plan']}"]
+        targets.append(Target("HF Llama: auto / best built-in, measured step (median of paired per-round ratios)",
+                              part_c["auto_over_best"], 1.02, higher_is_better=False,
+                              note=f"best built-in {part_c['best_built_in']}"))
     targets += [Target(f"tune top {r['rank']} ({r['candidate']}) |predicted - measured| / measured", abs(r["error"]),
                        0.15, higher_is_better=False) for r in part_b["rows"][:3]]
     return {
         "title": TITLE,
-        "table": "\n".join([table_a, notes_a, "", table_b, notes_b]),
+        "table": "\n".join(parts),
         "targets": targets,
         "workload": {**gpt.as_dict(), "ranks": RANKS, "chunks": chunks},
         "auto": part_a,
         "tune": part_b,
+        "hf_llama": part_c,
         "rows": part_b["rows"],
     }
