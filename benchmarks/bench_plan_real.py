@@ -1,4 +1,4 @@
-"""15. ``auto`` and ``tune`` on real layers (a small GPT): measured against what they replace.
+"""17. ``auto`` and ``tune`` on real layers (a small GPT): measured against what they replace.
 
 Issue #24 found both losing on a GPT: ``auto`` 1.27-1.65x slower than 1F1B
 (its warm-up priced an unsplit backward as B + W), ``tune`` ranking
@@ -40,7 +40,7 @@ from pipesched import Pipeline
 from pipesched.tune.unpipelined import unpipelined_step
 
 NAME = "plan_real"
-TITLE = "15. auto and tune on a small GPT (2 CPU ranks): measured against the built-ins and brute force"
+TITLE = "17. auto and tune on a small GPT (2 CPU ranks): measured against the built-ins and brute force"
 RANKS = 2
 BUILT_INS = ("gpipe", "1f1b", "zb-h1")
 
