@@ -49,7 +49,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     x, y = torch.zeros(batch, 1), torch.zeros(batch, 1)
     loss = nn.MSELoss()
     result = pipesched.tune(model, x, y, loss, devices=["cpu"] * RANKS, schedules=schedules, chunks=chunks,
-                            checkpoint=["never"], repeat=cfg.pick(tiny=1, quick=3, full=5))
+                            checkpoint=["never"], repeat=cfg.pick(tiny=1, quick=3, full=5),
+                            measure=0, unpipelined=False)  # the predictions alone; plan_real measures with both
     candidates = result.candidates
     label = {id(c): f"{c.schedule} m={c.chunks}" for c in candidates}
     cfg.log(f"{len(candidates)} candidates predicted; measuring all of them, {rounds} rounds")

@@ -38,6 +38,7 @@ SPECIFIC = {
     "auto": {"workload", "rows"},
     "tune": {"workload", "rows", "chosen_over_best"},
     "plan_scale": {"workload", "rows", "others", "auto"},
+    "plan_real": {"workload", "rows", "auto", "tune"},
     "distributed": {"per_m", "baseline_src"},
     "hf_pipelining": {"workload", "per_m", "gradients", "tied_weight", "build_seconds"},
 }
@@ -56,6 +57,7 @@ TABLE_MARKS = {
     "auto": "auto makespan / best built-in's",
     "tune": "|pred-meas|/meas",
     "plan_scale": "µs/task",
+    "plan_real": "auto / best built-in",
     "distributed": "torch.distributed.pipelining",
     "hf_pipelining": "pipesched / torch step time",
 }

@@ -355,3 +355,17 @@ def test_compare_threads_flag_sets_each_ranks_intra_op_threads(capsys: pytest.Ca
     assert code == 0
     assert [row["threads_per_rank"] for row in json.loads(out)] == [3]
     assert torch.get_num_threads() == before  # the process is left as it was
+
+
+def test_compare_what_if_puts_the_planners_prediction_beside_the_measured_step(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_inline(capsys, "compare", *TINY_COMPARE, "--schedules", "1f1b,auto", "--what-if")
+    assert code == 0
+    table = out[out.index("what-if:"):]
+    header = next(line for line in table.splitlines() if line.startswith("schedule"))
+    assert "predicted" in header and "measured" in header and "pred/meas" in header
+    assert re.search(r"^1f1b\s+\S+\s+[0-9.]+ ms\s+[0-9.]+ ms\s+[0-9.]+", table, re.M), table
+    assert re.search(r"^auto\s+\S+\s+[0-9.]+ ms", table, re.M) and "fastest predicted:" in table
+    code, out, _ = run_inline(capsys, "compare", *TINY_COMPARE, "--schedules", "1f1b", "--what-if", "--json")
+    (row,) = json.loads(out)
+    assert row["predicted_step_s"] > 0 and row["balance"] and sum(row["balance"]) == 11

@@ -360,8 +360,9 @@ def test_tune(monkeypatch, tmp_path, tracked, opened):
     ns = run_block(TUNE, substituted(TUNE), {"pipesched": pipesched, "nn": nn, "Pipeline": tracked,
                                              "model": model, "x": x, "y": y}, opened)
     result, best, pipe = ns["result"], ns["best"], ns["pipe"]
-    assert best is result.candidates[0] and best.fits and best.measured_step_s is not None
-    assert "Pipeline(model" in result.format_table().splitlines()[-1]
+    assert best is result.best_pipelined and best.fits and best.pipelined
+    assert result.best.measured_step_s is not None  # measure=3: the top 3 ran
+    assert any(line.startswith("best: ") for line in result.format_table().splitlines())
     assert (pipe.schedule.name, pipe.balance, pipe.chunks) == (best.schedule, best.balance, best.chunks)
     assert math.isfinite(pipe.step(x, y).item())
     saved = json.loads((tmp_path / "tune.json").read_text())

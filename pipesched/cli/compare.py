@@ -158,6 +158,10 @@ class CompareRow:
     grad_max_abs_diff: float = 0.0
     #: Intra-op threads each rank's worker used.
     threads_per_rank: int = 0
+    #: Layers per stage, as the pipeline cut the model.
+    balance: list[int] = field(default_factory=list)
+    #: ``--what-if``: the step time the tuner's model predicts for this schedule (profile + simulator).
+    predicted_step_s: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -282,6 +286,7 @@ def _measure(
         grads_match=matches,
         grad_max_abs_diff=diff,
         threads_per_rank=torch.get_num_threads(),
+        balance=list(pipe.balance),
     )
 
 
@@ -391,10 +396,20 @@ def _run_command(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     if not lead:  # under torchrun only rank 0 prints the table
         return 0
+    if args.what_if:
+        from pipesched.cli.what_if import format_what_if, predict_rows
+
+        if launched_world() > 1:
+            raise CliError("--what-if predicts for ranks that are threads of one process; run it without torchrun")
+        say("what-if: profiling the model at the micro-batch size ...")
+        predict_rows(rows, config, threads_per_rank(config))
     if args.json:
         print(json_dumps([row.as_dict() for row in rows]))
     else:
         print(format_compare_table(rows, config))
+        if args.what_if:
+            print()
+            print(format_what_if(rows))
     return 0
 
 
@@ -424,5 +439,8 @@ def add_command(commands: Any) -> None:
     compare.add_argument("--threads", type=positive, default=None, metavar="N",
                          help="intra-op threads per rank (default: cores // ranks, at least 1: ranks with more "
                               "threads than their share of the cores slow each other down)")
+    compare.add_argument("--what-if", action="store_true",
+                         help="also profile the model and print, per schedule, the step time the planner "
+                              "predicts (profile + simulator, what auto and tune rank by) beside the measured one")
     compare.add_argument("--json", action="store_true", help="print a JSON list of row objects")
     compare.set_defaults(run=_run_command)

@@ -1,8 +1,8 @@
 """``pipesched tune``: profile a built-in model and rank schedule × chunks × checkpoint × balance.
 
 Prints the ranked table (predicted step time and peak bytes per rank, and
-measured step time for ``--measure K`` candidates) and the winning
-``Pipeline(...)`` line; ``--json`` prints :meth:`pipesched.tune.search.TuneResult.to_dict`.
+measured step time for the ``--measure K`` best, 3 by default), the winning
+``Pipeline(...)`` line, and a sentence when not pipelining wins; ``--json`` prints :meth:`pipesched.tune.search.TuneResult.to_dict`.
 Progress (profiling each micro-batch size, measuring) goes to stderr.
 """
 
@@ -59,7 +59,7 @@ def _run_command(args: argparse.Namespace) -> int:
         result = pipesched.tune(
             model, x, y, nn.CrossEntropyLoss(), devices=["cpu"] * args.ranks, memory_budget=args.memory,
             schedules=args.schedules, chunks=args.chunks, checkpoint=args.checkpoint, measure=args.measure,
-            repeat=args.repeat, progress=say,
+            repeat=args.repeat, progress=say, unpipelined=not args.pipelined_only,
         )
     except ValueError as error:
         raise CliError(str(error)) from None
@@ -94,8 +94,11 @@ def add_command(commands: Any) -> None:
                       help="micro-batch counts to try, e.g. 4,8,16 (default: powers of two up to --batch)")
     tune.add_argument("--checkpoint", type=_policies, default=None, metavar="LIST",
                       help="policies to try (default never,except_last,always)")
-    tune.add_argument("--measure", type=non_negative, default=0, metavar="K",
-                      help="run the K best candidates for real and rank them by measured time (default 0)")
+    tune.add_argument("--measure", type=non_negative, default=3, metavar="K",
+                      help="run the K best candidates for real, side by side, rank them by measured time and "
+                           "warn where the prediction is off by more than 15%% (default 3; 0: predict only)")
+    tune.add_argument("--pipelined-only", action="store_true",
+                      help="leave out the 'don't pipeline' candidates (the plain model, gradient accumulation)")
     tune.add_argument("--repeat", type=positive, default=3, metavar="N", help="timed runs per layer (default 3)")
     tune.add_argument("--top", type=positive, default=10, metavar="N", help="rows of the table (default 10)")
     tune.add_argument("--seed", type=int, default=0, metavar="N", help="random seed for the data (default 0)")

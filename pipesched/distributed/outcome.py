@@ -39,7 +39,7 @@ _STATUS = {name: i for i, name in enumerate(
 
 
 #: The task kinds a cost row holds, in its order: row[k * num_stages + s] is (COST_KINDS[k], s).
-COST_KINDS = ("F", "B", "W")
+COST_KINDS = ("F", "B", "W", "BW")  # BW: a whole backward of a stage measured split too
 
 
 def status_row(local_error: BaseException | None, memory: RankMemory, loss: Tensor | None,

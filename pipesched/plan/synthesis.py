@@ -29,6 +29,12 @@ flight per rank, as :attr:`pipesched.plan.simulate.SimResult.peak_inflight`
 does. A mapping with no ``("W", s)`` for a stage gets unsplit backwards there
 (``("B", s)`` is then the whole backward, as in the simulator).
 
+A mapping that also prices the whole backward (``("BW", s)``, as measured in
+one pass) lets the search weigh splitting against not splitting: every
+rule of step 2 is also run with every backward whole (B priced at BW, no W),
+so where splitting costs more than the bubble it removes a 1F1B-like order
+wins on the same costs that price the split ones.
+
 Pure Python over :mod:`pipesched.plan`; no torch.
 """
 
@@ -36,11 +42,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from pipesched.plan.action import Action, Plan, split_backwards
-from pipesched.plan.costs import Costs, as_cost_function, check_comm
+from pipesched.plan.costs import FUSED, Costs, as_cost_function, check_comm
 from pipesched.plan.greedy import list_schedule, span_bound
 from pipesched.plan.local_search import improve, peak_held
 from pipesched.plan.schedule import validate_plan
@@ -69,7 +75,10 @@ class Synthesis:
       rule, plus the local-search moves kept);
     * ``baseline`` / ``baseline_makespan``: the fastest seed within the cap
       (``None`` when none fits), what the result is never worse than;
-    * ``bound``: :func:`~pipesched.plan.greedy.span_bound`, no order can beat it.
+    * ``bound``: :func:`~pipesched.plan.greedy.span_bound`, no order can beat it;
+    * ``compared``: every seed's simulated step time on the same costs, by name
+      (``None``: over the memory limit, or the costs cannot price it), so a
+      description can name what the plan was compared with.
     """
 
     plan: Plan
@@ -79,6 +88,7 @@ class Synthesis:
     baseline: str | None
     baseline_makespan: float | None
     bound: float
+    compared: dict[str, float | None] = field(default_factory=dict)
 
 
 def check_costs(costs: Any, num_stages: int) -> Costs:
@@ -209,30 +219,40 @@ def synthesise(
             best = (key, plan, method, peaks)
 
     seeds = [(name, [list(row) for row in plan]) for name, plan in seeds]
+    compared: dict[str, float | None] = {}
     for name, plan in seeds:
         consider(plan, name)
+        fitting = fits([peak_held(row, footprint) for row in plan])
+        compared[name] = makespan_of(plan) if fitting else None
     if best is not None:
         baseline = (best[2], best[0][0])
 
     every = [[Action(kind, s, mb) for s in range(num_stages) if placement[s] == r  # type: ignore[arg-type]
               for mb in range(num_microbatches) for kind in "FBW"] for r in range(num_ranks)]
+    whole = _whole_backward_costs(costs, num_stages)
+    searches = [(search_costs, unsplit)]
     bound = span_bound(_strip(every, unsplit), num_stages, costs, comm)
+    if whole is not None:  # splitting is a choice: search (and bound) the unsplit orders too
+        everything = frozenset(range(num_stages))
+        searches.append((_with_free_weight_passes(whole, everything), everything))
+        bound = min(bound, span_bound(_strip(every, everything), num_stages, costs, comm))
 
     def at_bound() -> bool:
         return best is not None and best[0][0] <= bound * (1 + 1e-9)
 
-    if not at_bound():
-        for limits, weights, prefer, fill, reserve in _variants(
-                placement, num_microbatches, footprint, caps, seeds, best):
-            try:
-                plan = list_schedule(placement, num_microbatches, limits, search_costs, comm,
-                                     fill_short_gaps=fill, footprint=weights, prefer=prefer, reserve=reserve)
-            except ValueError:  # these limits starve the greedy rule; try the next
-                continue
-            rule = f"{prefer} F/B{'' if fill else ', W only in long gaps'}{', reserving' if reserve else ''}"
-            consider(_strip(plan, unsplit), f"list schedule ({rule}; limits {_show(limits)})")
-            if at_bound():
-                break
+    variants = [] if at_bound() else _variants(placement, num_microbatches, footprint, caps, seeds, best)
+    for (priced, whole_stages), (limits, weights, prefer, fill, reserve) in \
+            ((search, variant) for search in searches for variant in variants):
+        if at_bound():
+            break
+        try:
+            plan = list_schedule(placement, num_microbatches, limits, priced, comm,
+                                 fill_short_gaps=fill, footprint=weights, prefer=prefer, reserve=reserve)
+        except ValueError:  # these limits starve the greedy rule; try the next
+            continue
+        rule = f"{prefer} F/B{'' if fill else ', W only in long gaps'}{', reserving' if reserve else ''}"
+        note = "" if priced is search_costs else ", backwards whole"
+        consider(_strip(plan, whole_stages), f"list schedule ({rule}; limits {_show(limits)}{note})")
     if best is None:
         least = _least_limit(placement, footprint, num_ranks)
         raise ValueError(
@@ -255,6 +275,7 @@ def synthesise(
         baseline=baseline[0] if baseline else None,
         baseline_makespan=baseline[1] if baseline else None,
         bound=bound,
+        compared=compared,
     )
 
 
@@ -276,6 +297,20 @@ def _unsplit_stages(costs: Costs, num_stages: int) -> frozenset[int]:
     if not isinstance(costs, Mapping):
         return frozenset()
     return frozenset(s for s in range(num_stages) if ("W", s) not in costs)
+
+
+def _whole_backward_costs(costs: Costs, num_stages: int) -> dict[Any, Any] | None:
+    """``costs`` with every backward whole (B = the measured ``("BW", s)``, no W), when the mapping gives
+    BW for every stage it splits; else ``None`` (nothing says what a whole backward costs)."""
+    if not isinstance(costs, Mapping) or not any(key[0] == FUSED for key in costs if isinstance(key, tuple)):
+        return None
+    table = {key: value for key, value in costs.items() if key[0] not in ("W", FUSED)}
+    for s in range(num_stages):
+        if (FUSED, s) in costs:
+            table[("B", s)] = costs[(FUSED, s)]
+        elif ("W", s) in costs:
+            return None
+    return table
 
 
 def _with_free_weight_passes(costs: Costs, unsplit: frozenset[int]) -> Costs:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -68,3 +69,20 @@ def warn_if_oversubscribed(devices: Sequence[torch.device]) -> None:
         UserWarning,
         stacklevel=4,
     )
+
+
+@contextmanager
+def intra_op_threads(threads: int) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(threads)``, then restore the caller's setting.
+
+    Measuring code (``pipesched.tune``) uses it to time what a pipeline with one
+    share of the cores per rank will see, without leaving the process changed:
+    a worker thread reads the setting at its first op, so it must be set before
+    the threads that measure are started.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)

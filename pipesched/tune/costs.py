@@ -39,7 +39,9 @@ class LayerProfile:
     * ``input_bytes``, ``output_bytes``: its input's and output's tensors;
     * ``parameter_bytes``: its parameters and buffers; ``grad_bytes``: its parameters that require grad;
     * ``allocated_bytes``: CUDA only, the allocator's growth over the forward while its graph is
-      held (outputs included); ``None`` on the CPU.
+      held (outputs included); ``None`` on the CPU;
+    * ``spread``: (slowest - fastest) / median of its timed runs (F + B + W + whole backward per
+      run): how far the machine let the figures wander while it was measured.
     """
 
     index: int
@@ -56,6 +58,7 @@ class LayerProfile:
     parameter_bytes: int
     grad_bytes: int
     allocated_bytes: int | None = None
+    spread: float = 0.0
 
     @property
     def internal_bytes(self) -> int:
@@ -115,6 +118,12 @@ class Profile:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    @property
+    def spread(self) -> float:
+        """The median of the layers' :attr:`LayerProfile.spread`: the profile's noise, in one figure."""
+        values = sorted(layer.spread for layer in self.layers)
+        return values[len(values) // 2] if values else 0.0
 
     def layer_costs(self, *, recompute: bool = False) -> list[float]:
         """Per layer: forward + whole backward seconds (+ one more forward when ``recompute``)."""

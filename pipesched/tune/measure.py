@@ -12,6 +12,10 @@ fed the output the previous copy produced, in order, after one warm-up run:
 * bytes: the tensors autograd saves, through ``saved_tensors_hooks`` exactly as
   the checkpoint manager's meter sees them, and on CUDA the allocator's growth.
 
+Each run times F, B, W and the whole backward one after the other, so the
+four are interleaved across runs rather than measured in blocks (a slow
+moment of the machine touches all four alike); the first run is a warm-up and
+is discarded; ``LayerProfile.spread`` reports how far the runs wandered.
 Times are medians of ``repeat`` runs: on the CPU wall time
 (``time.perf_counter``), on CUDA the device time between CUDA events. Cost
 is not linear in rows (per-call overhead dominates small micro-batches), so
@@ -212,6 +216,8 @@ def _measure_layer(
             for key, value in zip(("F", "B", "W", "full"), (forward, b, w, full)):
                 times[key].append(value)
         run += 1
+    totals = [sum(parts) for parts in zip(times["F"], times["B"], times["W"], times["full"])]
+    middle = statistics.median(totals)
     input_keys = {_key(x) for x in inputs}
     output_keys = {_key(x) for x in output}
     measured = LayerProfile(
@@ -229,6 +235,7 @@ def _measure_layer(
         parameter_bytes=sum(_nbytes(t) for t in (*layer.parameters(), *layer.buffers())),
         grad_bytes=sum(_nbytes(p) for p in params),
         allocated_bytes=allocated,
+        spread=(max(totals) - min(totals)) / middle if middle > 0 else 0.0,
     )
     return measured, output, single_out
 

@@ -5,7 +5,12 @@ on per-(stage, micro-batch) costs summed from the profile taken at that
 micro-batch's size: F is the stage's forward; an unsplit B its whole
 backward; a split B its input-gradient part and W its weight-gradient part.
 A checkpointed micro-batch's B also pays the recompute (one more forward).
-Communication is priced 0 (ranks on one host share memory; on separate
+Every task also pays ``overhead_s``, the engine's own cost per task
+(:func:`pipesched.tune.overhead.engine_overhead`), so a plan with more tasks
+(split backwards) pays for them. A schedule built for the costs (``"auto"``)
+is handed the profile's per-stage table first (:func:`stage_cost_table`: F, the
+split B and W, and the whole backward BW), so the plan priced is the one it
+would synthesise, not its warm-up. Communication is priced 0 (ranks on one host share memory; on separate
 devices, add it to your budget of doubt).
 
 Memory, per rank, what is counted:
@@ -34,13 +39,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pipesched.plan.action import Action, split_backwards
+from pipesched.plan.costs import FUSED
 from pipesched.plan.record import TaskRecord
 from pipesched.plan.schedule import Schedule, validate_placement
 from pipesched.plan.simulate import simulate
 from pipesched.runtime.checkpoint import make_policy
 from pipesched.tune.costs import Profile, StageCost
 
-__all__ = ["Prediction", "predict"]
+__all__ = ["Prediction", "predict", "stage_cost_table"]
 
 
 @dataclass(frozen=True)
@@ -62,18 +68,22 @@ def predict(
     sizes: Sequence[int],
     profiles: Mapping[int, Profile],
     checkpoint: str,
+    overhead_s: float = 0.0,
 ) -> Prediction:
     """Simulated step time and peak bytes of ``schedule`` with ``balance`` on ``num_ranks`` ranks.
 
     ``sizes``: rows of each micro-batch (``len(sizes)`` micro-batches);
     ``profiles[rows]``: the profile taken at that size. Raises ``ValueError``
-    when the schedule cannot run this shape.
+    when the schedule cannot run this shape. ``overhead_s``: seconds the
+    engine adds to every task.
     """
     num_stages, count = len(balance), len(sizes)
     placement = validate_placement(schedule.placement(num_stages, num_ranks), num_stages, num_ranks)
-    plan = schedule.plan(num_stages, count, num_ranks)
     policy = make_policy(checkpoint)
     stage_costs: dict[int, list[StageCost]] = {rows: profiles[rows].stages(balance) for rows in set(sizes)}
+    if schedule.wants_costs:
+        schedule.use_costs(stage_cost_table(stage_costs[max(sizes)], policy, count, overhead_s))
+    plan = schedule.plan(num_stages, count, num_ranks)
 
     def cost(stage: int, mb: int) -> StageCost:
         return stage_costs[sizes[mb]][stage]
@@ -91,7 +101,8 @@ def predict(
                 seconds = c.backward_input_s if (action.stage, action.microbatch) in split else c.backward_s
                 if policy(action.stage, action.microbatch, count):
                     seconds += c.forward_s  # the recompute
-            records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, 0.0, seconds))
+            records.append(TaskRecord(rank, action.stage, action.microbatch, action.kind, 0.0,
+                                      seconds + overhead_s))
     sim = simulate(plan, records, num_stages=num_stages)
 
     activations = [_peak_activation_bytes(row, split, cost, policy, count, sum(sizes), sizes.__getitem__)
@@ -108,6 +119,20 @@ def predict(
         peak_inflight=list(sim.peak_inflight),
         bubble=sim.overall_bubble_over_total,
     )
+
+
+def stage_cost_table(stages: Sequence[StageCost], policy, count: int,
+                     overhead_s: float = 0.0) -> dict[tuple[str, int], float]:
+    """``{(kind, stage): seconds}`` as a schedule built for costs reads them: F, split B and W, whole BW.
+
+    A stage checkpointed for its first micro-batch pays the recompute in B and BW.
+    """
+    table: dict[tuple[str, int], float] = {}
+    for s, c in enumerate(stages):
+        recompute = c.forward_s if policy(s, 0, count) else 0.0
+        table.update({("F", s): c.forward_s + overhead_s, ("B", s): c.backward_input_s + recompute + overhead_s,
+                      ("W", s): c.backward_weight_s + overhead_s, (FUSED, s): c.backward_s + recompute + overhead_s})
+    return table
 
 
 def _peak_activation_bytes(row: Sequence[Action], split: frozenset[tuple[int, int]] | set[tuple[int, int]],

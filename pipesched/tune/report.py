@@ -37,12 +37,15 @@ def format_bytes(value: int | None) -> str:
 def format_table(result: Any, top: int | None = 10) -> str:
     """One row per candidate, best first; ``top`` rows (``None``: all), then the winning ``Pipeline(...)`` line."""
     rows = result.candidates if top is None else result.candidates[:top]
-    columns = ["#", "schedule", "chunks", "checkpoint", "balance", "predicted", "measured",
+    columns = ["#", "schedule", "chunks", "checkpoint", "balance", "predicted", "measured", "pred/meas",
                "peak/rank (max)", "fits"]
     table = [
-        [str(i + 1), c.schedule, str(c.chunks), c.checkpoint, ",".join(map(str, c.balance)),
-         f"{c.predicted_step_s * 1e3:.1f} ms",
-         "-" if c.measured_step_s is None else f"{c.measured_step_s * 1e3:.1f} ms",
+        [str(i + 1), c.schedule if c.pipelined else "none (no pipeline)", str(c.chunks), c.checkpoint,
+         ",".join(map(str, c.balance)), f"{c.predicted_step_s * 1e3:.1f} ms",
+         "-" if c.measured_step_s is None else
+         f"{c.measured_step_s * 1e3:.1f} ms ±{100 * (c.measured_spread or 0) / 2:.0f}%",
+         "-" if c.prediction_error is None else
+         f"{1 + c.prediction_error:.2f}" + (" !" if abs(c.prediction_error) > 0.15 else ""),
          format_bytes(max(c.predicted_peak_bytes)), "yes" if c.fits else "NO"]
         for i, c in enumerate(rows)
     ]
@@ -55,9 +58,19 @@ def format_table(result: Any, top: int | None = 10) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in table]
     lines += [
         "",
-        "predicted: the simulator's step time on the profiled per-layer costs; measured: median of real steps "
-        "(--measure); peak/rank: predicted activations + parameters + gradients of the busiest rank.",
+        "predicted: the simulator's step time on the profiled per-layer costs"
+        + (f" + {result.overhead_s * 1e6:.0f} us of engine per task" if getattr(result, "overhead_s", 0) else "")
+        + "; measured: median of real steps, interleaved (--measure), ± half the spread; "
+        "pred/meas: '!' beyond 15 %; none: the model without a pipeline (chunks > 1: gradient accumulation); "
+        "peak/rank: predicted activations + parameters + gradients of the busiest rank.",
         "",
         "best: " + result.best.pipeline_line(),
     ]
+    spreads = [p.spread for p in getattr(result, "profiles", {}).values()]
+    if spreads:
+        lines.append(f"profile spread (slowest - fastest run / median, median over layers): "
+                     f"{100 * max(spreads):.0f} % at worst; intra-op threads per rank while measuring: "
+                     f"{getattr(result, 'threads', None) or '-'}")
+    if getattr(result, "advice", None):
+        lines.append(result.advice)
     return "\n".join(lines)

@@ -12,8 +12,22 @@ the schedule's placement (:func:`pipesched.plan.balance.balance_ranks` on the
 profile's per-layer cost), predicts the step time with the simulator and the
 peak bytes per rank from the plan (:mod:`pipesched.tune.predict` says what is
 counted), drops what exceeds ``memory_budget`` to the bottom, and ranks the
-rest by predicted time. ``measure=k`` then runs the ``k`` best for real and
-puts them first, ranked by measured time.
+rest by predicted time. Not pipelining is a candidate too (the plain model
+on ``devices[0]``, and gradient accumulation over the same micro-batches,
+:mod:`pipesched.tune.unpipelined`), and :attr:`TuneResult.advice` says when it
+wins. ``measure=k`` (3 by default) then runs the ``k`` best for real, side by
+side in interleaved rounds (:mod:`pipesched.tune.verify`), puts them first,
+ranked by measured time, and warns where a prediction is off by more than 15 %.
+
+Candidates whose predictions lie within :data:`TIE` of each other rank as
+equal, and the simpler one goes first (fewer micro-batches, less
+recomputation, then by name): predictions carry the profile's noise, and a
+ranking that flips between two calls on a near-tie helps nobody.
+
+While it measures (profiles, the engine's cost per task, the candidates) each
+CPU rank gets its share of the cores as intra-op threads (``cores // CPU
+ranks``, at least 1), as a pipeline on those ranks should run; the caller's
+``torch.get_num_threads()`` is restored afterwards.
 
 Profiles: one per micro-batch size the candidates run (cost is not linear in
 rows), measured on ``devices[0]``, or taken from ``profile=`` where a given
@@ -22,62 +36,36 @@ profile has that size.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pipesched.pipeline import Pipeline
 from pipesched.plan.balance import balance_ranks
 from pipesched.plan.registry import get_schedule, schedules_for
 from pipesched.plan.schedule import validate_placement
 from pipesched.runtime.checkpoint import POLICIES
 from pipesched.runtime.microbatch import as_tensors, batch_size, split_sizes
+from pipesched.runtime.cpu_threads import cores_per_rank, intra_op_threads
 from pipesched.runtime.partition import default_devices, resolve_device
+from pipesched.tune.candidate import Candidate
 from pipesched.tune.costs import Profile
 from pipesched.tune.measure import Progress, _profile, progress_reporter
+from pipesched.tune.overhead import engine_overhead
 from pipesched.tune.predict import predict
 from pipesched.tune.report import format_bytes, format_table
 from pipesched.tune.units import block_units
+from pipesched.tune.unpipelined import sizes_needed, unpipelined_candidate
+from pipesched.tune.verify import measure_candidates, measured_peak_bytes
 
-__all__ = ["Candidate", "TuneResult", "measured_peak_bytes", "tune"]
+__all__ = ["TIE", "Candidate", "TuneResult", "measured_peak_bytes", "tune"]
 
-
-@dataclass
-class Candidate:
-    """One configuration and what it costs. Seconds; bytes per rank (rank 0 first)."""
-
-    schedule: str
-    balance: list[int]
-    chunks: int
-    checkpoint: str
-    devices: list[str]
-    predicted_step_s: float
-    predicted_peak_bytes: list[int]
-    predicted_bubble: float = 0.0
-    fits: bool = True
-    measured_step_s: float | None = None
-    measured_peak_bytes: list[int] | None = None
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        """``Pipeline(model, **candidate.pipeline_kwargs(), loss_fn=...)``."""
-        return {"schedule": self.schedule, "balance": list(self.balance), "devices": list(self.devices),
-                "chunks": self.chunks, "checkpoint": self.checkpoint}
-
-    def pipeline_line(self, model: str = "model", loss_fn: str = "loss_fn") -> str:
-        """The ``Pipeline(...)`` call for this candidate, as Python source."""
-        args = ", ".join(f"{k}={v!r}" for k, v in self.pipeline_kwargs().items())
-        return f"Pipeline({model}, {args}, loss_fn={loss_fn})"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+#: Predictions within this fraction of each other rank as a tie (the simpler candidate first).
+TIE = 0.03
 
 
 @dataclass
@@ -85,7 +73,9 @@ class TuneResult:
     """What :func:`tune` found: ``candidates`` best first (fitting ones, measured ones first), ``best``.
 
     ``skipped`` lists the (schedule, chunks, reason) shapes a schedule refused;
-    ``profiles`` the profile used for each micro-batch size.
+    ``profiles`` the profile used for each micro-batch size; ``overhead_s`` the
+    engine's measured seconds per task that every pipelined prediction adds;
+    ``threads`` the intra-op threads per CPU rank while measuring.
     """
 
     candidates: list[Candidate]
@@ -93,10 +83,37 @@ class TuneResult:
     batch: int
     skipped: list[tuple[str, int, str]] = field(default_factory=list)
     profiles: dict[int, Profile] = field(default_factory=dict)
+    overhead_s: float = 0.0
+    threads: int | None = None
 
     @property
     def best(self) -> Candidate:
         return self.candidates[0]
+
+    @property
+    def best_pipelined(self) -> Candidate:
+        """The best candidate that is a pipeline (``best`` may be "don't pipeline")."""
+        for candidate in self.candidates:
+            if candidate.pipelined and candidate.fits:
+                return candidate
+        raise ValueError("no pipelined candidate fits the memory budget")
+
+    @property
+    def advice(self) -> str | None:
+        """A sentence when not pipelining wins (measured where measured, else predicted); else ``None``."""
+        best = self.best
+        if best.pipelined or not best.fits:
+            return None
+        how = "measured" if best.measured_step_s is not None else "predicted"
+        seconds = best.measured_step_s if best.measured_step_s is not None else best.predicted_step_s
+        try:
+            rival = self.best_pipelined
+        except ValueError:
+            return f"don't pipeline: {best.label} fits and no pipeline does"
+        theirs = rival.measured_step_s if how == "measured" and rival.measured_step_s is not None \
+            else rival.predicted_step_s
+        return (f"don't pipeline: {best.label} ({how} {seconds * 1e3:.1f} ms) beats the best pipeline, "
+                f"{rival.label} ({theirs * 1e3:.1f} ms); pipeline only if the model does not fit one device")
 
     def format_table(self, top: int | None = 10) -> str:
         return format_table(self, top)
@@ -107,6 +124,9 @@ class TuneResult:
             "batch": self.batch,
             "best": self.best.as_dict(),
             "pipeline": self.best.pipeline_line(),
+            "advice": self.advice,
+            "overhead_s": self.overhead_s,
+            "threads": self.threads,
             "candidates": [c.as_dict() for c in self.candidates],
             "skipped": [{"schedule": s, "chunks": m, "reason": r} for s, m, r in self.skipped],
             "profiles": {str(rows): p.to_dict() for rows, p in sorted(self.profiles.items())},
@@ -128,9 +148,11 @@ def tune(
     chunks: Sequence[int] | None = None,
     checkpoint: Sequence[str] | None = None,
     profile: Profile | Sequence[Profile] | None = None,
-    measure: int = 0,
+    measure: int = 3,
     repeat: int = 3,
     progress: Progress = None,
+    unpipelined: bool = True,
+    engine_overhead_s: float | None = None,
 ) -> TuneResult:
     """Search schedule × chunks × checkpoint × balance for ``module`` on ``devices``; see the module docstring.
 
@@ -148,10 +170,16 @@ def tune(
         chunks: micro-batch counts to search (default: powers of two up to the batch size).
         checkpoint: policies to search (default: ``"never"``, ``"except_last"``, ``"always"``).
         profile: profiles to reuse (matched by micro-batch size); the missing sizes are measured.
-        measure: run this many of the best fitting candidates for real and rank them first by
-            their measured step time (median of 3 steps after one warm-up).
+        measure: run this many of the best fitting candidates for real, in interleaved rounds
+            (median of 5 after one warm-up round), rank them first by measured step time, and
+            warn where the prediction is off by more than 15 %; 0: predictions only.
         repeat: timed runs per layer when profiling.
         progress: ``True`` for progress on stderr (tqdm if installed), or a callback per line.
+        unpipelined: include "don't pipeline" (the plain model on ``devices[0]``, and gradient
+            accumulation over each micro-batch count) as candidates (an ``nn.Sequential`` only,
+            for now: a traced model is ranked among pipelines).
+        engine_overhead_s: seconds the engine adds per task, priced into every pipelined
+            prediction; ``None``: measured here (:func:`~pipesched.tune.overhead.engine_overhead`).
 
     Raises:
         ValueError: bad arguments, no candidate the schedules accept, or none within
@@ -170,15 +198,35 @@ def tune(
     profiles = _given_profiles(profile, len(layers))
     device_names = [str(d) for d in ranks]
 
-    needed = sorted({size for m in counts for size in split_sizes(rows, m)} - set(profiles))
-    say = progress_reporter(progress, total=len(needed), what="tune: profile")
-    for size in needed:
-        micro = _rows(layer_inputs, size)
-        profiles[size] = _profile(layers, micro, _rows(targets, size), loss_fn, device=ranks[0],
-                                  repeat=repeat, timeout=None, progress=None)
-        say(f"micro-batch of {size} rows")
-    say(None)
+    unpipelined = unpipelined and isinstance(module, nn.Sequential)  # a traced model: pipelines only, for now
+    sizes_wanted = sizes_needed(rows, counts) if unpipelined else \
+        {size for m in counts for size in split_sizes(rows, m)}
+    needed = sorted(sizes_wanted - set(profiles))
+    cpu_ranks = sum(1 for d in ranks if d.type == "cpu")
+    threads = cores_per_rank(cpu_ranks) if cpu_ranks else torch.get_num_threads()
+    with intra_op_threads(threads):
+        say = progress_reporter(progress, total=len(needed), what="tune: profile")
+        for size in needed:
+            micro = _rows(layer_inputs, size)
+            profiles[size] = _profile(layers, micro, _rows(targets, size), loss_fn, device=ranks[0],
+                                      repeat=repeat, timeout=None, progress=None)
+            say(f"micro-batch of {size} rows")
+        say(None)
+        overhead = engine_overhead(ranks) if engine_overhead_s is None else _seconds(engine_overhead_s)
+        result = _rank_candidates(names, ranks, counts, policies, rows, profiles, budget, overhead,
+                                  unpipelined, device_names)
+        result.threads = threads if cpu_ranks else None
+        if measure:
+            chosen = [c for c in result.candidates if c.fits][:measure]
+            measure_candidates(chosen, module, inputs, targets, loss_fn, progress)
+            result.candidates.sort(key=_rank_key)
+    return result
 
+
+def _rank_candidates(names: list[str], ranks: list[torch.device], counts: list[int], policies: list[str],
+                     rows: int, profiles: dict[int, Profile], budget: int | None, overhead: float,
+                     unpipelined: bool, device_names: list[str]) -> TuneResult:
+    """Every candidate predicted, ranked; a ValueError when none is possible or none fits."""
     candidates, skipped = [], []
     balances: dict[tuple[Any, ...], list[int]] = {}
     for name in names:
@@ -199,19 +247,21 @@ def tune(
                     balances[key] = balance_ranks(costs, placement).balance
                 balance = balances[key]
                 try:
-                    guess = predict(schedule, balance, len(ranks), sizes, profiles, policy)
+                    guess = predict(schedule, balance, len(ranks), sizes, profiles, policy, overhead)
                 except ValueError as error:
                     skipped.append((name, m, str(error).splitlines()[0]))
                     break
                 fits = budget is None or max(guess.peak_bytes) <= budget
                 candidates.append(Candidate(name, balance, len(sizes), policy, device_names, guess.step_s,
                                             guess.peak_bytes, guess.bubble, fits))
-    if not candidates:
+    if unpipelined:
+        candidates += [unpipelined_candidate(profiles, rows, m, device_names[0], budget) for m in counts]
+    if not any(c.pipelined for c in candidates):
         raise ValueError(
             "no candidate: every schedule refused every micro-batch count ("
             + "; ".join(f"{s} m={m}: {r}" for s, m, r in skipped[:3]) + "); widen schedules= or chunks="
         )
-    candidates.sort(key=_rank_key)
+    candidates = _ranked(candidates)
     if not candidates[0].fits:
         smallest = min(candidates, key=lambda c: max(c.predicted_peak_bytes))
         raise ValueError(
@@ -220,10 +270,25 @@ def tune(
             f"chunks={smallest.chunks}, checkpoint={smallest.checkpoint!r}): raise the budget, add ranks, "
             f"or allow checkpoint='always' and more chunks"
         )
-    result = TuneResult(candidates, budget, rows, skipped, profiles)
-    if measure:
-        _measure(result, module, inputs, targets, loss_fn, measure, progress)
-    return result
+    return TuneResult(candidates, budget, rows, skipped, profiles, overhead)
+
+
+def _simplicity(c: Candidate) -> tuple[Any, ...]:
+    return (c.pipelined, c.chunks, POLICIES.index(c.checkpoint), c.schedule)
+
+
+def _ranked(candidates: list[Candidate]) -> list[Candidate]:
+    """Fitting first, by predicted time; candidates within :data:`TIE` of the first of their group
+    are a tie, ordered by :func:`_simplicity`."""
+    out: list[Candidate] = []
+    for fits in (True, False):
+        rest = sorted((c for c in candidates if c.fits == fits), key=lambda c: (c.predicted_step_s, _simplicity(c)))
+        while rest:
+            head = rest[0].predicted_step_s
+            group = [c for c in rest if c.predicted_step_s <= head * (1 + TIE)]
+            out += sorted(group, key=_simplicity)
+            rest = rest[len(group):]
+    return out
 
 
 def _layers(module: nn.Module, inputs: Any) -> tuple[nn.Sequential, Any]:
@@ -239,50 +304,9 @@ def _layers(module: nn.Module, inputs: Any) -> tuple[nn.Sequential, Any]:
 
 
 def _rank_key(c: Candidate) -> tuple[Any, ...]:
-    """Fitting first; measured first, by measured time; the rest by predicted time; then fewer chunks."""
+    """After measuring: fitting first; measured first, by measured time; the rest keep their order."""
     measured = c.measured_step_s is not None
-    time_key = c.measured_step_s if measured else c.predicted_step_s
-    return (not c.fits, not measured, time_key, c.chunks, POLICIES.index(c.checkpoint), c.schedule)
-
-
-def _measure(result: TuneResult, module: nn.Module, inputs: Any, targets: Any, loss_fn: Any, k: int,
-             progress: Progress, steps: int = 3) -> None:
-    """Run the ``k`` best fitting candidates for real; record median step time and measured peak bytes."""
-    chosen = [c for c in result.candidates if c.fits][:k]
-    say = progress_reporter(progress, total=len(chosen), what="tune: measure")
-    for candidate in chosen:
-        model = copy.deepcopy(module)
-        times = []
-        with Pipeline(model, **candidate.pipeline_kwargs(), loss_fn=loss_fn) as pipe:
-            for step in range(1 + steps):
-                model.zero_grad(set_to_none=True)
-                began = time.perf_counter()
-                pipe.step(inputs, targets)
-                if step:
-                    times.append(time.perf_counter() - began)
-            candidate.measured_peak_bytes = measured_peak_bytes(pipe)
-        candidate.measured_step_s = statistics.median(times)
-        say(f"{candidate.schedule} chunks={candidate.chunks} checkpoint={candidate.checkpoint}: "
-            f"{candidate.measured_step_s * 1e3:.1f} ms")
-    say(None)
-    result.candidates.sort(key=_rank_key)
-
-
-def measured_peak_bytes(pipe: Pipeline) -> list[int]:
-    """Per rank, after a step: ``last_report``'s peak activation bytes + its stages' parameters, buffers, grads.
-
-    The same quantities the prediction counts, measured (gradients: one per
-    parameter that requires grad, whether or not ``.grad`` is set now).
-    """
-    report = pipe.last_report
-    if report is None:
-        raise ValueError("the pipeline has not run a step yet; call pipe.step(...) first")
-    static = [0] * pipe.num_ranks
-    for stage, rank in zip(pipe.stages, pipe.placement):
-        tensors = [*stage.parameters(), *stage.buffers()]
-        static[rank] += sum(t.numel() * t.element_size() for t in tensors)
-        static[rank] += sum(p.numel() * p.element_size() for p in stage.parameters() if p.requires_grad)
-    return [a + s for a, s in zip(report.peak_activation_bytes, static)]
+    return (not c.fits, not measured, c.measured_step_s if measured else 0.0)
 
 
 # ------------------------------------------------------------------ arguments
@@ -296,6 +320,12 @@ def _devices(devices: Any) -> list[torch.device]:
     if isinstance(devices, (str, bytes, torch.device)) or not isinstance(devices, Sequence) or not devices:
         raise ValueError(f"devices must be a non-empty list (one device per rank) or a rank count, got {devices!r}")
     return [resolve_device(d, i) for i, d in enumerate(devices)]
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"engine_overhead_s must be a number of seconds >= 0 (or None: measure it), got {value!r}")
+    return float(value)
 
 
 def _budget(memory_budget: Any) -> int | None:
