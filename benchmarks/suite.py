@@ -33,10 +33,10 @@ BENCHMARKS = {
     "cpu_pays": "benchmarks.bench_cpu_pays",
     "auto": "benchmarks.bench_auto",
     "tune": "benchmarks.bench_tune",
-    "plan_real": "benchmarks.bench_plan_real",
     "distributed": "benchmarks.bench_distributed",
     "hf_pipelining": "benchmarks.bench_hf_pipelining",
     "plan_scale": "benchmarks.bench_plan_scale",
+    "plan_real": "benchmarks.bench_plan_real",
 }
 
 
