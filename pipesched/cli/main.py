@@ -22,7 +22,7 @@ __all__ = ["build_parser", "main"]
 COMMANDS = {
     "schedule": "pipesched.cli.schedule",
     "timeline": "pipesched.cli.timeline",
-    "compare": "pipesched.cli.compare",
+    "compare": "pipesched.cli.compare_command",
     "demo": "pipesched.cli.demo",
     "tune": "pipesched.cli.tune",
 }
