@@ -135,13 +135,6 @@ def scenario_exact(mesh, rank: int, schedule: str, kind: str, reduction: str = "
     forward = pipe(x[mine])
     if forward is not None:
         after = max(after, (forward - reference(x)[mine]).abs().max().item())
-    for name, call in {"clip": lambda: pipe.clip_grad_norm_(1.0),
-                       "scaler": lambda: pipe.step(x[mine], y[mine], scaler=torch.amp.GradScaler("cpu"))}.items():
-        try:
-            call()
-            errors[name] = None
-        except NotImplementedError as error:
-            errors[name] = str(error)
     resharded = all(isinstance(p, DTensor) for p in model.parameters() if id(p) in own) or kind == "ddp"
     pipe.close()
     return {**errors, "sharded": sharded, "raised": raised, "unchanged": unchanged, "after": after,
@@ -161,18 +154,10 @@ def scenario_refusals(mesh, rank: int) -> dict:
         except (TypeError, ValueError) as error:
             refused[name] = f"{type(error).__name__}: {error}"
     try:
-        normed = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).double()
-        DistributedPipeline(normed, loss_fn=nn.CrossEntropyLoss(), mesh=mesh)
-        refused["buffers"] = None
+        DistributedPipeline(mlp(), loss_fn=nn.CrossEntropyLoss(), mesh=mesh, deferred_batch_norm=True)
+        refused["deferred_batch_norm"] = None
     except NotImplementedError as error:
-        refused["buffers"] = f"{type(error).__name__}: {error}"
-    from tied_models import gpt_balance, gpt_like, token_loss
-
-    try:
-        DistributedPipeline(gpt_like(4), balance=gpt_balance(4, 2), loss_fn=token_loss, mesh=mesh)
-        refused["tied"] = None
-    except NotImplementedError as error:
-        refused["tied"] = f"{type(error).__name__}: {error}"
+        refused["deferred_batch_norm"] = f"{type(error).__name__}: {error}"
     return refused
 
 

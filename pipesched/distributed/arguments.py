@@ -50,7 +50,7 @@ def agreed_arguments(module: Any, *, balance: Sequence[int] | None, num_stages: 
             # every rank checks the whole model (a dict: its own stages), so all refuse alike
             refuse_sparse_gradients(parts, "data_parallel_group")
         if dp_mesh is not None:
-            refuse_under_mesh(parts, step_options["loss_fn"], step_options["deferred_batch_norm"])
+            refuse_under_mesh(step_options["deferred_batch_norm"])
         options = StepOptions.check(**step_options)
         flag = check_flag("gather_timeline", gather_timeline)
         layout = stage_layout(module, balance, num_stages, options.schedule, rank, num_ranks)

@@ -50,6 +50,7 @@ from pipesched.distributed.grad_norm import clip_grad_norm_across
 from pipesched.distributed.mesh_parallel import MeshReplicas, split_mesh
 from pipesched.distributed.model_keys import ModelKeyedState
 from pipesched.distributed.ownership import own_stages
+from pipesched.distributed.staging import check_backend
 from pipesched.distributed.training_step import TrainingStep
 from pipesched.observe.report import CommRecord, StepReport
 from pipesched.plan.schedule import Schedule
@@ -88,7 +89,9 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
             rank's ``last_report`` after each step (one more collective
             per step). Default: each rank's report holds its own tasks.
         device: this rank's device (default ``"cpu"``).
-        group: the process group (default: the world). Backend: gloo.
+        group: the process group (default: the world). Backend: gloo, or a combined
+            ``"cpu:gloo,cuda:nccl"`` (``init_process_group()``'s default with GPUs), whose messages then
+            travel over NCCL on the GPU (see :mod:`pipesched.distributed.staging`).
         data_parallel_group: with several pipelines of the same model (each
             on its own ``group``, each fed its part of the global batch), the
             group of the processes holding this process's stages in every
@@ -137,12 +140,7 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
                 "torch.distributed.init_process_group('gloo') first (torchrun sets its environment)"
             )
         group, dp_mesh = split_mesh(mesh, data_parallel, group, data_parallel_group)  # same on every rank
-        backend = dist.get_backend(group)
-        if backend != "gloo":
-            raise NotImplementedError(
-                f"DistributedPipeline supports the gloo backend (tensors staged through host "
-                f"memory); the process group uses {backend!r}. Initialise it with 'gloo'"
-            )
+        check_backend(dist.get_backend(group), resolve_device(device))  # the same backend on every rank
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
@@ -165,9 +163,6 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
         self.num_stages, self.placement = ownership.num_stages, ownership.placement
         self._skips, self._tied = ownership.skips, ownership.tied
         self._layer_stage, self._foreign_layers = ownership.layer_stage, ownership.foreign_layers
-        if dp_mesh is not None and self._tied:  # every rank sees the same model: all refuse alike, no thread yet
-            raise NotImplementedError("weights tied across pipeline ranks are not supported with a mesh that has "
-                                      "a 'dp' dimension yet: use group=/data_parallel_group=")
         own = ownership.stages
         self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
         self._runner = StepRunner(options, self._stages, self.placement, [self.device] * self.num_ranks,
@@ -179,11 +174,15 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
             stage.to(self.device)
         if self._tied:
             self._tied.broadcast_values()  # tied copies start equal, whatever each process's seed
+            if dp_mesh is not None:
+                self._tied.locate(own)  # FSDP2 is about to replace the parameter objects
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
         self._replicas, self._mesh = None, None
         if dp_mesh is not None:
             shape = tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items()))
-            self._mesh = MeshReplicas(dp_mesh, data_parallel, own, (self.rank, tuple(self.placement), shape))
+            loss_parameters = list(loss_fn.parameters()) if isinstance(loss_fn, nn.Module) else []
+            self._mesh = MeshReplicas(dp_mesh, data_parallel, own, (self.rank, tuple(self.placement), shape),
+                                      loss_parameters, holds_loss=self.rank == self.placement[-1])
         if data_parallel_group is not None:
             stages = (self.rank, self.num_stages, tuple(self.placement),
                       tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items())))
@@ -243,11 +242,12 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
         same factor. Returns the total norm (float64), the same on every rank.
         See :mod:`pipesched.distributed.grad_norm`.
         """
-        if self._mesh is not None:
-            raise NotImplementedError("clip_grad_norm_ is not supported with a mesh that has a 'dp' dimension yet")
         elsewhere = self._tied.counted_elsewhere(self._global(self.rank)) if self._tied else set()
+        sharded = self._mesh.group if self._mesh is not None and self._mesh.kind == "fsdp" else None
+        if sharded is not None and dist.get_rank(sharded) != 0:  # the loss's parameters: whole on every replica
+            elsewhere |= {id(p) for p in self._mesh.loss_parameters}
         return clip_grad_norm_across(self.parameters(), max_norm, norm_type, error_if_nonfinite, self.group,
-                                     elsewhere)
+                                     elsewhere, sharded_over=sharded)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """Compile this rank's stages in place with ``torch.compile(*args, **kwargs)``.

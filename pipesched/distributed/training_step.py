@@ -67,8 +67,6 @@ class TrainingStep(StepFrame):
             raise grad_disabled()
         last = self.placement[-1]
         if self._mesh is not None:
-            if scaler is not None:
-                raise NotImplementedError("scaler= is not supported with a mesh that has a 'dp' dimension yet")
             self._mesh.unshard()  # first, on every replica: a collective no failure may skip
         try:
             statuses, effects, ctx, split, comm = self._train(inputs, targets, scaler)
@@ -81,7 +79,7 @@ class TrainingStep(StepFrame):
         if self._replicas is not None:
             value = self._reduce_replicas(statuses[last], value, effects, ctx)
         if self._mesh is not None:
-            value = self._reduce_mesh(statuses[last], value, effects, ctx)
+            value = self._reduce_mesh(statuses[last], value, effects, ctx, scaled=scaler is not None)
         effects.commit()
         if self._replicas is not None:
             self._replicas.broadcast(self.local_stages)  # batch-norm statistics: the first replica's
@@ -108,7 +106,8 @@ class TrainingStep(StepFrame):
                 local_error = error
         ctx = self._runner.context(lowering, keep=True, io=io, clock_offset=self.clock_offset)
         # under a mesh the stages are gathered now: their .grad is FSDP's, the optimizer's are the shards'
-        effects = self._runner.effects(self._mesh.parameters if self._mesh is not None else self.parameters())
+        effects = self._runner.effects(self._mesh.parameters + self._mesh.loss_parameters
+                                       if self._mesh is not None else self.parameters())
         records, local_error, comm = self._run_plan(plan, ctx, effects, local_error, shapes)
         statuses = self._share_outcome(ctx, records, local_error, effects, scaled=io.loss_seed is not None)
         if any(s["nonfinite"] for s in statuses):
