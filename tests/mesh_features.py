@@ -12,10 +12,6 @@ and buffers (constant ones, and batch-norm statistics: the first replica's).
 
 from __future__ import annotations
 
-import json
-import os
-import traceback
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,6 +19,7 @@ from mesh_scenarios import ROWS, data, full, mlp
 from tied_models import VOCAB, gpt_balance, gpt_like
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from world_process import run_in_world
 
 from pipesched.distributed import DistributedPipeline
 
@@ -260,11 +257,8 @@ class Shift(nn.Module):
 
 def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
     """Process entry point: every scenario under both kinds, verdicts written to ``rank<r>.json``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out: dict = {}
-    try:
+
+    def body(out: dict) -> None:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
         for kind in KINDS:
             out[f"clip-{kind}"] = scenario_clip(mesh, rank, kind)
@@ -273,9 +267,5 @@ def entry(rank: int, world: int, port: int, names: list[str], directory: str) ->
             for schedule in TIED_SCHEDULES:
                 out[f"tied-{schedule}-{kind}"] = scenario_tied(mesh, rank, kind, schedule)
             out[f"buffers-{kind}"] = scenario_buffers(mesh, rank, kind)
-    except BaseException:  # noqa: BLE001 - reported to the test through the file
-        out["crash"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
-            json.dump(out, file)
-        dist.destroy_process_group()
+
+    run_in_world(rank, world, port, directory, body)

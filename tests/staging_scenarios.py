@@ -3,48 +3,46 @@
 
 from __future__ import annotations
 
-import json
-import os
-import traceback
-
 import torch
 import torch.distributed as dist
 from torch import nn
+from world_process import run_in_world
 
 from pipesched.distributed import DistributedPipeline
 
 
 def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out: dict = {}
+    run_in_world(rank, world, port, directory, _count_one_step)
+
+
+def _count_one_step(out: dict) -> None:
+    """One exact 1F1B step; how many sends and receives were posted in and outside a batch."""
+    calls = {"batched": 0, "outside": 0}
+    real_batch, real_isend, real_irecv = dist.batch_isend_irecv, dist.isend, dist.irecv
+    inside = [False]
+
+    def batch(ops):
+        calls["batched"] += 1
+        inside[0] = True
+        try:
+            return real_batch(ops)
+        finally:
+            inside[0] = False
+
+    def counted(real):
+        def call(*args, **kwargs):
+            if not inside[0]:
+                calls["outside"] += 1
+            return real(*args, **kwargs)
+        return call
+
+    # a send or receive posted outside a batch is counted; P2POp checks its op against the module's
+    # own isend/irecv, so both names are swapped
+    from torch.distributed import distributed_c10d as c10d
+
+    isend, irecv = counted(real_isend), counted(real_irecv)
+    dist.batch_isend_irecv, dist.isend, dist.irecv, c10d.isend, c10d.irecv = batch, isend, irecv, isend, irecv
     try:
-        calls = {"batched": 0, "outside": 0}
-        real_batch, real_isend, real_irecv = dist.batch_isend_irecv, dist.isend, dist.irecv
-        inside = [False]
-
-        def batch(ops):
-            calls["batched"] += 1
-            inside[0] = True
-            try:
-                return real_batch(ops)
-            finally:
-                inside[0] = False
-
-        def counted(real):
-            def call(*args, **kwargs):
-                if not inside[0]:
-                    calls["outside"] += 1
-                return real(*args, **kwargs)
-            return call
-
-        # a send or receive posted outside a batch is counted; P2POp checks its op against the module's
-        # own isend/irecv, so both names are swapped
-        from torch.distributed import distributed_c10d as c10d
-
-        isend, irecv = counted(real_isend), counted(real_irecv)
-        dist.batch_isend_irecv, dist.isend, dist.irecv, c10d.isend, c10d.irecv = batch, isend, irecv, isend, irecv
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
         reference = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)).double()
@@ -64,11 +62,6 @@ def entry(rank: int, world: int, port: int, names: list[str], directory: str) ->
                               for p, q in zip(model.parameters(), reference.parameters()) if id(p) in own)
             out["wire"] = str(pipe._comm.wire)
             out["messages"] = len(pipe.last_comm)
+    finally:
         dist.batch_isend_irecv, dist.isend, dist.irecv = real_batch, real_isend, real_irecv
         c10d.isend, c10d.irecv = real_isend, real_irecv
-    except BaseException:  # noqa: BLE001 - reported to the test through the file
-        out["crash"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
-            json.dump(out, file)
-        dist.destroy_process_group()

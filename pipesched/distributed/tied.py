@@ -98,6 +98,18 @@ class TiedGroups:
                         "FSDP2 cannot shard one parameter in two stages: use a schedule with one stage per "
                         "rank (gpipe, 1f1b, zb-h1), or group=/data_parallel_group=")
                 self._where.setdefault(id(param), (stage, name))
+        # keep no reference to the parameters as built: FSDP2 copied them into its shards, and holding
+        # the originals would keep every tied weight whole in memory; a meta stand-in names each one
+        for position, (pg, lowest, params, holds) in enumerate(self.groups):
+            if holds:
+                stand_ins = [self._stand_in(p) if id(p) in self._where else p for p in params]
+                self.groups[position] = (pg, lowest, stand_ins, holds)
+
+    def _stand_in(self, param: nn.Parameter) -> nn.Parameter:
+        """A meta-device parameter shaped like ``param``, found by :meth:`_now` where ``param`` was."""
+        stand_in = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        self._where[id(stand_in)] = self._where.pop(id(param))
+        return stand_in
 
     def _now(self, param: nn.Parameter) -> nn.Parameter:
         """``param`` as this rank's stage holds it now (see :meth:`locate`)."""
