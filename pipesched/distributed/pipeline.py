@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from pipesched.distributed.arguments import agreed_arguments
 from pipesched.distributed.clock import measure_clock_offset
 from pipesched.distributed.comm import Communicator
+from pipesched.distributed.dp_deadline import bounded_dp_mesh
 from pipesched.distributed.errors import PeerLost, RemoteStepError
 from pipesched.distributed.grad_norm import clip_grad_norm_across
 from pipesched.distributed.mesh_parallel import MeshReplicas, split_mesh
@@ -181,7 +182,8 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
         if dp_mesh is not None:
             shape = tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items()))
             loss_parameters = list(loss_fn.parameters()) if isinstance(loss_fn, nn.Module) else []
-            self._mesh = MeshReplicas(dp_mesh, data_parallel, own, (self.rank, tuple(self.placement), shape),
+            self._mesh = MeshReplicas(bounded_dp_mesh(dp_mesh, options.stall_timeout), data_parallel, own,
+                                      (self.rank, tuple(self.placement), shape),
                                       loss_parameters, holds_loss=self.rank == self.placement[-1])
         if data_parallel_group is not None:
             stages = (self.rank, self.num_stages, tuple(self.placement),
@@ -208,7 +210,7 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
         if self._broken is not None:
             raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
         if self._mesh is not None:
-            self._mesh.unshard()  # first, on every replica
+            self._unshard_mesh()  # first, on every replica
             try:
                 return self._forward(inputs)
             finally:

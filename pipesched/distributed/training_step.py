@@ -67,7 +67,7 @@ class TrainingStep(StepFrame):
             raise grad_disabled()
         last = self.placement[-1]
         if self._mesh is not None:
-            self._mesh.unshard()  # first, on every replica: a collective no failure may skip
+            self._unshard_mesh()  # first, on every replica: a collective no failure may skip
         try:
             statuses, effects, ctx, split, comm = self._train(inputs, targets, scaler)
         except BaseException:
