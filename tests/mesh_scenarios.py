@@ -10,15 +10,14 @@ batch in float64.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import traceback
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from world_process import run_in_world
 
 from pipesched.distributed import DistributedPipeline, RemoteStepError
 
@@ -135,13 +134,6 @@ def scenario_exact(mesh, rank: int, schedule: str, kind: str, reduction: str = "
     forward = pipe(x[mine])
     if forward is not None:
         after = max(after, (forward - reference(x)[mine]).abs().max().item())
-    for name, call in {"clip": lambda: pipe.clip_grad_norm_(1.0),
-                       "scaler": lambda: pipe.step(x[mine], y[mine], scaler=torch.amp.GradScaler("cpu"))}.items():
-        try:
-            call()
-            errors[name] = None
-        except NotImplementedError as error:
-            errors[name] = str(error)
     resharded = all(isinstance(p, DTensor) for p in model.parameters() if id(p) in own) or kind == "ddp"
     pipe.close()
     return {**errors, "sharded": sharded, "raised": raised, "unchanged": unchanged, "after": after,
@@ -161,18 +153,10 @@ def scenario_refusals(mesh, rank: int) -> dict:
         except (TypeError, ValueError) as error:
             refused[name] = f"{type(error).__name__}: {error}"
     try:
-        normed = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 4)).double()
-        DistributedPipeline(normed, loss_fn=nn.CrossEntropyLoss(), mesh=mesh)
-        refused["buffers"] = None
+        DistributedPipeline(mlp(), loss_fn=nn.CrossEntropyLoss(), mesh=mesh, deferred_batch_norm=True)
+        refused["deferred_batch_norm"] = None
     except NotImplementedError as error:
-        refused["buffers"] = f"{type(error).__name__}: {error}"
-    from tied_models import gpt_balance, gpt_like, token_loss
-
-    try:
-        DistributedPipeline(gpt_like(4), balance=gpt_balance(4, 2), loss_fn=token_loss, mesh=mesh)
-        refused["tied"] = None
-    except NotImplementedError as error:
-        refused["tied"] = f"{type(error).__name__}: {error}"
+        refused["deferred_batch_norm"] = f"{type(error).__name__}: {error}"
     return refused
 
 
@@ -182,22 +166,15 @@ CASES += [("interleaved-1f1b", "fsdp"), ("zb-v", "fsdp"), ("zb-v", "ddp")]  # 2 
 
 def entry(rank: int, world: int, port: int, names: list[str], directory: str) -> None:
     """Process entry point: every case in order, verdicts written to ``rank<r>.json``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    out: dict = {}
-    try:
+
+    def body(out: dict) -> None:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
         for schedule, kind in CASES:
             out[f"{schedule}-{kind}"] = scenario_exact(mesh, rank, schedule, kind)
         out["summed"] = scenario_exact(mesh, rank, "1f1b", "fsdp", reduction="sum")
         out["refusals"] = scenario_refusals(mesh, rank)
-    except BaseException:  # noqa: BLE001 - reported to the test through the file
-        out["crash"] = traceback.format_exc()
-    finally:
-        with open(os.path.join(directory, f"rank{rank}.json"), "w") as file:
-            json.dump(out, file)
-        dist.destroy_process_group()
+
+    run_in_world(rank, world, port, directory, body)
 
 
 if __name__ == "__main__":  # a quick look: python tests/mesh_scenarios.py

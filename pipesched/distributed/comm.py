@@ -42,8 +42,13 @@ connect). That is what makes the exchange deadlock-free without a handshake:
   timeout of its own while the step is healthy; a peer that hangs in its own
   code ends this rank's step by its watchdog (``StepStalled``).
 
-Gloo (CPU) is the transport tested here; tensors on a CUDA device are staged
-through host memory for it.
+Every message goes through :meth:`Communicator._post_batch`, a
+``torch.distributed.batch_isend_irecv`` of ``P2POp`` s (a message's parts in
+one batch), whatever the backend: the gloo runs of the tests take the path
+NCCL takes. Messages are packed and received on the device
+:mod:`pipesched.distributed.staging` picks from (backend, device): this rank's
+own device where the backend carries it (NCCL with CUDA tensors, gloo with
+CPU ones), host memory only for CUDA tensors over gloo.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from pipesched.distributed.errors import (
 )
 from pipesched.distributed.inbound import Inbound, Key, SpecCache, message_keys
 from pipesched.distributed.slots import RecvSlot, SendSlot
+from pipesched.distributed.staging import RECEIVE_AHEAD, receive_ahead, wire_device  # noqa: F401 - re-exported
 from pipesched.distributed.wire import (
     DESCRIPTION,
     ERROR,
@@ -87,12 +93,6 @@ from pipesched.observe.report import CommRecord
 from pipesched.plan.lowering import SKIP, Lowering, Transfer
 from pipesched.runtime.mailbox import Mailbox, StepAborted
 from pipesched.runtime.structure import Structure
-
-#: Receives posted ahead per peer: enough that a producer never waits for this rank to post
-#: (1F1B keeps at most a couple of messages in flight per pair), few enough that the step's
-#: receive buffers stay bounded by the schedule, not by the number of micro-batches.
-RECEIVE_AHEAD = 4
-
 
 @dataclass
 class Outbound:
@@ -132,6 +132,10 @@ class Communicator:
         self.rank = rank
         self.world = world
         self.device = device
+        backend = dist.get_backend(group)
+        #: where messages are packed, sent and received (:func:`~pipesched.distributed.staging.wire_device`)
+        self.wire = wire_device(backend, device)
+        self.ahead = receive_ahead(backend, device)
         self._global = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
         self.specs = SpecCache()
         self.specs_sent = 0  # messages sent with a spec (a new key, or a re-spec): shapes crossing
@@ -174,7 +178,7 @@ class Communicator:
         for peer, transfers in into.items():
             keys = message_keys([t for _, t in transfers], shapes)
             link.incoming[peer] = [
-                Inbound(peer, index, key, self.specs.get(peer, key), _label(transfer, lowering))
+                Inbound(peer, index, key, self.specs.get(peer, key), _label(transfer, lowering), self.wire)
                 for (index, transfer), key in zip(transfers, keys)
             ]
             for (_, transfer), inbound in zip(transfers, link.incoming[peer]):
@@ -190,7 +194,8 @@ class Communicator:
         peer = self._global[inbound.peer]
 
         def irecv(tensor: Tensor, part: int) -> Any:
-            return dist.irecv(tensor, src=peer, group=self.group, tag=link.tag(inbound.index, part))
+            tag = link.tag(inbound.index, part)
+            return self._post_batch([dist.P2POp(dist.irecv, tensor, peer, self.group, tag)])[0]
 
         return irecv
 
@@ -201,7 +206,7 @@ class Communicator:
         while at < len(messages) and messages[at].taken:
             at += 1
         link.cursor[peer] = at
-        for inbound in messages[at:at + RECEIVE_AHEAD]:
+        for inbound in messages[at:at + self.ahead]:
             if not inbound.posted:
                 self._post(link, inbound)
 
@@ -231,7 +236,7 @@ class Communicator:
                                        inbound.arrived, inbound.nbytes))
         values, structure = inbound.values, inbound.structure
         inbound.values = None  # the consumer's now: a slot hands its value over once
-        if self.device.type != "cpu":
+        if self.wire != self.device:  # staged through host memory
             values = tuple(None if v is None else v.to(self.device) for v in values)
         return values, structure  # type: ignore[return-value]
 
@@ -240,9 +245,9 @@ class Communicator:
         """Post ``transfer``'s message: one packed payload, after a spec when the peer lacks it."""
         message = link.outgoing[transfer]
         start = time.perf_counter()
-        wire = tuple(None if v is None else v.detach().to("cpu").contiguous() for v in values)
+        wire = tuple(None if v is None else v.detach().to(self.wire).contiguous() for v in values)
         spec = spec_of(wire, structure)
-        payload = pack(wire, spec)
+        payload = pack(wire, spec, self.wire)
         if message.expected is None:  # the first message of its key: the spec first
             parts = [*_spec_parts(wire, structure), (PAYLOAD, payload)]
             self.specs.put(message.peer, message.key, spec)
@@ -267,14 +272,22 @@ class Communicator:
     def _isend(self, link: StepLink, message: Outbound, parts: list[tuple[int, Tensor]]) -> None:
         """Post ``parts`` to the peer (under ``link.lock``); a broken connection is a lost peer."""
         peer = message.peer
+        parts = [(part, tensor.to(self.wire)) for part, tensor in parts]  # headers and texts are built on the host
         try:
-            for part, tensor in parts:
-                work = dist.isend(tensor, dst=self._global[peer], group=self.group, tag=link.tag(message.index, part))
-                link.works.append((work, tensor, peer))
+            works = self._post_batch([dist.P2POp(dist.isend, tensor, self._global[peer], self.group,
+                                                 link.tag(message.index, part)) for part, tensor in parts])
+            for work in works:
+                link.works.append((work, [t for _, t in parts], peer))
         except RuntimeError as error:  # the connection to the peer is broken
             why = f"cannot send to it ({error})"
             link.lost.setdefault(peer, why)
             raise lost(peer, why) from error
+
+    @staticmethod
+    def _post_batch(ops: list[Any]) -> list[Any]:
+        """Post ``ops`` (``P2POp`` s) as one batch: NCCL coalesces them, gloo posts each. The one place
+        this rank's messages leave and arrive, whatever the backend."""
+        return dist.batch_isend_irecv(ops)
 
     def fail(self, link: StepLink, message: str) -> None:
         """Send an error in place of every message this rank still owes in this step.

@@ -16,6 +16,10 @@ un-pipelined run makes, and no error to say so. Here:
   ``min(1, max_norm / (norm + 1e-6))``: torch's coefficient, applied to
   every copy of a tied weight alike, so the copies stay identical.
 
+Under a ``DeviceMesh`` with ``"dp"`` and FSDP2 each process holds a shard of
+each gradient: the shards' p-th powers are summed over ``mesh["dp"]`` before
+the stages' over ``mesh["pp"]``, and each process scales its own shards.
+
 The result is ``clip_grad_norm_`` of the un-pipelined model, up to the order
 of the floating-point sum of the per-tensor norms.
 """
@@ -29,20 +33,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
 def clip_grad_norm_across(parameters: Iterable[nn.Parameter], max_norm: float, norm_type: float,
-                          error_if_nonfinite: bool, group: Any, counted_elsewhere: Collection[int] = ()) -> Tensor:
+                          error_if_nonfinite: bool, group: Any, counted_elsewhere: Collection[int] = (),
+                          sharded_over: Any = None) -> Tensor:
     """Clip this process's gradients by the norm of every process's; returns that norm (float64, CPU).
 
-    Call it on every process of ``group``, after the step. ``counted_elsewhere``:
-    ids of parameters another process counts (tied copies it does not own).
+    Call it on every process of ``group`` (and of ``sharded_over``), after the step. ``counted_elsewhere``:
+    ids of parameters another process counts (tied copies it does not own). ``sharded_over``: the
+    group that shards the gradients (FSDP2's ``mesh["dp"]``): each process then holds a shard of each
+    gradient (a ``DTensor``'s local part), and the shards' sums are added over that group first. A
+    replicated ``DTensor`` gradient (``replicate``) counts its local copy, the whole gradient.
     """
     max_norm, norm_type = _check(max_norm, norm_type)
     params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    counted = [p.grad for p in params if id(p) not in counted_elsewhere]
+    grads = [_local(p.grad) for p in params]
+    counted = [_local(p.grad) for p in params if id(p) not in counted_elsewhere]
     norms = [torch.linalg.vector_norm(g, norm_type).to("cpu", torch.float64) for g in counted]
     infinite = math.isinf(norm_type)
     if not norms:
@@ -51,7 +60,10 @@ def clip_grad_norm_across(parameters: Iterable[nn.Parameter], max_norm: float, n
         local = torch.stack(norms).max()
     else:
         local = torch.stack(norms).pow(norm_type).sum()
-    dist.all_reduce(local, op=dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM, group=group)
+    op = dist.ReduceOp.MAX if infinite else dist.ReduceOp.SUM
+    if sharded_over is not None:  # the shards of every gradient first, then the pipeline's stages
+        dist.all_reduce(local, op=op, group=sharded_over)
+    dist.all_reduce(local, op=op, group=group)
     total = local if infinite else local.pow(1.0 / norm_type)
     if error_if_nonfinite and not math.isfinite(float(total)):
         raise RuntimeError(
@@ -62,6 +74,11 @@ def clip_grad_norm_across(parameters: Iterable[nn.Parameter], max_norm: float, n
     for grad in grads:
         grad.mul_(coefficient.to(grad.device, grad.dtype))
     return total
+
+
+def _local(grad: Tensor) -> Tensor:
+    """This process's part of ``grad``: a ``DTensor``'s local tensor (its storage), else ``grad`` itself."""
+    return grad.to_local() if isinstance(grad, DTensor) else grad
 
 
 def _check(max_norm: Any, norm_type: Any) -> tuple[float, float]:

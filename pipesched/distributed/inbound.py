@@ -99,6 +99,7 @@ class Inbound:
     __slots__ = (
         "_buffer",
         "_data_part",
+        "_device",
         "_header",
         "_irecv",
         "_spec",
@@ -119,8 +120,10 @@ class Inbound:
         "values",
     )
 
-    def __init__(self, peer: int, index: int, key: Key, expected: Spec | None, label: str):
+    def __init__(self, peer: int, index: int, key: Key, expected: Spec | None, label: str,
+                 device: torch.device | None = None):
         self.peer, self.index, self.key, self.expected, self.label = peer, index, key, expected, label
+        self._device = device or torch.device("cpu")  # the wire's (see pipesched.distributed.staging)
         self._irecv: Irecv | None = None
         self._work: Any = None
         self._buffer: Tensor | None = None
@@ -142,9 +145,12 @@ class Inbound:
         self._irecv = irecv
         self.posted = True
         if self.expected is None:
-            self._expect(HEADER, torch.empty(HEADER_SLOTS, dtype=torch.int64), "header")
+            self._expect(HEADER, self._empty(HEADER_SLOTS, torch.int64), "header")
         else:
-            self._expect(PAYLOAD, torch.empty(payload_bytes(self.expected), dtype=torch.uint8), "payload")
+            self._expect(PAYLOAD, self._empty(payload_bytes(self.expected), torch.uint8), "payload")
+
+    def _empty(self, size: int, dtype: torch.dtype) -> Tensor:
+        return torch.empty(size, dtype=dtype, device=self._device)
 
     def _expect(self, part: int, buffer: Tensor, state: str) -> None:
         assert self._irecv is not None
@@ -184,10 +190,10 @@ class Inbound:
         if self._state == "header":
             header = decode(buffer)
             if header.status == ERROR:
-                self._expect(ERROR_TEXT, torch.empty(header.error_length, dtype=torch.uint8), "error")
+                self._expect(ERROR_TEXT, self._empty(header.error_length, torch.uint8), "error")
             elif header.description_length:
                 self._header = header
-                self._expect(DESCRIPTION, torch.empty(header.description_length, dtype=torch.uint8), "description")
+                self._expect(DESCRIPTION, self._empty(header.description_length, torch.uint8), "description")
             else:
                 self._spec_arrived(specs, header.spec())
         elif self._state == "description":
@@ -200,10 +206,10 @@ class Inbound:
                 self.values, self.structure = unpack(buffer, self._spec), self._spec[1]
                 self._end()
             elif status == ERROR:
-                self._expect(ERROR_TEXT, torch.empty(aux, dtype=torch.uint8), "error")
+                self._expect(ERROR_TEXT, self._empty(aux, torch.uint8), "error")
             elif status == RESPEC:
                 self._data_part = RESPEC_PAYLOAD
-                self._expect(HEADER, torch.empty(HEADER_SLOTS, dtype=torch.int64), "header")
+                self._expect(HEADER, self._empty(HEADER_SLOTS, torch.int64), "header")
             else:
                 raise RuntimeError(f"message {self.label} from rank {self.peer} has an unknown status {status}")
         elif self._state == "error":
@@ -214,7 +220,7 @@ class Inbound:
     def _spec_arrived(self, specs: Any, spec: Spec) -> None:
         specs.put(self.peer, self.key, spec)
         self._spec = spec
-        self._expect(self._data_part, torch.empty(payload_bytes(spec), dtype=torch.uint8), "payload")
+        self._expect(self._data_part, self._empty(payload_bytes(spec), torch.uint8), "payload")
 
     def _end(self) -> None:
         self.done = True

@@ -35,7 +35,6 @@ so a failure never leaves another replica waiting in one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from pipesched.runtime.data_parallel import scale_input_gradients
 from pipesched.runtime.remote_error import RemoteStepError
@@ -73,25 +73,19 @@ def split_mesh(mesh: Any, data_parallel: Any, group: Any, data_parallel_group: A
     return mesh.get_group("pp"), (mesh["dp"] if "dp" in names else None)
 
 
-def refuse_under_mesh(modules: Iterable[nn.Module], loss_fn: Any, deferred_batch_norm: bool) -> None:
+def refuse_under_mesh(deferred_batch_norm: bool) -> None:
     """What data parallelism over ``mesh["dp"]`` does not handle yet, refused by name (not silently wrong)."""
     if deferred_batch_norm:
         raise NotImplementedError("deferred_batch_norm=True is not supported with a mesh that has a 'dp' "
-                                  "dimension yet: pass deferred_batch_norm=False")
-    for module in modules:
-        for name, _ in module.named_buffers():
-            raise NotImplementedError(
-                f"buffer {name!r}: buffers (batch-norm statistics) are not kept equal across mesh['dp'] yet, so "
-                "replicas would drift apart; use a model without buffers, or group=/data_parallel_group=")
-    if isinstance(loss_fn, nn.Module) and any(True for _ in loss_fn.parameters()):
-        raise NotImplementedError("a loss_fn with parameters is not supported with a mesh that has a 'dp' "
-                                  "dimension yet: put its parameters in the model's last stage")
+                                  "dimension yet (its statistics are committed per pipeline, not per replica): "
+                                  "pass deferred_batch_norm=False")
 
 
 class MeshReplicas:
     """This rank's stages, sharded (``"fsdp"``) or replicated (``"ddp"``) over ``dp_mesh``."""
 
-    def __init__(self, dp_mesh: DeviceMesh, kind: str, stages: dict[int, nn.Module], layout: Any):
+    def __init__(self, dp_mesh: DeviceMesh, kind: str, stages: dict[int, nn.Module], layout: Any,
+                 loss_parameters: list[nn.Parameter] | None = None, holds_loss: bool = False):
         self.kind = kind
         self.group = dp_mesh.get_group()
         self.size = dist.get_world_size(self.group)
@@ -100,11 +94,19 @@ class MeshReplicas:
         if any(other != (kind, layout) for other in layouts):
             raise ValueError(f"mesh['dp'] joins processes that hold different stages or options: {layouts} "
                              "(data_parallel, stages); build every replica from the same model and arguments")
-        root = dist.get_global_rank(self.group, 0)
+        self.root = dist.get_global_rank(self.group, 0)
+        #: the loss function's parameters (on every process; their gradients on the last stage's only)
+        self.loss_parameters = list(loss_parameters or ())
+        self.holds_loss = holds_loss  # the last stage's process: the loss (and its parameters' gradients) is here
+        #: this rank's stages' buffers: plain tensors, which FSDP2 neither shards nor synchronises
+        self.buffers = [b for _, stage in sorted(stages.items()) for b in stage.buffers()]
         with torch.no_grad():  # replicas start equal whatever each process's seed
             for stage in stages.values():
                 for param in stage.parameters():
-                    dist.broadcast(param.data, src=root, group=self.group)
+                    dist.broadcast(param.data, src=self.root, group=self.group)
+            self.broadcast_buffers()
+            for param in self.loss_parameters:
+                dist.broadcast(param.data, src=self.root, group=self.group)
         self.stages: list[FSDPModule] = []
         for _, stage in sorted(stages.items()):
             if kind == "fsdp":
@@ -167,10 +169,54 @@ class MeshReplicas:
         for stage in self.stages:
             _post_backward(stage, reduce=True)
         self._gathered = False
+        self._reduce_loss_parameters(factor)
+        self.broadcast_buffers()
         scale_input_gradients(ctx, factor)
         if normaliser is None:
             return float(head[2])
         return float(head[2]) / total if total else math.nan
+
+    @torch.no_grad()
+    def broadcast_buffers(self) -> None:
+        """Every replica takes ``mesh["dp"]``'s first process's buffers (collective).
+
+        The semantics of DDP's ``broadcast_buffers=True`` and of
+        ``data_parallel_group``: replicas see different data, so batch-norm
+        running statistics would drift apart; after every successful step each
+        replica's stages hold the first replica's (computed from its own
+        micro-batches), and constant buffers stay equal.
+        """
+        for buffer in self.buffers:
+            dist.broadcast(buffer, src=self.root, group=self.group)
+
+    @torch.no_grad()
+    def _reduce_loss_parameters(self, factor: float) -> None:
+        """The loss function's parameters' gradients, weighted by this replica's share and summed over
+        ``mesh["dp"]`` (only where the loss ran: every replica's last-stage process alike)."""
+        params = [p for p in self.loss_parameters if p.requires_grad]
+        if not self.holds_loss:  # the same answer on every replica of this pipeline rank
+            return
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            elif factor != 1.0:
+                param.grad.mul_(factor)
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=self.group)
+
+    def agree_nonfinite(self, pp_group: Any) -> bool:
+        """Whether any process of the mesh holds a non-finite gradient shard after the reduction; if one
+        does, every process's gradients are made NaN so that every ``GradScaler`` skips alike (collective)."""
+        local = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for p in self.parameters + self.loss_parameters if p.grad is not None]
+        flag = torch.tensor([0.0 if all(bool(torch.isfinite(g).all()) for g in local) else 1.0],
+                            dtype=torch.float64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pp_group)
+        if flag.item():
+            with torch.no_grad():
+                for grad in local:
+                    grad.fill_(float("nan"))
+        return bool(flag.item())
 
     def _exchange(self, ok: bool, normaliser: float | None, loss: float) -> tuple[Tensor, float]:
         share = 1.0 if normaliser is None else float(normaliser)

@@ -42,38 +42,33 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipesched.distributed.agreement import agree_on_options, policy_name
+from pipesched.distributed.arguments import agreed_arguments
 from pipesched.distributed.clock import measure_clock_offset
 from pipesched.distributed.comm import Communicator
 from pipesched.distributed.dp_deadline import bounded_dp_mesh
 from pipesched.distributed.errors import PeerLost, RemoteStepError
-from pipesched.distributed.mesh_parallel import MeshReplicas, refuse_under_mesh, split_mesh
 from pipesched.distributed.grad_norm import clip_grad_norm_across
+from pipesched.distributed.mesh_parallel import MeshReplicas, split_mesh
 from pipesched.distributed.model_keys import ModelKeyedState
-from pipesched.distributed.outcome import merged_costs
-from pipesched.distributed.ownership import own_stages, stage_layout
-from pipesched.distributed.step_frame import StepFrame
-from pipesched.runtime.backward_half import backward_into_inputs
-from pipesched.runtime.data_parallel import DataParallelReplicas, check_data_parallel_group
-from pipesched.runtime.grad_scaling import backward_seed, poison_gradients
-from pipesched.runtime.host_buffer import refuse_sparse_gradients
+from pipesched.distributed.ownership import own_stages
+from pipesched.distributed.staging import check_backend
+from pipesched.distributed.training_step import TrainingStep
 from pipesched.observe.report import CommRecord, StepReport
 from pipesched.plan.schedule import Schedule
 from pipesched.runtime.batchnorm import convert_deferred_batch_norm
 from pipesched.runtime.checkpoint import CheckpointPolicy
 from pipesched.runtime.compiling import compile_callback, compile_refused, compile_stages
+from pipesched.runtime.data_parallel import DataParallelReplicas
 from pipesched.runtime.loss_normalizer import LossNormalizer
 from pipesched.runtime.microbatch import gather
-from pipesched.runtime.options import check_flag, grad_disabled, missing_loss_fn
 from pipesched.runtime.partition import resolve_device
 from pipesched.runtime.pipeline_module import PipelineModule
-from pipesched.runtime.runner import SplitBatch, StepOptions, StepRunner
-from pipesched.runtime.step_effects import StepEffects
+from pipesched.runtime.runner import StepRunner
 from pipesched.runtime.structure import unflatten
-from pipesched.runtime.tasks import StepContext, StepInputs
+from pipesched.runtime.tasks import StepInputs
 
 
-class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
+class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
     """One rank of a multi-process pipeline. ``parameters()`` are this rank's stages' only.
 
     Args:
@@ -95,7 +90,9 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
             rank's ``last_report`` after each step (one more collective
             per step). Default: each rank's report holds its own tasks.
         device: this rank's device (default ``"cpu"``).
-        group: the process group (default: the world). Backend: gloo.
+        group: the process group (default: the world). Backend: gloo, or a combined
+            ``"cpu:gloo,cuda:nccl"`` (``init_process_group()``'s default with GPUs), whose messages then
+            travel over NCCL on the GPU (see :mod:`pipesched.distributed.staging`).
         data_parallel_group: with several pipelines of the same model (each
             on its own ``group``, each fed its part of the global batch), the
             group of the processes holding this process's stages in every
@@ -144,40 +141,18 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
                 "torch.distributed.init_process_group('gloo') first (torchrun sets its environment)"
             )
         group, dp_mesh = split_mesh(mesh, data_parallel, group, data_parallel_group)  # same on every rank
-        backend = dist.get_backend(group)
-        if backend != "gloo":
-            raise NotImplementedError(
-                f"DistributedPipeline supports the gloo backend (tensors staged through host "
-                f"memory); the process group uses {backend!r}. Initialise it with 'gloo'"
-            )
+        check_backend(dist.get_backend(group), resolve_device(device))  # the same backend on every rank
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
-        values, refused = None, None
-        try:  # this rank's own arguments first; a refusal still joins the agreement below
-            if data_parallel_group is not None:
-                check_data_parallel_group(data_parallel_group)  # before any thread starts
-                # every rank checks the whole model (a dict: its own stages), so all refuse alike
-                parts = module.values() if isinstance(module, Mapping) else [module]
-                refuse_sparse_gradients([m for m in parts if isinstance(m, nn.Module)], "data_parallel_group")
-            if dp_mesh is not None:
-                parts = module.values() if isinstance(module, Mapping) else [module]
-                refuse_under_mesh([m for m in parts if isinstance(m, nn.Module)], loss_fn, deferred_batch_norm)
-            options = StepOptions.check(
-                schedule=schedule, chunks=chunks, checkpoint=checkpoint, loss_fn=loss_fn,
-                loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
-                stall_timeout=stall_timeout, log_tasks=log_tasks, activation_meter=activation_meter,
-            )
-            self.gather_timeline = check_flag("gather_timeline", gather_timeline)
-            layout = stage_layout(module, balance, num_stages, options.schedule, self.rank, self.num_ranks)
-            values = {"schedule": options.schedule.name, "chunks": options.chunks, "balance": layout.balance,
-                      "num_stages": layout.num_stages, "placement": layout.placement,
-                      "checkpoint": policy_name(options.checkpoint), "deferred_batch_norm": deferred_batch_norm,
-                      "gather_timeline": self.gather_timeline, "data_parallel_group": data_parallel_group is not None,
-                      "data_parallel": data_parallel if dp_mesh is not None else None}
-        except Exception as error:  # noqa: BLE001 - raised after the agreement, so no rank waits for this one
-            refused = error
-        agree_on_options(values, refused, self.rank, self.num_ranks, group)  # raises on every rank if any differ
+        checked = agreed_arguments(
+            module, balance=balance, num_stages=num_stages, data_parallel_group=data_parallel_group,
+            dp_mesh=dp_mesh, data_parallel=data_parallel, gather_timeline=gather_timeline, rank=self.rank,
+            num_ranks=self.num_ranks, group=group, schedule=schedule, chunks=chunks, checkpoint=checkpoint,
+            loss_fn=loss_fn, loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
+            stall_timeout=stall_timeout, log_tasks=log_tasks, activation_meter=activation_meter,
+        )  # raises on every rank if any rank refused its arguments or any differ
+        options, layout, self.gather_timeline = checked.options, checked.layout, checked.gather_timeline
         self.chunks = options.chunks
         self._stall_timeout = options.stall_timeout
         self.schedule = options.schedule
@@ -189,9 +164,6 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         self.num_stages, self.placement = ownership.num_stages, ownership.placement
         self._skips, self._tied = ownership.skips, ownership.tied
         self._layer_stage, self._foreign_layers = ownership.layer_stage, ownership.foreign_layers
-        if dp_mesh is not None and self._tied:  # every rank sees the same model: all refuse alike, no thread yet
-            raise NotImplementedError("weights tied across pipeline ranks are not supported with a mesh that has "
-                                      "a 'dp' dimension yet: use group=/data_parallel_group=")
         own = ownership.stages
         self._stages: list[nn.Module | None] = [own.get(s) for s in range(self.num_stages)]
         self._runner = StepRunner(options, self._stages, self.placement, [self.device] * self.num_ranks,
@@ -203,12 +175,16 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
             stage.to(self.device)
         if self._tied:
             self._tied.broadcast_values()  # tied copies start equal, whatever each process's seed
+            if dp_mesh is not None:
+                self._tied.locate(own)  # FSDP2 is about to replace the parameter objects
         self.local_stages = nn.ModuleDict({str(s): m for s, m in own.items()})
         self._replicas, self._mesh = None, None
         if dp_mesh is not None:
             shape = tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items()))
+            loss_parameters = list(loss_fn.parameters()) if isinstance(loss_fn, nn.Module) else []
             self._mesh = MeshReplicas(bounded_dp_mesh(dp_mesh, options.stall_timeout), data_parallel, own,
-                                      (self.rank, tuple(self.placement), shape))
+                                      (self.rank, tuple(self.placement), shape),
+                                      loss_parameters, holds_loss=self.rank == self.placement[-1])
         if data_parallel_group is not None:
             stages = (self.rank, self.num_stages, tuple(self.placement),
                       tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items())))
@@ -220,96 +196,6 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         self._broken: str | None = None
         self.last_report: StepReport | None = None
         self.last_comm: list[CommRecord] = []
-
-    # ------------------------------------------------------------------ step
-
-    def step(self, inputs: Tensor | tuple[Tensor, ...] | None = None,
-             targets: Tensor | tuple[Tensor, ...] | None = None, *, scaler: Any = None) -> Tensor:
-        """Forward and backward of the whole batch; returns the loss on every rank.
-
-        Call it on every rank. ``inputs`` matter on the rank owning stage 0,
-        ``targets`` on the rank owning the last stage; other ranks may pass
-        ``None``. Gradients accumulate into this rank's parameters and equal
-        those of the single-process run; inputs that require grad get their
-        ``.grad`` on stage 0's rank, written as ``Pipeline.step`` writes it.
-        An error on any rank is raised on every rank: the original exception
-        where it happened, a
-        :class:`~pipesched.distributed.errors.RemoteStepError` naming it elsewhere.
-        A rank that dies or stops answering raises
-        :class:`~pipesched.distributed.errors.PeerLost` within about ``stall_timeout``,
-        and the pipeline is then unusable.
-
-        Three phases, each its own method (:mod:`pipesched.distributed.step_frame`):
-        agree on the batch size (a broadcast from stage 0's rank), run this rank's share of the plan
-        (sending and receiving as the lowering says), share every rank's
-        outcome (an all-gather, so errors and the loss reach every rank).
-
-        ``scaler``: a ``torch.amp.GradScaler`` (one per process) for float16
-        loss scaling, as for :meth:`Pipeline.step <pipesched.Pipeline.step>`.
-        Each process's scaler checks only its own gradients, so a process
-        whose gradients are all finite would step while another skips, and
-        the model would come apart. So the end-of-step exchange also says
-        whether any rank's gradients hold an inf or NaN, and if one does,
-        every rank's gradients are made NaN: every scaler then skips the
-        step and backs off alike, as the un-pipelined model's one scaler
-        does.
-        """
-        if torch.compiler.is_compiling() or compile_callback() not in (None, False):
-            raise compile_refused("DistributedPipeline")  # inline on purpose: see pipesched.runtime.compiling
-        if self._broken is not None:
-            raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
-        if not torch.is_grad_enabled():
-            raise grad_disabled()
-        last = self.placement[-1]
-        if self._mesh is not None:
-            if scaler is not None:
-                raise NotImplementedError("scaler= is not supported with a mesh that has a 'dp' dimension yet")
-            self._unshard_mesh()  # first, on every replica: a collective no failure may skip
-        try:
-            statuses, effects, ctx, split, comm = self._train(inputs, targets, scaler)
-        except BaseException:
-            self._replicas_failed()
-            if self._mesh is not None and self._broken is None:
-                self._mesh.fail()
-            raise
-        value, dtype = statuses[last]["loss"]
-        if self._replicas is not None:
-            value = self._reduce_replicas(statuses[last], value, effects, ctx)
-        if self._mesh is not None:
-            value = self._reduce_mesh(statuses[last], value, effects, ctx)
-        effects.commit()
-        if self._replicas is not None:
-            self._replicas.broadcast(self.local_stages)  # batch-norm statistics: the first replica's
-        self._record(statuses, len(split.sizes), comm)
-        if self._shares_costs(with_loss=True):  # every rank, the same merged table: the same next plan
-            self._runner.learn_costs(merged_costs(statuses, self.placement))
-        if self.rank == self.placement[0]:  # the inputs' .grad, as Pipeline.step writes it
-            backward_into_inputs(split.tensors, ctx, split.sizes)
-        return torch.tensor(value, dtype=dtype)
-
-    def _train(self, inputs: Any, targets: Any, scaler: Any
-               ) -> tuple[list[Any], StepEffects, StepContext, SplitBatch, list[CommRecord]]:
-        """This pipeline's step, up to (not including) the commit of its gradients."""
-        last = self.placement[-1]
-        local_error = missing_loss_fn() if self.rank == last and self.loss_fn is None else None
-        split, shapes, local_error = self._agree_on_batch(inputs, local_error)
-        count = len(split.sizes)
-        plan, lowering = self._runner.plan(count)
-        io, local_error = self._step_inputs(split, targets, local_error)
-        if local_error is None:
-            try:
-                io.loss_seed = backward_seed(scaler, self.device)
-            except TypeError as error:  # raised on every rank, as any step error
-                local_error = error
-        ctx = self._runner.context(lowering, keep=True, io=io, clock_offset=self.clock_offset)
-        # under a mesh the stages are gathered now: their .grad is FSDP's, the optimizer's are the shards'
-        effects = self._runner.effects(self._mesh.parameters if self._mesh is not None else self.parameters())
-        records, local_error, comm = self._run_plan(plan, ctx, effects, local_error, shapes)
-        statuses = self._share_outcome(ctx, records, local_error, effects, scaled=io.loss_seed is not None)
-        if any(s["nonfinite"] for s in statuses):
-            poison_gradients(self.parameters())  # every rank's scaler skips this step alike
-        self._reduce_tied(effects)
-        return statuses, effects, ctx, split, comm
 
     def forward(self, inputs: Tensor | tuple[Tensor, ...] | None = None) -> Any:
         """Forward half only, on every rank; the output comes back on the last stage's rank.
@@ -358,11 +244,12 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         same factor. Returns the total norm (float64), the same on every rank.
         See :mod:`pipesched.distributed.grad_norm`.
         """
-        if self._mesh is not None:
-            raise NotImplementedError("clip_grad_norm_ is not supported with a mesh that has a 'dp' dimension yet")
         elsewhere = self._tied.counted_elsewhere(self._global(self.rank)) if self._tied else set()
+        sharded = self._mesh.group if self._mesh is not None and self._mesh.kind == "fsdp" else None
+        if sharded is not None and dist.get_rank(sharded) != 0:  # the loss's parameters: whole on every replica
+            elsewhere |= {id(p) for p in self._mesh.loss_parameters}
         return clip_grad_norm_across(self.parameters(), max_norm, norm_type, error_if_nonfinite, self.group,
-                                     elsewhere)
+                                     elsewhere, sharded_over=sharded)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
         """Compile this rank's stages in place with ``torch.compile(*args, **kwargs)``.

@@ -72,12 +72,19 @@ class StepFrame:
                                      list(self.parameters())),
             effects, "a data-parallel replica")
 
-    def _reduce_mesh(self, last: Mapping[str, Any], loss: float, effects: StepEffects, ctx: StepContext) -> float:
+    def _reduce_mesh(self, last: Mapping[str, Any], loss: float, effects: StepEffects, ctx: StepContext,
+                     scaled: bool = False) -> float:
         """This step's gradients summed by FSDP over ``mesh["dp"]``, each replica weighted by its share
-        (:meth:`~pipesched.distributed.mesh_parallel.MeshReplicas.reduce`); the global batch's loss."""
-        return self._across_replicas(
-            lambda: self._mesh.reduce(last["normaliser"], loss, ctx),  # type: ignore[attr-defined]
-            effects, "a data-parallel replica (mesh['dp'])")
+        (:meth:`~pipesched.distributed.mesh_parallel.MeshReplicas.reduce`); the global batch's loss.
+        ``scaled`` (a ``GradScaler``): then whether any shard anywhere is inf or NaN is agreed over
+        pp x dp, so that every process's scaler skips alike."""
+        def reduce() -> float:
+            value = self._mesh.reduce(last["normaliser"], loss, ctx)  # type: ignore[attr-defined]
+            if scaled:
+                self._mesh.agree_nonfinite(self.group)  # type: ignore[attr-defined]
+            return value
+
+        return self._across_replicas(reduce, effects, "a data-parallel replica (mesh['dp'])")
 
     def _unshard_mesh(self) -> None:
         """FSDP's all-gather over ``mesh["dp"]`` that opens a mesh step; a replica gone (or silent for

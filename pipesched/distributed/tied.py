@@ -59,6 +59,8 @@ class TiedGroups:
         #: (process group, global rank of the lowest holder, the parameters, whether this rank holds
         #: them), in one global order
         self.groups: list[tuple[Any, int, list[nn.Parameter], bool]] = []
+        #: id of a parameter as built -> (this rank's stage module, its name there), see :meth:`locate`
+        self._where: dict[int, tuple[nn.Module, str]] = {}
         for (ranks, _), params in by_ranks.items():
             members = [global_rank(r) for r in ranks]
             if len(ranks) == size:
@@ -75,6 +77,45 @@ class TiedGroups:
     def __bool__(self) -> bool:
         return bool(self.groups)
 
+    def locate(self, stages: dict[int, nn.Module]) -> None:
+        """Find each tied parameter by its name in this rank's ``stages`` from now on, not by the object.
+
+        FSDP2 (``fully_shard``, ``replicate``) replaces a module's parameters:
+        sharded ``DTensor`` ones between steps, unsharded ones while gathered
+        for a step. Call this before handing the stages to it; the reductions
+        then act on whatever the stage holds under that name. A parameter two
+        of this rank's stages share would be two FSDP units' at once, which
+        FSDP2 cannot do: refused.
+        """
+        tied = {id(p) for _, _, params, holds in self.groups if holds for p in params}
+        for index, stage in sorted(stages.items()):
+            for name, param in stage.named_parameters(remove_duplicate=False):
+                if id(param) not in tied:
+                    continue
+                if id(param) in self._where and self._where[id(param)][0] is not stage:
+                    raise NotImplementedError(
+                        f"parameter {name!r} of stage {index} is shared with another stage of the same rank; "
+                        "FSDP2 cannot shard one parameter in two stages: use a schedule with one stage per "
+                        "rank (gpipe, 1f1b, zb-h1), or group=/data_parallel_group=")
+                self._where.setdefault(id(param), (stage, name))
+        # keep no reference to the parameters as built: FSDP2 copied them into its shards, and holding
+        # the originals would keep every tied weight whole in memory; a meta stand-in names each one
+        for position, (pg, lowest, params, holds) in enumerate(self.groups):
+            if holds:
+                stand_ins = [self._stand_in(p) if id(p) in self._where else p for p in params]
+                self.groups[position] = (pg, lowest, stand_ins, holds)
+
+    def _stand_in(self, param: nn.Parameter) -> nn.Parameter:
+        """A meta-device parameter shaped like ``param``, found by :meth:`_now` where ``param`` was."""
+        stand_in = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        self._where[id(stand_in)] = self._where.pop(id(param))
+        return stand_in
+
+    def _now(self, param: nn.Parameter) -> nn.Parameter:
+        """``param`` as this rank's stage holds it now (see :meth:`locate`)."""
+        where = self._where.get(id(param))
+        return param if where is None else where[0].get_parameter(where[1])
+
     def counted_elsewhere(self, global_rank: int) -> set[int]:
         """Ids of this process's tied parameters whose lowest holder is another process.
 
@@ -82,7 +123,8 @@ class TiedGroups:
         parameters (a gradient norm) counts each tied weight once, at its
         lowest holder.
         """
-        return {id(p) for _, lowest, params, holds in self.groups if holds and lowest != global_rank for p in params}
+        return {id(self._now(p)) for _, lowest, params, holds in self.groups if holds and lowest != global_rank
+                for p in params}
 
     @torch.no_grad()
     def broadcast_values(self) -> None:
@@ -97,7 +139,7 @@ class TiedGroups:
         Call it between the backward and the optimizer step, on every rank of the pipeline.
         """
         for pg, _, every, holds in self.groups:
-            params = [p for p in every if p.requires_grad]  # the same on every holder: one model
+            params = [self._now(p) for p in every if p.requires_grad]  # the same on every holder: one model
             if not params:
                 continue
             grads = [p.grad if holds and p.grad is not None else torch.zeros_like(p) for p in params]

@@ -198,9 +198,9 @@ def status_payload(spec: Spec, status: int, aux: int = 0) -> Tensor:
     return buffer
 
 
-def pack(values: tuple[Tensor | None, ...], spec: Spec) -> Tensor:
-    """``values`` (contiguous CPU tensors matching ``spec``) as one payload with status ``OK``."""
-    buffer = torch.empty(payload_bytes(spec), dtype=torch.uint8)
+def pack(values: tuple[Tensor | None, ...], spec: Spec, device: torch.device | str = "cpu") -> Tensor:
+    """``values`` (contiguous tensors on ``device`` matching ``spec``) as one payload with status ``OK``."""
+    buffer = torch.empty(payload_bytes(spec), dtype=torch.uint8, device=device)
     buffer[:PREFIX_BYTES].view(torch.int64).zero_()
     at = PREFIX_BYTES
     for value in values:
