@@ -153,6 +153,7 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
             stall_timeout=stall_timeout, log_tasks=log_tasks, activation_meter=activation_meter,
         )  # raises on every rank if any rank refused its arguments or any differ
         options, layout, self.gather_timeline = checked.options, checked.layout, checked.gather_timeline
+        self.balance = list(layout.balance)  # layers per stage, the same on every rank (as Pipeline.balance)
         self.chunks = options.chunks
         self._stall_timeout = options.stall_timeout
         self.schedule = options.schedule
