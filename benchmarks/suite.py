@@ -37,6 +37,8 @@ BENCHMARKS = {
     "hf_pipelining": "benchmarks.bench_hf_pipelining",
     "plan_scale": "benchmarks.bench_plan_scale",
     "plan_real": "benchmarks.bench_plan_real",
+    "seed_dp": "benchmarks.bench_seed_dp",
+    "seed_memory": "benchmarks.bench_seed_memory",
 }
 
 

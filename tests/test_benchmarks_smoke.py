@@ -41,6 +41,8 @@ SPECIFIC = {
     "plan_real": {"workload", "rows", "auto", "tune"},
     "distributed": {"per_m", "baseline_src"},
     "hf_pipelining": {"workload", "per_m", "gradients", "tied_weight", "build_seconds"},
+    "seed_dp": {"recipe", "seeds", "schedule_choice", "rows"},
+    "seed_memory": {"budget_bytes", "workload", "rows"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -60,6 +62,8 @@ TABLE_MARKS = {
     "plan_real": "auto / best built-in",
     "distributed": "torch.distributed.pipelining",
     "hf_pipelining": "pipesched / torch step time",
+    "seed_dp": "speed-up vs DDP",
+    "seed_memory": "largest (L, D)",
 }
 
 
@@ -87,6 +91,13 @@ def test_benchmark_tiny_run(name, tmp_path, capsys):
             assert float(diff["relative"]) <= 1e-4, (pair, diff)
     if name == "recompute":  # checkpointing changes when the forward runs, not what the gradients are
         assert all(row["gradients_equal"] for row in document["rows"]), document["gradients"]
+    if name == "seed_dp":  # every contender trained and was evaluated on the fixed test split
+        assert {(r["contender"], r["workers"]) for r in document["rows"]} == {("pipesched", 2), ("DistributedDataParallel", 2)}
+        assert all(0.0 <= a <= 100.0 for r in document["rows"] for a in r["accuracy_percent"])
+    if name == "seed_memory":  # the baseline fits its own calibration rung; every rank's peak is a real figure
+        rows = document["rows"]
+        assert rows[0]["experiment"] == "baseline" and rows[0]["L"] is not None
+        assert all(0 < b <= document["budget_bytes"] for r in rows for b in r["peak_bytes_per_rank"])
     if name == "split_backward":  # B then W gives the full backward's gradients, bit for bit
         assert all(row["equal"] for row in document["rows"]), document["rows"]
     assert not [t for t in threading.enumerate() if t.name.startswith("pipesched-")], "pipeline threads left running"
