@@ -12,48 +12,38 @@ the digits, says it is ready, then serves commands until ``stop``:
   statistics are rank 0's, broadcast at each forward, plus each process's
   own last update, so the parent reports rank 0's).
 
-Any exception is replied as ``("error", rank, traceback)``.
+The loop itself is :func:`benchmarks.peer_loop.serve_commands`.
 """
 
 from __future__ import annotations
 
-import datetime
-import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from benchmarks.digits import load
+from benchmarks.peer_loop import serve_commands
 from benchmarks.seed_training import Recipe, build, train
 
 
 def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any, results: Any) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=600))
-        recipe = Recipe(**spec["recipe"])
-        data = load(recipe.size)
-        results.put(("ready", rank, {"threads": torch.get_num_threads()}))
-        while True:
-            command, argument = commands.get()
-            if command == "stop":
-                break
-            if command != "train":
-                raise ValueError(f"unknown command {command!r}")
-            model = build(recipe, int(argument))
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            criterion = torch.nn.CrossEntropyLoss()
+    state: dict[str, Any] = {}
 
-            def step(x: torch.Tensor, y: torch.Tensor) -> None:
-                criterion(ddp(x), y).backward()
+    def setup() -> None:  # inside the loop's error handling: a bad spec is replied, not a silent death
+        state["recipe"] = recipe = Recipe(**spec["recipe"])
+        state["digits"] = load(recipe.size)
 
-            dist.barrier()  # every process starts together; the parent keeps the slowest one's seconds
-            out = train(model, step, recipe, data, int(argument), shard=lambda idx: idx.tensor_split(world)[rank])
-            results.put(("ok", rank, out))
-    except BaseException:  # noqa: BLE001 - the benchmark process reports it
-        results.put(("error", rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def train_seed(seed: Any) -> dict[str, float]:
+        recipe: Recipe = state["recipe"]
+        model = build(recipe, int(seed))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        criterion = torch.nn.CrossEntropyLoss()
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            criterion(ddp(x), y).backward()
+
+        dist.barrier()  # every process starts together; the parent keeps the slowest one's seconds
+        return train(model, step, recipe, state["digits"], int(seed), shard=lambda idx: idx.tensor_split(world)[rank])
+
+    serve_commands(rank, world, port, commands, results, {"train": train_seed}, setup)

@@ -17,22 +17,20 @@ commands until ``stop``:
   parameters, gradients, activations, transfers and temporaries of this
   rank, the same bytes a per-device memory budget covers.
 
-Any exception is replied as ``("error", rank, traceback)``.
+The loop itself is :func:`benchmarks.peer_loop.serve_commands`.
 """
 
 from __future__ import annotations
 
-import datetime
 import gc
-import traceback
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from benchmarks.gpu.models import amoebanet_d
 from benchmarks.heap import HeapPeak, heap_in_use
+from benchmarks.peer_loop import serve_commands
 from pipesched.plan.registry import get_schedule
 from pipesched.runtime.partition import even_balance
 
@@ -83,16 +81,19 @@ def measure(trial: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         pipe = DistributedPipeline(stages, num_stages=num_stages, schedule=schedule, chunks=trial["chunks"],
                                    checkpoint=trial["checkpoint"], loss_fn=loss_fn, log_tasks=False)
         step, parameters, closer = (lambda: pipe.step(x, y)), list(pipe.parameters()), pipe
-    optimizer = torch.optim.SGD(parameters, lr=0.01)
+    # a rank may hold only parameter-free layers (pooling, flatten): then there is nothing to update
+    optimizer = torch.optim.SGD(parameters, lr=0.01) if parameters else None
     try:
         for warm_up in (True, False):  # the first step allocates gradients (and lets "auto" measure costs)
-            optimizer.zero_grad(set_to_none=False)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=False)
             gc.collect()
             gc.disable()  # no collection inside the measured step: it would lower the heap under the meter
             try:
                 with HeapPeak() as meter:
                     step()
-                    optimizer.step()
+                    if optimizer is not None:
+                        optimizer.step()
             finally:
                 gc.enable()
         params = sum(p.numel() for p in parameters)
@@ -103,22 +104,9 @@ def measure(trial: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
 
 
 def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any, results: Any) -> None:
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=600))
-        results.put(("ready", rank, {"threads": torch.get_num_threads()}))
-        while True:
-            command, argument = commands.get()
-            if command == "stop":
-                break
-            if command != "measure":
-                raise ValueError(f"unknown command {command!r}")
-            out = measure(argument, rank, world)
-            gc.collect()
-            results.put(("ok", rank, out))
-    except BaseException:  # noqa: BLE001 - the benchmark process reports it
-        results.put(("error", rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def measure_and_collect(trial: Any) -> dict[str, Any]:
+        out = measure(trial, rank, world)
+        gc.collect()
+        return out
+
+    serve_commands(rank, world, port, commands, results, {"measure": measure_and_collect})

@@ -132,6 +132,15 @@ def test_command_line(tmp_path, capsys):
     assert "summary (tiny" in capsys.readouterr().out
 
 
+def test_seed_tables_run_only_when_named():
+    """They train for minutes: the plain suite leaves them out, ``--only seed`` names both."""
+    from benchmarks.suite import selected
+
+    assert "seed_dp" not in selected([]) and "seed_memory" not in selected([])
+    assert selected(["seed"]) == ["seed_dp", "seed_memory"]
+    assert selected(["seed_dp", "memory,seed_memory"]) == ["seed_dp", "memory", "seed_memory"]
+
+
 def test_profile_flag_writes_a_torch_profiler_trace_of_every_thread(tmp_path, capsys):
     """``--profile DIR``: the benchmark runs under torch.profiler and its trace holds the workers' ops."""
     traces = tmp_path / "traces"
