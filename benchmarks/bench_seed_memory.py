@@ -34,6 +34,7 @@ parameter counts >= 1).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -54,6 +55,8 @@ SLACK = 0.02
 #: torchgpipe's figures (GPUs, 224 x 224 images): experiment -> (L, D)
 SEED = {"baseline": (18, 208), "pipeline-1": (18, 416), "pipeline-2": (18, 544), "pipeline-4": (36, 544),
         "pipeline-8": (72, 512)}
+#: ``SEED_MEMORY_RANKS=8`` (comma-separated) measures only these rank counts, after the baseline
+RANKS_ENV = "SEED_MEMORY_RANKS"
 #: (schedule, checkpoint) rows per rank count, in search order
 ROWS = (("gpipe", "except_last"), ("gpipe", "never"), ("1f1b", "never"), ("zb-h1", "never"), ("auto", "never"))
 
@@ -85,6 +88,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     image, batch = cfg.pick(tiny=(32, 16), quick=(32, 32), full=(32, 32))
     calibration = cfg.pick(tiny=(3, 12), quick=(6, 32), full=(6, 32))
     ranks = cfg.pick(tiny=(2,), quick=(1, 2, 4), full=(1, 2, 4, 8))
+    if os.environ.get(RANKS_ENV):  # a part of the table (the baseline still comes first, in the first group)
+        ranks = tuple(int(p) for p in os.environ[RANKS_ENV].split(","))
     rows_for = cfg.pick(tiny=ROWS[1:3], quick=ROWS, full=ROWS)
     rungs = ladder(cfg.level)
     base = {"batch": batch, "image": image, "classes": 10}
