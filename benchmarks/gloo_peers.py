@@ -37,7 +37,9 @@ class PeerError(RuntimeError):
 
 
 class GlooPeers:
-    def __init__(self, spec: dict[str, Any], world: int = 2, timeout: float = 180.0):
+    def __init__(self, spec: dict[str, Any], world: int = 2, timeout: float = 180.0, target: Any = None):
+        """``target(rank, world, port, spec, commands, results)`` is what each process runs
+        (default :func:`benchmarks.peer_worker.serve`); it must answer as ``serve`` does."""
         self.world = world
         self.timeout = timeout
         ctx = mp.get_context("spawn")
@@ -46,7 +48,7 @@ class GlooPeers:
         self.results = ctx.Queue()
         self.procs = [
             ctx.Process(
-                target=peer_worker.serve,
+                target=peer_worker.serve if target is None else target,
                 args=(rank, world, self.port, spec, self.commands[rank], self.results),
                 name=f"gloo-peer-{rank}",
                 daemon=True,
@@ -79,7 +81,8 @@ class GlooPeers:
             replies[rank] = payload
         return replies
 
-    def _ask(self, command: str, argument: Any = None) -> dict[int, Any]:
+    def ask(self, command: str, argument: Any = None) -> dict[int, Any]:
+        """Send ``(command, argument)`` to every process; their ``"ok"`` replies by rank."""
         for q in self.commands:
             q.put((command, argument))
         return self._collect("ok")
@@ -90,14 +93,14 @@ class GlooPeers:
         ``cpu_seconds`` keeps, per run, the CPU seconds all ranks used together
         (a figure other processes on a shared machine disturb far less than wall time).
         """
-        replies = self._ask("run", steps).values()
+        replies = self.ask("run", steps).values()
         self.cpu_seconds.append(sum(cpu for _, cpu in replies))
         return max(wall for wall, _ in replies)
 
     def grads(self) -> dict[str, torch.Tensor]:
         """One step's gradients from zero, merged over ranks, keyed by full-model parameter name."""
         merged: dict[str, torch.Tensor] = {}
-        for _, grads in sorted(self._ask("grads").items()):
+        for _, grads in sorted(self.ask("grads").items()):
             for name, array in grads.items():
                 merged[name] = torch.from_numpy(np.asarray(array))
         return merged

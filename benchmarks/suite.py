@@ -37,7 +37,20 @@ BENCHMARKS = {
     "hf_pipelining": "benchmarks.bench_hf_pipelining",
     "plan_scale": "benchmarks.bench_plan_scale",
     "plan_real": "benchmarks.bench_plan_real",
+    "seed_dp": "benchmarks.bench_seed_dp",
+    "seed_memory": "benchmarks.bench_seed_memory",
 }
+
+#: run only when named with --only: they train for minutes (the seed tables), past the suite's 10-minute limit
+ON_REQUEST = frozenset({"seed_dp", "seed_memory"})
+#: names --only expands: ``--only seed`` runs both seed tables
+GROUPS = {"seed": ("seed_dp", "seed_memory")}
+
+
+def selected(only: list[str]) -> list[str]:
+    """The benchmarks ``--only`` names (comma-separated or repeated, groups expanded); none: all but ON_REQUEST."""
+    named = [n.strip() for chunk in only for n in chunk.split(",") if n.strip()]
+    return [m for n in named for m in GROUPS.get(n, (n,))] or [n for n in BENCHMARKS if n not in ON_REQUEST]
 
 
 def load_module(name: str) -> ModuleType:
@@ -88,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds; figures meaningless)")
     parser.add_argument(
         "--only", action="append", default=[], metavar="NAME",
-        help=f"run only these (repeat or comma-separate): {', '.join(BENCHMARKS)}",
+        help=f"run only these (repeat or comma-separate): {', '.join(BENCHMARKS)}; "
+             f"{' and '.join(sorted(ON_REQUEST))} (the seed tables) run only when named; 'seed' names both",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON directory (default {DEFAULT_OUT})")
     parser.add_argument("--rounds", type=int, default=None, help="override every benchmark's round count")
@@ -105,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name in BENCHMARKS:
-            print(f"{name:18s} {load_module(name).TITLE}")
+            print(f"{name:18s} {load_module(name).TITLE}{'  [only with --only]' if name in ON_REQUEST else ''}")
         return 0
-    names = [n.strip() for chunk in args.only for n in chunk.split(",") if n.strip()] or list(BENCHMARKS)
+    names = selected(args.only)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")

@@ -41,6 +41,8 @@ SPECIFIC = {
     "plan_real": {"workload", "rows", "auto", "tune"},
     "distributed": {"per_m", "baseline_src"},
     "hf_pipelining": {"workload", "per_m", "gradients", "tied_weight", "build_seconds"},
+    "seed_dp": {"recipe", "seeds", "schedule_choice", "rows"},
+    "seed_memory": {"budget_bytes", "workload", "rows"},
 }
 TABLE_MARKS = {
     "orchestration": "replay/measured",
@@ -60,6 +62,8 @@ TABLE_MARKS = {
     "plan_real": "auto / best built-in",
     "distributed": "torch.distributed.pipelining",
     "hf_pipelining": "pipesched / torch step time",
+    "seed_dp": "speed-up vs DDP",
+    "seed_memory": "largest (L, D)",
 }
 
 
@@ -87,6 +91,13 @@ def test_benchmark_tiny_run(name, tmp_path, capsys):
             assert float(diff["relative"]) <= 1e-4, (pair, diff)
     if name == "recompute":  # checkpointing changes when the forward runs, not what the gradients are
         assert all(row["gradients_equal"] for row in document["rows"]), document["gradients"]
+    if name == "seed_dp":  # every contender trained and was evaluated on the fixed test split
+        assert {(r["contender"], r["workers"]) for r in document["rows"]} == {("pipesched", 2), ("DistributedDataParallel", 2)}
+        assert all(0.0 <= a <= 100.0 for r in document["rows"] for a in r["accuracy_percent"])
+    if name == "seed_memory":  # the baseline fits its own calibration rung; every rank's peak is a real figure
+        rows = document["rows"]
+        assert rows[0]["experiment"] == "baseline" and rows[0]["L"] is not None
+        assert all(0 < b <= document["budget_bytes"] for r in rows for b in r["peak_bytes_per_rank"])
     if name == "split_backward":  # B then W gives the full backward's gradients, bit for bit
         assert all(row["equal"] for row in document["rows"]), document["rows"]
     assert not [t for t in threading.enumerate() if t.name.startswith("pipesched-")], "pipeline threads left running"
@@ -119,6 +130,15 @@ def test_command_line(tmp_path, capsys):
     assert main(["--tiny", "--only", "memory,pipeline1", "--out", str(tmp_path), "--rounds", "1"]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"memory.json", "pipeline1.json"}
     assert "summary (tiny" in capsys.readouterr().out
+
+
+def test_seed_tables_run_only_when_named():
+    """They train for minutes: the plain suite leaves them out, ``--only seed`` names both."""
+    from benchmarks.suite import selected
+
+    assert "seed_dp" not in selected([]) and "seed_memory" not in selected([])
+    assert selected(["seed"]) == ["seed_dp", "seed_memory"]
+    assert selected(["seed_dp", "memory,seed_memory"]) == ["seed_dp", "memory", "seed_memory"]
 
 
 def test_profile_flag_writes_a_torch_profiler_trace_of_every_thread(tmp_path, capsys):
