@@ -50,8 +50,9 @@ from pipesched.distributed.mesh_parallel import MeshReplicas, refuse_under_mesh,
 from pipesched.distributed.grad_norm import clip_grad_norm_across
 from pipesched.distributed.model_keys import ModelKeyedState
 from pipesched.distributed.outcome import merged_costs
-from pipesched.distributed.ownership import own_stages, stage_layout
+from pipesched.distributed.ownership import own_stages
 from pipesched.distributed.step_frame import StepFrame
+from pipesched.distributed.traced import model_layout
 from pipesched.runtime.backward_half import backward_into_inputs
 from pipesched.runtime.data_parallel import DataParallelReplicas, check_data_parallel_group
 from pipesched.runtime.grad_scaling import backward_seed, poison_gradients
@@ -82,9 +83,15 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
             are summed across those ranks after each backward, see
             :mod:`pipesched.distributed.tied`), or a
             dict ``{stage_index: module}`` holding exactly the stages the
-            schedule places on this rank (then ``num_stages`` is required).
-        balance: layers per stage, with a full ``nn.Sequential``; default: the
-            schedule's stage count for the world size, split evenly.
+            schedule places on this rank (then ``num_stages`` is required),
+            or any other ``nn.Module`` (a Hugging Face causal LM), traced and
+            cut as :class:`~pipesched.Pipeline` cuts it, every rank keeping
+            its own stages (see :mod:`pipesched.distributed.traced`).
+        split_points, forward_kwargs, example_inputs: for a model that is not
+            an ``nn.Sequential``, as for :class:`~pipesched.Pipeline`.
+        balance: layers per stage, with a full ``nn.Sequential`` (blocks per
+            stage for a traced model); default: the schedule's stage count
+            for the world size, split evenly.
         num_stages: total number of stages, with a dict of stages.
         schedule, chunks, checkpoint, loss_fn, loss_normalizer, deferred_batch_norm, stall_timeout, log_tasks, activation_meter: as for
             :class:`~pipesched.Pipeline` (``loss_fn`` and ``loss_normalizer``
@@ -116,8 +123,11 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
 
     def __init__(
         self,
-        module: nn.Sequential | Mapping[int, nn.Module],
+        module: nn.Module | Mapping[int, nn.Module],
         *,
+        split_points: Sequence[str] | None = None,
+        forward_kwargs: Mapping[str, Any] | None = None,
+        example_inputs: Mapping[str, Tensor] | None = None,
         balance: Sequence[int] | None = None,
         num_stages: int | None = None,
         schedule: str | Schedule = "gpipe",
@@ -152,7 +162,7 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
-        values, refused = None, None
+        values, refused, traced = None, None, None
         try:  # this rank's own arguments first; a refusal still joins the agreement below
             if data_parallel_group is not None:
                 check_data_parallel_group(data_parallel_group)  # before any thread starts
@@ -168,9 +178,12 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
                 stall_timeout=stall_timeout, log_tasks=log_tasks, activation_meter=activation_meter,
             )
             self.gather_timeline = check_flag("gather_timeline", gather_timeline)
-            layout = stage_layout(module, balance, num_stages, options.schedule, self.rank, self.num_ranks)
+            layout, traced = model_layout(module, balance, num_stages, options.schedule, self.rank, self.num_ranks,
+                                          split_points=split_points, forward_kwargs=forward_kwargs,
+                                          example_inputs=example_inputs, deferred_batch_norm=deferred_batch_norm)
             values = {"schedule": options.schedule.name, "chunks": options.chunks, "balance": layout.balance,
                       "num_stages": layout.num_stages, "placement": layout.placement,
+                      "split_points": traced.split_points if traced else None,
                       "checkpoint": policy_name(options.checkpoint), "deferred_batch_norm": deferred_batch_norm,
                       "gather_timeline": self.gather_timeline, "data_parallel_group": data_parallel_group is not None,
                       "data_parallel": data_parallel if dp_mesh is not None else None}
@@ -184,7 +197,10 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         self.loss_normalizer = options.loss_normalizer
         self.device = resolve_device(device)
 
-        ownership = own_stages(module, layout, self.rank, group, self._global)
+        ownership = (traced.own(layout, self.rank, group, self._global, self.device) if traced
+                     else own_stages(module, layout, self.rank, group, self._global))
+        self._traced = traced  # a plain object: its model is not registered as this module's submodule
+        self._input_check = traced.check_inputs if traced else None
         self.num_stages, self.placement = ownership.num_stages, ownership.placement
         self._skips, self._tied = ownership.skips, ownership.tied
         self._layer_stage, self._foreign_layers = ownership.layer_stage, ownership.foreign_layers

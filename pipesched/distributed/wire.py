@@ -96,11 +96,13 @@ class Header:
 
     def structure(self, description: Tensor | None = None) -> Structure:
         """The structure of the tensors; a mapping's comes from its received ``description``."""
-        if self.kind != "mapping":
+        if description is None:
             return TENSOR if self.kind == "tensor" else TUPLE
-        assert description is not None
         fields = json.loads(bytes(description.tolist()).decode("utf-8"))
-        return Structure("mapping", tuple(fields["keys"]), mapping_type_named(fields["type"]))
+        absent = tuple(fields.get("absent", ()))
+        if self.kind != "mapping":
+            return Structure(self.kind, absent=absent)  # a tuple with None entries
+        return Structure("mapping", tuple(fields["keys"]), mapping_type_named(fields["type"]), absent)
 
 
 def encode(values: tuple[Tensor | None, ...], structure: Structure) -> tuple[Tensor, Tensor | None]:
@@ -111,8 +113,9 @@ def encode(values: tuple[Tensor | None, ...], structure: Structure) -> tuple[Ten
     header = torch.zeros(HEADER_SLOTS, dtype=torch.int64)
     header[0], header[1], header[2] = OK, _KINDS.index(structure.kind), len(values)
     description = None
-    if structure.kind == "mapping":
-        text = json.dumps({"keys": list(structure.keys), "type": structure.type_name})
+    if structure.kind == "mapping" or structure.absent:
+        text = json.dumps({"keys": list(structure.keys), "type": structure.type_name,
+                           "absent": list(structure.absent)})
         description = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
         header[3] = description.numel()
     for i, value in enumerate(values):
