@@ -100,6 +100,7 @@ def test_bad_inputs_fail_the_step_on_every_rank_and_leave_it_usable(verdicts):
     assert first.startswith("ValueError: inputs has keys ['input_ids'], but the cut was traced with"), first
     assert other.startswith("RemoteStepError: rank 0 (stage 0) refused the inputs: ValueError: inputs has keys"), other
     assert verdicts[0]["after"] and verdicts[1]["after"]
+    assert verdicts[0]["forward"] is None and verdicts[1]["forward"] <= TOLERANCE  # pipe(inputs) on the last rank
 
 
 def test_a_model_the_cut_cannot_capture_is_refused_on_every_rank(verdicts):

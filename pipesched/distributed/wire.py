@@ -8,8 +8,9 @@ receiver can post in advance, sized from the spec it keeps:
 * **spec** (a header of :data:`HEADER_SLOTS` int64s, :func:`encode` /
   :func:`decode`): how many tensors, their dtypes and shapes, how they fit
   together (a bare Tensor, a tuple, or a mapping, see
-  :mod:`pipesched.runtime.structure`; a mapping's keys and type name follow
-  as one more part, UTF-8 JSON whose length the header gives), or that the
+  :mod:`pipesched.runtime.structure`; a mapping's keys and type name, and
+  the places of a tuple's or mapping's ``None`` entries, which send no bytes,
+  follow as one more part, UTF-8 JSON whose length the header gives), or that the
   message is an *error*: the producing rank failed, and a UTF-8
   description follows instead of tensors.
 * **payload** (:func:`pack` / :func:`unpack`): a 16-byte status prefix,
@@ -107,7 +108,8 @@ class Header:
 
 def encode(values: tuple[Tensor | None, ...], structure: Structure) -> tuple[Tensor, Tensor | None]:
     """The header announcing ``values`` (``None`` entries are absent gradients), and for a
-    mapping the description (UTF-8 JSON of its keys and type name) sent after the tensors."""
+    mapping, or a structure with ``None`` entries, the description (UTF-8 JSON of its keys, type
+    name and absent places) sent after the tensors."""
     if len(values) > MAX_TENSORS:
         raise ValueError(f"a stage boundary carries {len(values)} tensors; at most {MAX_TENSORS} are supported")
     header = torch.zeros(HEADER_SLOTS, dtype=torch.int64)
