@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_scenarios import run_scenarios
+from test_any_model import reference  # the plain model's loss (HF's shifted cross-entropy in float64), gradients
 
 
 def gpt2() -> nn.Module:
@@ -48,17 +49,6 @@ def batch(rows: int, tokens: int, seed: int) -> tuple[dict[str, torch.Tensor], t
     return {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
 
 
-def reference(model: nn.Module, inputs: dict, labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
-    """The plain model's loss (HF's shifted cross-entropy, recomputed in float64) and gradients."""
-    model.zero_grad()
-    logits = model(**inputs).logits
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    return float(loss.detach()), grads
-
-
 def exact_steps(rank: int, build, split_points: list[str], schedule: str) -> dict:
     """Two steps (the second at another batch size and length, uneven micro-batches) against the plain model.
 
@@ -79,6 +69,7 @@ def exact_steps(rank: int, build, split_points: list[str], schedule: str) -> dic
         for rows, tokens, seed in ((8, 12, 1), (6, 7, 2)):
             inputs, labels = batch(rows, tokens, seed)
             expected, grads = reference(plain, inputs, labels)
+            expected = float(expected)
             loss = pipe.step(inputs if first else None, labels if last else None)
             loss_gap = max(loss_gap, abs(float(loss) - expected))
             for param in pipe.parameters():
