@@ -14,9 +14,10 @@ Modes: ``"pipesched"`` (this rank of a :class:`pipesched.distributed.Distributed
 over the same model: pipesched's multi-process runtime), ``"pipelining"``
 (``torch.distributed.pipelining``: this rank's stage
 of the model under ``Schedule1F1B`` or ``ScheduleGPipe``, loss on the last
-stage, gradients scaled by 1/m so they equal the whole batch's mean loss) and
+stage, gradients scaled by 1/m so they equal the whole batch's mean loss),
 ``"ddp"`` (``DistributedDataParallel`` over the full model, each rank on its
-share of the batch). ``spec["sys_path"]``, when given, goes first on ``sys.path``
+share of the batch) and ``"hf-pipelining"`` (:mod:`benchmarks.hf_peer`: a Hugging Face
+model traced by torch's ``pipeline()``, whose gradients are keyed by rank and name). ``spec["sys_path"]``, when given, goes first on ``sys.path``
 (so ``"pipesched"`` mode can run another version of the package for an A/B). Any exception is replied as ``("error", rank, traceback)``.
 """
 
@@ -110,16 +111,21 @@ def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any,
             world_size=world,
             timeout=datetime.timedelta(seconds=float(spec.get("timeout", 120))),
         )
-        workload = Workload(**spec["workload"])
-        if spec["mode"] == "pipelining":
-            runner: Any = _Pipelining(workload, spec.get("schedule", "1f1b"), list(spec["balance"]), rank, world)
+        if spec["mode"] == "hf-pipelining":  # benchmark 16: a Hugging Face model, traced by torch
+            from benchmarks.hf_peer import TorchPipeliningHF
+            from benchmarks.hf_workload import HFWorkload
+
+            runner: Any = TorchPipeliningHF(HFWorkload(**spec["workload"]), rank, world)
+        elif spec["mode"] == "pipelining":
+            runner = _Pipelining(Workload(**spec["workload"]), spec.get("schedule", "1f1b"), list(spec["balance"]), rank, world)
         elif spec["mode"] == "pipesched":
-            runner = _Pipesched(workload, spec.get("schedule", "1f1b"), list(spec["balance"]))
+            runner = _Pipesched(Workload(**spec["workload"]), spec.get("schedule", "1f1b"), list(spec["balance"]))
         elif spec["mode"] == "ddp":
-            runner = _DataParallel(workload, rank, world)
+            runner = _DataParallel(Workload(**spec["workload"]), rank, world)
         else:
             raise ValueError(f"unknown peer mode {spec['mode']!r}")
-        results.put(("ready", rank, {"threads": torch.get_num_threads()}))
+        results.put(("ready", rank, {"threads": torch.get_num_threads(),
+                                     "build_seconds": getattr(runner, "build_seconds", None)}))
         while True:
             command, argument = commands.get()
             if command == "stop":
@@ -134,7 +140,7 @@ def serve(rank: int, world: int, port: int, spec: dict[str, Any], commands: Any,
                 results.put(("ok", rank, (time.perf_counter() - start, cpu)))
             elif command == "grads":
                 runner.step()
-                grads = {
+                grads = runner.grads() if hasattr(runner, "grads") else {
                     name: p.grad.detach().numpy().copy()
                     for name, p in runner.model.named_parameters()
                     if p.grad is not None

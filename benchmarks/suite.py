@@ -34,6 +34,8 @@ BENCHMARKS = {
     "auto": "benchmarks.bench_auto",
     "tune": "benchmarks.bench_tune",
     "distributed": "benchmarks.bench_distributed",
+    "hf_pipelining": "benchmarks.bench_hf_pipelining",
+    "plan_scale": "benchmarks.bench_plan_scale",
 }
 
 

@@ -64,3 +64,16 @@ def one_process_group():
         yield
     finally:
         dist.destroy_process_group()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.slow`` tests (several process launches, long matrices) run only with ``PIPESCHED_SLOW=1``:
+    the README's ``pytest -q`` is CI's command and stays under ten minutes on two cores."""
+    import os
+
+    if os.environ.get("PIPESCHED_SLOW"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with PIPESCHED_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

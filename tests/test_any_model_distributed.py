@@ -17,6 +17,9 @@ from test_distributed import run_world
 
 pytest.importorskip("transformers")
 
+#: two processes trace and probe nine models (minutes on a loaded 2-core machine): PIPESCHED_SLOW=1
+pytestmark = pytest.mark.slow
+
 TOLERANCE = 1e-12
 
 

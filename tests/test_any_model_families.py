@@ -77,6 +77,7 @@ def assert_exact_on_microbatches(model: nn.Module, pipe: Pipeline, left: bool = 
         model.zero_grad()
 
 
+@pytest.mark.slow  # a trace and two steps per family: run with PIPESCHED_SLOW=1
 @pytest.mark.parametrize("name", ["gemma2", "cohere", "phi3", "gemma3"])
 def test_more_families_exact(name):
     model = family(name)
@@ -91,6 +92,7 @@ def test_more_families_exact(name):
             assert float(logits.abs().max()) < 2.0
 
 
+@pytest.mark.slow  # a trace and two steps per case: run with PIPESCHED_SLOW=1
 @pytest.mark.parametrize("name,attention,left", [("llama", "sdpa", False), ("llama", "sdpa", True),
                                                 ("llama", "eager", False), ("gpt2", "sdpa", True)])
 def test_attention_kernels_with_either_padding(name, attention, left):

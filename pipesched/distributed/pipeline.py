@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from pipesched.distributed.agreement import agree_on_options, policy_name
 from pipesched.distributed.clock import measure_clock_offset
 from pipesched.distributed.comm import Communicator
+from pipesched.distributed.dp_deadline import bounded_dp_mesh
 from pipesched.distributed.errors import PeerLost, RemoteStepError
 from pipesched.distributed.mesh_parallel import MeshReplicas, refuse_under_mesh, split_mesh
 from pipesched.distributed.grad_norm import clip_grad_norm_across
@@ -222,7 +223,8 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         self._replicas, self._mesh = None, None
         if dp_mesh is not None:
             shape = tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items()))
-            self._mesh = MeshReplicas(dp_mesh, data_parallel, own, (self.rank, tuple(self.placement), shape))
+            self._mesh = MeshReplicas(bounded_dp_mesh(dp_mesh, options.stall_timeout), data_parallel, own,
+                                      (self.rank, tuple(self.placement), shape))
         if data_parallel_group is not None:
             stages = (self.rank, self.num_stages, tuple(self.placement),
                       tuple((s, sum(p.numel() for p in m.parameters())) for s, m in sorted(own.items())))
@@ -278,7 +280,7 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         if self._mesh is not None:
             if scaler is not None:
                 raise NotImplementedError("scaler= is not supported with a mesh that has a 'dp' dimension yet")
-            self._mesh.unshard()  # first, on every replica: a collective no failure may skip
+            self._unshard_mesh()  # first, on every replica: a collective no failure may skip
         try:
             statuses, effects, ctx, split, comm = self._train(inputs, targets, scaler)
         except BaseException:
@@ -338,7 +340,7 @@ class DistributedPipeline(StepFrame, ModelKeyedState, PipelineModule):
         if self._broken is not None:
             raise RuntimeError(f"this pipeline is unusable after {self._broken}; restart the job")
         if self._mesh is not None:
-            self._mesh.unshard()  # first, on every replica
+            self._unshard_mesh()  # first, on every replica
             try:
                 return self._forward(inputs)
             finally:

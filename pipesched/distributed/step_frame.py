@@ -79,6 +79,15 @@ class StepFrame:
             lambda: self._mesh.reduce(last["normaliser"], loss, ctx),  # type: ignore[attr-defined]
             effects, "a data-parallel replica (mesh['dp'])")
 
+    def _unshard_mesh(self) -> None:
+        """FSDP's all-gather over ``mesh["dp"]`` that opens a mesh step; a replica gone (or silent for
+        ``stall_timeout``, :mod:`~pipesched.distributed.dp_deadline`) marks the pipeline unusable."""
+        try:
+            self._mesh.unshard()  # type: ignore[attr-defined]
+        except RuntimeError as error:
+            raise self._lose(PeerLost(f"a data-parallel replica (mesh['dp']) is gone (start-of-step "
+                                      f"all-gather failed: {error})")) from error
+
     def _across_replicas(self, reduce: Callable[[], float], effects: StepEffects, who: str) -> float:
         """Run the replicas' exchange ``reduce``; a replica's failure rolls this step back, and a lost
         process marks the pipeline unusable."""

@@ -20,7 +20,7 @@ name kept for older imports (it *is* :func:`pipesched.plan.lowering.dependencies
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 Kind = Literal["F", "B", "W"]
@@ -31,34 +31,64 @@ KINDS: tuple[str, ...] = ("F", "B", "W")
 Plan = list[list["Action"]]
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Action:
+class _HashSlot:
+    """Where an :class:`Action` keeps its hash once asked for it (a slot, not a dataclass field)."""
+
+    __slots__ = ("_hash",)
+
+
+@dataclass(frozen=True, slots=True, order=True, init=False)
+class Action(_HashSlot):
     """Forward (``"F"``), backward (``"B"``) or weight gradient (``"W"``) of ``stage`` on ``microbatch``."""
 
     kind: Kind
     stage: int
     microbatch: int
-    # Plans are walked through dicts keyed by action (replay, validation, tuning, the
-    # runtime), so the hash is computed once. It depends on the process's string-hash
-    # seed, hence __reduce__: a pickled action is rebuilt, and rehashed, where it lands.
-    _hash: int = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"Action kind must be one of {KINDS}, got {self.kind!r}")
-        for name, value in (("stage", self.stage), ("microbatch", self.microbatch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Action {name} must be an int >= 0, got {value!r}")
-        object.__setattr__(self, "_hash", hash((self.kind, self.stage, self.microbatch)))
+    def __init__(self, kind: Kind, stage: int, microbatch: int) -> None:
+        # A plan at cluster scale holds millions of actions, so the common case (an exact
+        # int, a known kind) is one test, and the fields are set through the slots'
+        # descriptors rather than the frozen class's refusing __setattr__.
+        if not (kind in _KIND_SET and type(stage) is int and type(microbatch) is int
+                and stage >= 0 and microbatch >= 0):
+            _check_fields(kind, stage, microbatch)
+        _set_kind(self, kind)
+        _set_stage(self, stage)
+        _set_microbatch(self, microbatch)
 
     def __hash__(self) -> int:
-        return self._hash
+        # Plans are walked through dicts keyed by action (replay, validation, tuning, the
+        # runtime), so the hash is computed once, when first asked for (many actions of a
+        # large plan never are). It depends on the process's string-hash seed, hence
+        # __reduce__: a pickled action is rebuilt, and rehashed, where it lands.
+        try:
+            return self._hash
+        except AttributeError:
+            value = hash((self.kind, self.stage, self.microbatch))
+            _set_hash(self, value)
+            return value
 
     def __reduce__(self) -> tuple[Any, tuple[str, int, int]]:
         return (Action, (self.kind, self.stage, self.microbatch))
 
     def __str__(self) -> str:
         return f"{self.kind}{self.stage}.{self.microbatch}"
+
+
+_KIND_SET = frozenset(KINDS)
+_set_kind = Action.kind.__set__  # type: ignore[attr-defined]
+_set_stage = Action.stage.__set__  # type: ignore[attr-defined]
+_set_microbatch = Action.microbatch.__set__  # type: ignore[attr-defined]
+_set_hash = _HashSlot._hash.__set__  # type: ignore[attr-defined]
+
+
+def _check_fields(kind: object, stage: object, microbatch: object) -> None:
+    """The slow path of ``Action(...)``: raise the error that names a bad field (int subclasses pass)."""
+    if kind not in KINDS:
+        raise ValueError(f"Action kind must be one of {KINDS}, got {kind!r}")
+    for name, value in (("stage", stage), ("microbatch", microbatch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"Action {name} must be an int >= 0, got {value!r}")
 
 
 def split_backwards(actions: Any) -> set[tuple[int, int]]:

@@ -33,10 +33,10 @@ import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from pipesched.plan.action import Action, Plan, split_backwards
+from pipesched.plan.action import Action, Plan
 from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.lowering import inputs_of
-from pipesched.plan.replay import replay
+from pipesched.plan.ready_queue import ReadyQueue
 from pipesched.plan.simulate import peak_inflight, simulate
 
 __all__ = ["check_tuning", "fastest", "list_schedule", "span_bound", "tune_order", "unit_costs"]
@@ -102,16 +102,27 @@ def list_schedule(
     costs = unit_costs(num_stages) if costs is None else costs
     cost = as_cost_function(costs, {(s, m) for s in range(num_stages) for m in range(num_microbatches)})
     forward_key = forward_priority or (lambda a: (a.microbatch, -a.stage))
+    # actions by number ((stage * m + micro-batch) * 3 + kind), state in lists: no hashing per step
     actions, consumers, inputs = _split_graph(num_stages, num_microbatches)
-    rank_of = {a: placement[a.stage] for a in actions}
-    duration = {a: cost(a) for a in actions}
-    waiting = dict(inputs)
-    arrival: dict[Action, float] = {a: 0.0 for a in actions}
-    # released[r]: actions of rank r whose inputs are all scheduled -> when the last one arrives
-    released: list[dict[Action, float]] = [{} for _ in range(num_ranks)]
-    for a in actions:
-        if waiting[a] == 0:
-            released[rank_of[a]][a] = 0.0
+    rank_of = [placement[a.stage] for a in actions]
+    if actions and (isinstance(costs, Mapping) or callable(costs)):  # priced by (kind, stage): ask once a class
+        prices = [[cost(actions[stage * num_microbatches * 3 + k]) for k in range(3)] for stage in range(num_stages)]
+        duration = [price for stage in prices for _ in range(num_microbatches) for price in stage]
+    else:
+        duration = [cost(a) for a in actions]
+    waiting = list(inputs)
+    arrival = [0.0] * len(actions)
+
+    def number(action: Action) -> int:
+        return (action.stage * num_microbatches + action.microbatch) * 3 + _KIND_NUMBER[action.kind]
+
+    # ready[r]: actions of rank r whose inputs are all scheduled, by when the last one arrives and by kind
+    ready = [ReadyQueue((s for s in range(num_stages) if placement[s] == r), forward_key) for r in range(num_ranks)]
+    releases = 0
+    for i, a in enumerate(actions):
+        if waiting[i] == 0:
+            ready[rank_of[i]].release(a, 0.0, releases)
+            releases += 1
     free_at = [0.0] * num_ranks
     inflight = [0.0] * num_ranks
     # with reserve: what each rank has promised to micro-batches it admitted (held, or still to come)
@@ -124,11 +135,12 @@ def list_schedule(
     left = len(actions)
 
     def run(rank: int, action: Action, start: float) -> None:
-        nonlocal left
-        end = start + duration[action]
+        nonlocal left, releases
+        me = number(action)
+        end = start + duration[me]
         free_at[rank] = end
         order[rank].append(action)
-        del released[rank][action]
+        ready[rank].take(action)
         left -= 1
         if action.kind == "F":
             inflight[rank] += weight[action.stage]
@@ -140,13 +152,21 @@ def list_schedule(
         if action.kind != "W":
             last_kind[rank] = action.kind
         heapq.heappush(wakeups, (end, rank))
-        for consumer in consumers[action]:
+        for consumer in consumers[me]:
             target = rank_of[consumer]
             arrival[consumer] = max(arrival[consumer], end + (comm if target != rank else 0.0))
             waiting[consumer] -= 1
             if waiting[consumer] == 0:
-                released[target][consumer] = arrival[consumer]
+                ready[target].release(actions[consumer], arrival[consumer], releases)
+                releases += 1
                 heapq.heappush(wakeups, (arrival[consumer], target))
+
+    def admits(rank: int) -> Callable[[int], bool]:
+        """Whether the rank's memory limit lets a forward of a stage start now."""
+        cap = limits[rank] * (1 + 1e-9)
+        if reserve:
+            return lambda stage: stage != entry[rank] or committed[rank] + whole[rank] <= cap
+        return lambda stage: inflight[rank] + weight[stage] <= cap
 
     while left:
         if not wakeups:
@@ -157,65 +177,54 @@ def list_schedule(
         now, rank = heapq.heappop(wakeups)
         if free_at[rank] > now:
             continue
-        forwards, backwards, weights, upcoming, blocked = [], [], [], math.inf, False
-        for a, t in released[rank].items():
-            if t > now:
-                if a.kind != "W":
-                    upcoming = min(upcoming, t)
-            elif a.kind == "B":
-                backwards.append(a)
-            elif a.kind == "W":
-                weights.append(a)
-            elif (inflight[rank] + weight[a.stage] <= limits[rank] * (1 + 1e-9)) if not reserve else (
-                a.stage != entry[rank] or committed[rank] + whole[rank] <= limits[rank] * (1 + 1e-9)
-            ):
-                forwards.append(a)
-            else:
-                blocked = True  # a ready forward that memory holds back
+        queue = ready[rank]
+        queue.advance(now)
+        forward, blocked = queue.forward(admits(rank))
+        backward = queue.backward()
         choice: Action | None = None
-        if forwards and backwards:
+        if forward is not None and backward is not None:
             pick_forward = prefer == "forward" or (prefer == "alternate" and last_kind[rank] != "F")
-            choice = min(forwards, key=forward_key) if pick_forward else min(backwards, key=_backward_key)
-        elif backwards:
-            choice = min(backwards, key=_backward_key)
-        elif forwards:
-            choice = min(forwards, key=forward_key)
-        elif weights:
-            w = min(weights, key=lambda a: (arrival[a], a.microbatch, -a.stage))
-            at_limit = blocked or inflight[rank] >= limits[rank]
-            if fill_short_gaps or at_limit or upcoming >= now + duration[w]:
-                choice = w
+            choice = forward if pick_forward else backward
+        elif backward is not None or forward is not None:
+            choice = backward if backward is not None else forward
+        else:
+            w = queue.weight()
+            if w is not None:
+                at_limit = blocked or inflight[rank] >= limits[rank]
+                if fill_short_gaps or at_limit or queue.upcoming() >= now + duration[number(w)]:
+                    choice = w
         if choice is not None:
             run(rank, choice, now)
     return order
 
 
+_KIND_NUMBER = {"F": 0, "B": 1, "W": 2}
+
+
 @functools.lru_cache(maxsize=16)
 def _split_graph(
     num_stages: int, num_microbatches: int
-) -> tuple[tuple[Action, ...], dict[Action, tuple[Action, ...]], dict[Action, int]]:
+) -> tuple[tuple[Action, ...], tuple[tuple[int, ...], ...], tuple[int, ...]]:
     """Every action of a step with every backward split, who consumes each, and how many inputs each has.
 
-    The same for every call with the same shape, and the costly part of a
-    list schedule's set-up, so searches that try many rules share it.
+    Actions are numbered ``(stage * num_microbatches + microbatch) * 3 + kind``
+    (F, B, W = 0, 1, 2); consumers are given by number. The same for every
+    call with the same shape, and the costly part of a list schedule's
+    set-up, so searches that try many rules share it.
     """
     actions = tuple(
         Action(kind, stage, mb)  # type: ignore[arg-type]
         for stage in range(num_stages) for mb in range(num_microbatches) for kind in "FBW"
     )
-    consumers: dict[Action, list[Action]] = {a: [] for a in actions}
-    inputs: dict[Action, int] = {}
-    for a in actions:
+    index = {a: i for i, a in enumerate(actions)}
+    consumers: list[list[int]] = [[] for _ in actions]
+    inputs = []
+    for i, a in enumerate(actions):
         edges = inputs_of(a, num_stages)
-        inputs[a] = len(edges)
+        inputs.append(len(edges))
         for edge in edges:
-            consumers[edge.producer].append(a)
-    return actions, {a: tuple(c) for a, c in consumers.items()}, inputs
-
-
-def _backward_key(action: Action) -> tuple[int, int]:
-    """Earliest micro-batch first, then the latest stage (the longest backward chain still ahead)."""
-    return (action.microbatch, -action.stage)
+            consumers[index[edge.producer]].append(i)
+    return actions, tuple(map(tuple, consumers)), tuple(inputs)
 
 
 def fastest(candidates: Sequence[Plan], num_stages: int, costs: Costs, comm: float = 0.0) -> Plan:
@@ -244,7 +253,22 @@ def span_bound(plan: Sequence[Sequence[Action]], num_stages: int, costs: Costs, 
     what lets a schedule tell an order that can still improve from one that
     cannot (1F1B under F = B is at this bound; so are ZB-H1 and ZB-V with
     F = B = W and enough micro-batches).
+
+    Computed on arrays (:func:`pipesched.plan.fast_bound.span_bound_fast`, the
+    same number); this walk through dicts answers where that one declines.
     """
+    from pipesched.plan.fast_bound import span_bound_fast  # numpy loads with the first bound
+    from pipesched.plan.plan_arrays import NotFast
+
+    try:
+        return span_bound_fast(plan, num_stages, costs, comm)
+    except NotFast:
+        return span_bound_reference(plan, num_stages, costs, comm)
+
+
+def span_bound_reference(plan: Sequence[Sequence[Action]], num_stages: int, costs: Costs,
+                         comm: float = 0.0) -> float:
+    """:func:`span_bound` action by action through dicts: the yardstick of the array version."""
     actions = [a for row in plan for a in row]
     rank_of = {a: r for r, row in enumerate(plan) for a in row}
     cost = as_cost_function(costs, {(a.stage, a.microbatch) for a in actions if a.kind == "W"})
@@ -298,8 +322,7 @@ def tune_order(
     """
     num_stages = len(placement)
     costs = unit_costs(num_stages) if costs is None else costs
-    cost = as_cost_function(costs, split_backwards(a for row in handmade for a in row))
-    makespan = replay(handmade, num_stages, cost, comm).makespan
+    makespan = simulate(handmade, costs, comm=comm, num_stages=num_stages).makespan
     if makespan <= span_bound(handmade, num_stages, costs, comm) * (1 + 1e-9):
         return handmade
     limits = [peak_inflight(row) for row in handmade]

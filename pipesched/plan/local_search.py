@@ -149,6 +149,8 @@ def improve(
     hold at once; ``None`` means no bound. ``budget`` bounds the work in
     action-visits (each replay costs the plan's action count).
     """
+    if 2 * max(1, sum(len(row) for row in plan)) > budget:
+        return plan, 0  # the first replay and one trial would overspend: no move can be tried
     graph = PlanGraph(plan, num_stages, cost, comm)
     orders = graph.orders(plan)
     n = max(1, len(graph.actions))

@@ -1,8 +1,10 @@
 """Replay a plan on its dependency graph: the one dependency model of the code base.
 
-Plan validation (deadlock detection) and the simulator both call :func:`replay`,
+Plan validation (deadlock detection) and the simulator both rest on :func:`replay`,
 so "what waits for what" is decided in exactly one place
 (:func:`pipesched.plan.lowering.inputs_of` plus "a rank runs its list in order").
+By default they run its array version, :mod:`pipesched.plan.fast_replay`, which
+gives the same times and the same :class:`Deadlock` and is tested against this one.
 
 The graph has one node per action and two kinds of edges: the previous action
 on the same rank, and the data dependencies. A topological walk (Kahn's

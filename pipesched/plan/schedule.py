@@ -34,6 +34,7 @@ __all__ = [
     "require_one_stage_per_rank",
     "require_v_shape",
     "v_shape_placement",
+    "validate_actions_reference",
     "validate_placement",
     "validate_plan",
 ]
@@ -109,10 +110,11 @@ def one_forward_one_backward(
     they only decide the two orders and the warm-up depth.
     """
     warmup = max(0, min(warmup, len(forwards)))
-    order = list(forwards[:warmup])
-    for i in range(len(forwards) - warmup):
-        order += [forwards[warmup + i], backwards[i]]
-    return order + list(backwards[len(forwards) - warmup :])
+    pairs = len(forwards) - warmup
+    steady: list[Action] = [None] * (2 * pairs)  # type: ignore[list-item]
+    steady[0::2] = forwards[warmup:]  # by slices: a plan at cluster scale has millions of actions
+    steady[1::2] = backwards[:pairs]
+    return list(forwards[:warmup]) + steady + list(backwards[pairs:])
 
 
 def defer_weight_passes(order: Sequence[Action], delay: int) -> list[Action]:
@@ -262,6 +264,9 @@ def validate_plan(
     cannot run W); ``kinds="F"`` checks a forward-only plan. ``skips``: the
     model's skip connections (:class:`~pipesched.plan.lowering.SkipEdge`),
     whose edges join the deadlock check.
+
+    The checks run on arrays (:mod:`pipesched.plan.fast_simulate`); a plan that
+    fails one is walked by :func:`validate_actions_reference`, which words the error.
     """
     placement = validate_placement(placement, num_stages, num_ranks)
     skips = check_skips(skips, num_stages)
@@ -272,6 +277,27 @@ def validate_plan(
     if isinstance(plan, (str, bytes)) or not isinstance(plan, Sequence) or len(plan) != num_ranks:
         got = len(plan) if isinstance(plan, Sequence) else type(plan).__name__
         raise ValueError(f"a plan must hold one action list per rank ({num_ranks}), got {got}")
+    from pipesched.plan.fast_simulate import validate_plan_fast  # numpy loads with the first check
+    from pipesched.plan.plan_arrays import NotFast
+
+    try:
+        return validate_plan_fast(plan, num_stages, num_microbatches, placement, kinds, skips)
+    except NotFast:  # some check fails: the reference walk names the first offending action
+        return validate_actions_reference(plan, num_stages, num_microbatches, placement, kinds, skips)
+
+
+def validate_actions_reference(
+    plan: Sequence[Sequence[Action]],
+    num_stages: int,
+    num_microbatches: int,
+    placement: Sequence[int],
+    kinds: str,
+    skips: Sequence[SkipEdge],
+) -> Plan:
+    """:func:`validate_plan`'s per-action checks one by one, then replay.
+
+    The yardstick of the array checks, and what words every error.
+    """
     checked: Plan = []
     seen: dict[Action, int] = {}
     for rank, actions in enumerate(plan):

@@ -5,11 +5,13 @@ anything runs (``pipesched schedule show``), and after a run it replays the same
 plan on the *measured* task durations, which separates what the schedule leaves
 idle from what the runtime adds on top (see :mod:`pipesched.observe.timeline`).
 
-It is deliberately thin: :func:`pipesched.plan.replay.replay` is the one dependency
-model of the code base (the plan validator uses it for deadlock detection), and
-:func:`simulate` only turns a cost description into a per-action cost, calls it,
-and summarises. Everything is one pass over the actions, so it is linear in the
-number of tasks.
+The dependency model is :func:`pipesched.plan.replay.replay`'s, the one of the
+code base. :func:`simulate` runs it on numpy columns
+(:mod:`pipesched.plan.fast_simulate`), which answers exactly what the reference,
+:func:`simulate_reference` (a walk through dicts, about 25 µs an action), answers,
+in a few passes over the plan: plans of millions of actions simulate in seconds.
+Where the plan or the costs are at fault the reference runs and names the
+problem.
 
 Costs come as a callable ``(kind, stage) -> seconds``, a mapping keyed by
 ``(kind, stage)`` or measured task records; :mod:`pipesched.plan.costs` says
@@ -47,6 +49,7 @@ __all__ = [
     "lower_bound",
     "peak_inflight",
     "simulate",
+    "simulate_reference",
 ]
 
 
@@ -76,7 +79,11 @@ class SimResult:
       activations). A split backward holds its micro-batch until its W.
     * ``critical_path``: the chain of actions, first to last, each of which could
       not start earlier because of the one before it; its costs (plus ``comm`` on
-      every rank change) add up to the makespan.
+      every rank change) add up to the makespan. It ends at the first action, in
+      plan order (rank 0's list first), of those that end last.
+    * ``start``, ``end``, ``rank_of``: read-only mappings keyed by action (in plan
+      order; equal to dicts with the same items), looked up on demand, since a
+      plan can hold millions of actions.
     """
 
     makespan: float
@@ -88,14 +95,38 @@ class SimResult:
     overall_bubble_over_ideal: float
     peak_inflight: list[int]
     critical_path: list[Action]
-    start: dict[Action, float]
-    end: dict[Action, float]
-    rank_of: dict[Action, int]
+    start: Mapping[Action, float]
+    end: Mapping[Action, float]
+    rank_of: Mapping[Action, int]
     num_stages: int
 
     @property
     def num_ranks(self) -> int:
         return len(self.busy)
+
+    @classmethod
+    def summarise(
+        cls, makespan: float, busy: list[float], peak_inflight: list[int], critical_path: list[Action],
+        start: Mapping[Action, float], end: Mapping[Action, float], rank_of: Mapping[Action, int], num_stages: int,
+    ) -> SimResult:
+        """The result of a run that took ``makespan`` with ``busy`` seconds per rank: idle time and bubbles derived."""
+        idle = [max(0.0, makespan - b) for b in busy]
+        total_busy, total_idle = math.fsum(busy), math.fsum(idle)
+        return cls(
+            makespan=makespan,
+            busy=busy,
+            idle=idle,
+            bubble_over_total=[ratio(i, makespan) for i in idle],
+            bubble_over_ideal=[ratio(i, b) for i, b in zip(idle, busy)],
+            overall_bubble_over_total=ratio(total_idle, makespan * len(busy)),
+            overall_bubble_over_ideal=ratio(total_idle, total_busy),
+            peak_inflight=peak_inflight,
+            critical_path=critical_path,
+            start=start,
+            end=end,
+            rank_of=rank_of,
+            num_stages=num_stages,
+        )
 
     def records(self) -> list[TaskRecord]:
         """The simulated run as task records, ordered by start time.
@@ -170,6 +201,34 @@ def simulate(
     Raises:
         ValueError: a malformed plan, a bad cost, or :class:`IncompletePlan`;
             :class:`pipesched.Deadlock` (a ``ValueError``) when the plan deadlocks.
+
+    A mapping or a callable is read once per ``(kind, stage)`` (and split or
+    whole backward), as its contract allows; measured records per action.
+    """
+    if not isinstance(costs, Mapping) and not callable(costs) and isinstance(costs, Iterable) \
+            and not isinstance(costs, (str, bytes)):
+        costs = list(costs)  # records may come as a generator: read them once, for either path
+    from pipesched.plan.fast_simulate import simulate_fast  # numpy loads with the first simulation
+    from pipesched.plan.plan_arrays import NotFast
+
+    try:
+        return simulate_fast(plan, costs, comm, num_stages, skips)
+    except NotFast:  # the plan or the costs are at fault: the reference says how
+        return simulate_reference(plan, costs, comm, num_stages, skips)
+
+
+def simulate_reference(
+    plan: Sequence[Sequence[Action]],
+    costs: Costs,
+    comm: float = 0.0,
+    num_stages: int | None = None,
+    skips: Sequence[SkipEdge] = (),
+) -> SimResult:
+    """:func:`simulate` through :func:`~pipesched.plan.replay.replay`, action by action through dicts.
+
+    The yardstick the array-based simulator (:mod:`pipesched.plan.fast_simulate`)
+    is tested against, and what names the problem when a plan or its costs
+    are at fault. About 25 µs an action.
     """
     rows, num_stages = _check_plan(plan, num_stages)
     skips = check_skips(skips, num_stages)
@@ -178,19 +237,11 @@ def simulate(
     result = replay(rows, num_stages, cost, comm, skips)
     makespan = result.makespan
 
-    busy = [math.fsum(result.end[a] - result.start[a] for a in row) for row in rows]
-    idle = [max(0.0, makespan - b) for b in busy]
-    total_busy, total_idle = math.fsum(busy), math.fsum(idle)
-    return SimResult(
+    return SimResult.summarise(
         makespan=makespan,
-        busy=busy,
-        idle=idle,
-        bubble_over_total=[_ratio(i, makespan) for i in idle],
-        bubble_over_ideal=[_ratio(i, b) for i, b in zip(idle, busy)],
-        overall_bubble_over_total=_ratio(total_idle, makespan * len(rows)),
-        overall_bubble_over_ideal=_ratio(total_idle, total_busy),
+        busy=[math.fsum(result.end[a] - result.start[a] for a in row) for row in rows],
         peak_inflight=[peak_inflight(row) for row in rows],
-        critical_path=_critical_path(result.order, result.end, result.critical),
+        critical_path=_critical_path(rows, result.end, result.critical),
         start=result.start,
         end=result.end,
         rank_of=result.rank_of,
@@ -313,11 +364,12 @@ def _check_plan(plan: Sequence[Sequence[Action]], num_stages: int | None) -> tup
 
 
 def _critical_path(
-    order: Sequence[Action], end: Mapping[Action, float], critical: Mapping[Action, Action | None]
+    rows: Plan, end: Mapping[Action, float], critical: Mapping[Action, Action | None]
 ) -> list[Action]:
+    order = [a for row in rows for a in row]
     if not order:
         return []
-    last = max(order, key=end.__getitem__)
+    last = max(order, key=end.__getitem__)  # the first to end last, in plan order
     path: list[Action] = []
     node: Action | None = last
     while node is not None:
@@ -327,7 +379,8 @@ def _critical_path(
     return path
 
 
-def _ratio(numerator: float, denominator: float) -> float:
+def ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``; 0 over 0 is 0, anything else over 0 is ``inf``."""
     if denominator > 0.0:
         return numerator / denominator
     return 0.0 if numerator <= 0.0 else math.inf

@@ -42,7 +42,7 @@ from typing import Any, Union
 from pipesched.plan.action import Action, Plan, split_backwards
 from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.greedy import list_schedule, span_bound
-from pipesched.plan.local_search import PlanGraph, improve, peak_held
+from pipesched.plan.local_search import improve, peak_held
 from pipesched.plan.schedule import validate_plan
 from pipesched.plan.simulate import peak_inflight, simulate
 
@@ -184,26 +184,12 @@ def synthesise(
     def fits(peaks: Sequence[float]) -> bool:
         return caps is None or all(h <= c * (1 + 1e-9) for h, c in zip(peaks, caps))
 
-    graphs: dict[frozenset[tuple[int, int]], PlanGraph | None] = {}
-
     def makespan_of(plan: Plan) -> float | None:
-        """The plan's simulated makespan (replayed on a graph shared by plans of the same actions)."""
-        split = frozenset(split_backwards(a for row in plan for a in row))
-        if split not in graphs:
-            try:
-                cost = as_cost_function(costs, split)
-                graphs[split] = PlanGraph(plan, num_stages, cost, comm)
-                [cost(a) for a in graphs[split].actions]  # noqa: B018 (check every cost once)
-            except (ValueError, KeyError):  # the costs cannot price it (a split plan without W costs)
-                graphs[split] = None
-        graph = graphs[split]
-        if graph is None:
-            return None
+        """The plan's simulated makespan; ``None`` when the costs cannot price it (a split plan without W costs)."""
         try:
-            run = graph.run(graph.orders(plan))
-        except KeyError:  # an action set that differs from the graph's (not a full plan)
+            return simulate(plan, costs, comm=comm, num_stages=num_stages).makespan
+        except ValueError:  # unpriceable, or not a full plan of these actions (a deadlock cannot come from a seed)
             return None
-        return None if run is None else max(run[1], default=0.0)
 
     best: tuple[tuple[float, float, float, int], Plan, str, list[float]] | None = None
     baseline: tuple[str, float] | None = None

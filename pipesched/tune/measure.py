@@ -249,7 +249,12 @@ def _forward(layer: nn.Module, leaves: tuple[Tensor, ...], loss: Any, single: bo
 
 
 def _tensors(result: Any) -> tuple[Tensor, ...]:
-    return (result,) if isinstance(result, Tensor) else as_tensors(tuple(result), "a layer's output")
+    if isinstance(result, Tensor):
+        return (result,)
+    if isinstance(result, (tuple, list)):
+        return as_tensors(tuple(result), "a layer's output")
+    # a traced model's last block (pipesched.tune.units): the model's own output, a mapping or ModelOutput
+    return tuple(v for v in torch.utils._pytree.tree_leaves(result) if isinstance(v, Tensor))
 
 
 class _Clock:

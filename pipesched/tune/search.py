@@ -27,7 +27,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ from pipesched.tune.costs import Profile
 from pipesched.tune.measure import Progress, _profile, progress_reporter
 from pipesched.tune.predict import predict
 from pipesched.tune.report import format_bytes, format_table
+from pipesched.tune.units import block_units
 
 __all__ = ["Candidate", "TuneResult", "measured_peak_bytes", "tune"]
 
@@ -116,8 +117,8 @@ class TuneResult:
 
 
 def tune(
-    module: nn.Sequential,
-    inputs: Tensor | tuple[Tensor, ...],
+    module: nn.Module,
+    inputs: Tensor | tuple[Tensor, ...] | Mapping[str, Tensor],
     targets: Any,
     loss_fn: Callable[[Any, Any], Tensor],
     *,
@@ -134,8 +135,11 @@ def tune(
     """Search schedule × chunks × checkpoint × balance for ``module`` on ``devices``; see the module docstring.
 
     Args:
-        module: the ``nn.Sequential`` to pipeline; not modified (measurements run on copies).
-        inputs, targets, loss_fn: one batch of the size you will train with, and the loss.
+        module: the ``nn.Sequential`` to pipeline, or any model ``Pipeline`` traces and cuts (a
+            Hugging Face LLM), whose layers are then the blocks of its block list, as ``balance=``
+            counts them (:mod:`pipesched.tune.units`); not modified (measurements run on copies).
+        inputs, targets, loss_fn: one batch of the size you will train with, and the loss (a
+            traced model's inputs: a dict of keyword tensors).
         devices: one device per rank, or a rank count (CUDA devices round-robin, else CPU ranks).
         memory_budget: bytes per rank (activations + parameters + gradients, see
             :mod:`pipesched.tune.predict`); ``None``: no limit.
@@ -153,25 +157,24 @@ def tune(
         ValueError: bad arguments, no candidate the schedules accept, or none within
             ``memory_budget`` (the message names the smallest predicted peak).
     """
-    if not isinstance(module, nn.Sequential) or len(module) == 0:
-        raise TypeError(f"module must be a non-empty nn.Sequential, got {type(module).__name__}")
-    tensors = as_tensors(inputs, "inputs")
+    layers, layer_inputs = _layers(module, inputs)
+    tensors = as_tensors(layer_inputs, "inputs")
     rows = batch_size(tensors, "inputs")
     ranks = _devices(devices)
     budget = _budget(memory_budget)
-    names = _schedules(schedules, len(ranks), len(module))
+    names = _schedules(schedules, len(ranks), len(layers))
     counts = _chunks(chunks, rows)
     policies = _policies(checkpoint)
     if isinstance(measure, bool) or not isinstance(measure, int) or measure < 0:
         raise ValueError(f"measure must be an int >= 0 (candidates to run for real), got {measure!r}")
-    profiles = _given_profiles(profile, len(module))
+    profiles = _given_profiles(profile, len(layers))
     device_names = [str(d) for d in ranks]
 
     needed = sorted({size for m in counts for size in split_sizes(rows, m)} - set(profiles))
     say = progress_reporter(progress, total=len(needed), what="tune: profile")
     for size in needed:
-        micro = _rows(inputs, size)
-        profiles[size] = _profile(module, micro, _rows(targets, size), loss_fn, device=ranks[0],
+        micro = _rows(layer_inputs, size)
+        profiles[size] = _profile(layers, micro, _rows(targets, size), loss_fn, device=ranks[0],
                                   repeat=repeat, timeout=None, progress=None)
         say(f"micro-batch of {size} rows")
     say(None)
@@ -223,6 +226,18 @@ def tune(
     return result
 
 
+def _layers(module: nn.Module, inputs: Any) -> tuple[nn.Sequential, Any]:
+    """What is profiled and balanced: an ``nn.Sequential``'s layers, or a traced model's blocks."""
+    if isinstance(module, nn.Sequential):
+        if len(module) == 0:
+            raise TypeError("module is an empty nn.Sequential; give it at least one layer")
+        return module, inputs
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module (an nn.Sequential, or a model Pipeline traces), "
+                        f"got {type(module).__name__}")
+    return block_units(module, inputs)
+
+
 def _rank_key(c: Candidate) -> tuple[Any, ...]:
     """Fitting first; measured first, by measured time; the rest by predicted time; then fewer chunks."""
     measured = c.measured_step_s is not None
@@ -230,7 +245,7 @@ def _rank_key(c: Candidate) -> tuple[Any, ...]:
     return (not c.fits, not measured, time_key, c.chunks, POLICIES.index(c.checkpoint), c.schedule)
 
 
-def _measure(result: TuneResult, module: nn.Sequential, inputs: Any, targets: Any, loss_fn: Any, k: int,
+def _measure(result: TuneResult, module: nn.Module, inputs: Any, targets: Any, loss_fn: Any, k: int,
              progress: Progress, steps: int = 3) -> None:
     """Run the ``k`` best fitting candidates for real; record median step time and measured peak bytes."""
     chosen = [c for c in result.candidates if c.fits][:k]
@@ -351,9 +366,11 @@ def _given_profiles(profile: Any, layers: int) -> dict[int, Profile]:
 
 
 def _rows(value: Any, rows: int) -> Any:
-    """The first ``rows`` rows of a batch (a Tensor or a tuple/list of them); anything else as is."""
+    """The first ``rows`` rows of a batch (a Tensor, a tuple/list or a dict of them); anything else as is."""
     if isinstance(value, Tensor):
         return value[:rows]
+    if isinstance(value, Mapping):
+        return {k: _rows(v, rows) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return type(value)(_rows(v, rows) for v in value)
     return value
