@@ -27,8 +27,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_world(world: int, names: list[str], directory: Path, entry=None) -> list[dict]:
-    """Run ``entry`` (default: dist_scenarios.entry) in ``world`` processes; each rank's verdicts."""
+def run_world(world: int, names: list[str], directory: Path, entry=None, deadline: float = DEADLINE) -> list[dict]:
+    """Run ``entry`` (default: dist_scenarios.entry) in ``world`` processes; each rank's verdicts
+    (a hang past ``deadline`` seconds fails)."""
     context = multiprocessing.get_context("spawn")
     port = free_port()
     processes = [
@@ -37,12 +38,12 @@ def run_world(world: int, names: list[str], directory: Path, entry=None) -> list
     ]
     for process in processes:
         process.start()
-    deadline = time.monotonic() + DEADLINE
+    limit, deadline = deadline, time.monotonic() + deadline
     try:
         for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
         hung = [rank for rank, p in enumerate(processes) if p.is_alive()]
-        assert not hung, f"ranks {hung} did not finish within {DEADLINE:.0f}s (hang)"
+        assert not hung, f"ranks {hung} did not finish within {limit:.0f}s (hang)"
     finally:
         for process in processes:
             if process.is_alive():

@@ -28,8 +28,9 @@ from torch import Tensor
 
 from pipesched.distributed.errors import PeerLost
 from pipesched.distributed.inbound import shape_checksum
-from pipesched.runtime.microbatch import as_tensors, batch_size
+from pipesched.runtime.microbatch import batch_size, batch_tensors
 from pipesched.runtime.remote_error import RemoteStepError
+from pipesched.runtime.structure import TUPLE, Structure
 
 
 def policy_name(checkpoint: Any) -> str:
@@ -69,11 +70,13 @@ def agree_on_options(values: dict[str, Any] | None, error: BaseException | None,
 
 
 def agree_on_batch(inputs: Any, local_error: BaseException | None, *, first: int, rank: int, group: Any,
-                   source: int, lose: Callable[[PeerLost], PeerLost]
-                   ) -> tuple[tuple[Tensor, ...], int, int, BaseException | None]:
+                   source: int, lose: Callable[[PeerLost], PeerLost], check: Callable[[Any], None] | None = None
+                   ) -> tuple[tuple[Tensor, ...], Structure, int, int, BaseException | None]:
     """Every rank learns the batch's rows and shape checksum from stage 0's rank (``first``, global
-    rank ``source``); returns stage 0's tensors (empty elsewhere), the rows, the checksum, and
-    ``local_error`` unchanged or set by stage 0's refusal of the inputs.
+    rank ``source``); returns stage 0's tensors (empty elsewhere) and their structure (a tuple, a
+    Tensor, or a mapping of keyword tensors), the rows, the checksum, and ``local_error`` unchanged
+    or set by stage 0's refusal of the inputs. ``check(inputs)`` runs on stage 0's rank first (a
+    traced model's check of keys, dtypes and sizes); what it raises is a refusal too.
 
     One broadcast of three integers (status, rows, a checksum of the
     inputs' dtypes and trailing shapes that keys the message specs); a
@@ -82,13 +85,16 @@ def agree_on_batch(inputs: Any, local_error: BaseException | None, *, first: int
     """
     announced = torch.zeros(3, dtype=torch.int64)  # status (0 ok, 1 refused), rows, shape checksum
     tensors: tuple[Tensor, ...] = ()
+    structure = TUPLE
     refusal = ""
     if rank == first:
         try:
-            tensors = as_tensors(inputs, "inputs")
+            if check is not None:
+                check(inputs)
+            tensors, structure = batch_tensors(inputs)
             announced[1] = batch_size(tensors, "inputs")
             announced[2] = shape_checksum(tensors)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, RuntimeError) as error:
             local_error = error
             announced[0] = 1
             refusal = f"{type(error).__name__}: {error}"
@@ -103,7 +109,7 @@ def agree_on_batch(inputs: Any, local_error: BaseException | None, *, first: int
         if rank == first:
             raise local_error  # type: ignore[misc]
         raise RemoteStepError(f"rank {first} (stage 0) refused the inputs: {message[0]}")
-    return tensors, int(announced[1]), int(announced[2]), local_error
+    return tensors, structure, int(announced[1]), int(announced[2]), local_error
 
 
 __all__ = ["agree_on_batch", "agree_on_options", "policy_name"]

@@ -18,7 +18,8 @@ from torch import nn
 
 from pipesched.distributed.agreement import agree_on_options, policy_name
 from pipesched.distributed.mesh_parallel import refuse_under_mesh
-from pipesched.distributed.ownership import StageLayout, stage_layout
+from pipesched.distributed.ownership import StageLayout
+from pipesched.distributed.traced import TracedModel, model_layout
 from pipesched.runtime.data_parallel import check_data_parallel_group
 from pipesched.runtime.host_buffer import refuse_sparse_gradients
 from pipesched.runtime.options import check_flag
@@ -27,16 +28,20 @@ from pipesched.runtime.runner import StepOptions
 
 @dataclass(frozen=True)
 class Arguments:
-    """What every rank agreed on: the step options, the stage layout, whether to gather timelines."""
+    """What every rank agreed on: the step options, the stage layout, whether to gather timelines,
+    and the traced model when ``module`` is not an ``nn.Sequential`` (``None`` otherwise)."""
 
     options: StepOptions
     layout: StageLayout
     gather_timeline: bool
+    traced: TracedModel | None = None
 
 
 def agreed_arguments(module: Any, *, balance: Sequence[int] | None, num_stages: int | None,
                      data_parallel_group: Any, dp_mesh: Any, data_parallel: str, gather_timeline: Any,
-                     rank: int, num_ranks: int, group: Any, **step_options: Any) -> Arguments:
+                     rank: int, num_ranks: int, group: Any, split_points: Sequence[str] | None = None,
+                     forward_kwargs: Mapping[str, Any] | None = None, example_inputs: Mapping[str, Any] | None = None,
+                     **step_options: Any) -> Arguments:
     """Check this rank's arguments and compare them across the ranks of ``group`` (collective).
 
     ``step_options``: the keyword arguments of :meth:`StepOptions.check <pipesched.runtime.runner.StepOptions.check>`.
@@ -53,10 +58,14 @@ def agreed_arguments(module: Any, *, balance: Sequence[int] | None, num_stages: 
             refuse_under_mesh(step_options["deferred_batch_norm"])
         options = StepOptions.check(**step_options)
         flag = check_flag("gather_timeline", gather_timeline)
-        layout = stage_layout(module, balance, num_stages, options.schedule, rank, num_ranks)
-        checked = Arguments(options, layout, flag)
+        layout, traced = model_layout(module, balance, num_stages, options.schedule, rank, num_ranks,
+                                      split_points=split_points, forward_kwargs=forward_kwargs,
+                                      example_inputs=example_inputs,
+                                      deferred_batch_norm=step_options["deferred_batch_norm"])
+        checked = Arguments(options, layout, flag, traced)
         values = {"schedule": options.schedule.name, "chunks": options.chunks, "balance": layout.balance,
                   "num_stages": layout.num_stages, "placement": layout.placement,
+                  "split_points": traced.split_points if traced else None,
                   "checkpoint": policy_name(options.checkpoint),
                   "deferred_batch_norm": step_options["deferred_batch_norm"],
                   "gather_timeline": flag, "data_parallel_group": data_parallel_group is not None,

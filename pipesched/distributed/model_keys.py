@@ -24,6 +24,7 @@ class ModelKeyedState(nn.Module):
     _layer_stage: dict[str, int]
     _foreign_layers: frozenset[str]
     local_stages: nn.ModuleDict
+    _traced: Any  # a traced model's TracedModel (pipesched.distributed.traced), whose view holds its keys
 
     def _owned_layers(self) -> nn.Sequential:
         """This rank's layers under their names in the full model (a view; nothing is copied)."""
@@ -38,8 +39,12 @@ class ModelKeyedState(nn.Module):
         Built from a full ``nn.Sequential``: the entries of the layers this
         rank owns, keyed as in ``model.state_dict()``, so the parts of all
         ranks together are the model's state dict. Built from a dict of
-        stages: the default ``local_stages.<stage>.…`` keys.
+        stages: the default ``local_stages.<stage>.…`` keys. A traced model: the
+        entries of ``model.state_dict()`` whose tensors this rank's stages hold.
         """
+        if self._traced is not None:
+            return self._traced.view.module.state_dict(*args, destination=destination, prefix=prefix,
+                                                       keep_vars=keep_vars)
         if not self._layer_stage:
             return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         return self._owned_layers().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
@@ -51,6 +56,12 @@ class ModelKeyedState(nn.Module):
         key of this rank's layers must be present and no key may name
         something the model does not have, as for ``model.load_state_dict``.
         """
+        if self._traced is not None:
+            if assign:
+                raise ValueError("assign=True would put new tensors in place of the model's own, which this "
+                                 "rank's traced stages hold: load with assign=False (copies into them)")
+            view = self._traced.view
+            return view.module.load_state_dict(view.without_foreign(state_dict), strict=strict, assign=assign)
         if not self._layer_stage:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         return self._owned_layers().load_state_dict(

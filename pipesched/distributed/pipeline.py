@@ -78,9 +78,15 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
             are summed across those ranks after each backward, see
             :mod:`pipesched.distributed.tied`), or a
             dict ``{stage_index: module}`` holding exactly the stages the
-            schedule places on this rank (then ``num_stages`` is required).
-        balance: layers per stage, with a full ``nn.Sequential``; default: the
-            schedule's stage count for the world size, split evenly.
+            schedule places on this rank (then ``num_stages`` is required),
+            or any other ``nn.Module`` (a Hugging Face causal LM), traced and
+            cut as :class:`~pipesched.Pipeline` cuts it, every rank keeping
+            its own stages (see :mod:`pipesched.distributed.traced`).
+        split_points, forward_kwargs, example_inputs: for a model that is not
+            an ``nn.Sequential``, as for :class:`~pipesched.Pipeline`.
+        balance: layers per stage, with a full ``nn.Sequential`` (blocks per
+            stage for a traced model); default: the schedule's stage count
+            for the world size, split evenly.
         num_stages: total number of stages, with a dict of stages.
         schedule, chunks, checkpoint, loss_fn, loss_normalizer, deferred_batch_norm, stall_timeout, log_tasks, activation_meter: as for
             :class:`~pipesched.Pipeline` (``loss_fn`` and ``loss_normalizer``
@@ -114,8 +120,11 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
 
     def __init__(
         self,
-        module: nn.Sequential | Mapping[int, nn.Module],
+        module: nn.Module | Mapping[int, nn.Module],
         *,
+        split_points: Sequence[str] | None = None,
+        forward_kwargs: Mapping[str, Any] | None = None,
+        example_inputs: Mapping[str, Tensor] | None = None,
         balance: Sequence[int] | None = None,
         num_stages: int | None = None,
         schedule: str | Schedule = "gpipe",
@@ -151,7 +160,9 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
             num_ranks=self.num_ranks, group=group, schedule=schedule, chunks=chunks, checkpoint=checkpoint,
             loss_fn=loss_fn, loss_normalizer=loss_normalizer, deferred_batch_norm=deferred_batch_norm,
             stall_timeout=stall_timeout, log_tasks=log_tasks, activation_meter=activation_meter,
+            split_points=split_points, forward_kwargs=forward_kwargs, example_inputs=example_inputs,
         )  # raises on every rank if any rank refused its arguments or any differ
+        traced = checked.traced
         options, layout, self.gather_timeline = checked.options, checked.layout, checked.gather_timeline
         self.balance = list(layout.balance)  # layers per stage, the same on every rank (as Pipeline.balance)
         self.chunks = options.chunks
@@ -161,7 +172,10 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
         self.loss_normalizer = options.loss_normalizer
         self.device = resolve_device(device)
 
-        ownership = own_stages(module, layout, self.rank, group, self._global)
+        ownership = (traced.own(layout, self.rank, group, self._global, self.device) if traced
+                     else own_stages(module, layout, self.rank, group, self._global))
+        self._traced = traced  # a plain object: its model is not registered as this module's submodule
+        self._input_check = traced.check_inputs if traced else None
         self.num_stages, self.placement = ownership.num_stages, ownership.placement
         self._skips, self._tied = ownership.skips, ownership.tied
         self._layer_stage, self._foreign_layers = ownership.layer_stage, ownership.foreign_layers

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch.distributed as dist
-from torch import Tensor
 
 from pipesched.distributed.agreement import agree_on_batch
 from pipesched.distributed.clock import shift_comm, shifted
@@ -58,6 +57,7 @@ class StepFrame:
     clock_offset: float
     _broken: str | None
     _steps: int
+    _input_check: Callable[[Any], None] | None  # a traced model's check of stage 0's inputs
 
     def _global(self, rank: int) -> int:
         """Rank ``rank`` of the pipeline's group as a rank of the world (what collectives name)."""
@@ -117,10 +117,10 @@ class StepFrame:
         """Every rank learns the batch size and shape from stage 0's rank, which also splits the inputs
         (:func:`~pipesched.distributed.agreement.agree_on_batch`)."""
         first = self.placement[0]
-        tensors, rows, checksum, local_error = agree_on_batch(
+        tensors, structure, rows, checksum, local_error = agree_on_batch(
             inputs, local_error, first=first, rank=self.rank, group=self.group, source=self._global(first),
-            lose=self._lose)
-        split = self._runner.split_rows(tensors, rows, isinstance(inputs, Tensor))
+            lose=self._lose, check=self._input_check)
+        split = self._runner.split_rows(tensors, rows, False, structure)
         return split, [(size, checksum) for size in split.sizes], local_error
 
     def _step_inputs(self, split: SplitBatch, targets: Any, local_error: BaseException | None

@@ -8,8 +8,9 @@ receiver can post in advance, sized from the spec it keeps:
 * **spec** (a header of :data:`HEADER_SLOTS` int64s, :func:`encode` /
   :func:`decode`): how many tensors, their dtypes and shapes, how they fit
   together (a bare Tensor, a tuple, or a mapping, see
-  :mod:`pipesched.runtime.structure`; a mapping's keys and type name follow
-  as one more part, UTF-8 JSON whose length the header gives), or that the
+  :mod:`pipesched.runtime.structure`; a mapping's keys and type name, and
+  the places of a tuple's or mapping's ``None`` entries, which send no bytes,
+  follow as one more part, UTF-8 JSON whose length the header gives), or that the
   message is an *error*: the producing rank failed, and a UTF-8
   description follows instead of tensors.
 * **payload** (:func:`pack` / :func:`unpack`): a 16-byte status prefix,
@@ -96,23 +97,27 @@ class Header:
 
     def structure(self, description: Tensor | None = None) -> Structure:
         """The structure of the tensors; a mapping's comes from its received ``description``."""
-        if self.kind != "mapping":
+        if description is None:
             return TENSOR if self.kind == "tensor" else TUPLE
-        assert description is not None
         fields = json.loads(bytes(description.tolist()).decode("utf-8"))
-        return Structure("mapping", tuple(fields["keys"]), mapping_type_named(fields["type"]))
+        absent = tuple(fields.get("absent", ()))
+        if self.kind != "mapping":
+            return Structure(self.kind, absent=absent)  # a tuple with None entries
+        return Structure("mapping", tuple(fields["keys"]), mapping_type_named(fields["type"]), absent)
 
 
 def encode(values: tuple[Tensor | None, ...], structure: Structure) -> tuple[Tensor, Tensor | None]:
     """The header announcing ``values`` (``None`` entries are absent gradients), and for a
-    mapping the description (UTF-8 JSON of its keys and type name) sent after the tensors."""
+    mapping, or a structure with ``None`` entries, the description (UTF-8 JSON of its keys, type
+    name and absent places) sent after the tensors."""
     if len(values) > MAX_TENSORS:
         raise ValueError(f"a stage boundary carries {len(values)} tensors; at most {MAX_TENSORS} are supported")
     header = torch.zeros(HEADER_SLOTS, dtype=torch.int64)
     header[0], header[1], header[2] = OK, _KINDS.index(structure.kind), len(values)
     description = None
-    if structure.kind == "mapping":
-        text = json.dumps({"keys": list(structure.keys), "type": structure.type_name})
+    if structure.kind == "mapping" or structure.absent:
+        text = json.dumps({"keys": list(structure.keys), "type": structure.type_name,
+                           "absent": list(structure.absent)})
         description = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).clone()
         header[3] = description.numel()
     for i, value in enumerate(values):

@@ -8,10 +8,12 @@ row is ever dropped and no micro-batch is ever empty.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from pipesched.runtime.structure import TENSOR, TUPLE, Structure, flatten
 
 Batch = Tensor | tuple[Tensor, ...]
 
@@ -29,6 +31,20 @@ def as_tensors(value: object, name: str) -> tuple[Tensor, ...]:
                 )
         return tuple(value)
     raise TypeError(f"{name} must be a Tensor or a non-empty tuple of Tensors, got {type(value).__name__}")
+
+
+def batch_tensors(inputs: object) -> tuple[tuple[Tensor, ...], Structure]:
+    """A batch's tensors and the structure a micro-batch of them is handed to stage 0 in: a Tensor, a
+    tuple of Tensors, or a mapping of keyword names to batch-first Tensors (a traced model's
+    ``forward(**inputs)``), which stays a mapping per micro-batch."""
+    if isinstance(inputs, Mapping):
+        if not inputs or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in inputs.items()):
+            found = {k: type(v).__name__ for k, v in inputs.items()}
+            raise TypeError(f"inputs is a {type(inputs).__name__} with {found}; a dict of inputs must map "
+                            f"keyword names (str) to batch-first Tensors")
+        return flatten(inputs, "inputs")
+    tensors = as_tensors(inputs, "inputs")
+    return tensors, TENSOR if isinstance(inputs, Tensor) else TUPLE
 
 
 def batch_size(tensors: Sequence[Tensor], name: str) -> int:

@@ -52,7 +52,7 @@ from pipesched.runtime.loss_normalizer import (
     weights_of,
 )
 from pipesched.runtime.mailbox import Mailbox
-from pipesched.runtime.microbatch import as_tensors, batch_size, scatter, split_sizes
+from pipesched.runtime.microbatch import as_tensors, batch_size, batch_tensors, scatter, split_sizes
 from pipesched.runtime.options import check_chunks, check_flag, check_loss_fn, check_stall_timeout, resolve_schedule
 from pipesched.runtime.orchestrator import Orchestrator
 from pipesched.runtime.rng import RandomStreams
@@ -60,7 +60,7 @@ from pipesched.runtime.skip.layout import SkipLayout
 from pipesched.runtime.skip.portal import StepSkips
 from pipesched.runtime.step_effects import StepEffects
 from pipesched.runtime.tied import TiedWeights
-from pipesched.runtime.structure import TENSOR, TUPLE, Structure, flatten
+from pipesched.runtime.structure import TENSOR, TUPLE, Structure
 from pipesched.runtime.tasks import (
     Boundary,
     PipelineLayout,
@@ -187,15 +187,8 @@ class StepRunner:
     def split_inputs(self, inputs: Any) -> SplitBatch:
         """``inputs`` (a Tensor, a tuple of them, or a mapping of keyword names to batch-first
         Tensors) as ``chunks`` near-equal micro-batches; a mapping stays a mapping per micro-batch."""
-        if isinstance(inputs, Mapping):
-            if not inputs or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in inputs.items()):
-                found = {k: type(v).__name__ for k, v in inputs.items()}
-                raise TypeError(f"inputs is a {type(inputs).__name__} with {found}; a dict of inputs must map "
-                                f"keyword names (str) to batch-first Tensors")
-            tensors, structure = flatten(inputs, "inputs")
-            return self.split_rows(tensors, batch_size(tensors, "inputs"), False, structure)
-        tensors = as_tensors(inputs, "inputs")
-        return self.split_rows(tensors, batch_size(tensors, "inputs"), isinstance(inputs, Tensor))
+        tensors, structure = batch_tensors(inputs)
+        return self.split_rows(tensors, batch_size(tensors, "inputs"), False, structure)
 
     def split_rows(self, tensors: tuple[Tensor, ...], rows: int, single: bool,
                    structure: Structure | None = None) -> SplitBatch:

@@ -11,6 +11,13 @@ produced it: a Tensor, a non-empty tuple of Tensors, or a non-empty mapping of
 A mapping keeps its keys, in order, and its type when ``type(m)(dict)``
 rebuilds it with the same keys (``dict``, ``OrderedDict`` and their
 subclasses, ``ModelOutput``); otherwise it comes back as a plain ``dict``.
+
+``None`` entries of a tuple or mapping (a Hugging Face layer's empty
+attention-weights slot, a model output's absent field) are allowed beside at
+least one Tensor: they are no tensors, so the transport, the wire and
+autograd never see them, and the structure records where they were
+(``absent``), so the receiver gets ``None`` back at the same place, never a
+silently shifted tuple nor a tensor it did not send.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from typing import Any
 
 from torch import Tensor
 
-ALLOWED = "a Tensor, a non-empty tuple of Tensors or a non-empty mapping of str to Tensors"
+ALLOWED = ("a Tensor, a non-empty tuple of Tensors or a non-empty mapping of str to Tensors "
+           "(None entries allowed beside at least one Tensor)")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,8 @@ class Structure:
     kind: str
     keys: tuple[str, ...] = ()
     mapping_type: type = dict
+    #: positions (among the tuple's entries or the mapping's keys) that hold ``None``, not a tensor
+    absent: tuple[int, ...] = ()
 
     @property
     def type_name(self) -> str:
@@ -51,11 +61,13 @@ def flatten(value: object, what: str) -> tuple[tuple[Tensor, ...], Structure]:
     """``value``'s tensors and structure, or a ``TypeError`` that starts with ``what``."""
     if isinstance(value, Tensor):
         return (value,), TENSOR
-    if isinstance(value, tuple) and value and all(isinstance(v, Tensor) for v in value):
-        return value, TUPLE
-    if (isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value)
-            and all(isinstance(v, Tensor) for v in value.values())):
-        return tuple(value.values()), Structure("mapping", tuple(value), type(value))
+    if isinstance(value, tuple) and _entries_fit(value):
+        if all(isinstance(v, Tensor) for v in value):
+            return value, TUPLE
+        return _present(value), Structure("tuple", absent=_absent(value))
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value) and _entries_fit(value.values()):
+        entries = tuple(value.values())
+        return _present(entries), Structure("mapping", tuple(value), type(value), _absent(entries))
     if isinstance(value, tuple):
         detail = f" with {[type(v).__name__ for v in value]}"
     elif isinstance(value, Mapping):
@@ -65,10 +77,29 @@ def flatten(value: object, what: str) -> tuple[tuple[Tensor, ...], Structure]:
     raise TypeError(f"{what} returned {type(value).__name__}{detail}; it must return {ALLOWED}")
 
 
+def _entries_fit(entries: Any) -> bool:
+    entries = tuple(entries)
+    return (any(isinstance(v, Tensor) for v in entries)
+            and all(v is None or isinstance(v, Tensor) for v in entries))
+
+
+def _present(entries: Sequence[Any]) -> tuple[Tensor, ...]:
+    return tuple(v for v in entries if v is not None)
+
+
+def _absent(entries: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(i for i, v in enumerate(entries) if v is None)
+
+
 def unflatten(tensors: Sequence[Any], structure: Structure) -> Any:
-    """The value ``flatten`` took apart, rebuilt around ``tensors`` (same count and order)."""
+    """The value ``flatten`` took apart, rebuilt around ``tensors`` (same count and order), with
+    ``None`` back where the structure records one."""
     if structure.kind == "tensor":
         return tensors[0]
+    if structure.absent:
+        given = iter(tensors)
+        count = len(tensors) + len(structure.absent)
+        tensors = [None if i in structure.absent else next(given) for i in range(count)]
     if structure.kind == "tuple":
         return tuple(tensors)
     return _rebuild(structure, dict(zip(structure.keys, tensors)))
