@@ -88,7 +88,7 @@ def test_zb_v_with_a_heavy_last_stage_was_slower_than_torchs_order(p, told):
     or last stage 1.5-4x, W half or twice B), ours never simulates slower than torch's ZBVZeroBubble order,
     whether built without costs (told=False: tuned for F = B = W) or with the very table it runs on."""
     stages = 2 * p
-    ms = range(1, 3 * p + 1) if p < 8 else (1, 4, 7, 8, 15, 16, 24)
+    ms = range(1, 3 * p + 1) if p < 8 else (7, 8, 15)  # p = 8: the shapes of the bug, and one past 2p - 1
     for m in ms:
         theirs = torch_plan("zb-v", p, m, 2)
         untold = None if told else get_schedule("zb-v").plan(stages, m, p)
