@@ -335,6 +335,8 @@ def tune_order(
         return fastest(candidates, num_stages, costs, comm)
     spans = [simulate(plan, costs, comm=comm, num_stages=num_stages).makespan for plan in candidates]
     shortest = [plan for plan, span in zip(candidates, spans) if span <= min(spans) * (1 + 1e-9)]
+    if len(shortest) == 1:
+        return shortest[0]
     # ties in jitter go to the earlier candidate (handmade first): min keeps the first of equal keys
     return min(shortest, key=lambda plan: round(jitter_makespan(plan, num_stages, costs, comm), 9))
 
