@@ -300,7 +300,7 @@ def tune_order(
     drew itself) hold no rank to more micro-batches in flight than
     ``handmade`` does, so tuning never costs memory. When ``handmade`` already
     meets :func:`span_bound` nothing can beat it and nothing else is tried,
-    unless ``prefer_slack``: then, among the orders of the shortest makespan,
+    unless ``prefer_slack`` and ``costs`` are given: then, among the orders of the shortest makespan,
     the one least sensitive to task-time jitter
     (:func:`pipesched.plan.robust.jitter_makespan`) wins.
 
@@ -317,7 +317,7 @@ def tune_order(
     cost = as_cost_function(costs, split_backwards(a for row in handmade for a in row))
     makespan = replay(handmade, num_stages, cost, comm).makespan
     on_bound = makespan <= span_bound(handmade, num_stages, costs, comm) * (1 + 1e-9)
-    if on_bound and not prefer_slack:
+    if on_bound and not (prefer_slack and told):  # untold, the drawn order stands at the bound (and fast)
         return handmade
     limits = [peak_inflight(row) for row in handmade]
     candidates = [handmade, *(plan for plan in alternatives
