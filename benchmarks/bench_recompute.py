@@ -76,7 +76,8 @@ from benchmarks.table import format_table
 from benchmarks.targets import Target
 from benchmarks.workloads import fresh_step, grad_difference, named_grads, zero_grad
 from pipesched import Pipeline, simulate
-from pipesched.plan.action import Action, dependencies
+from pipesched.plan.action import Action
+from pipesched.plan.lowering import dependencies
 
 NAME = "recompute"
 TITLE = "8. Recompute off the critical path: checkpoint always vs never on calibrated sleep stages (p=4, m=8)"

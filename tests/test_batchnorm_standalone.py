@@ -92,8 +92,8 @@ def test_convert_keeps_objects_sets_chunks_and_leaves_norms_without_running_stat
     assert type(DeferredBatchNorm.convert_deferred_batch_norm(untracked, chunks=CHUNKS)) is nn.BatchNorm2d
     norm = DeferredBatchNorm(3, chunks=CHUNKS)
     assert norm.chunks == CHUNKS
-    assert DeferredBatchNorm.convert_deferred_batch_norm(norm, chunks=CHUNKS + 1) is norm
-    assert norm.chunks == CHUNKS + 1
+    assert DeferredBatchNorm.convert_deferred_batch_norm(norm, chunks=CHUNKS) is norm
+    assert convert_deferred_batch_norm(norm) is norm  # chunks=None keeps it (the classmethod defaults to 1)
     model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
     assert convert_deferred_batch_norm(model, chunks=2) is model and model[1].chunks == 2
     assert convert_deferred_batch_norm(model)[1].chunks == 2  # None keeps it
@@ -101,6 +101,32 @@ def test_convert_keeps_objects_sets_chunks_and_leaves_norms_without_running_stat
         DeferredBatchNorm(3, chunks=0)
     with pytest.raises(ValueError, match=r"chunks = 2.0"):
         convert_deferred_batch_norm(model, chunks=2.0)
+
+
+def test_convert_deferred_batch_norm_returned_the_same_norm_for_another_chunks():
+    """torchgpipe: converting a deferred norm to another ``chunks`` gives a new norm and leaves the one passed
+    alone. The new one shares the parameters and running statistics (one optimizer trains both) and keeps
+    its own cadence: 2 forwards per update against the original's 3, each the whole of its forwards' batch."""
+    torch.manual_seed(0)
+    plain = nn.BatchNorm2d(3).double()
+    norm = DeferredBatchNorm.convert_deferred_batch_norm(copy.deepcopy(plain), chunks=3)
+    twin = DeferredBatchNorm.convert_deferred_batch_norm(norm, chunks=2)
+    assert twin is not norm and type(twin) is type(norm) and isinstance(twin, nn.BatchNorm2d)
+    assert (norm.chunks, twin.chunks) == (3, 2)
+    assert twin.weight is norm.weight and twin.bias is norm.bias and twin.running_mean is norm.running_mean
+    assert convert_deferred_batch_norm(norm, chunks=2) is not norm and norm.chunks == 3  # the function too
+    twin.register_buffer("extra", torch.zeros(1))
+    assert "extra" not in dict(norm.named_buffers())  # containers of its own
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, generator=g) * 3 + 1
+    twin(x[:2])
+    norm(x[:2])  # the original accumulates apart: one of its three
+    assert int(norm.num_batches_tracked) == 0
+    twin(x[2:])  # the twin's second: one update from all four rows
+    plain(x)
+    torch.testing.assert_close(twin.running_mean, plain.running_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(twin.running_var, plain.running_var, rtol=0, atol=1e-12)
+    assert int(norm.num_batches_tracked) == 1  # shared buffers, as torchgpipe's conversion shares them
 
 
 def test_pipeline_step_and_standalone_calls_do_not_mix():

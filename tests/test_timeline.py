@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipesched import Action, Pipeline, TaskRecord
-from pipesched.plan.action import dependencies
+from pipesched.plan.lowering import dependencies
 from pipesched.plan.simulate import simulate
 from pipesched.observe.timeline import Timeline, TimelineAnalysis, configure_jsonl_logging
 from pipesched.observe.export import STEP_TRACK, chrome_trace_steps

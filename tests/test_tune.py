@@ -139,6 +139,59 @@ def test_balance_by_time_per_rank_for_a_v_schedule():
     assert plain[0] == 1 and plain[3] > 1  # blind to the placement: rank 0 gets the head and a full quarter
 
 
+class Modes(list):
+    """A list of modes that a deep copy shares, so the profiler's copies of a layer write to it too."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ModeSpy(nn.Module):
+    """Records the mode of every forward it runs (the copy the profiler times included), in one shared list."""
+
+    def __init__(self, seen: Modes, fail: bool = False):
+        super().__init__()
+        self.seen, self.fail = seen, fail
+
+    def forward(self, x):
+        self.seen.append(self.training)
+        if self.fail:
+            raise RuntimeError("a layer that fails while profiled")
+        return x * 2
+
+
+def test_balance_by_time_profiled_a_model_left_in_eval_in_eval_mode():
+    """torchgpipe times layers in training mode whatever mode the model was left in, and gives the model
+    back in its own modes, part by part (here: in eval, but its second layer in training)."""
+    seen = Modes()
+    model = nn.Sequential(ModeSpy(seen), nn.Sequential(ModeSpy(seen), nn.Dropout(0.5))).eval()
+    model[1].train()
+    model[1][1].eval()
+    before = [m.training for m in model.modules()]
+    assert balance_by_time(2, model, torch.ones(2, 3), timeout=0.0, device="cpu") == [1, 1]
+    assert seen and all(seen), seen  # every profiled forward ran in training mode
+    assert [m.training for m in model.modules()] == before
+    seen.clear()
+    assert balance_by_size(2, model, torch.ones(2, 3), device="cpu") and seen and all(seen)
+    assert [m.training for m in model.modules()] == before
+    failing = nn.Sequential(ModeSpy(seen), ModeSpy(seen, fail=True)).eval()
+    with pytest.raises(RuntimeError, match="fails while profiled"):
+        balance_by_time(2, failing, torch.ones(2, 3), timeout=0.0, device="cpu")
+    assert not any(m.training for m in failing.modules())  # restored on the way out of an error too
+
+
+def test_balance_by_time_did_not_refuse_parameters_holding_gradients():
+    """torchgpipe's balance_by_time raises "some parameter already has gradient" (its profile_times); so do we,
+    naming the parameters and the fix. Cleared gradients (None) are fine."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model(torch.ones(2, 3)).sum().backward()
+    with pytest.raises(ValueError, match=r"some parameter already has gradient: module's '0.weight', '0.bias', "
+                                         r"'1.weight' and 1 more .* module.zero_grad\(set_to_none=True\)"):
+        balance_by_time(2, model, torch.ones(2, 3), timeout=0.0, device="cpu")
+    model.zero_grad(set_to_none=True)
+    assert balance_by_time(2, model, torch.ones(2, 3), timeout=0.0, device="cpu") == [1, 1]
+
+
 def test_balance_by_size_follows_parameters_and_activations():
     """torchgpipe's case: Linear layers of growing size; with param_scale large, the parameters decide
     (4 + 9 + 16 + 25 | 36 + 49 parameters is the optimal cut)."""

@@ -14,8 +14,9 @@ Zero-bubble schedules split backwards so that the W passes, which nobody waits
 for, can fill the pipeline's bubbles.
 
 What each action waits for is written once, in
-:func:`pipesched.plan.lowering.inputs_of`; ``dependencies`` here is that rule's
-name kept for older imports (it *is* :func:`pipesched.plan.lowering.dependencies`).
+:func:`pipesched.plan.lowering.inputs_of` (and :func:`pipesched.plan.lowering.dependencies`).
+This module sits below the lowering and imports nothing of the plan layer, so
+the layer's imports point one way: ``action`` < ``lowering`` < the rest.
 """
 
 from __future__ import annotations
@@ -95,12 +96,3 @@ def split_backwards(actions: Any) -> set[tuple[int, int]]:
     """The (stage, micro-batch) pairs whose backward ``actions`` splits (those with a W)."""
     return {(a.stage, a.microbatch) for a in actions if a.kind == "W"}
 
-
-def __getattr__(name: str) -> Any:
-    # ``dependencies`` used to be written here; it now lives with the other edges in
-    # lowering (which imports this module, hence the lazy lookup), one rule for all.
-    if name == "dependencies":
-        from pipesched.plan.lowering import dependencies
-
-        return dependencies
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

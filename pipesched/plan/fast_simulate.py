@@ -33,7 +33,7 @@ from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.fast_replay import replay_arrays
 from pipesched.plan.lowering import Skips, SkipEdge, check_skips
 from pipesched.plan.plan_arrays import ActionTable, NotFast, PlanArrays
-from pipesched.plan.simulate import SimResult
+from pipesched.plan.sim_result import SimResult
 
 __all__ = ["CheckedPlan", "action_durations", "simulate_fast", "validate_plan_fast"]
 

@@ -37,6 +37,7 @@ from pipesched.plan.action import Action, Plan
 from pipesched.plan.costs import Costs, as_cost_function, check_comm
 from pipesched.plan.lowering import inputs_of
 from pipesched.plan.ready_queue import ReadyQueue
+from pipesched.plan.robust import jitter_makespan, no_slower_anywhere, reference_costs
 from pipesched.plan.simulate import peak_inflight, simulate
 
 __all__ = ["check_tuning", "fastest", "list_schedule", "span_bound", "tune_order", "unit_costs"]
@@ -313,24 +314,63 @@ def tune_order(
     num_microbatches: int,
     costs: Costs | None = None,
     comm: float = 0.0,
+    *,
+    alternatives: Sequence[Plan] = (),
+    prefer_slack: bool = False,
 ) -> Plan:
-    """``handmade``, unless a list-scheduled order is strictly faster under ``costs`` and ``comm``.
+    """``handmade``, unless another order is strictly faster under ``costs`` and ``comm``.
 
-    The alternatives hold no rank to more micro-batches in flight than
+    The alternatives (list-scheduled orders, and ``alternatives`` the schedule
+    drew itself) hold no rank to more micro-batches in flight than
     ``handmade`` does, so tuning never costs memory. When ``handmade`` already
-    meets :func:`span_bound` nothing can beat it and nothing else is tried.
+    meets :func:`span_bound` nothing can beat it and nothing else is tried,
+    unless ``prefer_slack`` and ``costs`` are given: then, among the orders of the shortest makespan,
+    the one least sensitive to task-time jitter
+    (:func:`pipesched.plan.robust.jitter_makespan`) wins.
+
+    Without ``costs`` the order is tuned for F = B = W = 1, which the step
+    will not run on exactly; a tuned order then replaces ``handmade`` (the
+    papers' order, and torch's) only if it is no slower under every
+    :func:`pipesched.plan.robust.reference_costs` table either (heavy first or
+    last stage, W cheap or dear), so that not telling the costs never makes a
+    schedule slower than the hand-drawn order would be.
     """
     num_stages = len(placement)
+    told = costs is not None
     costs = unit_costs(num_stages) if costs is None else costs
     makespan = simulate(handmade, costs, comm=comm, num_stages=num_stages).makespan
-    if makespan <= span_bound(handmade, num_stages, costs, comm) * (1 + 1e-9):
+    on_bound = makespan <= span_bound(handmade, num_stages, costs, comm) * (1 + 1e-9)
+    if on_bound and not (prefer_slack and told):  # untold, the drawn order stands at the bound (and fast)
         return handmade
     limits = [peak_inflight(row) for row in handmade]
-    candidates = [handmade]
+    candidates = [handmade, *(plan for plan in alternatives
+                              if all(peak_inflight(row) <= limit for row, limit in zip(plan, limits)))]
+    candidates += _list_scheduled(placement, num_microbatches, limits, costs, comm)
+    if not told:
+        tables = reference_costs(costs, num_stages)
+        candidates = [plan for plan in candidates
+                      if plan is handmade or no_slower_anywhere(plan, handmade, num_stages, tables, comm)]
+        if len(candidates) == 1 and not on_bound:  # none robust: try orders built for the other costs
+            candidates += [plan for table in tables
+                           for plan in _list_scheduled(placement, num_microbatches, limits, table, comm)
+                           if no_slower_anywhere(plan, handmade, num_stages, tables, comm)]
+    if not prefer_slack:
+        return fastest(candidates, num_stages, costs, comm)
+    spans = [simulate(plan, costs, comm=comm, num_stages=num_stages).makespan for plan in candidates]
+    shortest = [plan for plan, span in zip(candidates, spans) if span <= min(spans) * (1 + 1e-9)]
+    if len(shortest) == 1:
+        return shortest[0]
+    # ties in jitter go to the earlier candidate (handmade first): min keeps the first of equal keys
+    return min(shortest, key=lambda plan: round(jitter_makespan(plan, num_stages, costs, comm), 9))
+
+
+def _list_scheduled(placement: Sequence[int], num_microbatches: int, limits: Sequence[int], costs: Costs,
+                    comm: float) -> list[Plan]:
+    """:func:`list_schedule`'s orders for ``costs``, filling short gaps and not; none where the limits starve it."""
+    found = []
     for fill in (True, False):
         try:
-            candidates.append(list_schedule(placement, num_microbatches, limits, costs, comm,
-                                            fill_short_gaps=fill))
+            found.append(list_schedule(placement, num_microbatches, limits, costs, comm, fill_short_gaps=fill))
         except ValueError:  # those limits starve this heuristic; the hand-drawn order stands
             continue
-    return fastest(candidates, num_stages, costs, comm)
+    return found

@@ -50,6 +50,7 @@ second time. :func:`frozen_running_stats` keeps a recompute from touching them.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -167,9 +168,16 @@ class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
         standalone update (default: keep a converted norm's, else 1). A norm
         with ``track_running_stats=False`` has nothing to defer and stays as
         it is. Returns ``module``.
+
+        One exception, torchgpipe's: ``module`` itself a ``DeferredBatchNorm``
+        asked for another ``chunks`` is left as it is and a new norm comes
+        back (:meth:`with_chunks`), so ``convert(norm, chunks=k)`` never
+        changes the cadence of a norm the caller still uses.
         """
         if chunks is not None:
             chunks = _check_chunks(chunks)
+        if isinstance(module, cls) and chunks is not None and chunks != module.chunks:
+            return module.with_chunks(chunks)
         for child in module.modules():
             if isinstance(child, cls):
                 if chunks is not None:
@@ -180,9 +188,28 @@ class DeferredBatchNorm(nn.modules.batchnorm._BatchNorm):
                 child._reset_accumulators()
         return module
 
+    def with_chunks(self, chunks: int) -> DeferredBatchNorm:
+        """A new norm of this class with its own ``chunks`` and nothing accumulated yet.
+
+        It shares this norm's parameters and running-statistics buffers (the
+        same tensors, as torchgpipe's conversion shares them), so an optimizer
+        built on this norm trains it too; its hooks are this norm's at the
+        time of the call. Its module containers are its own: registering on
+        one later does not touch the other.
+        """
+        chunks = _check_chunks(chunks)
+        twin = copy.copy(self)  # same class (a converted norm's made-up class too) and attributes
+        for name, value in vars(self).items():  # _parameters, _buffers, hooks, ...: containers of its own
+            if isinstance(value, (dict, set, list)):
+                twin.__dict__[name] = copy.copy(value)
+        twin.chunks = chunks
+        twin._reset_accumulators()
+        return twin
+
     @classmethod
     def convert_deferred_batch_norm(cls, module: nn.Module, chunks: int = 1) -> nn.Module:
-        """torchgpipe's spelling of :meth:`convert` (in place here; returns ``module``)."""
+        """torchgpipe's spelling of :meth:`convert` (in place here; returns ``module``, or a new norm
+        when ``module`` is a ``DeferredBatchNorm`` asked for another ``chunks``)."""
         return cls.convert(module, chunks)
 
 
@@ -276,5 +303,7 @@ def convert_deferred_batch_norm(module: nn.Module, chunks: int | None = None) ->
 
     ``chunks``: forwards per update when a norm is used outside a pipeline
     (see :class:`DeferredBatchNorm`); ``None`` keeps a converted norm's, else 1.
+    A ``DeferredBatchNorm`` passed itself with another ``chunks`` comes back as
+    a new norm sharing its parameters and statistics (torchgpipe's behaviour).
     """
     return DeferredBatchNorm.convert(module, chunks)

@@ -25,7 +25,9 @@ for interleaved 1F1B, V for ZB-V), :func:`pipesched.plan.balance.balance_ranks`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -89,13 +91,20 @@ def balance_by_time(
 
     Returns:
         Layers per stage, for ``Pipeline(..., balance=...)`` (or ``GPipe(module, balance)``).
+
+    As torchgpipe's, it refuses a module whose parameters already hold
+    gradients, and it times the layers in training mode even when the module
+    was left in ``eval()`` (the mode it will be trained in; dropout and batch
+    norm cost differently in the two), restoring every submodule's mode after.
     """
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout) or timeout < 0:
         raise ValueError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
     _check_layers(module, partitions)
+    _refuse_gradients(module)
     where = _default_device() if device is None else device
-    measured = _profile(module, sample, None, None, device=where, repeat=1,
-                        timeout=timeout / len(module), progress=None)
+    with training_mode(module):
+        measured = _profile(module, sample, None, None, device=where, repeat=1,
+                            timeout=timeout / len(module), progress=None)
     return balance_cost(measured.layer_costs(), partitions, schedule)
 
 
@@ -138,7 +147,8 @@ def balance_by_size(
     rows = -(-batch_size(tensors, "input") // chunks)
     micro = tensors[0][:rows] if isinstance(input, Tensor) else tuple(t[:rows] for t in tensors)
     where = _default_device() if device is None else device
-    measured = _profile(module, micro, None, None, device=where, repeat=1, timeout=None, progress=None)
+    with training_mode(module):  # what one micro-batch keeps alive in training, as torchgpipe measures it
+        measured = _profile(module, micro, None, None, device=where, repeat=1, timeout=None, progress=None)
     return balance_cost(size_costs(measured, param_scale), partitions, schedule)
 
 
@@ -151,6 +161,35 @@ def size_costs(measured: Profile, param_scale: float) -> list[float]:
             latent = layer.internal_bytes + layer.output_bytes
         costs.append(float(max(0, latent)) + param_scale * layer.parameter_bytes)
     return costs
+
+
+@contextlib.contextmanager
+def training_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in training mode for the block, then every submodule back in the mode it had.
+
+    Restored per submodule, not with one ``module.train(previous)``: a model
+    in training with one part frozen in ``eval()`` comes back exactly so.
+    """
+    modes = [(child, child.training) for child in module.modules()]
+    module.train()
+    try:
+        yield
+    finally:
+        for child, mode in modes:
+            child.training = mode
+
+
+def _refuse_gradients(module: nn.Module) -> None:
+    """torchgpipe's ``balance_by_time`` refuses parameters that hold gradients; so do we, naming them."""
+    holding = [name for name, param in module.named_parameters() if param.grad is not None]
+    if holding:
+        shown = ", ".join(repr(name) for name in holding[:3]) + (f" and {len(holding) - 3} more"
+                                                                  if len(holding) > 3 else "")
+        raise ValueError(
+            f"some parameter already has gradient: module's {shown} hold .grad from an earlier backward, "
+            "and balance_by_time profiles a model before training (as torchgpipe, it refuses one mid-step); "
+            "clear them first with module.zero_grad(set_to_none=True)"
+        )
 
 
 def _check_layers(module: Any, partitions: Any) -> None:
