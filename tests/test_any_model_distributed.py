@@ -17,8 +17,8 @@ from test_distributed import run_world
 
 pytest.importorskip("transformers")
 
-#: two processes trace and probe nine models (minutes on a loaded 2-core machine): PIPESCHED_SLOW=1
-pytestmark = pytest.mark.slow
+# One world of 2 processes tracing and probing nine models (about a minute on an idle 2-core machine,
+# minutes on a loaded one): not marked slow, so CI runs the traced DistributedPipeline path.
 
 TOLERANCE = 1e-12
 

@@ -30,7 +30,6 @@ def launch(node: int, port: int, out: Path) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-@pytest.mark.slow
 def test_two_torchrun_launchers_pp_across_nodes_fsdp_within_exact_steps(tmp_path):
     port = free_port()
     launchers = [launch(node, port, tmp_path) for node in (0, 1)]

@@ -47,7 +47,8 @@ CUSTOM = "class ForwardOrderGPipe(Schedule):"
 BALANCE = "from pipesched.balance import balance_by_time, balance_by_size"
 TUNE = "result = pipesched.tune(model, x, y, nn.CrossEntropyLoss()"
 RECOMPUTING = "class CountingLayer(nn.Module):"
-DISTRIBUTED = 'dist.init_process_group("gloo")'
+DISTRIBUTED = 'dist.init_process_group("gloo")                     # torchrun provides rank and world size'
+ANY_MODEL_DISTRIBUTED = "model = build_model()"
 JSONL = 'log = configure_jsonl_logging("run.jsonl")'
 PROFILER = "with torch.profiler.profile(experimental_config=_ExperimentalConfig(profile_all_threads=True))"
 ANY_MODEL = 'pipe = Pipeline(model, split_points=["model.layers.2"]'
@@ -72,6 +73,8 @@ SKIPPED = {
                 "pipesched's imports in test_torchgpipe_switch_after_half",
     DISTRIBUTED: "needs torchrun (one process per rank); DistributedPipeline runs are covered by "
                  "tests/test_distributed.py",
+    ANY_MODEL_DISTRIBUTED: "needs torchrun (one process per rank); DistributedPipeline on a traced model is "
+                           "covered by tests/test_any_model_distributed.py",
 }
 
 
@@ -163,7 +166,7 @@ def classification_batch(rows: int = 16, width: int = 8, classes: int = 4):
 
 def test_every_readme_block_is_covered():
     keys = [QUICK_START, TRAINING_STEP, SKIP_UNET, TORCHGPIPE, AUTO, CUSTOM, BALANCE, TUNE, RECOMPUTING, DISTRIBUTED,
-            JSONL, PROFILER, ANY_MODEL]
+            JSONL, PROFILER, ANY_MODEL, ANY_MODEL_DISTRIBUTED]
     for index, block in enumerate(python_blocks()):
         matching = [key for key in keys if key in block]
         assert len(matching) == 1, (
@@ -172,7 +175,8 @@ def test_every_readme_block_is_covered():
         )
 
 
-@pytest.mark.parametrize("key", [TORCHGPIPE, DISTRIBUTED], ids=["torchgpipe-before", "torchrun"])
+@pytest.mark.parametrize("key", [TORCHGPIPE, DISTRIBUTED, ANY_MODEL_DISTRIBUTED],
+                         ids=["torchgpipe-before", "torchrun", "torchrun-any-model"])
 def test_skipped_blocks_still_exist(key):
     readme_block(key)
     pytest.skip(SKIPPED[key])

@@ -164,7 +164,8 @@ class DistributedPipeline(TrainingStep, ModelKeyedState, PipelineModule):
         )  # raises on every rank if any rank refused its arguments or any differ
         traced = checked.traced
         options, layout, self.gather_timeline = checked.options, checked.layout, checked.gather_timeline
-        self.balance = list(layout.balance)  # layers per stage, the same on every rank (as Pipeline.balance)
+        # layers per stage, the same on every rank, as Pipeline.balance (None: built from this rank's own stages)
+        self.balance = None if layout.balance is None else list(layout.balance)
         self.chunks = options.chunks
         self._stall_timeout = options.stall_timeout
         self.schedule = options.schedule
