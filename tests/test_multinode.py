@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from test_distributed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
