@@ -1,4 +1,4 @@
-"""15. Planning at the scale of real clusters: plan, validate and simulate against the number of tasks; ``auto``.
+"""16. Planning at the scale of real clusters: plan, validate and simulate against the number of tasks; ``auto``.
 
 ``auto`` and ``tune`` run the simulator many times, and real clusters
 pipeline over 16-128 ranks with hundreds to thousands of micro-batches. For
@@ -41,7 +41,7 @@ from pipesched.plan.schedule import validate_actions_reference, validate_plan
 from pipesched.plan.simulate import simulate_reference
 
 NAME = "plan_scale"
-TITLE = "15. Planning at cluster scale: plan + validate + simulate seconds vs tasks, and auto at p=32 m=256"
+TITLE = "16. Planning at cluster scale: plan + validate + simulate seconds vs tasks, and auto at p=32 m=256"
 #: (schedule, options, stages per rank) timed at one size besides the 1F1B curve
 OTHERS = (("zb-h1", {}, 1), ("interleaved-1f1b", {"virtual_stages": 2}, 2), ("zb-v", {}, 2), ("dualpipe-v", {}, 2))
 
