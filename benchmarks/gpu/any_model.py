@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from benchmarks.gpu.budget import ItemBudget
 from benchmarks.gpu.env import Env
+from benchmarks.gpu.grads import distance
 from benchmarks.gpu.results import ItemResult, Results
 from pipesched import CausalLMLoss, Pipeline
 
@@ -151,17 +152,6 @@ def run_case(env: Env, model: nn.Module, prefix: str, case: Case, inputs: dict[s
             for p in model.parameters()]
 
 
-def _distance(got: list[Tensor], want: list[Tensor], relative: bool) -> tuple[float, int]:
-    worst, where = 0.0, -1
-    for index, (a, b) in enumerate(zip(got, want)):
-        diff = float((a.double() - b.double()).abs().max())
-        if relative:
-            diff /= max(float(b.double().abs().max()), 1e-30)
-        if diff > worst or where < 0:
-            worst, where = diff, index
-    return worst, where
-
-
 def run(env: Env, results: Results, budget: ItemBudget) -> ItemResult:
     item = results.add_item(NAME, TITLE, COLUMNS)
     name, model, prefix = build(env)
@@ -183,7 +173,7 @@ def run(env: Env, results: Results, budget: ItemBudget) -> ItemResult:
             continue
         estimate = max(1.0, 1.5 * seconds)
         tolerance, relative = TOLERANCES[case.variant]
-        diff, where = _distance(grads, references[case.variant], relative)
+        diff, where = distance(grads, references[case.variant], relative)
         ok = diff <= tolerance
         shown = f"{tolerance:g}{' × max abs ref' if relative else ''}"
         results.row(item, model=name.split(" (")[0], variant=case.variant, schedule=case.schedule,

@@ -193,7 +193,7 @@ def _max_relative(got: list[Tensor], want: list[Tensor]) -> float:
                for a, b in zip(got, want))
 
 
-def _distance(got: list[Tensor], want: list[Tensor], relative: bool) -> tuple[float, int]:
+def distance(got: list[Tensor], want: list[Tensor], relative: bool) -> tuple[float, int]:
     """The largest per-tensor error (relative to that tensor's max |reference| if asked), and where."""
     worst, where = 0.0, -1
     for index, (a, b) in enumerate(zip(got, want)):
@@ -278,7 +278,7 @@ def run(env: Env, results: Results, budget: ItemBudget, corrupt_gradient: bool =
         estimate = max(0.5, 2 * seconds)
         if corrupt_gradient and not item.rows:
             grads[0] = grads[0] + 1.0  # the failure path's own test (tests/test_gpu_script.py)
-        diff, where = _distance(grads, work.reference(case.stages, chunks), work.relative)
+        diff, where = distance(grads, work.reference(case.stages, chunks), work.relative)
         ok = diff <= work.tolerance
         tolerance = f"{work.tolerance:g}{' × max abs ref' if work.relative else ''}"
         results.row(item, variant=case.variant, p=case.p, m=chunks, schedule=case.schedule, policy=case.policy,
